@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nnsim-installed
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch is pinned first so that nothing later pulls a CUDA build from the registry.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,examples]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/digits_similarity.py
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kernel.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
