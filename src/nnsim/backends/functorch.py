@@ -1,0 +1,32 @@
+"""Vectorised per-sample Jacobians with ``torch.func`` (vmap over samples of jacrev), chunked."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.func import functional_call, jacrev, vmap
+
+from ..factors import Factor
+from .base import Problem, check_finite_output, checked_output, dense_by_layer
+
+
+def jacobians(
+    problem: Problem, batch: tuple[Tensor, ...], names: list[str] | None = None, chunk_size: int | None = None
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sample Jacobians {name: [B, d, *shape]} of the selected (or the given) parameters, and y [B, d]."""
+    names = list(problem.params) if names is None else names
+    # Detached copies: torch.func differentiates with respect to these, the model's own stay untouched.
+    p0 = {n: problem.params[n].detach() for n in names}
+
+    def f(p: dict[str, Tensor], *xs: Tensor) -> tuple[Tensor, Tensor]:
+        xs1 = tuple(x.unsqueeze(0) for x in xs)
+        y = checked_output(problem, functional_call(problem.model, p, xs1, strict=False), xs1, values=False)[0]
+        return y, y
+
+    jac, y = vmap(jacrev(f, has_aux=True), in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size)(p0, *batch)
+    return jac, y
+
+
+def factors(problem: Problem, batch: tuple[Tensor, ...], start: int = 0) -> tuple[list[Factor], Tensor]:
+    jac, y = jacobians(problem, batch)
+    check_finite_output(y, start)
+    return dense_by_layer(problem, jac), y.detach()

@@ -1,0 +1,48 @@
+"""nn.Conv1d / nn.Conv2d (any stride, dilation, padding mode and groups) via unfolded input patches.
+
+The weight is shared over output positions, so the per-sample gradient is sum_p delta_p patch_p^T
+(spec §7.2); the Outer factor keeps positions and lets the cost model choose per layer between the
+pairwise product over positions and the explicit gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...factors import Factor
+from . import Call, outer, register
+
+
+def _patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """[B, C_in, *spatial] -> [B, C_in * prod(kernel), T]."""
+    two_d = isinstance(module, nn.Conv2d)
+    if not two_d:
+        x = x.unsqueeze(-2)
+    k, s, dil = (tuple(v) if two_d else (1, v[0]) for v in (module.kernel_size, module.stride, module.dilation))
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        pad = module._reversed_padding_repeated_twice
+        if not two_d:
+            pad = list(pad) + [0, 0]
+        x = F.pad(x, pad, mode=mode)
+        padding = (0, 0)
+    else:
+        padding = tuple(module.padding) if two_d else (0, module.padding[0])
+    return F.unfold(x, k, dilation=dil, padding=padding, stride=s)
+
+
+@register(nn.Conv1d, nn.Conv2d)
+def conv(module: nn.Conv1d | nn.Conv2d, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
+    G = module.groups
+    B, d = calls[0].deltas[0].shape[:2]
+    n = module.out_channels // G
+    a_parts, d_parts = [], []
+    for c in calls:
+        p = _patches(module, c.input())  # [B, G*m, T]
+        a_parts.append(p.reshape(B, G, -1, p.shape[-1]).transpose(2, 3))
+        d_parts.append(c.deltas[0].reshape(B, d, G, n, -1).transpose(3, 4))
+    a = torch.cat(a_parts, dim=2)
+    delta = torch.cat(d_parts, dim=3)
+    return [outer(layer, module, a, delta, names)]

@@ -1,0 +1,235 @@
+"""Per-sample gradient factors and their exact Gram products (method spec §7).
+
+A *factor* describes the per-sample Jacobian of the analysed outputs with respect to one group of
+parameters, for a batch of B samples and d outputs, without necessarily materialising it:
+
+* :class:`Dense` holds it explicitly, ``g [B, d, n]``.
+* :class:`Outer` holds it as a sum over T positions of outer products,
+  ``g[b, c] = sum_t delta[b, c, t] (x) a[b, t]`` (Linear layers, convolutions via unfolded patches,
+  Embedding with one-hot ``a`` given as indices). Its Gram product uses
+  ``<g_i, g_j> = sum_{t,s} (a_it . a_js)(delta_it . delta_js)`` and never builds ``g``.
+
+Both support mixing the output axis by per-sample d x d matrices (metrics, kernel normalisation), exact
+Gram tiles in "full" ([B1, B2, d, d]) or "trace" ([B1, B2], sum over matched outputs) mode, per-sample
+self-kernels, and batch-summed gradients (used to verify that every parameter use was captured).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+ParamSpec = tuple[str, torch.Size]
+
+# Element budget of the [rows, B2, T, T] intermediates of a pairwise position product.
+_PAIR_BLOCK_ELEMS = 2**24
+
+
+def _dense_gram(ga: Tensor, gb: Tensor, mode: str) -> Tensor:
+    """ga [B1, d, n], gb [B2, d, n] -> [B1, B2, d, d] (full) or [B1, B2] (trace)."""
+    B1, d, n = ga.shape
+    B2 = gb.shape[0]
+    if mode == "trace":
+        return ga.reshape(B1, d * n) @ gb.reshape(B2, d * n).T
+    return (ga.reshape(B1 * d, n) @ gb.reshape(B2 * d, n).T).view(B1, d, B2, d).permute(0, 2, 1, 3)
+
+
+@dataclass
+class Dense:
+    """Explicit per-sample Jacobian ``g [B, d, n]`` of the parameters ``params`` (concatenated)."""
+
+    layer: str
+    g: Tensor
+    params: list[ParamSpec]
+
+    @property
+    def batch_size(self) -> int:
+        return self.g.shape[0]
+
+    def mix(self, M: Tensor) -> Dense:
+        """Replace output columns by ``G M``: M [B, d, e]."""
+        return replace(self, g=torch.einsum("bcn,bce->ben", self.g, M))
+
+    def gram(self, other: Dense, mode: str) -> Tensor:
+        return _dense_gram(self.g, other.g, mode)
+
+    def self_gram(self) -> Tensor:
+        return self.g @ self.g.transpose(1, 2)
+
+    def dense(self) -> Dense:
+        return self
+
+    def batch_grad(self) -> list[Tensor]:
+        total = self.g.sum(0)
+        out, start = [], 0
+        for _, shape in self.params:
+            size = math.prod(shape)
+            out.append(total[:, start : start + size].reshape(total.shape[0], *shape))
+            start += size
+        return out
+
+    def select(self, idx: Tensor) -> Dense:
+        return replace(self, g=self.g[idx])
+
+
+@dataclass
+class Outer:
+    """Per-sample Jacobian as a sum of outer products over positions, for G independent groups.
+
+    Attributes:
+        a: [B, G, T, m] float layer inputs (a trailing column of ones when the bias is included), or
+           [B, G, T] int64 indices standing for one-hot rows of width ``vocab`` (Embedding).
+        delta: [B, d, G, T, n] back-propagated output signals.
+        weight: (name, shape) of the weight, whose per-sample gradient is laid out [G*n, m_w] (or
+           [m, n] when ``weight_transposed``), or None when the weight is not analysed.
+        bias: (name, shape) of a bias of shape [G*n], carried by the ones column of ``a``, or None.
+    """
+
+    layer: str
+    a: Tensor
+    delta: Tensor
+    weight: ParamSpec | None
+    bias: ParamSpec | None = None
+    vocab: int = 0
+    weight_transposed: bool = False
+    params: list[ParamSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def batch_size(self) -> int:
+        return self.delta.shape[0]
+
+    @property
+    def indexed(self) -> bool:
+        return not self.a.is_floating_point()
+
+    @property
+    def m(self) -> int:
+        return self.vocab if self.indexed else self.a.shape[-1]
+
+    def mix(self, M: Tensor) -> Outer:
+        return replace(self, delta=torch.einsum("bcgtn,bce->begtn", self.delta, M))
+
+    # Cost model (spec §7.3): multiply-adds per sample pair of the pairwise product over positions
+    # versus the explicit gradient; the cheaper one is used for a tile.
+    def prefers_dense(self, mode: str) -> bool:
+        _, d, G, T, n = self.delta.shape
+        e = 1 if mode == "trace" else d
+        pairwise = G * (T * T * (1 if self.indexed else self.m) + T * T * n * e + T * n * d * e)
+        explicit = G * n * self.m * d * e
+        if T == 1 and not self.indexed:
+            pairwise = G * (self.m + n * d * e)
+        return explicit < pairwise
+
+    def _grad_blocks(self) -> Tensor:
+        """Explicit per-sample gradient [B, d, G, n, m]."""
+        B, d, G, T, n = self.delta.shape
+        if self.indexed:
+            out = self.delta.new_zeros(B, d, G, n, self.vocab)
+            index = self.a[:, None, :, None, :].expand(B, d, G, n, T)
+            return out.scatter_add_(-1, index, self.delta.permute(0, 1, 2, 4, 3))
+        return torch.einsum("bcgtn,bgtm->bcgnm", self.delta, self.a)
+
+    def _split(self, blocks: Tensor) -> list[Tensor]:
+        """[..., G, n, m] -> flat gradient pieces in ``params`` order (leading axes kept)."""
+        lead = blocks.shape[:-3]
+        pieces = []
+        m_w = blocks.shape[-1] - (1 if self.bias is not None else 0)
+        if self.weight is not None:
+            w = blocks[..., :m_w]
+            if self.weight_transposed:
+                w = w.transpose(-1, -2)
+            pieces.append(w.reshape(*lead, -1))
+        if self.bias is not None:
+            pieces.append(blocks[..., m_w].reshape(*lead, -1))
+        return pieces
+
+    def dense(self) -> Dense:
+        blocks = self._grad_blocks()
+        return Dense(self.layer, torch.cat(self._split(blocks), dim=-1), self.params)
+
+    def batch_grad(self) -> list[Tensor]:
+        pieces = self._split(self._grad_blocks().sum(0))
+        return [p.reshape(p.shape[0], *shape) for p, (_, shape) in zip(pieces, self.params, strict=False)]
+
+    def select(self, idx: Tensor) -> Outer:
+        return replace(self, a=self.a[idx], delta=self.delta[idx])
+
+    def _position_products(self, other: Outer, g: int, rows: slice) -> Tensor:
+        """[R, B2, T1, T2] products a_it . a_js of the positions of one group."""
+        if self.indexed:
+            return (self.a[rows, g][:, None, :, None] == other.a[:, g][None, :, None, :]).to(self.delta.dtype)
+        return torch.einsum("itm,jsm->ijts", self.a[rows, g], other.a[:, g])
+
+    def gram(self, other: Outer, mode: str) -> Tensor:
+        B1, d, G, T1, n = self.delta.shape
+        B2, T2 = other.delta.shape[0], other.delta.shape[3]
+        if T1 == 1 and T2 == 1 and not self.indexed:
+            out = None
+            for g in range(G):
+                aa = self.a[:, g, 0] @ other.a[:, g, 0].T
+                dd = _dense_gram(self.delta[:, :, g, 0], other.delta[:, :, g, 0], mode)
+                term = aa * dd if mode == "trace" else aa[..., None, None] * dd
+                out = term if out is None else out + term
+            return out
+        shape = (B1, B2) if mode == "trace" else (B1, B2, d, d)
+        out = self.delta.new_zeros(shape)
+        step = max(1, _PAIR_BLOCK_ELEMS // max(1, B2 * T1 * T2 + B2 * d * T1 * n))
+        for g in range(G):
+            for r0 in range(0, B1, step):
+                rows = slice(r0, min(B1, r0 + step))
+                pp = self._position_products(other, g, rows)
+                # sum_{t,s} pp[t,s] delta_i[c,t] . delta_j[e,s], contracted over s first.
+                y = torch.einsum("ijts,jesn->ijetn", pp, other.delta[:, :, g])
+                if mode == "trace":
+                    out[rows] += torch.einsum("ictn,ijctn->ij", self.delta[rows, :, g], y)
+                else:
+                    out[rows] += torch.einsum("ictn,ijetn->ijce", self.delta[rows, :, g], y)
+        return out
+
+    def self_gram(self) -> Tensor:
+        B, d, G, T, n = self.delta.shape
+        if T == 1 and not self.indexed:
+            sq = (self.a[:, :, 0] ** 2).sum(-1)  # [B, G]
+            dd = self.delta[:, :, :, 0]  # [B, d, G, n]
+            return torch.einsum("bg,bcgn,begn->bce", sq, dd, dd)
+        if self.prefers_dense("full"):
+            return self.dense().self_gram()
+        out = self.delta.new_zeros(B, d, d)
+        for b in range(B):
+            one = self.select(torch.tensor([b], device=self.delta.device))
+            out[b] = one.gram(one, "full")[0, 0]
+        return out
+
+
+Factor = Dense | Outer
+
+
+def prepare(factors: list[Factor], mode: str) -> list[Factor]:
+    """Convert each factor to the representation that makes its Gram tiles cheapest (spec §7.3)."""
+    return [f.dense() if isinstance(f, Outer) and f.prefers_dense(mode) else f for f in factors]
+
+
+def gram(fa: list[Factor], fb: list[Factor], mode: str) -> Tensor:
+    """Sum over factors of the exact Gram tile: [B1, B2, d, d] (full) or [B1, B2] (trace)."""
+    out = None
+    for x, y in zip(fa, fb, strict=True):
+        if type(x) is not type(y):
+            x, y = x.dense(), y.dense()
+        t = x.gram(y, mode)
+        out = t if out is None else out + t
+    return out
+
+
+def self_gram(factors: list[Factor]) -> Tensor:
+    """Per-sample K(x, x) [B, d, d] summed over factors."""
+    out = None
+    for f in factors:
+        t = f.self_gram()
+        out = t if out is None else out + t
+    return out
