@@ -58,6 +58,6 @@ def dense_by_layer(problem: Problem, grads: dict[str, Tensor]) -> list[Factor]:
         layers.setdefault(layer_of(name), []).append(name)
     out: list[Factor] = []
     for layer, names in layers.items():
-        g = torch.cat([grads[n].flatten(2) for n in names], dim=2)
+        g = torch.cat([grads[n].reshape(*grads[n].shape[:2], -1) for n in names], dim=2)
         out.append(Dense(layer, g, [(n, problem.params[n].shape) for n in names]))
     return out

@@ -117,7 +117,8 @@ class Structured:
         calls: dict[nn.Module, list[Call]] = {m: [] for m in plan.hooked}
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
-            call = Call(args, kwargs)
+            # Detached: the rules need values only, and the factors must not keep the graph alive.
+            call = Call(tree_map(_detach, args), tree_map(_detach, kwargs))
 
             def tap(t: object) -> object:
                 # Adding a zero leaf lets autograd return d y / d output even if later ops are in place.
@@ -166,6 +167,10 @@ class Structured:
         if self.plan is None:
             self._make_plan(tuple(t[:2] for t in batch))
         return self._run(batch, start)
+
+
+def _detach(t: object) -> object:
+    return t.detach() if isinstance(t, Tensor) else t
 
 
 def _merge_tied(factors: list[Factor], tied: set[str]) -> list[Factor]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..._model import layer_of
 from ...factors import Dense, Factor
 from . import Call
 
@@ -39,5 +40,12 @@ def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, 
         grads = vmap(per_sample)(tuple(flat[i] for i in batched), tuple(call.deltas))
         for local, g in grads.items():
             total[local] = total.get(local, 0) + g
-    g = torch.cat([total[k].reshape(B, d, -1) for k in names], dim=2)
-    return [Dense(layer, g, [(full, module.get_parameter(local).shape) for local, full in names.items()])]
+    # One factor per owning module, so that per-layer results name the same layers on every backend.
+    by_owner: dict[str, list[str]] = {}
+    for local, full in names.items():
+        by_owner.setdefault(layer_of(full), []).append(local)
+    return [
+        Dense(owner, torch.cat([total[k].reshape(B, d, -1) for k in locals_], dim=2),
+              [(names[k], module.get_parameter(k).shape) for k in locals_])
+        for owner, locals_ in by_owner.items()
+    ]
