@@ -108,8 +108,9 @@ def as_source(x: Any, name: str) -> Source:
             raise InputError(f"{name}: the Dataset has no __len__; nnsim needs a sized dataset") from err
         src = Source(x, n, "dataset")
     else:
+        hint = "; convert it with torch.from_numpy(x)" if type(x).__module__ == "numpy" else ""
         raise InputError(f"{name}: expected a tensor, a tuple of tensors, a Dataset or a DataLoader, "
-                         f"got {type(x).__name__}")
+                         f"got {type(x).__name__}{hint}")
     if src.n == 0:
         raise InputError(f"{name} is empty: nothing to compare")
     return src

@@ -16,7 +16,7 @@ from . import algebra, backends
 from . import outputs as outputs_mod
 from ._model import ParamSelection, analysis_mode, check_model, select_params
 from .backends.base import Problem
-from .errors import InputError, RankDeficiencyWarning, ResultTooLargeError
+from .errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
 from .factors import Factor, gram, prepare, self_gram
 from .inputs import Batch, Source, as_source, check_finite, sample_signature
 
@@ -206,6 +206,11 @@ class Similarity:
         chunk = _Chunk(start, batch[0].shape[0], {}, {})
         for g, fs in groups.items():
             K = self_gram(fs)
+            bad = ~torch.isfinite(K).flatten(1).all(1)
+            if bool(bad.any()):
+                idx = (torch.nonzero(bad).flatten() + start).tolist()
+                raise ModelError(f"{name}: the output gradients are not finite (overflow or NaN) at samples "
+                                 f"{idx[:20]}; rescale the output or check the model in float64")
             chunk.K[g] = K
             if kind == "similarity":
                 inv, chunk.rank[g] = algebra.inv_sqrt_psd(K, self.rtol, self.atol, self.singular)
