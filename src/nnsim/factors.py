@@ -201,9 +201,16 @@ class Outer:
         if self.prefers_dense("full"):
             return self.dense().self_gram()
         out = self.delta.new_zeros(B, d, d)
-        for b in range(B):
-            one = self.select(torch.tensor([b], device=self.delta.device))
-            out[b] = one.gram(one, "full")[0, 0]
+        step = max(1, _PAIR_BLOCK_ELEMS // max(1, T * T + d * T * n))
+        for g in range(G):
+            for r0 in range(0, B, step):
+                rows = slice(r0, min(B, r0 + step))
+                if self.indexed:
+                    pp = (self.a[rows, g][:, :, None] == self.a[rows, g][:, None, :]).to(self.delta.dtype)
+                else:
+                    pp = self.a[rows, g] @ self.a[rows, g].transpose(1, 2)
+                y = torch.einsum("bts,besn->betn", pp, self.delta[rows, :, g])
+                out[rows] += torch.einsum("bctn,betn->bce", self.delta[rows, :, g], y)
         return out
 
 
