@@ -57,7 +57,8 @@ def main() -> None:
     top = Sq.topk(5, dim=1)
     print("\nMost similar training digits for five test digits (scalar posnegflat output, gradient cosine)")
     for i, q in enumerate(queries.tolist()):
-        neigh = ", ".join(f"{y[train[j]].item()} ({s:.2f})" for s, j in zip(top.values[i].tolist(), top.indices[i].tolist()))
+        pairs = zip(top.values[i].tolist(), top.indices[i].tolist())
+        neigh = ", ".join(f"{y[train[j]].item()} ({s:.2f})" for s, j in pairs)
         print(f"  test digit {y[q].item()} -> {neigh}")
 
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-
-import nnsim
 from oracles import jacobian, kernel, rel_err
 from zoo import cases
+
+import nnsim
 
 torch.set_num_threads(1)
 CASES = cases()
@@ -77,7 +77,7 @@ def test_by_layer_sums_to_kernel_and_agrees_across_backends(name):
 def test_per_layer_similarity_is_the_layer_gradient_cosine():
     model, xa, xb, output = CASES["mlp_scalar"]
     sims = nnsim.Similarity(model, progress=False).similarity(xa, xb, by="layer")
-    for i, layer in enumerate(["0", "2", "4"]):
+    for layer in ["0", "2", "4"]:
         mod = model[int(layer)]
         Ga = jacobian(model, xa, params=list(mod.parameters()))[:, 0]
         Gb = jacobian(model, xb, params=list(mod.parameters()))[:, 0]

@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
+from oracles import jacobian, kernel, rel_err
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import CNN, Registration, mlp
 
 import nnsim
-from oracles import jacobian, kernel, rel_err
-from zoo import CNN, Registration, mlp
 
 torch.set_num_threads(1)
 
