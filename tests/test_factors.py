@@ -52,11 +52,11 @@ def test_outer_gram_equals_explicit_gradient_gram(seed, B, d, G, T, n, m, indexe
     f, a, delta = _outer(seed, B, d, G, T, n, m, indexed, bias)
     g = _explicit(a, f.delta, vocab=m if indexed else 0).reshape(B, d, -1)
     K = torch.einsum("icp,jep->ijce", g, g)
-    assert torch.allclose(f.gram(f, "full"), K, atol=1e-10)
-    assert torch.allclose(f.gram(f, "trace"), K.diagonal(dim1=-2, dim2=-1).sum(-1), atol=1e-10)
+    assert torch.allclose(gram([f], [f], "full"), K, atol=1e-10)
+    assert torch.allclose(gram([f], [f], "trace"), K.diagonal(dim1=-2, dim2=-1).sum(-1), atol=1e-10)
     assert torch.allclose(f.self_gram(), K.diagonal(dim1=0, dim2=1).permute(2, 0, 1), atol=1e-10)
     dense = f.dense()
-    assert torch.allclose(dense.gram(dense, "full"), K, atol=1e-10)
+    assert torch.allclose(gram([dense], [dense], "full"), K, atol=1e-10)
     # Explicit gradients in parameter layout: batch sums and the weight's shape.
     grads = f.batch_grad()
     assert [tuple(x.shape[1:]) for x in grads] == [tuple(s) for _, s in f.params]
@@ -69,10 +69,10 @@ def test_outer_gram_equals_explicit_gradient_gram(seed, B, d, G, T, n, m, indexe
 def test_mixing_outputs_commutes_with_gram(seed, d, T):
     f, _, _ = _outer(seed, 3, d, 1, T, 2, 3, False, True)
     M = torch.randn(3, d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    K = f.gram(f, "full")
+    K = gram([f], [f], "full")
     expected = M.transpose(1, 2)[:, None] @ K @ M[None]
-    assert torch.allclose(f.mix(M).gram(f.mix(M), "full"), expected, atol=1e-9)
-    assert torch.allclose(f.dense().mix(M).gram(f.mix(M).dense(), "full"), expected, atol=1e-9)
+    assert torch.allclose(gram([f.mix(M)], [f.mix(M)], "full"), expected, atol=1e-9)
+    assert torch.allclose(gram([f.dense().mix(M)], [f.mix(M).dense()], "full"), expected, atol=1e-9)
 
 
 def test_mixed_representations_and_cost_model():
@@ -93,7 +93,7 @@ def test_large_tiles_are_blocked_without_changing_results(mode, monkeypatch):
     import nnsim.factors as F
 
     f, _, _ = _outer(1, 6, 2, 2, 4, 3, 3, False, True)
-    ref = f.dense().gram(f.dense(), mode)
+    ref = gram([f.dense()], [f.dense()], mode)
     monkeypatch.setattr(F, "_PAIR_BLOCK_ELEMS", 1)  # one row per block
-    assert torch.allclose(f.gram(f, mode), ref, atol=1e-10)
+    assert torch.allclose(gram([f], [f], mode), ref, atol=1e-10)
     assert torch.allclose(f.self_gram(), f.dense().self_gram(), atol=1e-10)

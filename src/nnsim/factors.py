@@ -29,12 +29,12 @@ _PAIR_BLOCK_ELEMS = 2**24
 
 
 def _dense_gram(ga: Tensor, gb: Tensor, mode: str) -> Tensor:
-    """ga [B1, d, n], gb [B2, d, n] -> [B1, B2, d, d] (full) or [B1, B2] (trace)."""
+    """ga [B1, d, n], gb [B2, d, n] -> [B1, d, B2, d] (full; see ``gram`` for the layout) or [B1, B2] (trace)."""
     B1, d, n = ga.shape
     B2 = gb.shape[0]
     if mode == "trace":
         return ga.reshape(B1, d * n) @ gb.reshape(B2, d * n).T
-    return (ga.reshape(B1 * d, n) @ gb.reshape(B2 * d, n).T).view(B1, d, B2, d).permute(0, 2, 1, 3)
+    return (ga.reshape(B1 * d, n) @ gb.reshape(B2 * d, n).T).view(B1, d, B2, d)
 
 
 @dataclass
@@ -174,10 +174,10 @@ class Outer:
             for g in range(G):
                 aa = self.a[:, g, 0] @ other.a[:, g, 0].T
                 dd = _dense_gram(self.delta[:, :, g, 0], other.delta[:, :, g, 0], mode)
-                term = aa * dd if mode == "trace" else aa[..., None, None] * dd
-                out = term if out is None else out + term
+                term = dd.mul_(aa if mode == "trace" else aa[:, None, :, None])
+                out = term if out is None else out.add_(term)
             return out
-        shape = (B1, B2) if mode == "trace" else (B1, B2, d, d)
+        shape = (B1, B2) if mode == "trace" else (B1, d, B2, d)
         out = self.delta.new_zeros(shape)
         step = max(1, _PAIR_BLOCK_ELEMS // max(1, B2 * T1 * T2 + B2 * d * T1 * n))
         for g in range(G):
@@ -189,7 +189,7 @@ class Outer:
                 if mode == "trace":
                     out[rows] += torch.einsum("ictn,ijctn->ij", self.delta[rows, :, g], y)
                 else:
-                    out[rows] += torch.einsum("ictn,ijetn->ijce", self.delta[rows, :, g], y)
+                    out[rows] += torch.einsum("ictn,ijetn->icje", self.delta[rows, :, g], y)
         return out
 
     def self_gram(self) -> Tensor:
@@ -223,14 +223,18 @@ def prepare(factors: list[Factor], mode: str) -> list[Factor]:
 
 
 def gram(fa: list[Factor], fb: list[Factor], mode: str) -> Tensor:
-    """Sum over factors of the exact Gram tile: [B1, B2, d, d] (full) or [B1, B2] (trace)."""
+    """Sum over factors of the exact Gram tile: [B1, B2, d, d] (full) or [B1, B2] (trace).
+
+    Factors return full tiles in the [B1, d, B2, d] layout that their matrix products produce; they are
+    summed in place in that layout and permuted (a view) once at the end.
+    """
     out = None
     for x, y in zip(fa, fb, strict=True):
         if type(x) is not type(y):
             x, y = x.dense(), y.dense()
         t = x.gram(y, mode)
-        out = t if out is None else out + t
-    return out
+        out = t if out is None else out.add_(t)
+    return out if mode == "trace" else out.permute(0, 2, 1, 3)
 
 
 def self_gram(factors: list[Factor]) -> Tensor:

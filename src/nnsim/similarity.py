@@ -213,10 +213,9 @@ class Similarity:
                                  f"{idx[:20]}; rescale the output or check the model in float64")
             chunk.K[g] = K
             if kind == "similarity":
+                # Kernel-corrected gradients U = G^T K^-1/2 (spec §5.5): their Gram is K~ directly.
                 inv, chunk.rank[g] = algebra.inv_sqrt_psd(K, self.rtol, self.atol, self.singular)
-                if mode == "trace":
-                    fs = [f.mix(inv) for f in fs]
-                chunk.inv[g] = inv
+                fs = [f.mix(inv) for f in fs]
             elif kind == "influence":
                 chunk.inv[g], chunk.rank[g] = algebra.pinv_psd(K, self.rtol, self.atol, self.singular)
             chunk.groups[g] = prepare(fs, mode)
@@ -307,7 +306,8 @@ class Similarity:
         with torch.no_grad():
             t = gram(ca.groups[g], cb.groups[g], mode)
             if kind == "similarity":
-                t = algebra.normalize_kernel(t, ca.inv[g], cb.inv[g]) if mode == "full" else t / self._d_eff
+                if mode == "trace":
+                    t = t / self._d_eff
                 t[ca.rank[g] == 0] = float("nan")
                 t[:, cb.rank[g] == 0] = float("nan")
             elif kind == "influence":
