@@ -115,9 +115,6 @@ def test_inv_sqrt_of_singular_is_finite_with_rank_and_projector(seed, d, data, b
         algebra.pinv_psd(Kflat, singular="raise")
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="src bug: singular='raise' builds its message with "
-                   "rank[torch.nonzero(...).flatten()], which only works for one batch axis: an unbatched [d, d] K "
-                   "or a K with >= 2 batch axes raises IndexError instead of ValueError")
 @pytest.mark.parametrize("batch", [(), (2, 3)], ids=["unbatched", "two_batch_axes"])
 @pytest.mark.parametrize("fn", [algebra.inv_sqrt_psd, algebra.pinv_psd])
 def test_raise_on_singular_matrix_any_batch_shape(fn, batch):
@@ -302,3 +299,18 @@ def test_check_metric(seed, d):
     else:
         with pytest.raises(ValueError, match="positive semi-definite"):
             algebra.check_metric(-M, d)
+
+
+@pytest.mark.parametrize("case", ["softmax_fisher", "low_rank"])
+def test_sqrt_psd_keeps_null_space(case):
+    for seed in range(5):
+        g = gen(seed)
+        if case == "softmax_fisher":
+            M = algebra.softmax_fisher(torch.randn(4, 5, dtype=F64, generator=g))
+            null = torch.ones(4, 5, 1, dtype=F64)  # F 1 = 0 exactly
+        else:
+            M, Q = low_rank_psd(5, 3, g, (4,), 1.0)
+            null = rand_orthogonal(5, g, (4,))  # any vector orthogonal to range(M)
+            null = null - Q @ (sym(Q) @ null)
+        S = algebra.sqrt_psd(M)
+        close(S @ null, torch.zeros_like(null), 1e-12, ref=S.abs().max() * null.abs().max())

@@ -37,9 +37,11 @@ def _spectral_fn(
     # A zero matrix has lam_max = 0 = tau: nothing is kept and its rank is 0.
     rank = keep.sum(dim=-1)
     if singular == "raise" and bool((rank < K.shape[-1]).any()):
-        bad = torch.nonzero(rank < K.shape[-1]).flatten().tolist()
+        flat = rank.reshape(-1)
+        bad = torch.nonzero(flat < K.shape[-1]).flatten().tolist()
         raise ValueError(
-            f"K(x, x) is rank-deficient for batch entries {bad[:20]} (ranks {rank[bad[:20]].tolist()}); "
+            f"K(x, x) is rank-deficient for batch entries {bad[:20]} (flat indices; ranks "
+            f"{flat[bad[:20]].tolist()}); "
             "use singular='pinv' to normalise on its range or singular='ridge' to regularise"
         )
     if singular == "ridge":
@@ -79,9 +81,15 @@ def pinv_psd(
 
 
 def sqrt_psd(M: Tensor) -> Tensor:
-    """Symmetric PSD square root [..., d, d] by eigendecomposition; tiny negative eigenvalues clip to 0."""
+    """Symmetric PSD square root [..., d, d] by eigendecomposition.
+
+    Eigenvalues at rounding level (below d * eps(M.dtype) * lambda_max) count as zero: their square roots
+    would otherwise be ~1e-8 in float64 and break exact null spaces such as the Fisher metric's.
+    """
     lam, V = _eigh_psd(M)
-    return ((V * lam.clamp_min(0.0).sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)).to(M.dtype)
+    tau = M.shape[-1] * torch.finfo(M.dtype).eps * lam.amax(dim=-1, keepdim=True).clamp_min(0.0)
+    root = torch.where(lam > tau, lam.clamp_min(0.0).sqrt(), torch.zeros_like(lam))
+    return ((V * root.unsqueeze(-2)) @ V.transpose(-1, -2)).to(M.dtype)
 
 
 def normalize_kernel(K_ab: Tensor, inv_sqrt_a: Tensor, inv_sqrt_b: Tensor) -> Tensor:

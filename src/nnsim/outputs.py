@@ -86,9 +86,12 @@ def logits(target: int | str | None = None) -> OutputFn:
     return select
 
 
-def posnegflat_mask(t: Tensor, num_classes: int) -> Tensor:
-    """The authors' mask: +1 for the target class, -1/(C-1) elsewhere. t [B] -> [B, C]."""
-    m = torch.full((t.shape[0], num_classes), -1.0 / (num_classes - 1), device=t.device)
+def posnegflat_mask(t: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The authors' mask: +1 for the target class, -1/(C-1) elsewhere. t [B] -> [B, C].
+
+    Built in the logits' dtype so that it sums to zero to that precision (the log-sum-exp cancels).
+    """
+    m = torch.full((t.shape[0], num_classes), -1.0 / (num_classes - 1), device=t.device, dtype=dtype)
     return m.scatter(1, t[:, None], 1.0)
 
 
@@ -105,7 +108,7 @@ def log_softmax_mask(target: int | str = "predicted", mask: str = "posnegflat") 
         z = flatten(out, inputs)
         if z.shape[1] < 2:
             raise ValueError("log_softmax_mask needs at least two classes")
-        m = posnegflat_mask(_target_index(z, target), z.shape[1]).to(z.dtype)
+        m = posnegflat_mask(_target_index(z, target), z.shape[1], z.dtype)
         return (m * torch.log_softmax(z, dim=-1)).sum(-1, keepdim=True)
 
     return select
