@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) examples/digits_similarity.py
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 bench: $(STAMP)
