@@ -201,6 +201,7 @@ def test_model_comes_back_untouched(backend):
     sim = nnsim.Similarity(model, params=["c1.*", "fc.*", "bn.*"], backend=backend, progress=False)
     x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
     S1 = sim.similarity(x)
+    assert not S1.requires_grad and not sim.kernel(x).requires_grad
     assert model.training and all(m.training for m in model.modules())
     assert not model.c1.weight.requires_grad and model.fc.weight.requires_grad
     assert torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight)) and model.c2.weight.grad is None

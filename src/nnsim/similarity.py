@@ -203,7 +203,12 @@ class Similarity:
     def _prepare(self, batch: Batch, start: int, name: str, by: By, kind: str, mode: str) -> _Chunk:
         batch = self._to_device(batch, start, name)
         groups = self._factor_groups(batch, start, by)
-        chunk = _Chunk(start, batch[0].shape[0], {}, {})
+        with torch.no_grad():
+            return self._normalise_chunk(groups, start, batch[0].shape[0], name, kind, mode)
+
+    def _normalise_chunk(self, groups: dict[str, list[Factor]], start: int, size: int, name: str, kind: str,
+                         mode: str) -> _Chunk:
+        chunk = _Chunk(start, size, {}, {})
         for g, fs in groups.items():
             K = self_gram(fs)
             bad = ~torch.isfinite(K).flatten(1).all(1)

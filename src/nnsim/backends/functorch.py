@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.func import functional_call, jacrev, vmap
 
@@ -22,7 +23,10 @@ def jacobians(
         y = checked_output(problem, functional_call(problem.model, p, xs1, strict=False), xs1, values=False)[0]
         return y, y
 
-    jac, y = vmap(jacrev(f, has_aux=True), in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size)(p0, *batch)
+    # no_grad only keeps the results from recording a graph through the parameters that are not
+    # differentiated here (torch.func ignores an outer no_grad for its own transforms).
+    with torch.no_grad():
+        jac, y = vmap(jacrev(f, has_aux=True), in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size)(p0, *batch)
     return jac, y
 
 

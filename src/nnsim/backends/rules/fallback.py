@@ -37,7 +37,10 @@ def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, 
             _, pull = vjp(lambda p: _float_leaves(functional_call(module, p, args, kwargs)), params)
             return vmap(lambda *ds: pull([dd.unsqueeze(0) for dd in ds])[0])(*deltas)
 
-        grads = vmap(per_sample)(tuple(flat[i] for i in batched), tuple(call.deltas))
+        # torch.func ignores an outer no_grad for its own transforms; here it only stops the results from
+        # recording a graph through the module's other (not differentiated) parameters.
+        with torch.no_grad():
+            grads = vmap(per_sample)(tuple(flat[i] for i in batched), tuple(call.deltas))
         for local, g in grads.items():
             total[local] = total.get(local, 0) + g
     # One factor per owning module, so that per-layer results name the same layers on every backend.
