@@ -17,6 +17,7 @@ self-kernels, and batch-summed gradients (used to verify that every parameter us
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,6 +27,18 @@ ParamSpec = tuple[str, torch.Size]
 
 # Element budget of the [rows, B2, T, T] intermediates of a pairwise position product.
 _PAIR_BLOCK_ELEMS = 2**24
+# Columns of a random projection matrix generated at a time.
+_PROJ_BLOCK = 2**14
+
+
+def _seed(seed: int, layer: str, role: str) -> int:
+    """A projection's generator seed from (user seed, layer, role): reproducible across processes."""
+    return (seed * 1_000_003 + zlib.crc32(f"{layer}/{role}".encode())) % 2**63
+
+
+def _gaussian(rows: int, cols: int, seed: int, like: Tensor) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, cols, generator=gen, dtype=torch.float64) / math.sqrt(rows)).to(like)
 
 
 def _dense_gram(ga: Tensor, gb: Tensor, mode: str) -> Tensor:
@@ -73,6 +86,23 @@ class Dense:
 
     def select(self, idx: Tensor) -> Dense:
         return replace(self, g=self.g[idx])
+
+    def inner(self, S: list[Tensor]) -> Tensor:
+        """<g[b, c], S[e]> for parameter-shaped S (one [e, *shape] tensor per param): [B, d, e]."""
+        flat = torch.cat([x.reshape(x.shape[0], -1) for x in S], dim=1)
+        return self.g @ flat.T.to(self.g.dtype)
+
+    def project(self, k: int, seed: int) -> Tensor:
+        """Seeded Gaussian projection of the explicit gradient to min(k, n) dims: [B, d, k']."""
+        B, d, n = self.g.shape
+        if n <= k:
+            return self.g
+        gen = torch.Generator().manual_seed(_seed(seed, self.layer, "dense"))
+        out = self.g.new_zeros(B, d, k)
+        for s0 in range(0, n, _PROJ_BLOCK):  # the [k, n] matrix is generated block by block, never stored
+            R = torch.randn(k, min(_PROJ_BLOCK, n - s0), generator=gen, dtype=torch.float64)
+            out += self.g[:, :, s0 : s0 + R.shape[1]] @ R.T.to(self.g)
+        return out / math.sqrt(k)
 
 
 @dataclass
@@ -160,6 +190,53 @@ class Outer:
     def select(self, idx: Tensor) -> Outer:
         return replace(self, a=self.a[idx], delta=self.delta[idx])
 
+    def _join(self, S: list[Tensor]) -> Tensor:
+        """Inverse of ``_split``: parameter-shaped [e, *shape] tensors -> blocks [e, G, n, m]."""
+        _, _, G, _, n = self.delta.shape
+        pieces = []
+        it = iter(S)
+        if self.weight is not None:
+            w = next(it)
+            e = w.shape[0]
+            w = w.transpose(-1, -2) if self.weight_transposed else w
+            pieces.append(w.reshape(e, G, n, -1))
+        if self.bias is not None:
+            b = next(it)
+            pieces.append(b.reshape(b.shape[0], G, n, 1))
+        return torch.cat(pieces, dim=-1).to(self.delta.dtype)
+
+    def inner(self, S: list[Tensor]) -> Tensor:
+        """<g[b, c], S[e]> without building g: sum_t delta[b,c,t] . (S[e] a[b,t]) -> [B, d, e]."""
+        blocks = self._join(S)
+        B, d, G, T, n = self.delta.shape
+        out = self.delta.new_zeros(B, d, blocks.shape[0])
+        for g in range(G):
+            if self.indexed:
+                sa = blocks[:, g].permute(2, 0, 1)[self.a[:, g]]  # [B, T, e, n]
+            else:
+                sa = torch.einsum("enm,btm->bten", blocks[:, g], self.a[:, g])
+            out += torch.einsum("bctn,bten->bce", self.delta[:, :, g], sa)
+        return out
+
+    def project(self, k: int, seed: int) -> Tensor:
+        """Kronecker-structured projection (P_out (x) P_in) of the gradient, never built: [B, d, k'].
+
+        The input side is projected to k1 = min(m, ceil(sqrt(k))) dims and the signal side to
+        k2 = min(n, ceil(k / k1)), so a layer costs O(T (m k1 + n k2)) per sample instead of O(n m k).
+        Layers with n m <= k are kept exact.
+        """
+        B, d, G, T, n = self.delta.shape
+        m = self.m
+        if n * m <= k:
+            return self.dense().g
+        k1 = min(m, math.ceil(math.sqrt(k)))
+        k2 = min(n, math.ceil(k / k1))
+        P_in = _gaussian(k1, m, _seed(seed, self.layer, "in"), self.delta)
+        P_out = _gaussian(k2, n, _seed(seed, self.layer, "out"), self.delta)
+        pa = P_in.T[self.a] if self.indexed else self.a @ P_in.T  # [B, G, T, k1]
+        pd = self.delta @ P_out.T  # [B, d, G, T, k2]
+        return torch.einsum("bcgtk,bgtl->bcgkl", pd, pa).reshape(B, d, -1)
+
     def _position_products(self, other: Outer, g: int, rows: slice) -> Tensor:
         """[R, B2, T1, T2] products a_it . a_js of the positions of one group."""
         if self.indexed:
@@ -235,6 +312,29 @@ def gram(fa: list[Factor], fb: list[Factor], mode: str) -> Tensor:
         t = x.gram(y, mode)
         out = t if out is None else out.add_(t)
     return out if mode == "trace" else out.permute(0, 2, 1, 3)
+
+
+def inner(factors: list[Factor], sums: dict[str, Tensor]) -> Tensor:
+    """<G_b columns, S columns> summed over factors, for parameter sums {name: [e, *shape]}: [B, d, e]."""
+    out = None
+    for f in factors:
+        t = f.inner([sums[name] for name, _ in f.params])
+        out = t if out is None else out + t
+    return out
+
+
+def batch_sum(factors: list[Factor], into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Accumulate sum_b G_b per parameter, {name: [d, *shape]}, into ``into``."""
+    into = {} if into is None else into
+    for f in factors:
+        for (name, _), g in zip(f.params, f.batch_grad()):
+            into[name] = into[name] + g if name in into else g
+    return into
+
+
+def project(factors: list[Factor], k: int, seed: int) -> Tensor:
+    """Concatenated per-factor projections [B, d, sum k'] with E <proj_i, proj_j> = <g_i, g_j>."""
+    return torch.cat([f.project(k, seed) for f in factors], dim=-1)
 
 
 def self_gram(factors: list[Factor]) -> Tensor:

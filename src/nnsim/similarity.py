@@ -101,6 +101,7 @@ class Similarity:
         self.output = outputs_mod.flatten if output is None else output
         self.params = select_params(model, params)
         self.metric = metric
+        self._fisher = isinstance(metric, str) and metric == "fisher"
         self.backend = backend
         self.chunk_size = chunk_size
         self.progress = progress
@@ -176,14 +177,14 @@ class Similarity:
             self.d = d
             if isinstance(self.metric, Tensor):
                 algebra.check_metric(self.metric, d)
-            if self.metric == "fisher" and d < 2:
+            if self._fisher and d < 2:
                 raise InputError("metric='fisher' needs logits with at least 2 classes as the output")
         elif d != self.d:
             raise InputError(f"the output dimension changed from {self.d} to {d} between chunks")
         if isinstance(self.metric, Tensor):
             half = algebra.sqrt_psd(self.metric.to(device=y.device, dtype=y.dtype)).expand(y.shape[0], d, d)
             factors = [f.mix(half) for f in factors]
-        elif self.metric == "fisher":
+        elif self._fisher:
             half = algebra.sqrt_psd(algebra.softmax_fisher(y))
             factors = [f.mix(half) for f in factors]
         if by is None:
@@ -198,7 +199,7 @@ class Similarity:
     @property
     def _d_eff(self) -> int:
         assert self.d is not None
-        return self.d - 1 if self.metric == "fisher" else self.d
+        return self.d - 1 if self._fisher else self.d
 
     def _prepare(self, batch: Batch, start: int, name: str, by: By, kind: str, mode: str) -> _Chunk:
         batch = self._to_device(batch, start, name)
@@ -243,49 +244,61 @@ class Similarity:
             yield self._prepare(batch, start, name, by, kind, mode)
 
     # ------------------------------------------------------------------ tiles
-    def _pairwise(self, xa: Any, xb: Any, kind: str, mode: str, by: By) -> Tensor | dict[str, Tensor]:
-        src_a = as_source(xa, "xa")
-        symmetric = xb is None and kind != "influence"
-        src_b = src_a if xb is None else as_source(xb, "xb")
-        name_b = "xa" if xb is None else "xb"
+    def _sources(self, xa: Any, xb: Any, names: tuple[str, str] = ("xa", "xb")) -> tuple[Source, Source]:
+        src_a = as_source(xa, names[0])
+        src_b = src_a if xb is None else as_source(xb, names[1])
         if src_b is not src_a:
             sa, sb = sample_signature(src_a.first()), sample_signature(src_b.first())
             if sa != sb:
-                raise InputError(f"xa and xb samples differ: xa has (shape, dtype) {sa}, xb has {sb}; "
-                                 "both must be valid inputs of the same model")
-        size = self._auto_chunk(src_a, "xa", by, kind, mode)
-        N, M = len(src_a), len(src_b)
-        n_a, n_b = math.ceil(N / size), math.ceil(M / size)
+                raise InputError(f"{names[0]} and {names[1]} samples differ: {names[0]} has (shape, dtype) {sa}, "
+                                 f"{names[1]} has {sb}; both must be valid inputs of the same model")
+        return src_a, src_b
+
+    def _sweep(self, src_a: Source, src_b: Source, symmetric: bool, kind: str, mode: str, by: By,
+               report: _RankReport, names: tuple[str, str] = ("xa", "xb"),
+               ) -> Iterator[tuple[_Chunk, _Chunk, dict[str, Tensor]]]:
+        """Yield (chunk a, chunk b, {group: tile}) over all tiles; symmetric sweeps yield only cb.start >= ca.start."""
+        size = self._auto_chunk(src_a, names[0], by, kind, mode)
+        n_a, n_b = math.ceil(len(src_a) / size), math.ceil(len(src_b) / size)
         total = n_a * (n_a + 1) // 2 if symmetric else n_a * n_b
+        name_b = names[0] if src_b is src_a else names[1]
         # The second argument is swept once per chunk of the first: keep its factors when they fit.
         cache = self._cache(src_b, name_b, by, kind, mode, size)
 
         def inner() -> Iterator[_Chunk]:
             return iter(cache) if cache is not None else self._chunks(src_b, name_b, by, kind, mode, size)
 
-        outer = inner() if symmetric else self._chunks(src_a, "xa", by, kind, mode, size)
-        report = _RankReport(kind, self._d_eff if kind != "kernel" else 0)
-        results: dict[str, Tensor] = {}
+        outer = inner() if symmetric else self._chunks(src_a, names[0], by, kind, mode, size)
         with tqdm(total=total, disable=not self.progress or total < 2, desc=f"nnsim {kind}", unit="tile") as bar:
             for ca in outer:
-                report.add("xa", ca)
+                report.add(names[0], ca)
                 for cb in inner():
                     if symmetric and cb.start < ca.start:
                         continue
                     if not symmetric and ca.start == 0:
-                        report.add("xb", cb)
-                    if not results:
-                        results = self._allocate(list(ca.groups), N, M, mode)
-                    ia, ib = slice(ca.start, ca.start + ca.size), slice(cb.start, cb.start + cb.size)
-                    for g, out in results.items():
-                        t = self._tile(ca, cb, g, kind, mode)
-                        out[ia, ib] = t
-                        if symmetric and cb.start != ca.start:
-                            t = t.transpose(0, 1)
-                            out[ib, ia] = t.transpose(-1, -2) if mode == "full" else t
+                        report.add(names[1], cb)
+                    yield ca, cb, {g: self._tile(ca, cb, g, kind, mode) for g in ca.groups}
                     bar.update(1)
+
+    def _pairwise(self, xa: Any, xb: Any, kind: str, mode: str, by: By) -> Tensor | dict[str, Tensor]:
+        src_a, src_b = self._sources(xa, xb)
+        symmetric = xb is None and kind != "influence"
+        report = self._report(kind)
+        results: dict[str, Tensor] = {}
+        for ca, cb, tiles in self._sweep(src_a, src_b, symmetric, kind, mode, by, report):
+            if not results:
+                results = self._allocate(list(tiles), len(src_a), len(src_b), mode)
+            ia, ib = slice(ca.start, ca.start + ca.size), slice(cb.start, cb.start + cb.size)
+            for g, t in tiles.items():
+                results[g][ia, ib] = t
+                if symmetric and cb.start != ca.start:
+                    t = t.transpose(0, 1)
+                    results[g][ib, ia] = t.transpose(-1, -2) if mode == "full" else t
         report.emit()
         return results[_ALL] if by is None else results
+
+    def _report(self, kind: str) -> _RankReport:
+        return _RankReport(kind, structural_nullity=int(self._fisher))
 
     def _cache(self, src: Source, name: str, by: By, kind: str, mode: str, size: int) -> list[_Chunk] | None:
         chunks, used = [], 0
@@ -324,15 +337,16 @@ class Similarity:
 class _RankReport:
     """Collects zero-gradient and rank-deficient samples and warns once, naming them."""
 
-    def __init__(self, kind: str, expected: int) -> None:
-        self.kind, self.expected = kind, expected
+    def __init__(self, kind: str, structural_nullity: int = 0) -> None:
+        self.kind, self.nullity = kind, structural_nullity
         self.zero: dict[tuple[str, str], list[int]] = {}
         self.deficient: dict[tuple[str, str], list[int]] = {}
 
     def add(self, side: str, chunk: _Chunk) -> None:
         for g, r in chunk.rank.items():
+            expected = chunk.K[g].shape[-1] - self.nullity
             zero = torch.nonzero(r == 0).flatten() + chunk.start
-            low = torch.nonzero((r > 0) & (r < self.expected)).flatten() + chunk.start
+            low = torch.nonzero((r > 0) & (r < expected)).flatten() + chunk.start
             if len(zero):
                 self.zero.setdefault((side, g), []).extend(zero.tolist())
             if len(low):
