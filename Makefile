@@ -15,10 +15,17 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,examples]"
 	touch $(STAMP)
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+# Fashion-MNIST from Debian's package (no downloads at run time), installed only when missing.
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
 demo: $(STAMP)
 	$(PY) examples/digits_similarity.py
 
-test: $(STAMP)
+test: $(STAMP) | $(FASHION_MNIST)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -1,11 +1,12 @@
 """nnsim: input similarity from the neural network's perspective (Charpiat et al., NeurIPS 2019)."""
 
-from . import algebra, outputs
+from . import algebra, datasets, outputs
 from .errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
+from .estimators import DenoisingReport
 from .similarity import Similarity
 
 __all__ = [
-    "Similarity", "outputs", "algebra", "InputError", "ModelError", "RankDeficiencyWarning",
-    "ResultTooLargeError",
+    "Similarity", "DenoisingReport", "outputs", "algebra", "datasets",
+    "InputError", "ModelError", "RankDeficiencyWarning", "ResultTooLargeError",
 ]
 __version__ = "0.1.0"

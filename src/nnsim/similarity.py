@@ -17,7 +17,8 @@ from . import outputs as outputs_mod
 from ._model import ParamSelection, analysis_mode, check_model, select_params
 from .backends.base import Problem
 from .errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
-from .factors import Factor, gram, prepare, self_gram
+from .estimators import DenoisingReport, TopK, denoising_from_sums, row_statistic
+from .factors import Factor, batch_sum, gram, inner, prepare, project, self_gram
 from .inputs import Batch, Source, as_source, check_finite, sample_signature
 
 Metric = Literal["euclidean", "fisher"] | Tensor
@@ -33,6 +34,7 @@ class _Chunk:
     K: dict[str, Tensor]  # K(x, x) per group [B, d, d]
     inv: dict[str, Tensor] = field(default_factory=dict)  # K^-1/2 or K^+ per group
     rank: dict[str, Tensor] = field(default_factory=dict)
+    y: Tensor | None = None  # the analysed outputs [B, d]
 
     def nbytes(self) -> int:
         total = 0
@@ -152,6 +154,125 @@ class Similarity:
         """
         return self._pairwise(xa, xb, "influence", "full", None)
 
+    # ------------------------------------------------------------------ dataset-scale estimators
+    def density(
+        self,
+        data: Any,
+        reference: Any = None,
+        method: Literal["soft", "hard", "less_soft"] = "soft",
+        normalized: bool = True,
+        threshold: float | None = None,
+        power: float | None = None,
+        include_self: bool = True,
+        algorithm: Literal["auto", "linear", "tiles"] = "auto",
+    ) -> Tensor:
+        """Neighbour count of each sample of ``data`` among ``reference`` (default: ``data``), [N] (spec §9).
+
+        * ``"soft"``: sum_j sim(x_i, x_j) (``normalized=False``: sum_j tr K(x_i, x_j) / d). Linear time and
+          matrix-free: one pass accumulates S = sum_j U_j (kernel-corrected gradients) per parameter, a
+          second scores <U_i, S>; memory O(P d) plus one chunk. ``algorithm="tiles"`` sums tiles instead.
+        * ``"hard"``: #{j : sim(x_i, x_j) > threshold} (strict). ``"less_soft"``: sum_j max(sim, 0)^power.
+          Both exact by tiles with streaming row reductions, never holding the N x M matrix.
+
+        ``include_self=False`` drops j = i (only meaningful when ``reference`` is ``data``). Samples with a
+        zero gradient get NaN (with a warning) and contribute nothing to the others' counts.
+        """
+        self._check_density_args(method, normalized, threshold, power, algorithm)
+        same = reference is None or reference is data
+        if not include_self and not same:
+            raise InputError("include_self=False needs reference=None (the self-term exists only when the data "
+                             "are their own reference)")
+        src, ref = self._sources(data, None if same else reference, ("data", "reference"))
+        if method == "soft" and algorithm != "tiles":
+            return self._soft_linear(src, ref, normalized, include_self)
+        return self._density_tiles(src, ref, same, method, threshold, power, include_self)
+
+    def neighbors(
+        self, queries: Any, data: Any = None, k: int = 10, exclude_self: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The k samples of ``data`` most similar to each query: (similarities [Q, k], indices [Q, k]).
+
+        Exact, by tiles with a running top-k (bounded memory). ``data=None`` searches the queries
+        themselves; ``exclude_self`` then skips each query's own index. Queries with a zero gradient get
+        NaN similarities and index -1.
+        """
+        same = data is None or data is queries
+        src, ref = self._sources(queries, None if same else data, ("queries", "data"))
+        limit = len(ref) - (1 if same and exclude_self else 0)
+        if not isinstance(k, int) or not 1 <= k <= limit:
+            raise InputError(f"k must be an integer in [1, {limit}], got {k!r}")
+        report = self._report("neighbors")
+        top: TopK | None = None
+        for ca, cb, tiles in self._sweep(src, ref, same, "similarity", "trace", None, report, ("queries", "data")):
+            t = tiles[_ALL]
+            if top is None:
+                top = TopK(len(src), k, t.dtype, t.device)
+            if same and exclude_self and ca.start == cb.start:
+                t.fill_diagonal_(float("nan"))
+            top.update(slice(ca.start, ca.start + ca.size), t, cb.start)
+            if same and cb.start != ca.start:
+                top.update(slice(cb.start, cb.start + cb.size), t.T, ca.start)
+        report.emit()
+        assert top is not None
+        return top.result()
+
+    def denoising(
+        self,
+        data: Any,
+        predictions: Tensor | None = None,
+        noise_std: float | None = None,
+        approximate: bool = False,
+        dim: int = 1024,
+        seed: int = 0,
+    ) -> DenoisingReport:
+        """Self-denoising statistics of each sample of ``data`` with respect to ``data`` (spec §10).
+
+        Uses the unnormalised kernel: W_ij = (sum_l K_il)^-1 K_ij, D_i = sum_j W_ij W_ij^T. Exact by tiles
+        (O(N^2) time, O(tile) memory). ``approximate=True`` replaces sum_j K_ij K_ij^T by G_i^T C G_i with
+        C = sum_j G_j G_j^T estimated from projected features (``dim`` per layer), in two linear passes.
+        ``predictions`` [N, d] default to the model's analysed outputs; ``noise_std`` (the label-noise
+        level sigma) enables ``predicted_error = sigma sqrt(tr D / d)``.
+        """
+        if isinstance(self.metric, Tensor) or self._fisher:
+            raise InputError("denoising is derived for a squared loss on the outputs: use metric='euclidean'")
+        if noise_std is not None and not (isinstance(noise_std, (int, float)) and noise_std >= 0):
+            raise InputError(f"noise_std must be a non-negative number, got {noise_std!r}")
+        src, _ = self._sources(data, None, ("data", "data"))
+        if predictions is not None:
+            if not isinstance(predictions, Tensor) or predictions.dim() != 2 or predictions.shape[0] != len(src):
+                raise InputError(f"predictions must be a [N, d] tensor with N = {len(src)} rows")
+            if not torch.isfinite(predictions).all():
+                raise InputError("predictions contain NaN or Inf")
+        sums = self._denoising_sums_approx(src, predictions, dim, seed) if approximate else \
+            self._denoising_sums_tiles(src, predictions)
+        R, Q, Y, yhat = sums
+        if yhat.shape[1] != R.shape[-1]:
+            raise InputError(f"predictions have {yhat.shape[1]} columns but the analysed output has d = {R.shape[-1]}")
+        report = denoising_from_sums(R, Q, Y, yhat, noise_std, self.rtol, approximate)
+        if bool(report.ill_conditioned.any()):
+            idx = torch.nonzero(report.ill_conditioned).flatten().tolist()
+            warnings.warn(f"{len(idx)} sample(s) have a (near-)singular kernel row sum sum_j K_ij: pseudo-inverted, "
+                          f"their denoising statistics are unreliable. Samples: {idx[:20]}", RankDeficiencyWarning,
+                          stacklevel=2)
+        return report
+
+    def features(self, x: Any, dim: int = 1024, seed: int = 0, normalized: bool = True) -> Tensor:
+        """Seeded random projections of the per-sample (kernel-corrected if ``normalized``) gradients.
+
+        Returns [N, d, k] with E <phi(x)_c, phi(x')_e> = K~(x, x')_ce (or K): per layer a Kronecker-structured
+        Gaussian projection to about ``dim`` dimensions (layers smaller than ``dim`` are kept exact), never
+        stored. The same seed gives the same projection in any process.
+        """
+        if not isinstance(dim, int) or dim < 1:
+            raise InputError(f"dim must be a positive integer, got {dim!r}")
+        src = as_source(x, "x")
+        kind = "similarity" if normalized else "kernel"
+        parts = []
+        for c in self._chunks(src, "x", None, kind, "raw"):
+            with torch.no_grad():
+                parts.append(project(c.groups[_ALL], dim, seed))
+        return torch.cat(parts)
+
     def describe(self) -> dict[str, str]:
         """How each layer is computed by the structured backend (after a first call)."""
         fn = self._factor_fn
@@ -169,7 +290,7 @@ class Similarity:
             out.append(t.to(self.device))
         return tuple(out)
 
-    def _factor_groups(self, batch: Batch, start: int, by: By) -> dict[str, list[Factor]]:
+    def _factor_groups(self, batch: Batch, start: int, by: By) -> tuple[dict[str, list[Factor]], Tensor]:
         with analysis_mode(self.model, self.params):
             factors, y = self._factor_fn(batch, start)
         d = y.shape[1]
@@ -188,13 +309,13 @@ class Similarity:
             half = algebra.sqrt_psd(algebra.softmax_fisher(y))
             factors = [f.mix(half) for f in factors]
         if by is None:
-            return {_ALL: factors}
+            return {_ALL: factors}, y
         if by != "layer":
             raise InputError(f"by must be None or 'layer', got {by!r}")
         groups: dict[str, list[Factor]] = {}
         for f in factors:
             groups.setdefault(f.layer, []).append(f)
-        return groups
+        return groups, y
 
     @property
     def _d_eff(self) -> int:
@@ -203,9 +324,11 @@ class Similarity:
 
     def _prepare(self, batch: Batch, start: int, name: str, by: By, kind: str, mode: str) -> _Chunk:
         batch = self._to_device(batch, start, name)
-        groups = self._factor_groups(batch, start, by)
+        groups, y = self._factor_groups(batch, start, by)
         with torch.no_grad():
-            return self._normalise_chunk(groups, start, batch[0].shape[0], name, kind, mode)
+            chunk = self._normalise_chunk(groups, start, batch[0].shape[0], name, kind, mode)
+        chunk.y = y
+        return chunk
 
     def _normalise_chunk(self, groups: dict[str, list[Factor]], start: int, size: int, name: str, kind: str,
                          mode: str) -> _Chunk:
@@ -224,7 +347,8 @@ class Similarity:
                 fs = [f.mix(inv) for f in fs]
             elif kind == "influence":
                 chunk.inv[g], chunk.rank[g] = algebra.pinv_psd(K, self.rtol, self.atol, self.singular)
-            chunk.groups[g] = prepare(fs, mode)
+            # "raw": kept as the rules made them (for sums and projections, not Gram tiles)
+            chunk.groups[g] = fs if mode == "raw" else prepare(fs, mode)
         return chunk
 
     def _auto_chunk(self, src: Source, name: str, by: By, kind: str, mode: str) -> int:
@@ -332,6 +456,133 @@ class Similarity:
                 t = algebra.influence_from_kernel(t, ca.inv[g])
                 t[ca.rank[g] == 0] = float("nan")
         return t
+
+
+    # ------------------------------------------------------------------ estimator internals
+    @staticmethod
+    def _check_density_args(method: str, normalized: bool, threshold: float | None, power: float | None,
+                            algorithm: str) -> None:
+        if method not in ("soft", "hard", "less_soft"):
+            raise InputError(f"method must be 'soft', 'hard' or 'less_soft', got {method!r}")
+        if algorithm not in ("auto", "linear", "tiles"):
+            raise InputError(f"algorithm must be 'auto', 'linear' or 'tiles', got {algorithm!r}")
+        if method == "hard" and not isinstance(threshold, (int, float)):
+            raise InputError("method='hard' needs a numeric threshold (count of similarities strictly above it)")
+        if method == "less_soft" and not (isinstance(power, (int, float)) and power > 0):
+            raise InputError("method='less_soft' needs a positive power n (sum of max(sim, 0)^n)")
+        if method != "hard" and threshold is not None:
+            raise InputError(f"threshold applies to method='hard' only, not {method!r}")
+        if method != "less_soft" and power is not None:
+            raise InputError(f"power applies to method='less_soft' only, not {method!r}")
+        if method != "soft" and not normalized:
+            raise InputError(f"method={method!r} is defined on the normalised similarity: use normalized=True")
+        if method != "soft" and algorithm == "linear":
+            raise InputError(f"method={method!r} has no linear-time algorithm; it is exact by tiles")
+
+    def _soft_linear(self, src: Source, ref: Source, normalized: bool, include_self: bool) -> Tensor:
+        kind = "similarity" if normalized else "kernel"
+        report = self._report("density")
+        size = self._auto_chunk(src, "data", None, kind, "raw")
+        cached = self._cache(ref, "reference", None, kind, "raw", size)
+        ref_chunks = cached if cached is not None else self._chunks(ref, "reference", None, kind, "raw", size)
+        S: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for c in tqdm(ref_chunks, disable=not self.progress, desc="nnsim density: sum", unit="chunk"):
+                batch_sum(c.groups[_ALL], S)
+            reuse = cached if ref is src and cached is not None else None
+            chunks = reuse if reuse is not None else self._chunks(src, "data", None, kind, "raw", size)
+            out = torch.empty(len(src), dtype=self.dtype, device=self.device)
+            for c in tqdm(chunks, disable=not self.progress, desc="nnsim density: score", unit="chunk"):
+                report.add("data", c)
+                fs = c.groups[_ALL]
+                score = inner(fs, S).diagonal(dim1=-2, dim2=-1).sum(-1)
+                if not include_self:
+                    score = score - self_gram(fs).diagonal(dim1=-2, dim2=-1).sum(-1)
+                score = score / self._d_eff
+                if normalized:
+                    score[c.rank[_ALL] == 0] = float("nan")
+                out[c.start : c.start + c.size] = score
+        report.emit()
+        return out
+
+    def _density_tiles(self, src: Source, ref: Source, same: bool, method: str, threshold: float | None,
+                       power: float | None, include_self: bool) -> Tensor:
+        report = self._report("density")
+        out = torch.zeros(len(src), dtype=torch.float64, device=self.device)
+        zero_rows = []
+        for ca, cb, tiles in self._sweep(src, ref, same, "similarity", "trace", None, report, ("data", "reference")):
+            t = tiles[_ALL]
+            if cb.start == 0 or (same and cb.start == ca.start):
+                zero_rows.append(torch.nonzero(ca.rank[_ALL] == 0).flatten() + ca.start)
+            if same and not include_self and ca.start == cb.start:
+                t.fill_diagonal_(float("nan"))
+            v = row_statistic(t, method, threshold, power).double()
+            out[ca.start : ca.start + ca.size] += v.sum(1)
+            if same and cb.start != ca.start:
+                out[cb.start : cb.start + cb.size] += v.sum(0)
+        report.emit()
+        out = out.to(self.dtype)
+        if zero_rows:
+            out[torch.cat(zero_rows)] = float("nan")
+        return out
+
+    def _denoising_sums_tiles(self, src: Source, predictions: Tensor | None) -> tuple[Tensor, ...]:
+        """R = sum_j K_ij, Q = sum_j K_ij K_ij^T, Y = sum_j K_ij yhat_j from exact tiles, and yhat."""
+        report = self._report("kernel")
+        R = Q = Y = yhat = None
+        for ca, cb, tiles in self._sweep(src, src, True, "kernel", "full", None, report, ("data", "data")):
+            t = tiles[_ALL]  # [Ra, Cb, d, d], t[i, j] = K(a_i, b_j)
+            if R is None:
+                N, d = len(src), t.shape[-1]
+                R, Q = (t.new_zeros(N, d, d, dtype=torch.float64) for _ in range(2))
+                Y, yhat = t.new_zeros(N, d, dtype=torch.float64), t.new_zeros(N, d)
+            ia, ib = slice(ca.start, ca.start + ca.size), slice(cb.start, cb.start + cb.size)
+            ya = ca.y if predictions is None else predictions[ia].to(t)
+            yb = cb.y if predictions is None else predictions[ib].to(t)
+            yhat[ia] = ya
+            t64 = t.double()
+            R[ia] += t64.sum(1)
+            Q[ia] += torch.einsum("ijce,ijfe->icf", t64, t64)
+            Y[ia] += torch.einsum("ijce,je->ic", t64, yb.double())
+            if cb.start != ca.start:  # K(b_j, a_i) = K(a_i, b_j)^T
+                R[ib] += t64.sum(0).transpose(-1, -2)
+                Q[ib] += torch.einsum("ijec,ijef->jcf", t64, t64)
+                Y[ib] += torch.einsum("ijec,ie->jc", t64, ya.double())
+        return R, Q, Y, yhat
+
+    def _denoising_sums_approx(self, src: Source, predictions: Tensor | None, dim: int, seed: int
+                               ) -> tuple[Tensor, ...]:
+        """Two linear passes: sums S = sum_j G_j, S_y = sum_j G_j^T yhat_j, C = sum_j phi_j phi_j^T; then
+        R_i = <G_i, S>, Y_i = <G_i, S_y>, Q_i ~ phi_i^T C phi_i."""
+        size = self._auto_chunk(src, "data", None, "kernel", "raw")
+        cached = self._cache(src, "data", None, "kernel", "raw", size)
+
+        def chunks() -> Iterator[_Chunk]:
+            return iter(cached) if cached is not None else self._chunks(src, "data", None, "kernel", "raw", size)
+
+        def preds(c: _Chunk) -> Tensor:
+            return c.y if predictions is None else predictions[c.start : c.start + c.size].to(c.y)
+
+        S: dict[str, Tensor] = {}
+        Sy: dict[str, Tensor] = {}
+        C = None
+        with torch.no_grad():
+            for c in chunks():
+                fs = c.groups[_ALL]
+                batch_sum(fs, S)
+                batch_sum([f.mix(preds(c).unsqueeze(-1)) for f in fs], Sy)
+                phi = project(fs, dim, seed).double()  # [B, d, k]
+                cov = torch.einsum("bck,bcl->kl", phi, phi)
+                C = cov if C is None else C + cov
+            R, Q, Y, yhat = [], [], [], []
+            for c in chunks():
+                fs = c.groups[_ALL]
+                R.append(inner(fs, S).transpose(-1, -2).double())  # R_i[c, e] = <g_ic, S_e>; K_ij = G_i G_j^T
+                Y.append(inner(fs, Sy)[..., 0].double())
+                phi = project(fs, dim, seed).double()
+                Q.append(phi @ C @ phi.transpose(-1, -2))
+                yhat.append(preds(c))
+        return torch.cat(R).transpose(-1, -2), torch.cat(Q), torch.cat(Y), torch.cat(yhat)
 
 
 class _RankReport:
