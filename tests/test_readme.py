@@ -18,3 +18,5 @@ def test_readme_example_runs():
     assert I.shape == (5, 500, 10, 10) and ns["cos"].shape == (500, 500)
     assert torch.allclose(S, S.T, atol=1e-5) and torch.allclose(S.diagonal(), torch.ones(500), atol=1e-4)
     assert torch.allclose(sum(per_layer.values()), K[:10, :10], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(ns["counts"], S.sum(1), rtol=1e-4, atol=1e-3)
+    assert torch.equal(ns["idx"][:, 0], torch.arange(3)) and ns["report"].factor.shape == (200,)
