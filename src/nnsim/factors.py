@@ -156,14 +156,20 @@ class Outer:
             pairwise = G * (self.m + n * d * e)
         return explicit < pairwise
 
-    def _grad_blocks(self) -> Tensor:
-        """Explicit per-sample gradient [B, d, G, n, m]."""
+    def _grad_blocks(self, summed: bool = False) -> Tensor:
+        """Explicit per-sample gradient [B, d, G, n, m], or its sum over the batch [d, G, n, m]."""
         B, d, G, T, n = self.delta.shape
         if self.indexed:
-            out = self.delta.new_zeros(B, d, G, n, self.vocab)
-            index = self.a[:, None, :, None, :].expand(B, d, G, n, T)
-            return out.scatter_add_(-1, index, self.delta.permute(0, 1, 2, 4, 3))
-        return torch.einsum("bcgtn,bgtm->bcgnm", self.delta, self.a)
+            delta, a = self.delta, self.a
+            if summed:  # positions of all samples together: one sample of B*T positions
+                delta = delta.permute(1, 2, 0, 3, 4).reshape(1, d, G, B * T, n)
+                a = a.permute(1, 0, 2).reshape(1, G, B * T)
+                B, T = 1, B * T
+            out = delta.new_zeros(B, d, G, n, self.vocab)
+            index = a[:, None, :, None, :].expand(B, d, G, n, T)
+            out = out.scatter_add_(-1, index, delta.permute(0, 1, 2, 4, 3))
+            return out[0] if summed else out
+        return torch.einsum("bcgtn,bgtm->cgnm" if summed else "bcgtn,bgtm->bcgnm", self.delta, self.a)
 
     def _split(self, blocks: Tensor) -> list[Tensor]:
         """[..., G, n, m] -> flat gradient pieces in ``params`` order (leading axes kept)."""
@@ -184,7 +190,7 @@ class Outer:
         return Dense(self.layer, torch.cat(self._split(blocks), dim=-1), self.params)
 
     def batch_grad(self) -> list[Tensor]:
-        pieces = self._split(self._grad_blocks().sum(0))
+        pieces = self._split(self._grad_blocks(summed=True))
         return [p.reshape(p.shape[0], *shape) for p, (_, shape) in zip(pieces, self.params, strict=False)]
 
     def select(self, idx: Tensor) -> Outer:
@@ -292,6 +298,19 @@ class Outer:
 
 
 Factor = Dense | Outer
+
+
+def compact(factors: list[Factor]) -> list[Factor]:
+    """Materialise the position-factored layers whose explicit gradient is the smaller representation
+    (e.g. early convolutions: many positions, few weights), so later mixing, sums and Grams are cheaper."""
+    out: list[Factor] = []
+    for f in factors:
+        if isinstance(f, Outer):
+            _, d, G, T, n = f.delta.shape
+            if d * G * n * f.m < d * G * T * n + (G * T if f.indexed else G * T * f.m):
+                f = f.dense()
+        out.append(f)
+    return out
 
 
 def prepare(factors: list[Factor], mode: str) -> list[Factor]:

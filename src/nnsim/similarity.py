@@ -18,7 +18,7 @@ from ._model import ParamSelection, analysis_mode, check_model, select_params
 from .backends.base import Problem
 from .errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
 from .estimators import DenoisingReport, TopK, denoising_from_sums, row_statistic
-from .factors import Factor, batch_sum, gram, inner, prepare, project, self_gram
+from .factors import Factor, batch_sum, compact, gram, inner, prepare, project, self_gram
 from .inputs import Batch, Source, as_source, check_finite, sample_signature
 
 Metric = Literal["euclidean", "fisher"] | Tensor
@@ -334,6 +334,7 @@ class Similarity:
                          mode: str) -> _Chunk:
         chunk = _Chunk(start, size, {}, {})
         for g, fs in groups.items():
+            fs = compact(fs)
             K = self_gram(fs)
             bad = ~torch.isfinite(K).flatten(1).all(1)
             if bool(bad.any()):
@@ -425,10 +426,12 @@ class Similarity:
         return _RankReport(kind, structural_nullity=int(self._fisher))
 
     def _cache(self, src: Source, name: str, by: By, kind: str, mode: str, size: int) -> list[_Chunk] | None:
+        """All chunks of ``src`` when they fit in ``cache_bytes`` (judged from the first), else None."""
         chunks, used = [], 0
+        n_chunks = math.ceil(len(src) / size)
         for c in self._chunks(src, name, by, kind, mode, size):
             used += c.nbytes()
-            if used > self.cache_bytes:
+            if used > self.cache_bytes or (len(chunks) == 0 and c.nbytes() * n_chunks > 1.1 * self.cache_bytes):
                 return None
             chunks.append(c)
         return chunks
