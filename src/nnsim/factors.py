@@ -227,20 +227,30 @@ class Outer:
     def project(self, k: int, seed: int) -> Tensor:
         """Kronecker-structured projection (P_out (x) P_in) of the gradient, never built: [B, d, k'].
 
-        The input side is projected to k1 = min(m, ceil(sqrt(k))) dims and the signal side to
-        k2 = min(n, ceil(k / k1)), so a layer costs O(T (m k1 + n k2)) per sample instead of O(n m k).
-        Layers with n m <= k are kept exact.
+        The narrower side gets k_small = min(width, ceil(sqrt(k))) dims and the other side the rest of the
+        budget, ceil(k / k_small) (capped at its width); a side kept at full width is not projected at all.
+        A layer then costs O(T (m k1 + n k2)) per sample instead of O(n m k); layers with n m <= k are exact.
         """
         B, d, G, T, n = self.delta.shape
         m = self.m
         if n * m <= k:
             return self.dense().g
-        k1 = min(m, math.ceil(math.sqrt(k)))
-        k2 = min(n, math.ceil(k / k1))
-        P_in = _gaussian(k1, m, _seed(seed, self.layer, "in"), self.delta)
-        P_out = _gaussian(k2, n, _seed(seed, self.layer, "out"), self.delta)
-        pa = P_in.T[self.a] if self.indexed else self.a @ P_in.T  # [B, G, T, k1]
-        pd = self.delta @ P_out.T  # [B, d, G, T, k2]
+        root = math.ceil(math.sqrt(k))
+        if n <= m:
+            k2 = min(n, root)
+            k1 = min(m, math.ceil(k / k2))
+        else:
+            k1 = min(m, root)
+            k2 = min(n, math.ceil(k / k1))
+        if k1 == m:
+            pa = torch.nn.functional.one_hot(self.a, m).to(self.delta) if self.indexed else self.a
+        else:
+            P_in = _gaussian(k1, m, _seed(seed, self.layer, "in"), self.delta)
+            pa = P_in.T[self.a] if self.indexed else self.a @ P_in.T  # [B, G, T, k1]
+        if k2 == n:
+            pd = self.delta
+        else:
+            pd = self.delta @ _gaussian(k2, n, _seed(seed, self.layer, "out"), self.delta).T  # [B, d, G, T, k2]
         return torch.einsum("bcgtk,bgtl->bcgkl", pd, pa).reshape(B, d, -1)
 
     def _position_products(self, other: Outer, g: int, rows: slice) -> Tensor:

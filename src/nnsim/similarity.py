@@ -555,8 +555,12 @@ class Similarity:
 
     def _denoising_sums_approx(self, src: Source, predictions: Tensor | None, dim: int, seed: int
                                ) -> tuple[Tensor, ...]:
-        """Two linear passes: sums S = sum_j G_j, S_y = sum_j G_j^T yhat_j, C = sum_j phi_j phi_j^T; then
-        R_i = <G_i, S>, Y_i = <G_i, S_y>, Q_i ~ phi_i^T C phi_i."""
+        """Two linear passes: sums S = sum_j G_j, S_y = sum_j G_j^T yhat_j and C = sum_j phi_j^T psi_j from two
+        independent projections phi, psi; then R_i = <G_i, S>, Y_i = <G_i, S_y> and Q_i ~ phi_i C psi_i^T.
+
+        Using two independent sketches makes the estimate of Q_i = sum_j K_ij K_ij^T unbiased
+        (E[phi_i phi_j^T psi_j psi_i^T] = K_ij K_ji); one sketch used twice would add its variance to Q.
+        """
         size = self._auto_chunk(src, "data", None, "kernel", "raw")
         cached = self._cache(src, "data", None, "kernel", "raw", size)
 
@@ -566,6 +570,9 @@ class Similarity:
         def preds(c: _Chunk) -> Tensor:
             return c.y if predictions is None else predictions[c.start : c.start + c.size].to(c.y)
 
+        def sketches(fs: list[Factor]) -> tuple[Tensor, Tensor]:
+            return project(fs, dim, seed).double(), project(fs, dim, seed + 7919).double()
+
         S: dict[str, Tensor] = {}
         Sy: dict[str, Tensor] = {}
         C = None
@@ -574,18 +581,19 @@ class Similarity:
                 fs = c.groups[_ALL]
                 batch_sum(fs, S)
                 batch_sum([f.mix(preds(c).unsqueeze(-1)) for f in fs], Sy)
-                phi = project(fs, dim, seed).double()  # [B, d, k]
-                cov = torch.einsum("bck,bcl->kl", phi, phi)
-                C = cov if C is None else C + cov
+                phi, psi = sketches(fs)  # [B, d, k] each
+                cross = torch.einsum("bck,bcl->kl", phi, psi)
+                C = cross if C is None else C + cross
             R, Q, Y, yhat = [], [], [], []
             for c in chunks():
                 fs = c.groups[_ALL]
-                R.append(inner(fs, S).transpose(-1, -2).double())  # R_i[c, e] = <g_ic, S_e>; K_ij = G_i G_j^T
+                R.append(inner(fs, S).double())  # R_i[c, e] = sum_j <g_ic, g_je> = <g_ic, S_e>
                 Y.append(inner(fs, Sy)[..., 0].double())
-                phi = project(fs, dim, seed).double()
-                Q.append(phi @ C @ phi.transpose(-1, -2))
+                phi, psi = sketches(fs)
+                q = phi @ C @ psi.transpose(-1, -2)
+                Q.append(0.5 * (q + q.transpose(-1, -2)))
                 yhat.append(preds(c))
-        return torch.cat(R).transpose(-1, -2), torch.cat(Q), torch.cat(Y), torch.cat(yhat)
+        return torch.cat(R), torch.cat(Q), torch.cat(Y), torch.cat(yhat)
 
 
 class _RankReport:
