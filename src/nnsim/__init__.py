@@ -3,10 +3,11 @@
 from . import algebra, datasets, outputs
 from .errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
 from .estimators import DenoisingReport
+from .index import FeatureIndex
 from .similarity import Similarity
 
 __all__ = [
-    "Similarity", "DenoisingReport", "outputs", "algebra", "datasets",
+    "Similarity", "DenoisingReport", "FeatureIndex", "outputs", "algebra", "datasets",
     "InputError", "ModelError", "RankDeficiencyWarning", "ResultTooLargeError",
 ]
 __version__ = "0.1.0"

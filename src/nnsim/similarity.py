@@ -360,7 +360,7 @@ class Similarity:
         per_sample = max(1, c.nbytes() // c.size)
         d = self.d or 1
         tile_cap = int(math.sqrt(2**28 / (4 * (d * d if mode == "full" else 1))))
-        return int(max(8, min(1024, tile_cap, 2**28 // per_sample)))
+        return int(max(8, min(256, tile_cap, 2**28 // per_sample)))
 
     def _chunks(self, src: Source, name: str, by: By, kind: str, mode: str, size: int | None = None
                 ) -> Iterator[_Chunk]:
