@@ -30,12 +30,13 @@ def kernel(Ga: Tensor, Gb: Tensor) -> Tensor:
     return torch.einsum("icp,jep->ijce", Ga, Gb)
 
 
-def inv_sqrt_newton(K: Tensor, iters: int = 60) -> Tensor:
-    """K^-1/2 of SPD matrices by the Denman-Beavers iteration (no eigendecomposition)."""
-    Y, Z = K.clone(), torch.eye(K.shape[-1], dtype=K.dtype).expand_as(K).clone()
+def db_sqrt(K: Tensor, iters: int = 60) -> tuple[Tensor, Tensor]:
+    """(K^1/2, K^-1/2) of SPD matrices [..., d, d] by the Denman-Beavers iteration (LU inverses, no eigh)."""
+    eye = torch.eye(K.shape[-1], dtype=K.dtype).expand_as(K)
+    Y, Z = K.clone(), eye.clone()
     for _ in range(iters):
         Y, Z = 0.5 * (Y + torch.linalg.inv(Z)), 0.5 * (Z + torch.linalg.inv(Y))
-    return Z
+    return Y, Z
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:

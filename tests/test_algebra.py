@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import db_sqrt
 
 from nnsim import algebra
 
@@ -26,15 +27,6 @@ log_scales = st.integers(-4, 4)
 
 
 # ---------------------------------------------------------------------------------------------- references
-def db_sqrt(K: torch.Tensor, iters: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K^1/2, K^-1/2) of SPD matrices [..., d, d] by the Denman-Beavers iteration (LU inverses, no eigh)."""
-    eye = torch.eye(K.shape[-1], dtype=K.dtype).expand_as(K)
-    Y, Z = K.clone(), eye.clone()
-    for _ in range(iters):
-        Y, Z = 0.5 * (Y + torch.linalg.inv(Z)), 0.5 * (Z + torch.linalg.inv(Y))
-    return Y, Z
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -7,6 +7,7 @@ import torch
 from oracles import jacobian, kernel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import dead_relu
 
 import nnsim
 
@@ -84,13 +85,7 @@ def test_density_against_separate_reference_and_loader():
 
 
 def test_zero_gradient_samples_are_nan_and_do_not_count():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
-    with torch.no_grad():
-        model[0].weight.copy_(torch.eye(4, 3))
-        model[0].bias.zero_()
-    x = torch.randn(8, 3, dtype=torch.float64).abs() + 0.1
-    x[5] = -1.0
+    model, x = dead_relu(8, 5)
     sim = nnsim.Similarity(model, params="0.*", progress=False)
     with pytest.warns(nnsim.RankDeficiencyWarning, match=r"Samples: \[5\]"):
         S = sim.similarity(x)

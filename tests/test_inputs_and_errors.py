@@ -10,7 +10,7 @@ import torch
 from oracles import jacobian, kernel, rel_err
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from zoo import CNN, Registration, mlp
+from zoo import CNN, Registration, dead_relu, mlp
 
 import nnsim
 
@@ -149,13 +149,7 @@ def test_dense_result_budget_suggests_trace():
 
 
 def test_zero_gradient_sample_is_nan_with_warning_and_others_unaffected():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
-    with torch.no_grad():
-        model[0].weight.copy_(torch.eye(4, 3))
-        model[0].bias.zero_()
-    x = torch.randn(6, 3, dtype=torch.float64).abs() + 0.1
-    x[2] = -1.0  # every hidden unit off, and the last layer's bias gradient is 1: not zero...
+    model, x = dead_relu(6, 2)
     sim = nnsim.Similarity(model, params="0.*", progress=False)  # ... but the first layer's gradient is zero
     with pytest.warns(nnsim.RankDeficiencyWarning, match=r"zero gradient.*Samples: \[2\]"):
         S = sim.similarity(x)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import db_sqrt
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
@@ -69,15 +70,6 @@ def brute_jacobian(model: nn.Module, x: torch.Tensor, output=None, params=None) 
 def gram(Ga: torch.Tensor, Gb: torch.Tensor) -> torch.Tensor:
     """K[i, j] = G(a_i) G(b_j)^T, [N, M, d, d]."""
     return torch.einsum("iap,jbp->ijab", Ga, Gb)
-
-
-def db_sqrt(K: torch.Tensor, iters: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K^1/2, K^-1/2) of SPD matrices [..., d, d] by the Denman-Beavers iteration (LU inverses, no eigh)."""
-    eye = torch.eye(K.shape[-1], dtype=K.dtype).expand_as(K)
-    Y, Z = K.clone(), eye.clone()
-    for _ in range(iters):
-        Y, Z = 0.5 * (Y + torch.linalg.inv(Z)), 0.5 * (Z + torch.linalg.inv(Y))
-    return Y, Z
 
 
 def ktilde_oracle(Kaa, Kab, Kbb):

@@ -98,6 +98,19 @@ class TiedFrozen(nn.Module):
         return torch.cat([(logits + direct)[:, :3], h @ self.proj], 1)
 
 
+def dead_relu(n: int, dead: int) -> tuple[nn.Module, Tensor]:
+    """A ReLU MLP and inputs where sample ``dead`` switches every hidden unit off: the gradient of the first
+    layer's parameters is exactly zero there (the last layer's bias gradient is not)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4, 3))
+        model[0].bias.zero_()
+    x = torch.randn(n, 3, dtype=torch.float64).abs() + 0.1
+    x[dead] = -1.0
+    return model, x
+
+
 def cases(seed: int = 0) -> dict[str, tuple[nn.Module, tuple[Tensor, ...], tuple[Tensor, ...], object]]:
     """name -> (model, xa, xb, output spec), all in float64."""
     from nnsim import outputs
