@@ -362,11 +362,13 @@ class Similarity:
         tile_cap = int(math.sqrt(2**28 / (4 * (d * d if mode == "full" else 1))))
         return int(max(8, min(256, tile_cap, 2**28 // per_sample)))
 
-    def _chunks(self, src: Source, name: str, by: By, kind: str, mode: str, size: int | None = None
-                ) -> Iterator[_Chunk]:
+    def _chunks(self, src: Source, name: str, by: By, kind: str, mode: str, size: int | None = None,
+                first: int = 0) -> Iterator[_Chunk]:
+        """Prepared chunks of ``src``; those starting before ``first`` are skipped without being prepared."""
         size = size or self._auto_chunk(src, name, by, kind, mode)
         for start, batch in src.chunks(size):
-            yield self._prepare(batch, start, name, by, kind, mode)
+            if start >= first:
+                yield self._prepare(batch, start, name, by, kind, mode)
 
     # ------------------------------------------------------------------ tiles
     def _sources(self, xa: Any, xb: Any, names: tuple[str, str] = ("xa", "xb")) -> tuple[Source, Source]:
@@ -390,14 +392,15 @@ class Similarity:
         # The second argument is swept once per chunk of the first: keep its factors when they fit.
         cache = self._cache(src_b, name_b, by, kind, mode, size)
 
-        def inner() -> Iterator[_Chunk]:
-            return iter(cache) if cache is not None else self._chunks(src_b, name_b, by, kind, mode, size)
+        def inner(first: int = 0) -> Iterator[_Chunk]:
+            # A symmetric sweep never needs the chunks below the diagonal: do not recompute them.
+            return iter(cache) if cache is not None else self._chunks(src_b, name_b, by, kind, mode, size, first)
 
         outer = inner() if symmetric else self._chunks(src_a, names[0], by, kind, mode, size)
         with tqdm(total=total, disable=not self.progress or total < 2, desc=f"nnsim {kind}", unit="tile") as bar:
             for ca in outer:
                 report.add(names[0], ca)
-                for cb in inner():
+                for cb in inner(ca.start if symmetric else 0):
                     if symmetric and cb.start < ca.start:
                         continue
                     if not symmetric and ca.start == 0:
