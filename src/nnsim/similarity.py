@@ -10,9 +10,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from . import algebra, backends
+from . import distributed as dist_mod
 from . import outputs as outputs_mod
 from ._model import ParamSelection, analysis_mode, check_model, select_params
 from .backends.base import Problem
@@ -20,6 +22,8 @@ from .errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLarg
 from .estimators import DenoisingReport, TopK, denoising_from_sums, row_statistic
 from .factors import Factor, batch_sum, compact, gram, inner, prepare, project, self_gram
 from .inputs import Batch, Source, as_source, check_finite, sample_signature
+
+Comm = dist_mod.Comm
 
 Metric = Literal["euclidean", "fisher"] | Tensor
 By = Literal["layer"] | None
@@ -165,6 +169,8 @@ class Similarity:
         power: float | None = None,
         include_self: bool = True,
         algorithm: Literal["auto", "linear", "tiles"] = "auto",
+        *,
+        group: Any = None,
     ) -> Tensor:
         """Neighbour count of each sample of ``data`` among ``reference`` (default: ``data``), [N] (spec §9).
 
@@ -176,6 +182,11 @@ class Similarity:
 
         ``include_self=False`` drops j = i (only meaningful when ``reference`` is ``data``). Samples with a
         zero gradient get NaN (with a warning) and contribute nothing to the others' counts.
+
+        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
+        ``False``: this process alone). Every rank passes the same arguments and gets the full result; each
+        computes its share (soft: its chunks, then one all-reduce of S; tiles: a balanced share of the tiles,
+        then one all-reduce of the counts). See ``docs/scaling.md``.
         """
         self._check_density_args(method, normalized, threshold, power, algorithm)
         same = reference is None or reference is data
@@ -183,37 +194,52 @@ class Similarity:
             raise InputError("include_self=False needs reference=None (the self-term exists only when the data "
                              "are their own reference)")
         src, ref = self._sources(data, None if same else reference, ("data", "reference"))
+        comm = self._comm(group, "density", (src, ref), (method, normalized, threshold, power, include_self,
+                                                          algorithm, same))
         if method == "soft" and algorithm != "tiles":
-            return self._soft_linear(src, ref, normalized, include_self)
-        return self._density_tiles(src, ref, same, method, threshold, power, include_self)
+            return self._soft_linear(src, ref, normalized, include_self, comm)
+        return self._density_tiles(src, ref, same, method, threshold, power, include_self, comm)
 
     def neighbors(
-        self, queries: Any, data: Any = None, k: int = 10, exclude_self: bool = False
+        self, queries: Any, data: Any = None, k: int = 10, exclude_self: bool = False, *, group: Any = None
     ) -> tuple[Tensor, Tensor]:
         """The k samples of ``data`` most similar to each query: (similarities [Q, k], indices [Q, k]).
 
         Exact, by tiles with a running top-k (bounded memory). ``data=None`` searches the queries
         themselves; ``exclude_self`` then skips each query's own index. Queries with a zero gradient get
-        NaN similarities and index -1.
+        NaN similarities and index -1. Among equal similarities the lowest index comes first.
+
+        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
+        ``False``: this process alone). Every rank passes the same queries and data (they are not broadcast:
+        under torchrun every rank runs the same script) and gets the full result; each sweeps its share of
+        the tiles (a shard of the data, or of the triangle when ``data=None``), then the ranks' top-k lists
+        are merged exactly.
         """
         same = data is None or data is queries
         src, ref = self._sources(queries, None if same else data, ("queries", "data"))
         limit = len(ref) - (1 if same and exclude_self else 0)
         if not isinstance(k, int) or not 1 <= k <= limit:
             raise InputError(f"k must be an integer in [1, {limit}], got {k!r}")
+        comm = self._comm(group, "neighbors", (src, ref), (k, exclude_self, same))
         report = self._report("neighbors")
         top: TopK | None = None
-        for ca, cb, tiles in self._sweep(src, ref, same, "similarity", "trace", None, report, ("queries", "data")):
-            t = tiles[_ALL]
-            if top is None:
-                top = TopK(len(src), k, t.dtype, t.device)
-            if same and exclude_self and ca.start == cb.start:
-                t.fill_diagonal_(float("nan"))
-            top.update(slice(ca.start, ca.start + ca.size), t, cb.start)
-            if same and cb.start != ca.start:
-                top.update(slice(cb.start, cb.start + cb.size), t.T, ca.start)
+        with dist_mod.together(comm):
+            for ca, cb, tiles in self._sweep(src, ref, same, "similarity", "trace", None, report, ("queries", "data"),
+                                             comm):
+                t = tiles[_ALL]
+                if top is None:
+                    top = TopK(len(src), k, t.dtype, t.device)
+                if same and exclude_self and ca.start == cb.start:
+                    t.fill_diagonal_(float("nan"))
+                top.update(slice(ca.start, ca.start + ca.size), t, cb.start)
+                if same and cb.start != ca.start:
+                    top.update(slice(cb.start, cb.start + cb.size), t.T, ca.start)
+        if top is None:  # a rank without tiles (more ranks than tiles)
+            top = TopK(len(src), k, self.dtype, self.device)
+        if comm is not None:
+            top.values, top.indices = dist_mod.merge_topk(comm, top.values, top.indices, k)
+            report.merge(comm)
         report.emit()
-        assert top is not None
         return top.result()
 
     def denoising(
@@ -224,6 +250,8 @@ class Similarity:
         approximate: bool = False,
         dim: int = 1024,
         seed: int = 0,
+        *,
+        group: Any = None,
     ) -> DenoisingReport:
         """Self-denoising statistics of each sample of ``data`` with respect to ``data`` (spec §10).
 
@@ -232,6 +260,11 @@ class Similarity:
         C = sum_j G_j G_j^T estimated from projected features (``dim`` per layer), in two linear passes.
         ``predictions`` [N, d] default to the model's analysed outputs; ``noise_std`` (the label-noise
         level sigma) enables ``predicted_error = sigma sqrt(tr D / d)``.
+
+        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
+        ``False``: this process alone). Every rank passes the same arguments and gets the full report; the
+        exact tiles (or, approximate, the chunks of both passes) are spread over the ranks and the per-sample
+        sums all-reduced.
         """
         if isinstance(self.metric, Tensor) or self._fisher:
             raise InputError("denoising is derived for a squared loss on the outputs: use metric='euclidean'")
@@ -243,8 +276,11 @@ class Similarity:
                 raise InputError(f"predictions must be a [N, d] tensor with N = {len(src)} rows")
             if not torch.isfinite(predictions).all():
                 raise InputError("predictions contain NaN or Inf")
-        sums = self._denoising_sums_approx(src, predictions, dim, seed) if approximate else \
-            self._denoising_sums_tiles(src, predictions)
+        comm = self._comm(group, "denoising", (src,), (
+            None if predictions is None else dist_mod.params_checksum({"predictions": predictions}),
+            noise_std, approximate, dim, seed))
+        sums = self._denoising_sums_approx(src, predictions, dim, seed, comm) if approximate else \
+            self._denoising_sums_tiles(src, predictions, comm)
         R, Q, Y, yhat = sums
         if yhat.shape[1] != R.shape[-1]:
             raise InputError(f"predictions have {yhat.shape[1]} columns but the analysed output has d = {R.shape[-1]}")
@@ -363,12 +399,19 @@ class Similarity:
         return int(max(8, min(256, tile_cap, 2**28 // per_sample)))
 
     def _chunks(self, src: Source, name: str, by: By, kind: str, mode: str, size: int | None = None,
-                first: int = 0) -> Iterator[_Chunk]:
-        """Prepared chunks of ``src``; those starting before ``first`` are skipped without being prepared."""
+                first: int = 0, stop: int | None = None) -> Iterator[_Chunk]:
+        """Prepared chunks of ``src``; those starting before ``first`` are skipped without being prepared.
+
+        With ``stop`` (a process's share: ``first`` a multiple of ``size``) only the samples [first, stop) are
+        read where the source allows random access (tensors, map-style datasets)."""
         size = size or self._auto_chunk(src, name, by, kind, mode)
-        for start, batch in src.chunks(size):
-            if start >= first:
-                yield self._prepare(batch, start, name, by, kind, mode)
+        if stop is None:
+            for start, batch in src.chunks(size):
+                if start >= first:
+                    yield self._prepare(batch, start, name, by, kind, mode)
+            return
+        for start, batch in _range_chunks(src, size, first, min(stop, len(src))):
+            yield self._prepare(batch, start, name, by, kind, mode)
 
     # ------------------------------------------------------------------ tiles
     def _sources(self, xa: Any, xb: Any, names: tuple[str, str] = ("xa", "xb")) -> tuple[Source, Source]:
@@ -382,9 +425,14 @@ class Similarity:
         return src_a, src_b
 
     def _sweep(self, src_a: Source, src_b: Source, symmetric: bool, kind: str, mode: str, by: By,
-               report: _RankReport, names: tuple[str, str] = ("xa", "xb"),
+               report: _RankReport, names: tuple[str, str] = ("xa", "xb"), comm: Comm | None = None,
                ) -> Iterator[tuple[_Chunk, _Chunk, dict[str, Tensor]]]:
-        """Yield (chunk a, chunk b, {group: tile}) over all tiles; symmetric sweeps yield only cb.start >= ca.start."""
+        """Yield (chunk a, chunk b, {group: tile}) over all tiles; symmetric sweeps yield only cb.start >= ca.start.
+
+        With ``comm``, only this rank's share of the tiles (:func:`nnsim.distributed.tile_segments`)."""
+        if comm is not None:
+            yield from self._sweep_part(comm, src_a, src_b, symmetric, kind, mode, by, report, names)
+            return
         size = self._auto_chunk(src_a, names[0], by, kind, mode)
         n_a, n_b = math.ceil(len(src_a) / size), math.ceil(len(src_b) / size)
         total = n_a * (n_a + 1) // 2 if symmetric else n_a * n_b
@@ -408,6 +456,56 @@ class Similarity:
                     yield ca, cb, {g: self._tile(ca, cb, g, kind, mode) for g in ca.groups}
                     bar.update(1)
 
+    def _sweep_part(self, comm: Comm, src_a: Source, src_b: Source, symmetric: bool, kind: str, mode: str, by: By,
+                    report: _RankReport, names: tuple[str, str]) -> Iterator[tuple[_Chunk, _Chunk, dict[str, Tensor]]]:
+        """This rank's tiles, row segment by row segment, with the chunks it needs cached when they fit."""
+        size = self._auto_chunk(src_a, names[0], by, kind, mode)
+        n_a, n_b = math.ceil(len(src_a) / size), math.ceil(len(src_b) / size)
+        segments = dist_mod.tile_segments(n_a, n_b, symmetric, comm.rank, comm.world)
+        if not segments:
+            return
+        name_b = names[0] if src_b is src_a else names[1]
+        c0, c1 = dist_mod.segments_columns(segments)
+        r0, r1 = segments[0][0], segments[-1][0] + 1
+        if symmetric:  # rows and columns come from the same chunks; every row index is below its columns
+            c0 = min(c0, r0)
+        cache = self._cache(src_b, name_b, by, kind, mode, size, c0 * size, c1 * size)
+
+        def columns(j0: int, j1: int) -> Iterator[_Chunk]:
+            if cache is not None:
+                return iter(cache[j0 - c0 : j1 - c0])
+            return self._chunks(src_b, name_b, by, kind, mode, size, j0 * size, j1 * size)
+
+        if symmetric and cache is not None:
+            rows: Iterator[_Chunk] = iter(cache[r0 - c0 : r1 - c0])
+        else:
+            rows = self._chunks(src_a, names[0], by, kind, mode, size, r0 * size, r1 * size)
+        total = sum(j1 - j0 for _, j0, j1 in segments)
+        seen_b: set[int] = set()
+        with tqdm(total=total, disable=not self._shows(comm) or total < 2, desc=f"nnsim {kind}", unit="tile") as bar:
+            for (i, j0, j1), ca in zip(segments, rows, strict=True):
+                assert ca.start == i * size
+                report.add(names[0], ca)
+                for cb in columns(j0, j1):
+                    if not symmetric and cb.start not in seen_b:
+                        seen_b.add(cb.start)
+                        report.add(names[1], cb)
+                    yield ca, cb, {g: self._tile(ca, cb, g, kind, mode) for g in ca.groups}
+                    bar.update(1)
+
+    def _comm(self, group: Any, op: str, sources: tuple[Source, ...], args: Any) -> Comm | None:
+        """Resolve the process group of a dataset-scale operation and check that every rank called it alike."""
+        comm = dist_mod.resolve(group)
+        if comm is not None:
+            seen = [(len(s), dist_mod.batch_digest(s.first())) for s in sources]
+            dist_mod.agree(comm, f"the {op} call (sample counts and first-sample digests, model parameters, "
+                                 "arguments)", (op, seen, dist_mod.params_checksum(self.params), repr(args)))
+        return comm
+
+    def _shows(self, comm: Comm | None) -> bool:
+        """Progress bars: on, and on rank 0 only."""
+        return self.progress and (comm is None or comm.rank == 0)
+
     def _pairwise(self, xa: Any, xb: Any, kind: str, mode: str, by: By) -> Tensor | dict[str, Tensor]:
         src_a, src_b = self._sources(xa, xb)
         symmetric = xb is None and kind != "influence"
@@ -428,11 +526,13 @@ class Similarity:
     def _report(self, kind: str) -> _RankReport:
         return _RankReport(kind, structural_nullity=int(self._fisher))
 
-    def _cache(self, src: Source, name: str, by: By, kind: str, mode: str, size: int) -> list[_Chunk] | None:
-        """All chunks of ``src`` when they fit in ``cache_bytes`` (judged from the first), else None."""
+    def _cache(self, src: Source, name: str, by: By, kind: str, mode: str, size: int, first: int = 0,
+               stop: int | None = None) -> list[_Chunk] | None:
+        """All chunks of ``src`` (of samples [first, stop)) when they fit in ``cache_bytes`` (judged from the
+        first), else None."""
         chunks, used = [], 0
-        n_chunks = math.ceil(len(src) / size)
-        for c in self._chunks(src, name, by, kind, mode, size):
+        n_chunks = math.ceil((min(len(src), stop if stop is not None else len(src)) - first) / size)
+        for c in self._chunks(src, name, by, kind, mode, size, first, stop):
             used += c.nbytes()
             if used > self.cache_bytes or (len(chunks) == 0 and c.nbytes() * n_chunks > 1.1 * self.cache_bytes):
                 return None
@@ -485,79 +585,115 @@ class Similarity:
         if method != "soft" and algorithm == "linear":
             raise InputError(f"method={method!r} has no linear-time algorithm; it is exact by tiles")
 
-    def _soft_linear(self, src: Source, ref: Source, normalized: bool, include_self: bool) -> Tensor:
+    def _soft_linear(self, src: Source, ref: Source, normalized: bool, include_self: bool,
+                     comm: Comm | None = None) -> Tensor:
         kind = "similarity" if normalized else "kernel"
         report = self._report("density")
         size = self._auto_chunk(src, "data", None, kind, "raw")
-        cached = self._cache(ref, "reference", None, kind, "raw", size)
-        ref_chunks = cached if cached is not None else self._chunks(ref, "reference", None, kind, "raw", size)
+        # A process group splits both passes by chunks: S is all-reduced between them, scores gathered after.
+        f0, f1 = (size * c for c in dist_mod.chunk_range(len(ref), size, comm))
+        a0, a1 = (min(len(src), size * c) for c in dist_mod.chunk_range(len(src), size, comm))
+        stop = (lambda b: b) if comm is not None else (lambda b: None)  # single process: the plain path
+        cached = self._cache(ref, "reference", None, kind, "raw", size, f0, stop(f1))
+        ref_chunks = cached if cached is not None else self._chunks(ref, "reference", None, kind, "raw", size, f0,
+                                                                    stop(f1))
         S: dict[str, Tensor] = {}
         with torch.no_grad():
-            for c in tqdm(ref_chunks, disable=not self.progress, desc="nnsim density: sum", unit="chunk"):
-                batch_sum(c.groups[_ALL], S)
+            with dist_mod.together(comm):
+                for c in tqdm(ref_chunks, disable=not self._shows(comm), desc="nnsim density: sum", unit="chunk"):
+                    batch_sum(c.groups[_ALL], S)
+            if comm is not None:
+                if not S:  # no chunk on this rank: zeros of the right shapes
+                    batch_sum(self._prepare(ref.first(), 0, "reference", None, kind, "raw").groups[_ALL], S)
+                    S = {key: torch.zeros_like(v) for key, v in S.items()}
+                S = dist_mod.all_reduce_dict(comm, S)
             reuse = cached if ref is src and cached is not None else None
-            chunks = reuse if reuse is not None else self._chunks(src, "data", None, kind, "raw", size)
-            out = torch.empty(len(src), dtype=self.dtype, device=self.device)
-            for c in tqdm(chunks, disable=not self.progress, desc="nnsim density: score", unit="chunk"):
-                report.add("data", c)
-                fs = c.groups[_ALL]
-                score = inner(fs, S).diagonal(dim1=-2, dim2=-1).sum(-1)
-                if not include_self:
-                    score = score - self_gram(fs).diagonal(dim1=-2, dim2=-1).sum(-1)
-                score = score / self._d_eff
-                if normalized:
-                    score[c.rank[_ALL] == 0] = float("nan")
-                out[c.start : c.start + c.size] = score
+            chunks = reuse if reuse is not None else self._chunks(src, "data", None, kind, "raw", size, a0, stop(a1))
+            out = torch.empty(a1 - a0, dtype=self.dtype, device=self.device)
+            with dist_mod.together(comm):
+                for c in tqdm(chunks, disable=not self._shows(comm), desc="nnsim density: score", unit="chunk"):
+                    report.add("data", c)
+                    fs = c.groups[_ALL]
+                    score = inner(fs, S).diagonal(dim1=-2, dim2=-1).sum(-1)
+                    if not include_self:
+                        score = score - self_gram(fs).diagonal(dim1=-2, dim2=-1).sum(-1)
+                    score = score / self._d_eff
+                    if normalized:
+                        score[c.rank[_ALL] == 0] = float("nan")
+                    out[c.start - a0 : c.start - a0 + c.size] = score
+        if comm is not None:
+            out = dist_mod.gather_rows(comm, out, a0, len(src))
+            report.merge(comm)
         report.emit()
         return out
 
     def _density_tiles(self, src: Source, ref: Source, same: bool, method: str, threshold: float | None,
-                       power: float | None, include_self: bool) -> Tensor:
+                       power: float | None, include_self: bool, comm: Comm | None = None) -> Tensor:
         report = self._report("density")
         out = torch.zeros(len(src), dtype=torch.float64, device=self.device)
         zero_rows = []
-        for ca, cb, tiles in self._sweep(src, ref, same, "similarity", "trace", None, report, ("data", "reference")):
-            t = tiles[_ALL]
-            if cb.start == 0 or (same and cb.start == ca.start):
-                zero_rows.append(torch.nonzero(ca.rank[_ALL] == 0).flatten() + ca.start)
-            if same and not include_self and ca.start == cb.start:
-                t.fill_diagonal_(float("nan"))
-            v = row_statistic(t, method, threshold, power).double()
-            out[ca.start : ca.start + ca.size] += v.sum(1)
-            if same and cb.start != ca.start:
-                out[cb.start : cb.start + cb.size] += v.sum(0)
+        with dist_mod.together(comm):
+            for ca, cb, tiles in self._sweep(src, ref, same, "similarity", "trace", None, report, ("data", "reference"),
+                                             comm):
+                t = tiles[_ALL]
+                if cb.start == 0 or (same and cb.start == ca.start):
+                    zero_rows.append(torch.nonzero(ca.rank[_ALL] == 0).flatten() + ca.start)
+                if same and not include_self and ca.start == cb.start:
+                    t.fill_diagonal_(float("nan"))
+                v = row_statistic(t, method, threshold, power).double()
+                out[ca.start : ca.start + ca.size] += v.sum(1)
+                if same and cb.start != ca.start:
+                    out[cb.start : cb.start + cb.size] += v.sum(0)
+        if comm is not None:
+            out = dist_mod.all_reduce_sum(comm, out)
+            zero_rows = [torch.tensor(sorted(set().union(*dist_mod.all_gather_object(
+                comm, torch.cat(zero_rows).tolist() if zero_rows else []))), dtype=torch.long, device=self.device)]
+            report.merge(comm)
         report.emit()
         out = out.to(self.dtype)
         if zero_rows:
             out[torch.cat(zero_rows)] = float("nan")
         return out
 
-    def _denoising_sums_tiles(self, src: Source, predictions: Tensor | None) -> tuple[Tensor, ...]:
+    def _denoising_sums_tiles(self, src: Source, predictions: Tensor | None, comm: Comm | None = None
+                              ) -> tuple[Tensor, ...]:
         """R = sum_j K_ij, Q = sum_j K_ij K_ij^T, Y = sum_j K_ij yhat_j from exact tiles, and yhat."""
         report = self._report("kernel")
         R = Q = Y = yhat = None
-        for ca, cb, tiles in self._sweep(src, src, True, "kernel", "full", None, report, ("data", "data")):
-            t = tiles[_ALL]  # [Ra, Cb, d, d], t[i, j] = K(a_i, b_j)
-            if R is None:
-                N, d = len(src), t.shape[-1]
-                R, Q = (t.new_zeros(N, d, d, dtype=torch.float64) for _ in range(2))
-                Y, yhat = t.new_zeros(N, d, dtype=torch.float64), t.new_zeros(N, d)
-            ia, ib = slice(ca.start, ca.start + ca.size), slice(cb.start, cb.start + cb.size)
-            ya = ca.y if predictions is None else predictions[ia].to(t)
-            yb = cb.y if predictions is None else predictions[ib].to(t)
-            yhat[ia] = ya
-            t64 = t.double()
-            R[ia] += t64.sum(1)
-            Q[ia] += torch.einsum("ijce,ijfe->icf", t64, t64)
-            Y[ia] += torch.einsum("ijce,je->ic", t64, yb.double())
-            if cb.start != ca.start:  # K(b_j, a_i) = K(a_i, b_j)^T
-                R[ib] += t64.sum(0).transpose(-1, -2)
-                Q[ib] += torch.einsum("ijec,ijef->jcf", t64, t64)
-                Y[ib] += torch.einsum("ijec,ie->jc", t64, ya.double())
+        with dist_mod.together(comm):
+            for ca, cb, tiles in self._sweep(src, src, True, "kernel", "full", None, report, ("data", "data"), comm):
+                t = tiles[_ALL]  # [Ra, Cb, d, d], t[i, j] = K(a_i, b_j)
+                if R is None:
+                    N, d = len(src), t.shape[-1]
+                    R, Q = (t.new_zeros(N, d, d, dtype=torch.float64) for _ in range(2))
+                    Y, yhat = t.new_zeros(N, d, dtype=torch.float64), t.new_zeros(N, d)
+                ia, ib = slice(ca.start, ca.start + ca.size), slice(cb.start, cb.start + cb.size)
+                ya = ca.y if predictions is None else predictions[ia].to(t)
+                yb = cb.y if predictions is None else predictions[ib].to(t)
+                if cb.start == ca.start:  # each row's diagonal tile is swept exactly once, by one rank
+                    yhat[ia] = ya
+                t64 = t.double()
+                R[ia] += t64.sum(1)
+                Q[ia] += torch.einsum("ijce,ijfe->icf", t64, t64)
+                Y[ia] += torch.einsum("ijce,je->ic", t64, yb.double())
+                if cb.start != ca.start:  # K(b_j, a_i) = K(a_i, b_j)^T
+                    R[ib] += t64.sum(0).transpose(-1, -2)
+                    Q[ib] += torch.einsum("ijec,ijef->jcf", t64, t64)
+                    Y[ib] += torch.einsum("ijec,ie->jc", t64, ya.double())
+        if comm is not None:
+            if R is None:  # a rank without tiles (more ranks than tiles)
+                assert self.d is not None
+                N, d = len(src), self.d
+                R, Q = (torch.zeros(N, d, d, dtype=torch.float64, device=self.device) for _ in range(2))
+                Y, yhat = torch.zeros(N, d, dtype=torch.float64, device=self.device), torch.zeros(
+                    N, d, dtype=self.dtype, device=self.device)
+            sums = dist_mod.all_reduce_dict(comm, {"R": R, "Q": Q, "Y": Y, "yhat": yhat})
+            R, Q, Y, yhat = sums["R"], sums["Q"], sums["Y"], sums["yhat"]
+            report.merge(comm)
         return R, Q, Y, yhat
 
-    def _denoising_sums_approx(self, src: Source, predictions: Tensor | None, dim: int, seed: int
-                               ) -> tuple[Tensor, ...]:
+    def _denoising_sums_approx(self, src: Source, predictions: Tensor | None, dim: int, seed: int,
+                               comm: Comm | None = None) -> tuple[Tensor, ...]:
         """Two linear passes: sums S = sum_j G_j, S_y = sum_j G_j^T yhat_j and C = sum_j phi_j^T psi_j from two
         independent projections phi, psi; then R_i = <G_i, S>, Y_i = <G_i, S_y> and Q_i ~ phi_i C psi_i^T.
 
@@ -565,10 +701,13 @@ class Similarity:
         (E[phi_i phi_j^T psi_j psi_i^T] = K_ij K_ji); one sketch used twice would add its variance to Q.
         """
         size = self._auto_chunk(src, "data", None, "kernel", "raw")
-        cached = self._cache(src, "data", None, "kernel", "raw", size)
+        a0, a1 = (min(len(src), size * c) for c in dist_mod.chunk_range(len(src), size, comm))
+        stop = a1 if comm is not None else None
+        cached = self._cache(src, "data", None, "kernel", "raw", size, a0, stop)
 
         def chunks() -> Iterator[_Chunk]:
-            return iter(cached) if cached is not None else self._chunks(src, "data", None, "kernel", "raw", size)
+            return iter(cached) if cached is not None else self._chunks(src, "data", None, "kernel", "raw", size, a0,
+                                                                        stop)
 
         def preds(c: _Chunk) -> Tensor:
             return c.y if predictions is None else predictions[c.start : c.start + c.size].to(c.y)
@@ -579,24 +718,48 @@ class Similarity:
         S: dict[str, Tensor] = {}
         Sy: dict[str, Tensor] = {}
         C = None
+        def accumulate(c: _Chunk) -> None:
+            nonlocal C
+            fs = c.groups[_ALL]
+            batch_sum(fs, S)
+            batch_sum([f.mix(preds(c).unsqueeze(-1)) for f in fs], Sy)
+            phi, psi = sketches(fs)  # [B, d, k] each
+            cross = torch.einsum("bck,bcl->kl", phi, psi)
+            C = cross if C is None else C + cross
+
         with torch.no_grad():
-            for c in chunks():
-                fs = c.groups[_ALL]
-                batch_sum(fs, S)
-                batch_sum([f.mix(preds(c).unsqueeze(-1)) for f in fs], Sy)
-                phi, psi = sketches(fs)  # [B, d, k] each
-                cross = torch.einsum("bck,bcl->kl", phi, psi)
-                C = cross if C is None else C + cross
+            with dist_mod.together(comm):
+                for c in chunks():
+                    accumulate(c)
+            if comm is not None:
+                if C is None:  # no chunk on this rank: zeros of the right shapes
+                    accumulate(self._prepare(src.first(), 0, "data", None, "kernel", "raw"))
+                    S, Sy, C = ({k: torch.zeros_like(v) for k, v in S.items()},
+                                {k: torch.zeros_like(v) for k, v in Sy.items()}, torch.zeros_like(C))
+                sums = dist_mod.all_reduce_dict(comm, {**{"S." + k: v for k, v in S.items()},
+                                                       **{"Sy." + k: v for k, v in Sy.items()}, "C": C})
+                S = {k[2:]: v for k, v in sums.items() if k.startswith("S.")}
+                Sy = {k[3:]: v for k, v in sums.items() if k.startswith("Sy.")}
+                C = sums["C"]
             R, Q, Y, yhat = [], [], [], []
-            for c in chunks():
-                fs = c.groups[_ALL]
-                R.append(inner(fs, S).double())  # R_i[c, e] = sum_j <g_ic, g_je> = <g_ic, S_e>
-                Y.append(inner(fs, Sy)[..., 0].double())
-                phi, psi = sketches(fs)
-                q = phi @ C @ psi.transpose(-1, -2)
-                Q.append(0.5 * (q + q.transpose(-1, -2)))
-                yhat.append(preds(c))
-        return torch.cat(R), torch.cat(Q), torch.cat(Y), torch.cat(yhat)
+            with dist_mod.together(comm):
+                for c in chunks():
+                    fs = c.groups[_ALL]
+                    R.append(inner(fs, S).double())  # R_i[c, e] = sum_j <g_ic, g_je> = <g_ic, S_e>
+                    Y.append(inner(fs, Sy)[..., 0].double())
+                    phi, psi = sketches(fs)
+                    q = phi @ C @ psi.transpose(-1, -2)
+                    Q.append(0.5 * (q + q.transpose(-1, -2)))
+                    yhat.append(preds(c))
+        if comm is None:
+            return torch.cat(R), torch.cat(Q), torch.cat(Y), torch.cat(yhat)
+        assert self.d is not None
+        d = self.d
+        empty = (torch.zeros(0, d, d, dtype=torch.float64, device=self.device),) * 2 + (
+            torch.zeros(0, d, dtype=torch.float64, device=self.device), torch.zeros(0, d, dtype=self.dtype,
+                                                                                   device=self.device))
+        local = [torch.cat(p) if p else e for p, e in zip((R, Q, Y, yhat), empty)]
+        return tuple(dist_mod.gather_rows(comm, t, a0, len(src)) for t in local)
 
 
 class _RankReport:
@@ -617,6 +780,18 @@ class _RankReport:
             if len(low):
                 self.deficient.setdefault((side, g), []).extend(low.tolist())
 
+    def merge(self, comm: Comm) -> None:
+        """Union of every rank's notes, so that every rank warns about all the samples (once each)."""
+        merged_zero: dict[tuple[str, str], set[int]] = {}
+        merged_low: dict[tuple[str, str], set[int]] = {}
+        for zero, low in dist_mod.all_gather_object(comm, (self.zero, self.deficient)):
+            for key, idx in zero.items():
+                merged_zero.setdefault(key, set()).update(idx)
+            for key, idx in low.items():
+                merged_low.setdefault(key, set()).update(idx)
+        self.zero = {k: sorted(v) for k, v in sorted(merged_zero.items())}
+        self.deficient = {k: sorted(v) for k, v in sorted(merged_low.items())}
+
     def emit(self, show: Callable[..., None] = warnings.warn) -> None:
         for (side, g), idx in self.zero.items():
             where = f" in layer {g!r}" if g else ""
@@ -628,3 +803,27 @@ class _RankReport:
             show(f"{len(idx)} sample(s) of {side} have a rank-deficient K(x, x){where}: normalised on its "
                  f"range (self-similarity rank/d < 1). Samples: {sorted(set(idx))[:20]}", RankDeficiencyWarning,
                  stacklevel=4)
+
+
+def _range_chunks(src: Source, size: int, first: int, stop: int) -> Iterator[tuple[int, Batch]]:
+    """(global start, batch) chunks of samples [first, stop) cut at multiples of ``size`` from ``first``.
+
+    Tensors are sliced and map-style datasets read through a ``Subset``: only these samples are touched. A
+    DataLoader is streamed from its start (its order may come from any sampler), skipping other samples
+    without computing anything on them."""
+    if first >= stop:
+        return
+    if src.kind == "tensors":
+        for s in range(first, stop, size):
+            yield s, tuple(t[s : min(stop, s + size)] for t in src.data)
+        return
+    if src.kind == "dataset":
+        sub = Source(Subset(src.data, range(first, stop)), stop - first, "dataset")
+        for s, batch in sub.chunks(size):
+            yield first + s, batch
+        return
+    for s, batch in src.chunks(size):
+        if s >= stop:
+            return
+        if s >= first:
+            yield s, tuple(t[: stop - s] for t in batch)

@@ -23,7 +23,8 @@ def row_statistic(tile: Tensor, method: str, threshold: float | None = None, pow
 
 
 class TopK:
-    """Exact running top-k of the rows of a [Q, M] score matrix fed tile by tile."""
+    """Exact running top-k of the rows of a [Q, M] score matrix fed tile by tile (columns in increasing order);
+    ties go to the lowest index."""
 
     def __init__(self, rows: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
         self.k = k
@@ -36,9 +37,12 @@ class TopK:
         cols = torch.arange(col_start, col_start + tile.shape[1], device=tile.device).expand(tile.shape[0], -1)
         values = torch.cat([self.values[rows], scores], dim=1)
         indices = torch.cat([self.indices[rows], cols], dim=1)
-        top = values.topk(min(self.k, values.shape[1]), dim=1)
-        self.values[rows] = top.values
-        self.indices[rows] = indices.gather(1, top.indices)
+        # A stable sort, not topk: among equal similarities the lowest index wins (kept entries have lower
+        # indices than the tile's columns, which arrive in increasing order), whatever the tiling or the
+        # number of processes whose lists are merged afterwards (torch.topk breaks ties arbitrarily).
+        order = values.argsort(dim=1, descending=True, stable=True)[:, : self.k]
+        self.values[rows] = values.gather(1, order)
+        self.indices[rows] = indices.gather(1, order)
 
     def result(self) -> tuple[Tensor, Tensor]:
         """(values [Q, k], indices [Q, k]); missing neighbours are NaN with index -1."""

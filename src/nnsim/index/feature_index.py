@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
+from .. import distributed as dist_mod
 from ..errors import InputError, RankDeficiencyWarning
 from ..factors import Dense, Outer, project
 from ..inputs import Batch, Source, as_source, sample_signature
@@ -321,7 +322,7 @@ class FeatureIndex:
     @classmethod
     def build(cls, sim: Similarity, data: Any, path: str | Path, dim: int | None = None, *, seed: int = 0,
               shard_size: int | None = None, dtype: Literal["float32", "float16"] = "float32",
-              overwrite: bool = False) -> FeatureIndex:
+              overwrite: bool = False, group: Any = None) -> FeatureIndex:
         """Compute the projected features of ``data`` into the store folder ``path`` and open it.
 
         Resumable: when ``path`` already holds a store of the same configuration (model, parameters, output,
@@ -339,6 +340,12 @@ class FeatureIndex:
             shard_size: rows per shard file (default: about 64 MiB per shard).
             dtype: ``"float32"`` or ``"float16"`` (half the disk; estimates lose ~3 decimal digits).
             overwrite: delete an existing store at ``path`` first.
+            group: a ``torch.distributed`` process group (default: the initialised default group, if any;
+                ``False``: this process alone). Every rank passes the same arguments (``path`` on a filesystem
+                all ranks share) and computes a balanced share of the missing shards, reading only its rows;
+                rank 0 writes the one manifest. The shard layout does not depend on the number of processes,
+                so a store is resumed by any number of them (e.g. ``torchrun --max-restarts``) without
+                recomputing finished shards.
         """
         dim = DEFAULT_DIM if dim is None else dim
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -359,8 +366,35 @@ class FeatureIndex:
             "n": len(src), "input_signature": _signature(first), "first_sample_sha256": _sample_digest(first),
         }
         probe = projection_probe(dim, seed)
+        comm = dist_mod.resolve(group)
+        if comm is not None:
+            dist_mod.agree(comm, "the index build (model, data, settings, path)",
+                           (config, shard_size, overwrite, str(folder)))
+
+            def start() -> dict[str, Any] | None:
+                return cls._start(sim, folder, config, shard_size, probe, overwrite, first, src) if comm.rank == 0 \
+                    else None
+
+            manifest = dist_mod.broadcast_object(comm, dist_mod.run_together(comm, start))
+
+            def visible() -> None:
+                if not (folder / st.MANIFEST).is_file():
+                    raise InputError(f"{folder} holds no manifest on this rank although rank 0 wrote one: the "
+                                     "store must be on a filesystem shared by all ranks")
+
+            dist_mod.run_together(comm, visible)
+        else:
+            manifest = cls._start(sim, folder, config, shard_size, probe, overwrite, first, src)
+        cls._fill(sim, src, folder, manifest, comm)
+        return cls(folder, sim, manifest)
+
+    @classmethod
+    def _start(cls, sim: Similarity, folder: Path, config: dict[str, Any], shard_size: int | None, probe: list[float],
+               overwrite: bool, first: Batch, src: Source) -> dict[str, Any]:
+        """The manifest of the compatible store at ``folder``, or a new empty one written there."""
         manifest = cls._existing(folder, config, shard_size, probe, overwrite)
         if manifest is None:
+            dim, seed, dtype = config["dim"], config["seed"], config["dtype"]
             folder.mkdir(parents=True, exist_ok=True)
             feats, _ = chunk_features(sim, first, 0, dim, seed, "data")  # one sample: the row width
             width = feats.shape[1]
@@ -375,8 +409,7 @@ class FeatureIndex:
                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             }
             st.write_manifest(folder, manifest)
-        cls._fill(sim, src, folder, manifest)
-        return cls(folder, sim, manifest)
+        return manifest
 
     @staticmethod
     def _existing(folder: Path, config: dict[str, Any], shard_size: int | None, probe: list[float],
@@ -410,33 +443,55 @@ class FeatureIndex:
         return manifest
 
     @classmethod
-    def _fill(cls, sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any]) -> None:
-        """Compute every shard not yet finished (verifying the finished ones), then mark the store complete."""
+    def _fill(cls, sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any],
+              comm: dist_mod.Comm | None = None) -> None:
+        """Compute every shard not yet finished (verifying the finished ones), then mark the store complete.
+
+        Finished shards are those of the manifest and those whose entry a (crashed) multi-process build
+        published next to them. With ``comm``, the ranks verify and compute balanced shares of the shards and
+        rank 0 alone writes the manifest."""
         cfg, width = manifest["config"], manifest["layout"]["width"]
         ranges = st.shard_ranges(cfg["n"], cfg["shard_size"])
-        done: dict[int, dict[str, Any]] = {}
-        for entry in manifest["shards"]:
+        main = comm is None or comm.rank == 0
+        rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
+        candidates: dict[int, dict[str, Any]] = {}
+        published = st.read_entries(folder)
+        for entry in [*manifest["shards"], *published.values()]:
             i = entry["start"] // cfg["shard_size"]
             if i >= len(ranges) or (entry["start"], entry["stop"]) != ranges[i]:
+                if entry in published.values():
+                    continue  # a stray published entry (another layout): its shard is computed again
                 raise st.StoreError(f"{folder / st.MANIFEST} is corrupted: shard {entry['file']} covers rows "
                                     f"[{entry['start']}, {entry['stop']}), not a shard of this layout; rebuild it "
                                     "(overwrite=True)")
-            problem = st.check_shard(folder, entry, width, cfg["dtype"])
-            if problem is None:
-                done[i] = entry
-            else:
-                warnings.warn(f"{folder}: {problem}; recomputing that shard", UserWarning, stacklevel=3)
-        if len(done) != len(manifest["shards"]):
-            manifest["shards"] = sorted(done.values(), key=lambda e: e["start"])
+            candidates.setdefault(i, entry)
+        # Verifying is one read of every finished shard: each rank checks its share.
+        ids = sorted(candidates)
+        problems = {i: st.check_shard(folder, candidates[i], width, cfg["dtype"]) for i in ids[rank::world]}
+        if comm is not None:
+            problems = {i: p for part in dist_mod.all_gather_object(comm, problems) for i, p in part.items()}
+        done = {i: candidates[i] for i in ids if problems[i] is None}
+        for i in ids:
+            if problems[i] is not None:
+                warnings.warn(f"{folder}: {problems[i]}; recomputing that shard", UserWarning, stacklevel=3)
+        if main and [e["start"] for e in manifest["shards"]] != [done[i]["start"] for i in sorted(done)]:
+            manifest["shards"] = [done[i] for i in sorted(done)]
             manifest["complete"] = False
             st.write_manifest(folder, manifest)
+        manifest["shards"] = [done[i] for i in sorted(done)]
         todo = [i for i in range(len(ranges)) if i not in done]
+        a, b = dist_mod.split(len(todo), rank, world)
+        mine = todo[a:b]
         report = _RankNotes(sim, "data")
-        if todo:
+
+        def compute() -> list[dict[str, Any]]:
+            written: list[dict[str, Any]] = []
+            if not mine:
+                return written
             chunk = _compute_chunk(sim, src, width)
-            with tqdm(total=len(ranges), initial=len(done), disable=not sim.progress, desc="nnsim index",
+            with tqdm(total=len(ranges), initial=len(done), disable=not sim.progress or not main, desc="nnsim index",
                       unit="shard") as bar:
-                for i, pieces in cls._shard_pieces(src, ranges, todo, chunk):
+                for i, pieces in cls._shard_pieces(src, ranges, mine, chunk):
                     start, stop = ranges[i]
 
                     def fill(array: np.ndarray, pieces: Iterator[tuple[int, Batch]] = pieces,
@@ -459,15 +514,34 @@ class FeatureIndex:
                         return {"start": start, "stop": stop, "zero_rows": zero}
 
                     entry = st.write_shard(folder, i, stop - start, width, cfg["dtype"], fill)
-                    manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["start"])
-                    st.write_manifest(folder, manifest)
+                    written.append(entry)
+                    if comm is None:
+                        manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["start"])
+                        st.write_manifest(folder, manifest)
+                    else:  # the manifest is rank 0's: publish the entry next to the shard
+                        st.write_entry(folder, i, entry)
                     bar.update(1)
+            return written
+
+        if comm is None:
+            compute()
+        else:
+            written = dist_mod.run_together(comm, compute)
+            new = [e for part in dist_mod.all_gather_object(comm, written) for e in part]
+            manifest["shards"] = sorted([*manifest["shards"], *new], key=lambda e: e["start"])
+            notes = dist_mod.all_gather_object(comm, (report.zero, report.deficient))
+            report.zero = sorted({r for z, _ in notes for r in z})
+            report.deficient = sorted({r for _, low in notes for r in low})
         report.emit()
         if len(manifest["shards"]) != len(ranges):
             raise InputError(f"data yielded fewer samples than its length {cfg['n']}")
-        if not manifest["complete"]:
+        if main and (not manifest["complete"] or published or comm is not None):
             manifest["complete"] = True
             st.write_manifest(folder, manifest)
+            st.remove_entries(folder)
+        manifest["complete"] = True
+        if comm is not None:
+            dist_mod.barrier(comm.group)  # every rank returns once the manifest is complete on disk
 
     @staticmethod
     def _shard_pieces(src: Source, ranges: list[tuple[int, int]], todo: list[int], chunk: int
@@ -510,7 +584,7 @@ class FeatureIndex:
                 if pending:
                     return
 
-        for i in range(len(ranges)):
+        for i in range(max(todo) + 1):  # nothing after the last wanted shard is read
             if i in wanted:
                 yield i, pieces(i)
             else:  # skip a finished shard: read its samples without computing anything

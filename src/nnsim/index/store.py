@@ -5,11 +5,16 @@ Layout of a store folder::
     manifest.json        format, configuration (model fingerprint, projection, dtype, ...), finished shards
     shard-00000.npy      rows [0, shard_size) of the projected features, [rows, width]
     shard-00001.npy      ...
+    shard-00001.json     (while a multi-process build runs) the shard's manifest entry, written by the rank
+                         that computed it; rank 0 moves the entries into the manifest at the end
+
 
 Crash safety: a shard is written through a numpy memmap under a temporary name, flushed, checksummed
 (sha256 of the file), renamed into place with ``os.replace`` and only then recorded in the manifest,
 which is itself replaced atomically. A crash therefore loses at most the shard being written; a shard
-listed in the manifest is complete, and its checksum says whether it was altered since.
+listed in the manifest is complete, and its checksum says whether it was altered since. In a multi-process
+build the ranks do not share the manifest: each publishes a finished shard's entry next to it (atomically,
+after the shard), so that a crashed build leaves every finished shard recorded; a resumed build adopts them.
 
 Nothing here knows about models: :mod:`nnsim.index.feature_index` fills and reads the store.
 """
@@ -32,6 +37,7 @@ FORMAT = "nnsim.FeatureIndex"
 VERSION = 1
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^\.?shard-\d{5,}\.npy(\.tmp)?$")
+_ENTRY_RE = re.compile(r"^\.?shard-(\d{5,})\.json(\.tmp)?$")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -172,7 +178,46 @@ def load_shard(folder: Path, entry: dict[str, Any]) -> np.ndarray:
 
 def is_store_file(name: str) -> bool:
     """Whether a file name is one the store writes (manifest, shards, and their temporary forms)."""
-    return name in (MANIFEST, MANIFEST + ".tmp") or _SHARD_RE.match(name) is not None
+    return (name in (MANIFEST, MANIFEST + ".tmp") or _SHARD_RE.match(name) is not None
+            or _ENTRY_RE.match(name) is not None)
+
+
+def write_entry(folder: Path, i: int, entry: dict[str, Any]) -> None:
+    """Publish shard ``i``'s manifest entry as ``shard-0000i.json`` (atomically; the shard is already in place)."""
+    name = f"shard-{i:05d}.json"
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(entry, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / name)
+    _fsync_dir(folder)
+
+
+def read_entries(folder: Path) -> dict[int, dict[str, Any]]:
+    """The shard entries published next to their shards, {shard id: entry}; unreadable ones are ignored
+    (their shard is then simply computed again)."""
+    out: dict[int, dict[str, Any]] = {}
+    for p in sorted(folder.iterdir()):
+        m = _ENTRY_RE.match(p.name)
+        if m is None or p.name.startswith(".") or not p.is_file():
+            continue
+        try:
+            entry = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        ok = isinstance(entry, dict) and entry.get("file") == shard_name(int(m.group(1)))
+        ok = ok and isinstance(entry.get("sha256"), str) and isinstance(entry.get("start"), int)
+        if ok and isinstance(entry.get("stop"), int):
+            out[int(m.group(1))] = entry
+    return out
+
+
+def remove_entries(folder: Path) -> None:
+    """Delete the published shard entries (once the manifest records them)."""
+    for p in folder.iterdir():
+        if _ENTRY_RE.match(p.name) is not None and p.is_file():
+            p.unlink()
 
 
 def clear(folder: Path) -> None:

@@ -1,0 +1,355 @@
+"""Running nnsim's dataset-scale operations on several processes with ``torch.distributed``.
+
+Every rank calls the same nnsim function with the same arguments (``torchrun`` runs the same script on
+every rank): the same model, the same ``data`` (a tensor, Dataset or DataLoader, each rank reading only the
+rows it needs), the same queries. The work is split by rank in *chunk* units, so that every chunk, and
+therefore every per-sample quantity and every tile, is computed exactly as in a single process; only small
+reductions cross the network (parameter-shaped sums, per-sample vectors, top-k lists, short status
+messages), never the data or the per-sample gradients. Every rank returns the full result.
+
+The helpers here know nothing of models: they resolve a process group, split ranges, and wrap the few
+collectives nnsim needs so that they work on gloo (CPU tensors) and NCCL (tensors moved to the rank's
+current CUDA device and back).
+
+For scripts (the CLI among them): :func:`is_main_process`, :func:`main_only` and :func:`print0` keep
+reports and prints on rank 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+T = TypeVar("T")
+
+try:  # torch builds without distributed support exist (some macOS / mobile wheels)
+    import torch.distributed as dist
+
+    _AVAILABLE = dist.is_available()
+except ImportError:  # pragma: no cover
+    dist = None  # type: ignore[assignment]
+    _AVAILABLE = False
+
+
+class DistributedError(InputError):
+    """Ranks disagree (different data, model or arguments) or another rank failed: raised on every rank."""
+
+
+@dataclass(frozen=True)
+class Comm:
+    """A resolved process group: this process's ``rank`` among ``world`` processes (world >= 2)."""
+
+    group: Any
+    rank: int
+    world: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where collective tensors must live: the current CUDA device for NCCL, else the CPU."""
+        backend = str(dist.get_backend(self.group)).lower()
+        if "nccl" in backend:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def resolve(group: Any = None) -> Comm | None:
+    """The process group an operation runs on, or None to run in this process alone.
+
+    ``group``: a ``torch.distributed`` process group; ``None`` = the default group when
+    ``torch.distributed`` is initialised (e.g. under ``torchrun``), else this process alone; ``False`` = this
+    process alone even when a default group exists. A group of one process is the single-process path.
+    """
+    if group is False:
+        return None
+    if group is None:
+        if not (_AVAILABLE and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD
+    elif not (_AVAILABLE and dist.is_initialized()):
+        raise InputError("a process group was given but torch.distributed is not initialised; call "
+                         "torch.distributed.init_process_group first (torchrun sets the environment for it)")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise InputError("this process is not a member of the given process group; pass group=None (the default "
+                         "group) or a group this rank belongs to")
+    world = dist.get_world_size(group)
+    return None if world == 1 else Comm(group, rank, world)
+
+
+# ------------------------------------------------------------------------------------------ rank-0 helpers
+def rank() -> int:
+    """This process's rank in the default group (0 when torch.distributed is not initialised)."""
+    return dist.get_rank() if _AVAILABLE and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the default group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of the default group, and in a plain (non-distributed) run."""
+    return rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def main_only(fn: F) -> F:
+    """Decorator: run ``fn`` on rank 0 only (other ranks get None). For report writers and printers.
+
+    It does not synchronise: when other ranks need what rank 0 wrote, call :func:`barrier` afterwards.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if is_main_process() else None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def barrier(group: Any = None) -> None:
+    """Wait for every rank of the group (no-op in a single process)."""
+    comm = resolve(group)
+    if comm is not None:
+        dist.barrier(group=comm.group)
+
+
+def setup_from_env(backend: str | None = None) -> Comm | None:
+    """Initialise the default group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ...) when present.
+
+    Returns the resolved group (None in a plain run). ``backend`` defaults to NCCL when CUDA is available
+    (after selecting ``cuda:LOCAL_RANK``), gloo otherwise. Does nothing when already initialised.
+    """
+    if _AVAILABLE and not dist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return resolve(None)
+
+
+# ------------------------------------------------------------------------------------------ partitions
+def split(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank's contiguous share [a, b) of range(n): sizes differ by at most one, earlier ranks larger."""
+    base, extra = divmod(n, world)
+    a = rank * base + min(rank, extra)
+    return a, a + base + (1 if rank < extra else 0)
+
+
+def tile_segments(n_a: int, n_b: int, symmetric: bool, rank: int, world: int) -> list[tuple[int, int, int]]:
+    """This rank's tiles of a chunk grid, as row segments (row i, first column, end column).
+
+    * symmetric (upper triangle j >= i, n_a = n_b): a contiguous, balanced range of the tiles in row-major
+      order (rows are unequal: row i has n - i tiles, so ranges of rows would not balance);
+    * otherwise the longer side is split: column ranges (every rank sweeps all rows against its share of the
+      second argument: a data shard) when n_b >= n_a, else row ranges.
+    """
+    if symmetric:
+        total = n_a * (n_a + 1) // 2
+        t0, t1 = split(total, rank, world)
+        out = []
+        i, row_start = 0, 0  # row_start: index of tile (i, i)
+        while i < n_a and row_start < t1:
+            row_end = row_start + n_a - i
+            lo, hi = max(t0, row_start), min(t1, row_end)
+            if lo < hi:
+                out.append((i, i + lo - row_start, i + hi - row_start))
+            row_start, i = row_end, i + 1
+        return out
+    if n_b >= n_a:
+        c0, c1 = split(n_b, rank, world)
+        return [(i, c0, c1) for i in range(n_a)] if c1 > c0 else []
+    r0, r1 = split(n_a, rank, world)
+    return [(i, 0, n_b) for i in range(r0, r1)]
+
+
+# ------------------------------------------------------------------------------------------ collectives
+def _to(comm: Comm, t: Tensor) -> Tensor:
+    return t.to(comm.device)
+
+
+def all_reduce_sum(comm: Comm, t: Tensor) -> Tensor:
+    """Sum of ``t`` over ranks (a new tensor on t's device)."""
+    buf = _to(comm, t).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=comm.group)
+    return buf.to(t.device)
+
+
+def all_reduce_dict(comm: Comm, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sum over ranks of a dict of tensors (same keys, shapes and dtypes on every rank), in one collective
+    per dtype."""
+    out: dict[str, Tensor] = {}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key in sorted(sums):
+        by_dtype.setdefault(sums[key].dtype, []).append(key)
+    for dtype in sorted(by_dtype, key=str):
+        keys = by_dtype[dtype]
+        flat = torch.cat([_to(comm, sums[k]).reshape(-1) for k in keys])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=comm.group)
+        pos = 0
+        for k in keys:
+            n = sums[k].numel()
+            out[k] = flat[pos : pos + n].reshape(sums[k].shape).to(sums[k].device)
+            pos += n
+    return out
+
+
+def all_gather_object(comm: Comm, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small picklable values), indexed by rank."""
+    out: list[Any] = [None] * comm.world
+    dist.all_gather_object(out, obj, group=comm.group)
+    return out
+
+
+def broadcast_object(comm: Comm, obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``src`` is a rank of ``comm``'s group)."""
+    box = [obj]
+    root = src if comm.group is dist.group.WORLD else dist.get_global_rank(comm.group, src)
+    dist.broadcast_object_list(box, src=root, group=comm.group)
+    return box[0]
+
+
+def gather_rows(comm: Comm, local: Tensor, start: int, n: int) -> Tensor:
+    """Assemble a [n, ...] tensor in dataset order from each rank's rows [start, start + len(local)).
+
+    The ranks' row ranges must tile [0, n) without overlap (checked).
+    """
+    spans = all_gather_object(comm, (start, local.shape[0]))
+    pos = 0
+    for s, m in sorted(spans):
+        if m and s != pos:
+            raise DistributedError(f"internal error: the ranks' rows {sorted(spans)} do not tile [0, {n})")
+        pos += m
+    if pos != n:
+        raise DistributedError(f"internal error: the ranks' rows {sorted(spans)} do not tile [0, {n})")
+    width = max(m for _, m in spans)
+    buf = _to(comm, local).new_zeros((width, *local.shape[1:]))
+    buf[: local.shape[0]] = _to(comm, local)
+    parts = [torch.empty_like(buf) for _ in range(comm.world)]
+    dist.all_gather(parts, buf, group=comm.group)
+    out = buf.new_empty((n, *local.shape[1:]))
+    for (s, m), p in zip(spans, parts):
+        out[s : s + m] = p[:m]
+    return out.to(local.device)
+
+
+def merge_topk(comm: Comm, values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact merge of the ranks' top-k lists [Q, k] (missing entries -inf / -1): the overall top-k, with ties
+    broken by the lowest index, as a single process's running top-k over increasing columns does."""
+    v = _to(comm, values).contiguous()
+    i = _to(comm, indices).contiguous()
+    vs = [torch.empty_like(v) for _ in range(comm.world)]
+    is_ = [torch.empty_like(i) for _ in range(comm.world)]
+    dist.all_gather(vs, v, group=comm.group)
+    dist.all_gather(is_, i, group=comm.group)
+    return topk_lowest_index(torch.cat(vs, 1), torch.cat(is_, 1), k, values.device)
+
+
+def topk_lowest_index(v: Tensor, i: Tensor, k: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k per row of (values, indices), ties resolved by the lowest index; missing (-1) entries last."""
+    key = torch.where(i < 0, torch.full_like(i, torch.iinfo(torch.long).max), i)
+    order = key.argsort(dim=1, stable=True)
+    v, i = v.gather(1, order), i.gather(1, order)
+    order = v.argsort(dim=1, descending=True, stable=True)[:, :k]
+    v, i = v.gather(1, order), i.gather(1, order)
+    return (v, i) if device is None else (v.to(device), i.to(device))
+
+
+def agree(comm: Comm | None, what: str, value: Any) -> None:
+    """Check that every rank passed the same ``value`` (lengths, shapes, digests); raise on every rank if not."""
+    if comm is None:
+        return
+    values = all_gather_object(comm, value)
+    if any(v != values[0] for v in values):
+        lines = "\n  ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise DistributedError(f"the ranks disagree on {what}; every rank must call nnsim with the same model, data "
+                               f"and arguments (the data are split by rank, not sent):\n  {lines}")
+
+
+class together:  # noqa: N801 - used as a context manager, like a function
+    """Context manager around a rank's local work (no collective inside): if it raises on any rank, every
+    rank raises when leaving the block, so that no rank is left waiting in the next collective. The failing
+    rank re-raises its own exception, the others a :class:`DistributedError` naming it."""
+
+    def __init__(self, comm: Comm | None) -> None:
+        self.comm = comm
+
+    def __enter__(self) -> together:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+        if self.comm is None or (error is not None and not isinstance(error, Exception)):
+            return False  # interrupts are not negotiated: the launcher tears the group down
+        status = all_gather_object(self.comm, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            return False
+        failed = [(r, s) for r, s in enumerate(status) if s is not None]
+        if failed:
+            r, s = failed[0]
+            raise DistributedError(f"rank {r} failed: {s}")
+        return False
+
+
+def run_together(comm: Comm | None, fn: Callable[[], T]) -> T:
+    """``fn()`` inside :class:`together`: an exception on any rank is raised on every rank."""
+    with together(comm):
+        return fn()
+
+
+def chunk_range(n_samples: int, size: int, comm: Comm | None) -> tuple[int, int]:
+    """The chunk indices [c0, c1) this rank handles when n_samples are cut into chunks of ``size``."""
+    n_chunks = math.ceil(n_samples / size)
+    return (0, n_chunks) if comm is None else split(n_chunks, comm.rank, comm.world)
+
+
+def segments_columns(segments: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """The column chunks [lo, hi) touched by row segments ((0, 0) when there are none)."""
+    if not segments:
+        return 0, 0
+    return min(s[1] for s in segments), max(s[2] for s in segments)
+
+
+def iter_rows(segments: list[tuple[int, int, int]]) -> Iterator[int]:
+    for i, _, _ in segments:
+        yield i
+
+
+def batch_digest(batch: tuple[Tensor, ...]) -> str:
+    """sha256 of a small batch's shapes, dtypes and bytes (to check that ranks see the same samples)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in batch:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{tuple(t.shape)}\0{t.dtype}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def params_checksum(params: dict[str, Tensor]) -> list[tuple[str, tuple[int, ...], str, float, float]]:
+    """Cheap, on-device summary of the analysed parameters (sum and sum of squares in float64 per tensor):
+    ranks holding different weights disagree on it."""
+    out = []
+    with torch.no_grad():
+        for name, p in params.items():
+            q = p.detach().double()
+            out.append((name, tuple(p.shape), str(p.dtype), float(q.sum()), float(q.square().sum())))
+    return out
