@@ -114,17 +114,22 @@ def _index_case(group, path: Path) -> dict:
             "repr": repr(index)}
 
 
-def _worker(rank: int, world: int, init: str, task: str, out: str, args: tuple) -> None:
+def _worker(rank: int, world: int, init: str, out: str, resume: str | None, kill: str | None) -> None:
+    """One spawn runs every check (process start-up dominates): resume a killed build (``resume``), run the
+    checks, save the results, then build a store during which rank 1 dies (``kill``)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        result = _TASKS[task](rank, world, *args)
+        result = {"computed": _build(resume, None) if resume else None}
+        result.update(_checks(rank, world, str(Path(out) / "store")))
         torch.save(result, f"{out}/{rank}.pt")
+        if kill:
+            _build(kill, die_at=30)
     finally:
         dist.destroy_process_group()
 
 
-def _task_checks(rank: int, world: int, path: str) -> dict:
+def _checks(rank: int, world: int, path: str) -> dict:
     result = {"cases": _cases(None), "index": _index_case(None, Path(path)),
               "resolved": (nd.resolve(None).rank, nd.resolve(None).world), "main": nd.is_main_process(),
               "alone": nd.resolve(False)}
@@ -159,7 +164,8 @@ class _Dying(Dataset):
         return self.x[i]
 
 
-def _task_build(rank: int, world: int, path: str, die_at: int | None) -> dict:
+def _build(path: str, die_at: int | None) -> list[tuple[int, int]]:
+    """Build the store at ``path`` (rank 1 dies on row ``die_at``); (start, rows) of every computed chunk."""
     computed: list[tuple[int, int]] = []
     real = fi.chunk_features
 
@@ -168,18 +174,29 @@ def _task_build(rank: int, world: int, path: str, die_at: int | None) -> dict:
         return real(sim, batch, start, *a, **kw)
 
     fi.chunk_features = counting
-    FeatureIndex.build(_sim(), _Dying(_data(), die_at), path, dim=DIM, shard_size=SHARD)
-    return {"computed": computed}
+    try:
+        FeatureIndex.build(_sim(), _Dying(_data(), die_at), path, dim=DIM, shard_size=SHARD)
+    finally:
+        fi.chunk_features = real
+    return computed
 
 
-_TASKS = {"checks": _task_checks, "build": _task_build}
-
-
-def _spawn(tmp_path: Path, world: int, task: str, *args) -> list:
-    tag = f"{task}-{world}-{len(list(tmp_path.iterdir()))}"
-    out = tmp_path / f"out-{tag}"
+def _spawn(root: Path, world: int, resume: Path | None = None, kill: Path | None = None
+           ) -> tuple[Path, Exception | None]:
+    out = root / f"world{world}"
     out.mkdir()
-    mp.spawn(_worker, args=(world, str(tmp_path / f"init-{tag}"), task, str(out), args), nprocs=world, join=True)
+    error = None
+    try:
+        mp.spawn(_worker, args=(world, str(root / f"init{world}"), str(out), resume and str(resume),
+                                kill and str(kill)), nprocs=world, join=True)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
+        if kill is None:
+            raise
+        error = err
+    return out, error
+
+
+def _results(out: Path, world: int) -> list[dict]:
     return [torch.load(out / f"{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -212,6 +229,21 @@ def reference(tmp_path_factory) -> dict:
         return {"cases": _cases(False), "index": _index_case(False, path), "store": path}
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Two spawns: 2 ranks (checks, then a build where rank 1 dies), then 3 ranks (resume it, checks)."""
+    root = tmp_path_factory.mktemp("dist")
+    killed = root / "killed"
+    out2, error = _spawn(root, 2, kill=killed)
+    assert error is not None  # rank 1 died (exit 17), or rank 0 saw its peer vanish
+    manifest = json.loads((killed / "manifest.json").read_text())
+    published = sorted(int(p.stem.split("-")[1]) for p in killed.glob("shard-*.json"))
+    stats = {i: (killed / f"shard-{i:05d}.npy").stat() for i in published}
+    out3, _ = _spawn(root, 3, resume=killed)
+    return {2: (out2, _results(out2, 2)), 3: (out3, _results(out3, 3)), "killed": killed,
+            "after_kill": (manifest, published, stats)}
+
+
 def _stored(path: Path) -> np.ndarray:
     m = json.loads((path / "manifest.json").read_text())
     assert m["complete"] and [e["start"] for e in m["shards"]] == list(range(0, N, SHARD))
@@ -219,8 +251,8 @@ def _stored(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_same_results_as_one_process(tmp_path, reference, world):
-    results = _spawn(tmp_path, world, "checks", str(tmp_path / "store"))
+def test_same_results_as_one_process(reference, runs, world):
+    out, results = runs[world]
     want = reference["cases"]
     # The oracle's warnings name the zero-gradient samples 2 and 33 (of data; rows or columns of the sweeps).
     assert any("[2, 33]" in w for w in want["zero_warnings"])
@@ -243,32 +275,27 @@ def test_same_results_as_one_process(tmp_path, reference, world):
     # Ties: the duplicates 3, 20, 30 are each other's best neighbours, lowest index first.
     assert want["nn_self"][1][3, :2].tolist() == [20, 30] and want["nn_self"][1][30, :2].tolist() == [3, 20]
     # One store, byte for byte the single-process one, with no leftover published entries.
-    np.testing.assert_array_equal(_stored(tmp_path / "store"), _stored(reference["store"]))
-    assert not list((tmp_path / "store").glob("*.json*"))[1:]  # manifest.json only
+    np.testing.assert_array_equal(_stored(out / "store"), _stored(reference["store"]))
+    assert [p.name for p in (out / "store").iterdir() if not p.name.endswith(".npy")] == ["manifest.json"]
 
 
-def test_killed_rank_resumes_without_recomputing(tmp_path, reference):
-    store = tmp_path / "store"
-    # 7 shards of 6 rows; two ranks: rank 0 computes shards 0-3, rank 1 shards 4-6 and dies on row 30
-    # (shard 5) after finishing shard 4.
-    with pytest.raises(mp.ProcessExitedException):
-        _spawn(tmp_path, 2, "build", str(store), 30)
-    manifest = json.loads((store / "manifest.json").read_text())
+def test_killed_rank_resumes_without_recomputing(reference, runs):
+    # 7 shards of 6 rows on two ranks: rank 0 computes shards 0-3, rank 1 shards 4-6 and dies on row 30
+    # (shard 5) after finishing shard 4; rank 0 is torn down wherever it was.
+    manifest, published, before = runs["after_kill"]
     assert manifest["complete"] is False
-    published = sorted(int(p.stem.split("-")[1]) for p in store.glob("shard-*.json"))
     assert 4 in published and 5 not in published and 6 not in published
-    before = {i: (store / f"shard-{i:05d}.npy").stat() for i in published}
-    # Restart with another world size (torchrun --max-restarts restarts the whole group the same way).
-    results = _spawn(tmp_path, 3, "build", str(store), None)
-    computed = sorted(c for res in results for c in res["computed"])
+    # The restart used 3 ranks (torchrun --max-restarts restarts the whole group the same way).
+    computed = sorted(c for res in runs[3][1] for c in res["computed"])
     rows = [r for start, n in computed for r in range(start, start + n)]
     missing = [i for i in range(7) if i not in published]
     assert rows == [r for i in missing for r in range(i * SHARD, min(N, (i + 1) * SHARD))]  # once each, only these
+    store = runs["killed"]
     for i, st in before.items():  # finished shards untouched
         now = (store / f"shard-{i:05d}.npy").stat()
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     np.testing.assert_array_equal(_stored(store), _stored(reference["store"]))
-    assert not list(store.glob("shard-*.json")) and not list(store.glob(".*tmp"))
+    assert [p.name for p in store.iterdir() if not p.name.endswith(".npy")] == ["manifest.json"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         FeatureIndex.open(store, _sim())  # verifies every checksum
