@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -110,8 +111,7 @@ def _index_case(group, path: Path) -> dict:
     sim, x = _sim(), _data()
     index = FeatureIndex.build(sim, x, path, dim=DIM, shard_size=SHARD, group=group)
     return {"search": index.search(x[:5], k=4, backend="torch"),
-            "rerank": index.search(x[:5], k=4, candidates=12, data=x, backend="torch"),
-            "repr": repr(index)}
+            "rerank": index.search(x[:5], k=4, candidates=12, data=x, backend="torch")}
 
 
 def _worker(rank: int, world: int, init: str, out: str, resume: str | None, kill: str | None) -> None:
@@ -134,6 +134,11 @@ def _checks(rank: int, world: int, path: str) -> dict:
               "resolved": (nd.resolve(None).rank, nd.resolve(None).world), "main": nd.is_main_process(),
               "alone": nd.resolve(False)}
     x = _data()
+    if world == 3:  # an explicit group: ranks 0 and 2 only (rank 1 is busy elsewhere)
+        sub = dist.new_group([0, 2])
+        if rank != 1:
+            result["sub"] = {"soft": _sim().density(x, group=sub), "nn": _sim().neighbors(x, k=4, group=sub),
+                             "index": _index_case(sub, Path(path + "-sub"))}
     try:  # a rank with other data is caught before anything is computed, on every rank
         _sim().density(x + rank, group=None)
         result["disagree"] = None
@@ -272,6 +277,11 @@ def test_same_results_as_one_process(reference, runs, world):
         name, message = res["failure"]
         owner = [q for q in range(world) if nd.split(8, q, world)[0] <= 6 < nd.split(8, q, world)[1]]
         assert "samples [30]" in message and name == ("InputError" if [r] == owner else "DistributedError")
+    if world == 3:
+        nn4 = _sim().neighbors(_data(), k=4, group=False)
+        for r in (0, 2):
+            _compare(results[r]["sub"], {"soft": want["soft"], "nn": nn4, "index": reference["index"]})
+        np.testing.assert_array_equal(_stored(out / "store-sub"), _stored(reference["store"]))
     # Ties: the duplicates 3, 20, 30 are each other's best neighbours, lowest index first.
     assert want["nn_self"][1][3, :2].tolist() == [20, 30] and want["nn_self"][1][30, :2].tolist() == [3, 20]
     # One store, byte for byte the single-process one, with no leftover published entries.
@@ -334,3 +344,18 @@ def test_single_process_helpers():
     assert nd.main_only(lambda v: calls.append(v) or v)(3) == 3 and calls == [3]
     with pytest.raises(nnsim.InputError, match="not initialised"):
         nd.resolve(object())
+
+
+def test_setup_from_env_single_rank(monkeypatch, tmp_path):
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    try:
+        assert nd.setup_from_env("gloo") is None  # a world of one process: the single-process path
+        assert dist.is_initialized() and nd.world_size() == 1 and nd.is_main_process()
+        x = _data()
+        torch.testing.assert_close(_sim().density(x), _sim().density(x, group=False), rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
