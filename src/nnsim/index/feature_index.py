@@ -831,7 +831,7 @@ class FeatureIndex:
         """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RankDeficiencyWarning)
-            _, exact = self.sim.neighbors(queries, data, k)
+            _, exact = self.sim.neighbors(queries, data, k, group=False)  # local, like search
         _, found = self.search(queries, k, candidates, data if rerank else None, backend=backend)
         hits, total = 0, 0
         for e, f in zip(exact.tolist(), found.tolist()):
