@@ -359,3 +359,34 @@ def test_setup_from_env_single_rank(monkeypatch, tmp_path):
         torch.testing.assert_close(_sim().density(x), _sim().density(x, group=False), rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+def test_single_process_build_adopts_published_shards(tmp_path):
+    """A store left by a crashed multi-process build (entries published next to the shards, not yet in the
+    manifest) is completed by a single process without recomputing those shards; a bad entry is ignored."""
+    x, store = _data(), tmp_path / "store"
+    FeatureIndex.build(_sim(), x, store, dim=DIM, shard_size=SHARD)
+    want = _stored(store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    entries, manifest["shards"], manifest["complete"] = manifest["shards"], manifest["shards"][:2], False
+    for e in entries[2:5]:  # shards 2-4 published by their ranks; 5 and 6 never finished
+        (store / e["file"].replace(".npy", ".json")).write_text(json.dumps(e))
+    (store / "shard-00005.json").write_text("{truncated")
+    for e in entries[5:]:
+        (store / e["file"]).unlink()
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    computed: list[tuple[int, int]] = []
+    real = fi.chunk_features
+
+    def counting(sim, batch, start, *a, **kw):
+        computed.append((start, batch[0].shape[0]))
+        return real(sim, batch, start, *a, **kw)
+
+    fi.chunk_features = counting
+    try:
+        FeatureIndex.build(_sim(), x, store, dim=DIM, shard_size=SHARD)
+    finally:
+        fi.chunk_features = real
+    assert sum(n for _, n in computed) == N - 5 * SHARD and min(s for s, _ in computed) == 5 * SHARD
+    np.testing.assert_array_equal(_stored(store), want)
+    assert sorted(p.name for p in store.glob("*.json")) == ["manifest.json"]
