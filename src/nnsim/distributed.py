@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -324,11 +324,6 @@ def segments_columns(segments: list[tuple[int, int, int]]) -> tuple[int, int]:
     if not segments:
         return 0, 0
     return min(s[1] for s in segments), max(s[2] for s in segments)
-
-
-def iter_rows(segments: list[tuple[int, int, int]]) -> Iterator[int]:
-    for i, _, _ in segments:
-        yield i
 
 
 def batch_digest(batch: tuple[Tensor, ...]) -> str:
