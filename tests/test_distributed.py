@@ -139,6 +139,8 @@ def _checks(rank: int, world: int, path: str) -> dict:
         if rank != 1:
             result["sub"] = {"soft": _sim().density(x, group=sub), "nn": _sim().neighbors(x, k=4, group=sub),
                              "index": _index_case(sub, Path(path + "-sub"))}
+    other = _mlp(seed=10 + rank)  # trained or loaded on each rank differently: rank 0's weights win
+    result["broadcast"] = [t.clone() for t in nd.broadcast_module(other).state_dict().values()]
     try:  # a rank with other data is caught before anything is computed, on every rank
         _sim().density(x + rank, group=None)
         result["disagree"] = None
@@ -272,6 +274,7 @@ def test_same_results_as_one_process(reference, runs, world):
             assert torch.equal(res["cases"][key][1], want[key][1]), key
         _compare(res["index"]["search"], reference["index"]["search"])
         _compare(res["index"]["rerank"], reference["index"]["rerank"])
+        assert all(torch.equal(a, b) for a, b in zip(res["broadcast"], _mlp(seed=10).state_dict().values()))
         assert res["resolved"] == (r, world) and res["main"] == (r == 0) and res["alone"] is None
         assert res["disagree"] is not None and "disagree on the density call" in res["disagree"]
         name, message = res["failure"]

@@ -130,6 +130,24 @@ def barrier(group: Any = None) -> None:
         dist.barrier(group=comm.group)
 
 
+def broadcast_module(module: torch.nn.Module, src: int = 0, group: Any = None) -> torch.nn.Module:
+    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank (in place; returns it).
+
+    For scripts that train or load the model on one rank only: nnsim refuses to run when the ranks' analysed
+    parameters differ. A no-op in a single process.
+    """
+    comm = resolve(group)
+    if comm is None:
+        return module
+    root = src if comm.group is dist.group.WORLD else dist.get_global_rank(comm.group, src)
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            buf = _to(comm, t.detach()).contiguous()
+            dist.broadcast(buf, src=root, group=comm.group)
+            t.copy_(buf.to(t.device))
+    return module
+
+
 def setup_from_env(backend: str | None = None) -> Comm | None:
     """Initialise the default group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ...) when present.
 
@@ -346,5 +364,8 @@ def params_checksum(params: dict[str, Tensor]) -> list[tuple[str, tuple[int, ...
     with torch.no_grad():
         for name, p in params.items():
             q = p.detach().double()
-            out.append((name, tuple(p.shape), str(p.dtype), float(q.sum()), float(q.square().sum())))
+            # 10 significant digits: the float64 sums may differ in the last bits between devices or thread
+            # counts; different weights differ far more.
+            out.append((name, tuple(p.shape), str(p.dtype), float(f"{float(q.sum()):.10g}"),
+                        float(f"{float(q.square().sum()):.10g}")))
     return out
