@@ -8,6 +8,7 @@ command line's error handler.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import zipfile
@@ -119,12 +120,21 @@ def load_model(spec: str, weights: str | None = None, device: str = "cpu") -> nn
             raise CLIError("--weights goes with a model factory 'package.module:factory'; a .pt2 file holds "
                            "its own weights", EXIT_USAGE)
         path = _existing_file(spec, "model")
+        hint = "" if path.suffix == ".pt2" else " (expected a torch.export program saved with torch.export.save)"
+        if not zipfile.is_zipfile(path):
+            raise CLIError(f"{spec}: not a readable torch.export program{hint}: not a zip archive (truncated or "
+                           "another format)")
+        # torch.export logs a full traceback before re-raising on a bad archive: keep the one-line promise.
+        logger = logging.getLogger("torch.export")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
         try:
             program = torch.export.load(str(path))
         except Exception as e:
-            hint = "" if path.suffix == ".pt2" else " (expected a torch.export program saved with torch.export.save)"
             raise CLIError(f"{spec}: not a readable torch.export program{hint}: {type(e).__name__}: "
                            f"{_first_line(e)}", EXIT_INPUT) from e
+        finally:
+            logger.setLevel(level)
         model = program.module()
         _check_exported_eval_mode(model, spec)
         # torch.export's module() replaces train()/eval() by methods that raise, because the graph's mode was

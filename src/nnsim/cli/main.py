@@ -10,6 +10,7 @@ import pkgutil
 import runpy
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -429,26 +430,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _showwarning
     try:
         return int(args.func(args))
-    except CLIError as e:
-        if debug:
-            raise
-        error(str(e))
-        return e.code
-    except (InputError, ResultTooLargeError, FileNotFoundError) as e:
-        if debug:
-            raise
-        error(str(e))
-        return EXIT_INPUT
-    except ModelError as e:
-        if debug:
-            raise
-        error(str(e))
-        return EXIT_MODEL
     except KeyboardInterrupt:
         error("interrupted")
         return EXIT_INTERRUPTED
-    except Exception as e:  # anything else is a bug or an unforeseen input: one line, details with --debug
+    except Exception as e:
         if debug:
-            raise
-        error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
+            traceback.print_exc()
+        if isinstance(e, CLIError):
+            error(str(e))
+            return e.code
+        if isinstance(e, (InputError, ResultTooLargeError, FileNotFoundError)):
+            error(str(e))
+            return EXIT_INPUT
+        if isinstance(e, ModelError):
+            error(str(e))
+            return EXIT_MODEL
+        # Anything else is a bug or an input nobody foresaw: still one line, the details with --debug.
+        error(f"{type(e).__name__}: {e}" + ("" if debug else " (rerun with --debug for the traceback)"))
         return EXIT_INTERNAL
