@@ -9,7 +9,7 @@ import torch
 torch.set_num_threads(1)
 
 
-# ------------------------------------------------------------------ the `nnsim` command (tests/test_cli.py, test_report.py)
+# ------------------------------------------------- the `nnsim` command (tests/test_cli.py, tests/test_report.py)
 NNSIM = Path(sys.executable).parent / "nnsim"  # the installed entry point, next to the venv's python
 
 

@@ -216,3 +216,36 @@ def test_python_dash_m_and_debug_traceback(tmp_path):
                            "--debug"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 3 and "Traceback" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "nnsim: error: data file not found: y.npz"
+
+
+def test_denoise_and_index_commands(demo_dir, tmp_path, capsys):
+    """denoise against the formulas written out from the kernel; index build + query against exact top-k."""
+    n = 60
+    common = ["--model", str(demo_dir / "model.pt2"), "--data", str(demo_dir / "data.npz"), "--limit", str(n),
+              "--quiet"]
+    out = str(tmp_path / "d.csv")
+    assert main(["denoise", *common, "--targets", "labels", "--noise-std", "0.5", "--out", out]) == 0
+    rows = read_csv(tmp_path / "d.csv")
+    data = np.load(demo_dir / "data.npz")
+    x, y = torch.from_numpy(data["x"][:n]), torch.from_numpy(data["y"][:n])
+    sim = nnsim.Similarity(demo_model(demo_dir), progress=False)
+    K = sim.kernel(x).double()  # [n, n, 10, 10]
+    Rinv = torch.linalg.inv(K.sum(1))
+    D = Rinv @ torch.einsum("ijce,ijfe->icf", K, K) @ Rinv.transpose(1, 2)
+    factor = D.diagonal(dim1=1, dim2=2).sum(1) / 10
+    onehot = nn.functional.one_hot(y, 10).double()
+    cons = (onehot - (Rinv @ torch.einsum("ijce,je->ic", K, onehot)[..., None])[..., 0]).norm(dim=1)
+    np.testing.assert_allclose([float(r["factor"]) for r in rows], factor.numpy(), rtol=1e-3)
+    np.testing.assert_allclose([float(r["consistency"]) for r in rows], cons.numpy(), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose([float(r["predicted_error"]) for r in rows], 0.5 * factor.sqrt().numpy(), rtol=1e-3)
+
+    assert main(["index", "build", *common, "--index", str(tmp_path / "idx"), "--dim", "64"]) == 0
+    assert main(["index", "query", *common, "--index", str(tmp_path / "idx"), "--query", "3,9", "-k", "4",
+                 "--out", str(tmp_path / "q.csv")]) == 0
+    got = read_csv(tmp_path / "q.csv")
+    top = sim.similarity(x[[3, 9]], x).topk(4, dim=1)
+    assert [int(r["neighbor"]) for r in got] == top.indices.flatten().tolist()
+    np.testing.assert_allclose([float(r["similarity"]) for r in got], top.values.flatten().numpy(), atol=1e-4)
+    assert main(["index", "query", *common[:-3], "--limit", "50", "--index", str(tmp_path / "idx"), "--query", "1",
+                 "--out", str(tmp_path / "q2.csv")]) == 3
+    assert "indexes 60 samples but --data has 50" in capsys.readouterr().err

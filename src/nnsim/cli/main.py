@@ -87,7 +87,9 @@ def _add_data_options(p: argparse.ArgumentParser, labels: bool = True) -> None:
     g.add_argument("--y-key", metavar="KEY", help="labels array in the .npz (default: y, labels, targets or Y)")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, threads: int | None = None) -> None:
+    p.add_argument("--threads", type=int, default=threads, metavar="N",
+                   help=f"torch CPU threads (default: {threads or 'torch default'})")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no messages")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
@@ -332,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small CNN on digits with 10%% flipped labels and write its report")
     p.add_argument("--out", default="nnsim-demo", metavar="DIR", help="output folder (default: nnsim-demo)")
-    _add_common(p)
+    # One thread: the same numbers on every machine (summation order), and no OpenMP threads waiting on each
+    # other on a busy machine (training took 9 s with one thread, 330 s with two on our loaded 2-core machine).
+    _add_common(p, threads=1)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("analyze", help="the full analysis: samples.csv, summary.json, figures, report.html")
@@ -428,6 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     if not debug:
         warnings.showwarning = _showwarning
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            error(f"--threads must be a positive integer, got {args.threads}")
+            return EXIT_USAGE
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
