@@ -12,6 +12,7 @@ from sklearn.datasets import load_wine
 from torch import nn
 
 import nnsim
+from nnsim import report
 from nnsim.cli.analysis import run_analysis
 from nnsim.report import write_report
 
@@ -85,8 +86,10 @@ def test_demo_report_in_chromium(browser, demo_dir, tmp_path):
     page.close()
 
 
-def test_tabular_report_shows_values(browser, tmp_path):
-    """Tabular data (wine, 13 features): values instead of images, and the neighbour panel still works."""
+def test_tabular_report_shows_values(browser, tmp_path, monkeypatch):
+    """Tabular data (wine, 13 features): values instead of images, and the neighbour panel still works, also
+    when the data set is too large to embed every sample (then: the samples shown and their neighbours)."""
+    monkeypatch.setattr(report, "MAX_EMBEDDED", 50)
     wine = load_wine()
     x = torch.tensor((wine.data - wine.data.mean(0)) / wine.data.std(0), dtype=torch.float32)
     y = torch.tensor(wine.target)
@@ -108,8 +111,12 @@ def test_tabular_report_shows_values(browser, tmp_path):
     values = page.locator("#isolated .sample .values").first.inner_text().split()
     i = int(page.locator("#isolated .sample").first.get_attribute("data-index"))
     np.testing.assert_allclose([float(v) for v in values], x[i, :12].numpy(), atol=0.006)
+    for gallery in ("isolated", "crowded", "mislabelled"):
+        page.locator(f"#{gallery} .sample").last.click()
+        assert page.locator("#neighbor-panel .sample .values").count() == 6
+    embedded = page.evaluate("Object.keys(JSON.parse(document.getElementById('nnsim-data').textContent).samples)")
+    assert 50 < len(embedded) < len(x)
     page.locator("#isolated .sample").first.click()
-    assert page.locator("#neighbor-panel .sample .values").count() == 6
     assert wine.target_names[int(y[i])] in page.locator("#neighbor-title").inner_text()
     assert problems == []
     page.close()

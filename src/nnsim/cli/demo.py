@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .. import datasets
 
@@ -56,14 +57,14 @@ def noisy_digits(fraction: float = NOISE_FRACTION, seed: int = SEED) -> DemoData
     return DemoData(x, y, y_true, flipped)
 
 
-def train_demo_model(data: DemoData, epochs: int = EPOCHS, seed: int = SEED) -> nn.Sequential:
+def train_demo_model(data: DemoData, epochs: int = EPOCHS, seed: int = SEED, progress: bool = False) -> nn.Sequential:
     """Adam, batch 64, ``epochs`` epochs on the noisy labels (seeded); returns the model in eval mode."""
     torch.manual_seed(seed)
     model = digits_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="nnsim demo: training", unit="epoch", disable=not progress):
         for idx in torch.randperm(len(data.x), generator=g).split(64):
             opt.zero_grad()
             nn.functional.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
@@ -97,7 +98,7 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
     log(f"[train] CNN on {len(data.x)} scikit-learn digits, {int(data.flipped.sum())} labels flipped "
         f"({NOISE_FRACTION:.0%}), {EPOCHS} epochs ...")
     t = time.perf_counter()
-    model = train_demo_model(data)
+    model = train_demo_model(data, progress=progress)
     with torch.no_grad():
         pred = model(data.x).argmax(1)
     acc_noisy = float((pred == data.y).float().mean())

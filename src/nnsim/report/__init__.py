@@ -217,6 +217,12 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
             nn_rows.append(f'<div class="nnrow"><div class="query"><span class="tag">{name}</span>{tile(i)}</div>'
                            f'<div class="gallery">{cells}</div></div>')
 
+    galleries = {
+        "ISOLATED": "".join(tile(int(i), f"N {density[i]:.1f}") for i in isolated),
+        "CROWDED": "".join(tile(int(i), f"N {density[i]:.1f}") for i in crowded),
+        "MISLABELLED": "".join(tile(int(i), f"score {columns['mislabel_score'][i]:.2f}") for i in mis)
+        if mis is not None else "",
+    }
     # Embedded data: every sample when the data set is small, else those drawn and their neighbours.
     if n <= MAX_EMBEDDED:
         embed = set(range(n))
@@ -237,13 +243,9 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
     fill = {
         "TITLE": html.escape(title), "SUBTITLE": html.escape(subtitle), "SUMMARY": _summary_table(summary),
         "DENSITY_FIG": _data_uri(figs["density"]), "DENSITY_BINS": "".join(rows),
-        "ISOLATED": "".join(tile(int(i), f"N {density[i]:.1f}") for i in isolated),
-        "CROWDED": "".join(tile(int(i), f"N {density[i]:.1f}") for i in crowded),
-        "K": str(neighbor_index.shape[1]), "NEIGHBOR_ROWS": "".join(nn_rows),
+        **galleries, "K": str(neighbor_index.shape[1]), "NEIGHBOR_ROWS": "".join(nn_rows),
         "DENOISING_NOTE": html.escape(_denoising_note(summary)), "DENOISING_FIG": _data_uri(figs["denoising"]),
         "MISLABEL_NOTE": html.escape(mis_note),
-        "MISLABELLED": "".join(tile(int(i), f"score {columns['mislabel_score'][i]:.2f}") for i in mis)
-        if mis is not None else "",
         "DATA": json.dumps(data, separators=(",", ":")).replace("</", "<\\/"),
     }
     page = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
