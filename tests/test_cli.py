@@ -171,6 +171,7 @@ def test_more_bad_inputs_in_process(demo_dir, tmp_path, capsys):
           str(demo_dir / "data.npz")], 3, "not a readable state-dict file"),
         (["density", "--model", "no_such_module_xyz:make", "--data", str(demo_dir / "data.npz")], 3, "cannot import"),
         (["density", *good, "--output", "logits:x"], 2, "the class must be an integer"),
+        (["density", *good, "--threads", "0"], 2, "--threads must be a positive integer"),
         (["neighbors", *good, "--query", "5000"], 3, "outside the data"),
         (["neighbors", *good, "--query", str(FM_IMAGES)], 3, "query samples have shape"),
         (["reproduce", "no_such_experiment"], 2, "unknown experiment 'no_such_experiment'; available:"),

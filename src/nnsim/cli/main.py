@@ -430,13 +430,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _QUIET = bool(getattr(args, "quiet", False))
     debug = bool(getattr(args, "debug", False))
-    if not debug:
-        warnings.showwarning = _showwarning
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             error(f"--threads must be a positive integer, got {args.threads}")
             return EXIT_USAGE
         torch.set_num_threads(args.threads)
+    shown = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _showwarning  # one line per warning, like the errors
+    try:
+        return _run(args, debug)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
