@@ -118,23 +118,3 @@ def _summary(cols: dict[str, np.ndarray], n: int, d: int | None, k: int, exact: 
             s[key] = _stats(cols[key])
     return s
 
-
-def auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``score`` for the boolean ``positive`` (Mann-Whitney, ties counted half)."""
-    pos, neg = score[positive], score[~positive]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    allv = np.concatenate([pos, neg])[order]
-    # average ranks for ties
-    i = 0
-    r = np.empty(len(allv))
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        r[i : j + 1] = (i + j) / 2 + 1
-        i = j + 1
-    ranks[order] = r
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
