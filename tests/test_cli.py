@@ -182,7 +182,7 @@ def test_more_bad_inputs_in_process(demo_dir, tmp_path, capsys):
         assert len(err) == 1 and text in err[0], (argv, err)
 
 
-def test_model_exported_in_training_mode_is_refused(tmp_path, capsys):
+def test_model_exported_in_training_mode_or_with_a_fixed_batch_is_refused(tmp_path, capsys):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.5), nn.Linear(16, 10)).train()
     batch = torch.export.Dim("batch", min=1)
     torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: batch},)),
@@ -191,6 +191,11 @@ def test_model_exported_in_training_mode_is_refused(tmp_path, capsys):
     assert main(["density", "--model", str(tmp_path / "m.pt2"), "--data", str(tmp_path / "d.npz"), "--out",
                  str(tmp_path / "o.csv")]) == 4
     assert "exported in training mode" in capsys.readouterr().err
+    # Exported without a dynamic batch axis: accepts only its own batch size, refused before any work.
+    torch.export.save(torch.export.export(model.eval(), (torch.zeros(1, 1, 8, 8),)), tmp_path / "b1.pt2")
+    assert main(["density", "--model", str(tmp_path / "b1.pt2"), "--data", str(tmp_path / "d.npz"), "--out",
+                 str(tmp_path / "o.csv")]) == 4
+    assert "must be exported with a dynamic batch axis" in capsys.readouterr().err
 
 
 def test_reproduce_dispatches_to_an_experiment_module(tmp_path, monkeypatch, capsys):

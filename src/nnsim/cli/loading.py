@@ -165,24 +165,33 @@ def _check_exported_eval_mode(model: nn.Module, spec: str) -> None:
 
 
 def check_model_accepts(model: nn.Module, x: Tensor, device: str) -> Tensor:
-    """Run the model on the first two samples; a failure becomes a one-line :class:`CLIError` (exit 4).
+    """Run the model on one sample, then on three; a failure becomes a one-line :class:`CLIError` (exit 4).
 
-    Returns the model's output on them.
+    Two batch sizes, because a program exported without a dynamic batch axis accepts only its own batch
+    size and would otherwise fail in the middle of the analysis. Returns the output on the first sample.
     """
-    probe = x[: min(2, len(x))].to(device)
-    try:
-        with torch.no_grad():
-            out = model(probe)
-    except Exception as e:
-        raise CLIError(f"the model does not accept the data: inputs of shape {list(probe.shape[1:])} "
-                       f"({probe.dtype}) per sample gave {type(e).__name__}: {_first_line(e)}", EXIT_MODEL) from e
-    if not isinstance(out, Tensor):
-        raise CLIError(f"the model returned {type(out).__name__}; the command line needs a model returning one "
-                       "tensor [B, ...] (use the Python API with output=... for other outputs)", EXIT_MODEL)
-    if out.dim() == 0 or out.shape[0] != probe.shape[0]:
-        raise CLIError(f"the model returned shape {list(out.shape)} for a batch of {probe.shape[0]}: its first axis "
-                       "must be the batch", EXIT_MODEL)
-    return out
+    outs = []
+    for size in dict.fromkeys((1, min(3, len(x)))):
+        probe = x[:size].to(device)
+        try:
+            with torch.no_grad():
+                out = model(probe)
+        except Exception as e:
+            if size == 1:
+                raise CLIError(f"the model does not accept the data: inputs of shape {list(probe.shape[1:])} "
+                               f"({probe.dtype}) per sample gave {type(e).__name__}: {_first_line(e)}",
+                               EXIT_MODEL) from e
+            raise CLIError(f"the model accepts one sample but not a batch of {size} ({type(e).__name__}: "
+                           f"{_first_line(e)}); a .pt2 must be exported with a dynamic batch axis, "
+                           "dynamic_shapes=({0: torch.export.Dim('batch')},) (see docs/cli.md)", EXIT_MODEL) from e
+        if not isinstance(out, Tensor):
+            raise CLIError(f"the model returned {type(out).__name__}; the command line needs a model returning one "
+                           "tensor [B, ...] (use the Python API with output=... for other outputs)", EXIT_MODEL)
+        if out.dim() == 0 or out.shape[0] != size:
+            raise CLIError(f"the model returned shape {list(out.shape)} for a batch of {size}: its first axis "
+                           "must be the batch", EXIT_MODEL)
+        outs.append(out)
+    return outs[0]
 
 
 def _first_line(e: BaseException) -> str:
