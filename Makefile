@@ -22,10 +22,16 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-demo: $(STAMP)
-	$(PY) examples/digits_similarity.py
+CHROMIUM := /usr/bin/chromium
 
-test: $(STAMP) | $(FASHION_MNIST)
+# Debian's chromium for the report's browser tests (driven by PyPI's playwright; never `playwright install`).
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
+
+demo: $(STAMP)
+	$(VENV)/bin/nnsim demo
+
+test: $(STAMP) | $(FASHION_MNIST) $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -1,0 +1,120 @@
+"""The full analysis behind ``nnsim analyze`` and ``nnsim demo``: public-API calls plus bookkeeping.
+
+Per sample: the soft density, its k nearest neighbours, the denoising factor / effective number of
+neighbours, label consistency (how far the kernel-weighted average of the neighbours' labels is from the
+sample's own label) and neighbour label agreement. Nothing here reads or writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..similarity import Similarity
+
+
+@dataclass
+class Analysis:
+    """Per-sample arrays (numpy, length N) and the summary numbers of one analysis."""
+
+    columns: dict[str, np.ndarray]
+    neighbor_index: np.ndarray  # [N, k] int, best first (the sample itself excluded)
+    neighbor_similarity: np.ndarray  # [N, k]
+    summary: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, device: str, batch: int = 1024) -> Tensor:
+    """Model outputs flattened to [N, d] (float32, on the CPU)."""
+    return torch.cat([model(b.to(device)).flatten(1).float().cpu() for b in x.split(batch)])
+
+
+def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None, *, k: int = 10,
+                 exact_denoising: bool = False, dim: int = 256, device: str = "cpu",
+                 log: Callable[[str], None] = print) -> Analysis:
+    """Density, neighbours, denoising and label consistency of ``x [N, ...]`` (labels ``y [N]`` optional)."""
+    n = len(x)
+    k = min(k, n - 1)
+    if k < 1:
+        raise ValueError("the analysis needs at least 2 samples")
+    timings: dict[str, float] = {}
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        log(f"[{name}] ...")
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = round(time.perf_counter() - t0, 2)
+        log(f"[{name}] done in {timings[name]:.1f} s")
+        return out
+
+    logits = predict(model, x, device)
+    cols: dict[str, np.ndarray] = {"index": np.arange(n)}
+    classifier = logits.shape[1] > 1
+    if classifier:
+        prob = logits.softmax(1)
+        cols["prediction"] = logits.argmax(1).numpy()
+        cols["confidence"] = prob.max(1).values.numpy()
+    if y is not None:
+        cols["label"] = y.numpy()
+        if classifier and int(y.max()) < logits.shape[1]:
+            cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
+            cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+
+    density = step("density", lambda: sim.density(x))
+    cols["density"] = density.double().numpy()
+    vals, idx = step("neighbors", lambda: sim.neighbors(x, k=k, exclude_self=True))
+    nn_idx, nn_sim = idx.numpy(), vals.double().numpy()
+
+    d = sim.d
+    label_targets = None
+    if y is not None and d == logits.shape[1] and classifier and int(y.max()) < d:
+        label_targets = torch.nn.functional.one_hot(y, d).to(logits.dtype)
+    report = step("denoising", lambda: sim.denoising(x, predictions=label_targets, approximate=not exact_denoising,
+                                                     dim=dim))
+    cols["denoising_factor"] = report.factor.double().numpy()
+    cols["effective_neighbors"] = report.effective_neighbors.double().numpy()
+    if label_targets is not None:
+        cols["label_consistency"] = report.consistency.double().numpy()  # |onehot(y_i) - sum_j W_ij onehot(y_j)|
+    else:
+        cols["prediction_consistency"] = report.consistency.double().numpy()
+    if y is not None:
+        valid = nn_idx >= 0
+        same = (y.numpy()[np.where(valid, nn_idx, 0)] == y.numpy()[:, None]) & valid
+        cols["neighbor_label_agreement"] = same.sum(1) / np.maximum(valid.sum(1), 1)
+        # Most likely mislabelled first: the label the network's neighbours disagree with the most.
+        score = 1.0 - cols["neighbor_label_agreement"]
+        if "label_consistency" in cols:
+            score = score + cols["label_consistency"] / np.sqrt(2.0)  # consistency of one-hot labels is <= ~sqrt(2)
+        cols["mislabel_score"] = score
+
+    summary = _summary(cols, n, d, k, exact_denoising, dim)
+    return Analysis(cols, nn_idx, nn_sim, summary, timings)
+
+
+def _stats(v: np.ndarray) -> dict[str, float]:
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return {}
+    return {"min": float(v.min()), "median": float(np.median(v)), "mean": float(v.mean()), "max": float(v.max())}
+
+
+def _summary(cols: dict[str, np.ndarray], n: int, d: int | None, k: int, exact: bool, dim: int) -> dict[str, Any]:
+    s: dict[str, Any] = {"samples": n, "output_dim": d, "k": k,
+                         "denoising": "exact" if exact else f"approximate (dim={dim}); label consistency exact",
+                         "density": _stats(cols["density"]), "effective_neighbors": _stats(cols["effective_neighbors"])}
+    if "prediction_matches_label" in cols:
+        s["accuracy"] = float(cols["prediction_matches_label"].mean())
+    if "neighbor_label_agreement" in cols:
+        s["neighbor_label_agreement"] = _stats(cols["neighbor_label_agreement"])
+    for key in ("label_consistency", "prediction_consistency"):
+        if key in cols:
+            s[key] = _stats(cols[key])
+    return s
+

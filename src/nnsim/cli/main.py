@@ -1,0 +1,467 @@
+"""Argument parsing and the commands of ``nnsim`` (thin: the work is in the public nnsim API)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import pkgutil
+import runpy
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import outputs
+from ..errors import InputError, ModelError, ResultTooLargeError
+from ..index import FeatureIndex
+from ..similarity import Similarity
+from .loading import (
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_USAGE,
+    CLIError,
+    Data,
+    check_model_accepts,
+    load_data,
+    load_model,
+)
+
+_QUIET = False
+
+
+def say(message: str) -> None:
+    """Every line the command prints goes through here (one place to restrict output to one process later)."""
+    if not _QUIET:
+        print(message, flush=True)
+
+
+def error(message: str) -> None:
+    print(f"nnsim: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Every file the command writes (besides the library's own writers) goes through here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------- options
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and similarity (mirroring nnsim.Similarity)")
+    g.add_argument("--model", required=True, metavar="M",
+                   help="a torch.export program file (.pt2), or package.module:factory (with --weights)")
+    g.add_argument("--weights", metavar="FILE", help="state-dict file (torch.save) for a model factory")
+    g.add_argument("--output", default="flatten", metavar="SPEC",
+                   help="what is analysed: flatten (default: the model output), logits[:CLASS|:predicted], "
+                        "posnegflat[:CLASS] (the authors' scalar log-softmax score; default class: predicted), "
+                        "center_pixel, spatial_sum, spatial_mean")
+    g.add_argument("--params", action="append", metavar="PATTERN",
+                   help="parameter names or glob patterns to analyse (repeatable; default: all)")
+    g.add_argument("--metric", default="euclidean", choices=["euclidean", "fisher"], help="output-space metric")
+    g.add_argument("--backend", default="auto", choices=["auto", "structured", "functorch", "loop"])
+    g.add_argument("--chunk-size", type=int, metavar="N", help="samples per chunk (default: automatic)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def _add_data_options(p: argparse.ArgumentParser, labels: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="D",
+                   help=".npz (arrays x and optional y), .npy, an IDX file, or package.module:factory returning "
+                        "a Dataset")
+    if labels:
+        g.add_argument("--labels", metavar="L", help="labels for .npy or IDX data (.npy or IDX label file)")
+    g.add_argument("--limit", type=int, metavar="N", help="use only the first N samples")
+    g.add_argument("--x-key", metavar="KEY", help="inputs array in the .npz (default: x, inputs, data, images or X)")
+    g.add_argument("--y-key", metavar="KEY", help="labels array in the .npz (default: y, labels, targets or Y)")
+
+
+def _add_common(p: argparse.ArgumentParser, threads: int | None = None) -> None:
+    p.add_argument("--threads", type=int, default=threads, metavar="N",
+                   help=f"torch CPU threads (default: {threads or 'torch default'})")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no messages")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def _parse_output(spec: str) -> Any:
+    name, _, arg = spec.partition(":")
+    target: int | str | None = None
+    if arg:
+        target = "predicted" if arg == "predicted" else (int(arg) if arg.isdigit() else None)
+        if target is None:
+            raise CLIError(f"--output {spec}: the class must be an integer or 'predicted'", EXIT_USAGE)
+    if name == "flatten" and not arg:
+        return None
+    if name == "logits":
+        return outputs.logits(target)
+    if name == "posnegflat":
+        return outputs.log_softmax_mask("predicted" if target is None else target)
+    if name in ("center_pixel", "spatial_sum", "spatial_mean") and not arg:
+        return getattr(outputs, name)
+    raise CLIError(f"unknown --output {spec!r}; use flatten, logits[:CLASS|:predicted], posnegflat[:CLASS], "
+                   "center_pixel, spatial_sum or spatial_mean", EXIT_USAGE)
+
+
+def _model_and_sim(args: argparse.Namespace, data: Data) -> tuple[nn.Module, Similarity]:
+    say(f"loading model {args.model}")
+    model = load_model(args.model, args.weights, args.device)
+    check_model_accepts(model, data.x, args.device)
+    sim = Similarity(model, output=_parse_output(args.output), params=args.params, metric=args.metric,
+                     backend=args.backend, chunk_size=args.chunk_size, progress=not _QUIET)
+    return model, sim
+
+
+def _data(args: argparse.Namespace) -> Data:
+    data = load_data(args.data, getattr(args, "labels", None), args.limit, args.x_key, args.y_key)
+    say(f"loaded {len(data)} samples of shape {list(data.x.shape[1:])} from {args.data}"
+        + ("" if data.y is None else f" with labels ({int(data.y.max()) + 1} classes)"))
+    return data
+
+
+def _queries(spec: str, data: Data, args: argparse.Namespace) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Query samples: a data file / factory, or indices into --data ("0,5,9" or "0:10")."""
+    text = spec.replace(" ", "")
+    if text and all(part.replace(":", "").isdigit() for part in text.split(",")):
+        idx: list[int] = []
+        for part in text.split(","):
+            if ":" in part:
+                a, _, b = part.partition(":")
+                idx += list(range(int(a), int(b)))
+            else:
+                idx.append(int(part))
+        bad = [i for i in idx if i >= len(data)]
+        if bad or not idx:
+            raise CLIError(f"--query indices {bad[:5] or spec} are outside the data (0..{len(data) - 1})")
+        return data.x[idx], np.asarray(idx)
+    q = load_data(spec, None, None, args.x_key, None)
+    if q.x.shape[1:] != data.x.shape[1:]:
+        raise CLIError(f"query samples have shape {list(q.x.shape[1:])} but data samples {list(data.x.shape[1:])}")
+    return q.x, None
+
+
+def _csv(path: Path, header: Sequence[str], rows: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return int(v) if isinstance(v, np.integer) else v
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import run_analysis
+
+    data = _data(args)
+    model, sim = _model_and_sim(args, data)
+    t0 = time.perf_counter()
+    result = run_analysis(sim, model, data.x, data.y, k=args.k, exact_denoising=args.exact_denoising,
+                          dim=args.dim, device=args.device, log=say)
+    result.summary["data"] = str(args.data)
+    result.summary["model"] = str(args.model)
+    _write_outputs(Path(args.out), data, result, args, title=args.title or f"nnsim report: {Path(args.data).name}",
+                   subtitle=f"model {args.model}, data {args.data} ({len(data)} samples)")
+    say(f"analysis done in {time.perf_counter() - t0:.1f} s; wrote {args.out}/report.html, samples.csv, "
+        "summary.json, figures/")
+    return EXIT_OK
+
+
+def _write_outputs(out: Path, data: Data, result: Any, args: argparse.Namespace, title: str, subtitle: str) -> None:
+    from ..report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    cols = result.columns
+    names = list(cols)
+    k = result.neighbor_index.shape[1]
+    _csv(out / "samples.csv", names + [f"neighbor_{r + 1}" for r in range(k)],
+         ([_cell(cols[c][i]) for c in names] + [int(j) for j in result.neighbor_index[i]]
+          for i in range(len(data))))
+    _csv(out / "neighbors.csv", ["index", "rank", "neighbor", "similarity"],
+         ([i, r + 1, int(result.neighbor_index[i, r]), repr(float(result.neighbor_similarity[i, r]))]
+          for i in range(len(data)) for r in range(k)))
+    summary = {**result.summary, "timings_s": result.timings}
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    class_names = args.class_names.split(",") if getattr(args, "class_names", None) else None
+    say("writing the report")
+    write_report(out / "report.html", x=data.x.numpy(), columns=cols, neighbor_index=result.neighbor_index,
+                 neighbor_similarity=result.neighbor_similarity, summary=summary, title=title, subtitle=subtitle,
+                 class_names=class_names, figures_dir=out / "figures")
+
+
+def cmd_density(args: argparse.Namespace) -> int:
+    data = _data(args)
+    _, sim = _model_and_sim(args, data)
+    ref = None if args.reference is None else load_data(args.reference, None, None, args.x_key, None).x
+    dens = sim.density(data.x, ref, method=args.method, normalized=not args.unnormalized, threshold=args.threshold,
+                       power=args.power, include_self=not args.exclude_self)
+    _csv(Path(args.out), ["index", "density"], ([i, repr(float(v))] for i, v in enumerate(dens)))
+    say(f"density: min {dens.min():.3f}, median {dens.median():.3f}, max {dens.max():.3f}; wrote {args.out}")
+    return EXIT_OK
+
+
+def cmd_neighbors(args: argparse.Namespace) -> int:
+    data = _data(args)
+    _, sim = _model_and_sim(args, data)
+    q, qidx = _queries(args.query, data, args)
+    k = args.k + (1 if args.exclude_self and qidx is not None else 0)
+    if k > len(data):
+        raise CLIError(f"-k {args.k} is more than the {len(data)} samples")
+    vals, idx = sim.neighbors(q, data.x, k=k)
+    rows = []
+    for r in range(len(q)):
+        pairs = [(int(j), float(s)) for j, s in zip(idx[r], vals[r])]
+        if args.exclude_self and qidx is not None:
+            pairs = [p for p in pairs if p[0] != int(qidx[r])][: args.k]
+        name = int(qidx[r]) if qidx is not None else r
+        rows += [[name, rank + 1, j, repr(s)] for rank, (j, s) in enumerate(pairs)]
+        say(f"query {name}: " + ", ".join(f"{j} ({s:.3f})" for j, s in pairs))
+    _csv(Path(args.out), ["query", "rank", "neighbor", "similarity"], rows)
+    say(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    data = _data(args)
+    _, sim = _model_and_sim(args, data)
+    targets = None
+    if args.targets == "labels":
+        if data.y is None:
+            raise CLIError("--targets labels needs labels (an .npz with y, or --labels)", EXIT_USAGE)
+        targets = torch.nn.functional.one_hot(data.y).float()
+    try:
+        report = sim.denoising(data.x, predictions=targets, noise_std=args.noise_std, approximate=args.approximate,
+                               dim=args.dim)
+    except InputError as e:
+        if targets is not None and "columns" in str(e):
+            raise CLIError(f"--targets labels: {e} (one-hot labels need an output with one value per class)") from e
+        raise
+    report.to_csv(args.out)
+    eff = report.effective_neighbors
+    say(f"effective neighbours: median {eff.median():.2f} (min {eff.min():.2f}, max {eff.max():.2f}); "
+        f"wrote {args.out}")
+    return EXIT_OK
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    data = _data(args)
+    _, sim = _model_and_sim(args, data)
+    index = FeatureIndex.build(sim, data.x, args.index, dim=args.dim, seed=args.seed, overwrite=args.overwrite)
+    say(f"built {index!r}")
+    return EXIT_OK
+
+
+def cmd_index_query(args: argparse.Namespace) -> int:
+    data = _data(args)
+    _, sim = _model_and_sim(args, data)
+    index = FeatureIndex.open(args.index, sim)
+    if len(index) != len(data):
+        raise CLIError(f"{args.index} indexes {len(index)} samples but --data has {len(data)}; pass the data the "
+                       "index was built from (same --limit)")
+    q, qidx = _queries(args.query, data, args)
+    vals, idx = index.search(q, k=args.k, data=None if args.no_rerank else data.x)
+    rows = []
+    for r in range(len(q)):
+        name = int(qidx[r]) if qidx is not None else r
+        rows += [[name, rank + 1, int(j), repr(float(s))] for rank, (j, s) in enumerate(zip(idx[r], vals[r]))]
+        say(f"query {name}: " + ", ".join(f"{int(j)} ({float(s):.3f})" for j, s in zip(idx[r], vals[r])))
+    _csv(Path(args.out), ["query", "rank", "neighbor", "similarity"], rows)
+    say(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def available_experiments() -> list[str]:
+    """Names of the ``nnsim.experiments`` modules installed (empty when the package does not exist yet)."""
+    try:
+        pkg = importlib.import_module("nnsim.experiments")
+    except ImportError:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(getattr(pkg, "__path__", [])) if not m.name.startswith("_"))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    names = available_experiments()
+    if args.name not in names:
+        listing = ", ".join(names) if names else "none installed in this version"
+        raise CLIError(f"unknown experiment {args.name!r}; available: {listing}", EXIT_USAGE)
+    argv = sys.argv
+    sys.argv = [f"nnsim reproduce {args.name}", *args.rest]
+    try:
+        runpy.run_module(f"nnsim.experiments.{args.name}", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_INTERNAL)
+    finally:
+        sys.argv = argv
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), log=say, progress=not _QUIET, write_outputs=_write_outputs, args=args)
+    say(f"open {Path(args.out) / 'report.html'} in a browser; rerun any command on {args.out}/model.pt2 and "
+        f"{args.out}/data.npz, e.g. nnsim analyze --model {args.out}/model.pt2 --data {args.out}/data.npz --out "
+        "my-report")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="nnsim", description="Input similarity from the neural network's perspective (Charpiat et al., 2019): "
+        "which samples does your trained model treat alike? See docs/cli.md.")
+    from .. import __version__
+
+    ap.add_argument("--version", action="version", version=f"nnsim {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="train a small CNN on digits with 10%% flipped labels and write its report")
+    p.add_argument("--out", default="nnsim-demo", metavar="DIR", help="output folder (default: nnsim-demo)")
+    # One thread: the same numbers on every machine (summation order), and no OpenMP threads waiting on each
+    # other on a busy machine (training took 9 s with one thread, 330 s with two on our loaded 2-core machine).
+    _add_common(p, threads=1)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("analyze", help="the full analysis: samples.csv, summary.json, figures, report.html")
+    _add_model_options(p)
+    _add_data_options(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("-k", type=int, default=10, help="neighbours per sample (default 10)")
+    p.add_argument("--exact-denoising", action="store_true",
+                   help="exact denoising factors by O(N^2) tiles (default: linear-time approximation; the label "
+                        "consistency is exact either way)")
+    p.add_argument("--dim", type=int, default=256, help="projection size of the approximate denoising (default 256)")
+    p.add_argument("--class-names", metavar="A,B,...", help="comma-separated class names for the report")
+    p.add_argument("--title", help="report title")
+    _add_common(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("density", help="neighbour count of every sample (Similarity.density)")
+    _add_model_options(p)
+    _add_data_options(p)
+    p.add_argument("--reference", metavar="R", help="count neighbours among these samples instead")
+    p.add_argument("--method", default="soft", choices=["soft", "hard", "less_soft"])
+    p.add_argument("--threshold", type=float, help="similarity threshold of method hard")
+    p.add_argument("--power", type=float, help="exponent of method less_soft")
+    p.add_argument("--unnormalized", action="store_true", help="sum the unnormalised kernel trace instead")
+    p.add_argument("--exclude-self", action="store_true", help="do not count each sample as its own neighbour")
+    p.add_argument("--out", default="density.csv", metavar="FILE", help="CSV output (default density.csv)")
+    _add_common(p)
+    p.set_defaults(func=cmd_density)
+
+    p = sub.add_parser("neighbors", help="the k most similar samples of --data for each query")
+    _add_model_options(p)
+    _add_data_options(p)
+    p.add_argument("--query", required=True, metavar="Q",
+                   help="indices into --data (0,5,9 or 0:10) or a file of query samples")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--exclude-self", action="store_true", help="with index queries: skip the query itself")
+    p.add_argument("--out", default="neighbors.csv", metavar="FILE", help="CSV output (default neighbors.csv)")
+    _add_common(p)
+    p.set_defaults(func=cmd_neighbors)
+
+    p = sub.add_parser("denoise", help="self-denoising statistics (Similarity.denoising)")
+    _add_model_options(p)
+    _add_data_options(p)
+    p.add_argument("--targets", default="predictions", choices=["predictions", "labels"],
+                   help="what the consistency compares: the model's outputs or one-hot labels")
+    p.add_argument("--noise-std", type=float, help="label-noise level sigma: adds predicted_error")
+    p.add_argument("--approximate", action="store_true", help="linear-time projected approximation")
+    p.add_argument("--dim", type=int, default=1024, help="projection size with --approximate (default 1024)")
+    p.add_argument("--out", default="denoising.csv", metavar="FILE", help="CSV output (default denoising.csv)")
+    _add_common(p)
+    p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("index", help="an on-disk feature index for fast neighbour search (FeatureIndex)")
+    isub = p.add_subparsers(dest="index_command", metavar="build|query", required=True)
+    b = isub.add_parser("build", help="project the data's similarity features into an index folder")
+    _add_model_options(b)
+    _add_data_options(b, labels=False)
+    b.add_argument("--index", required=True, metavar="DIR", help="index folder")
+    b.add_argument("--dim", type=int, help="projection dimension per layer (default 1024)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true", help="replace an index of another configuration")
+    _add_common(b)
+    b.set_defaults(func=cmd_index_build)
+    q = isub.add_parser("query", help="search an index (re-ranked exactly with --data)")
+    _add_model_options(q)
+    _add_data_options(q, labels=False)
+    q.add_argument("--index", required=True, metavar="DIR", help="index folder")
+    q.add_argument("--query", required=True, metavar="Q", help="indices into --data or a file of query samples")
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--no-rerank", action="store_true", help="return the projected estimates without re-ranking")
+    q.add_argument("--out", default="neighbors.csv", metavar="FILE")
+    _add_common(q)
+    q.set_defaults(func=cmd_index_query)
+
+    p = sub.add_parser("reproduce", help="run one of the paper's experiments (nnsim.experiments.NAME)")
+    p.add_argument("name", metavar="NAME", help="experiment name")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the experiment")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_reproduce)
+    return ap
+
+
+def _showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"nnsim: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    global _QUIET
+    args = build_parser().parse_args(argv)
+    _QUIET = bool(getattr(args, "quiet", False))
+    debug = bool(getattr(args, "debug", False))
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            error(f"--threads must be a positive integer, got {args.threads}")
+            return EXIT_USAGE
+        torch.set_num_threads(args.threads)
+    shown = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _showwarning  # one line per warning, like the errors
+    try:
+        return _run(args, debug)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        error("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, CLIError):
+            error(str(e))
+            return e.code
+        if isinstance(e, (InputError, ResultTooLargeError, FileNotFoundError)):
+            error(str(e))
+            return EXIT_INPUT
+        if isinstance(e, ModelError):
+            error(str(e))
+            return EXIT_MODEL
+        # Anything else is a bug or an input nobody foresaw: still one line, the details with --debug.
+        error(f"{type(e).__name__}: {e}" + ("" if debug else " (rerun with --debug for the traceback)"))
+        return EXIT_INTERNAL

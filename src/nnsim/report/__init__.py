@@ -1,0 +1,300 @@
+"""A single self-contained HTML report of an analysis: figures and sample images embedded, no network needed.
+
+:func:`write_report` takes plain arrays (the per-sample results of ``Similarity.density`` / ``neighbors`` /
+``denoising``), draws the figures with matplotlib (Agg) and fills ``template.html``. Images are embedded as
+``data:`` URIs and the neighbour lists as JSON, so the page works from ``file://`` with no sibling files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_report", "is_image_data"]
+
+GALLERY = 16  # samples per gallery
+SELECTED = 3  # neighbour rows per group (isolated, crowded, mislabelled)
+BINS = 8  # density bins with examples
+PER_BIN = 6
+MAX_EMBEDDED = 5000  # embed every sample (clickable everywhere) up to this many
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the HTML report needs matplotlib: pip install 'nnsim[cli]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def is_image_data(x: np.ndarray) -> bool:
+    """Samples shaped [H, W], [1, H, W] or [3, H, W] with H, W >= 4 are drawn as images, others as values."""
+    shape = x.shape[1:]
+    if len(shape) == 2:
+        return min(shape) >= 4
+    return len(shape) == 3 and shape[0] in (1, 3) and min(shape[1:]) >= 4
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+class _Thumbs:
+    """PNG data URIs of samples, scaled to [0, 1] with the data set's global range (per channel)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.image = is_image_data(x)
+        if self.image:
+            axes = (0,) + tuple(range(2, x.ndim)) if x.ndim == 4 else None
+            self.lo = x.min(axis=axes, keepdims=True)[0] if axes else x.min()
+            self.hi = x.max(axis=axes, keepdims=True)[0] if axes else x.max()
+        self._cache: dict[int, str] = {}
+
+    def uri(self, i: int) -> str | None:
+        if not self.image:
+            return None
+        if i not in self._cache:
+            import matplotlib.image as mpimg
+
+            a = (self.x[i] - self.lo) / np.maximum(self.hi - self.lo, 1e-12)
+            a = np.clip(a, 0, 1)
+            buf = io.BytesIO()
+            if a.ndim == 3 and a.shape[0] == 3:
+                mpimg.imsave(buf, np.ascontiguousarray(a.transpose(1, 2, 0)), format="png")
+            else:
+                mpimg.imsave(buf, a.reshape(a.shape[-2:]), cmap="gray_r", vmin=0, vmax=1, format="png")
+            self._cache[i] = _data_uri(buf.getvalue())
+        return self._cache[i]
+
+    def values(self, i: int, limit: int = 12) -> list[float] | None:
+        return None if self.image else [float(v) for v in self.x[i].reshape(-1)[:limit]]
+
+
+def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarray], neighbor_index: np.ndarray,
+                 neighbor_similarity: np.ndarray, summary: dict[str, Any], title: str = "nnsim report",
+                 subtitle: str = "", class_names: Sequence[str] | None = None,
+                 figures_dir: str | Path | None = None) -> Path:
+    """Write the self-contained report to ``path``.
+
+    Args:
+        x: the samples [N, ...] (drawn as images when shaped [H, W], [1|3, H, W], else shown as values).
+        columns: per-sample arrays [N]; uses ``density`` (required), and when present ``label``, ``prediction``,
+            ``effective_neighbors``, ``label_consistency`` / ``prediction_consistency``,
+            ``neighbor_label_agreement``, ``mislabel_score``, ``prediction_matches_label``.
+        neighbor_index, neighbor_similarity: [N, k] nearest neighbours of every sample, best first (-1: none).
+        summary: label -> value pairs shown in the summary table (nested dicts are flattened).
+        figures_dir: also save the figures there as PNG files.
+    """
+    plt = _matplotlib()
+    n = len(x)
+    density = np.asarray(columns["density"], dtype=float)
+    thumbs = _Thumbs(np.asarray(x))
+    label = columns.get("label")
+    pred = columns.get("prediction")
+
+    def sample_info(i: int) -> dict[str, Any]:
+        return {"img": thumbs.uri(i), "values": thumbs.values(i),
+                "label": None if label is None else int(label[i]), "pred": None if pred is None else int(pred[i]),
+                "density": float(density[i])}
+
+    drawn: set[int] = set()
+
+    def tile(i: int, caption: str = "") -> str:
+        drawn.add(i)
+        info = sample_info(i)
+        body = (f'<img src="{info["img"]}" alt="sample {i}">' if info["img"] else
+                f'<div class="values">{" ".join(f"{v:.2f}" for v in info["values"] or [])}</div>')
+        lab, bad = _label_text(info, class_names)
+        cls = ' class="bad"' if bad else ""
+        cap = f"<br>{html.escape(caption)}" if caption else ""
+        text = f"#{i} <span{cls}>{html.escape(lab)}</span>{cap}"
+        return f'<div class="sample" data-index="{i}">{body}<div>{text}</div></div>'
+
+    order = np.argsort(density, kind="stable")
+    finite = order[np.isfinite(density[order])]
+    isolated, crowded = finite[:GALLERY], finite[::-1][:GALLERY]
+    mis = None
+    if "mislabel_score" in columns:
+        mis = np.argsort(-np.asarray(columns["mislabel_score"], dtype=float), kind="stable")[:GALLERY * 2]
+
+    # Figures.
+    figs: dict[str, bytes] = {}
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    edges = np.histogram_bin_edges(density[np.isfinite(density)], bins=40)
+    if label is not None and "prediction_matches_label" in columns:
+        ok = np.asarray(columns["prediction_matches_label"], dtype=bool)
+        ax.hist([density[ok], density[~ok]], bins=edges, stacked=True, color=["tab:blue", "tab:red"],
+                label=[f"prediction = label ({ok.sum()})", f"prediction \u2260 label ({(~ok).sum()})"])
+        ax.legend(fontsize=8)
+    else:
+        ax.hist(density, bins=edges, color="tab:blue")
+    ax.set_xlabel("soft density N(x) = \u03a3\u2c7c sim(x, x\u2c7c)")
+    ax.set_ylabel("samples")
+    fig.tight_layout()
+    figs["density"] = _png(fig)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    eff = np.asarray(columns.get("effective_neighbors", np.full(n, np.nan)), dtype=float)
+    axes[0].hist(eff[np.isfinite(eff)], bins=40, color="tab:green")
+    axes[0].set_xlabel("effective number of neighbours 1 / (tr D / d)")
+    axes[0].set_ylabel("samples")
+    axes[0].set_title("Denoising: labels averaged per sample", fontsize=10)
+    cons_key = "label_consistency" if "label_consistency" in columns else "prediction_consistency"
+    cons = np.asarray(columns.get(cons_key, np.full(n, np.nan)), dtype=float)
+    agree = columns.get("neighbor_label_agreement")
+    if agree is not None:
+        bad = ~np.asarray(columns.get("prediction_matches_label", np.ones(n, bool)), dtype=bool)
+        axes[1].scatter(np.asarray(agree)[~bad], cons[~bad], s=6, alpha=0.4, color="tab:blue",
+                        label="prediction = label")
+        axes[1].scatter(np.asarray(agree)[bad], cons[bad], s=12, marker="x", color="tab:red",
+                        label="prediction \u2260 label")
+        axes[1].set_xlabel(f"share of the {neighbor_index.shape[1]} nearest neighbours with the same label")
+        axes[1].legend(fontsize=8)
+    else:
+        axes[1].scatter(density, cons, s=6, alpha=0.4)
+        axes[1].set_xlabel("density")
+    axes[1].set_ylabel(cons_key.replace("_", " "))
+    axes[1].set_title("Consistency with the network's neighbours", fontsize=10)
+    if mis is not None:
+        score = np.asarray(columns["mislabel_score"], dtype=float)
+        axes[2].hist(score, bins=40, color="tab:purple")
+        axes[2].set_yscale("log")
+        axes[2].set_xlabel("mislabel score (higher: more likely mislabelled)")
+        axes[2].set_title("Mislabel score", fontsize=10)
+    else:
+        axes[2].axis("off")
+    fig.tight_layout()
+    figs["denoising"] = _png(fig)
+    plt.close(fig)
+    if figures_dir is not None:
+        fdir = Path(figures_dir)
+        fdir.mkdir(parents=True, exist_ok=True)
+        for name, png in figs.items():
+            (fdir / f"{name}.png").write_bytes(png)
+
+    # Density bins with examples (evenly spaced through each bin's samples).
+    bin_edges = np.quantile(density[finite], np.linspace(0, 1, BINS + 1)) if len(finite) else np.zeros(BINS + 1)
+    rows = []
+    for b in range(BINS):
+        lo, hi = bin_edges[b], bin_edges[b + 1]
+        members = finite[(density[finite] >= lo) & ((density[finite] < hi) if b < BINS - 1 else True)]
+        if len(members) == 0:
+            continue
+        pick = members[np.linspace(0, len(members) - 1, min(PER_BIN, len(members))).round().astype(int)]
+        tiles = "".join(tile(int(i), f"N {density[i]:.1f}") for i in pick)
+        rows.append(f'<div class="bin"><div class="range">density {lo:.1f} \u2013 {hi:.1f}<br>({len(members)} '
+                    f'samples)</div><div class="gallery">{tiles}</div></div>')
+
+    # Neighbour rows for selected samples.
+    groups = [("most isolated", isolated[:SELECTED]), ("most crowded", crowded[:SELECTED])]
+    if mis is not None:
+        groups.append(("most likely mislabelled", mis[:SELECTED]))
+    nn_rows = []
+    for name, idx in groups:
+        for i in idx:
+            i = int(i)
+            cells = "".join(tile(int(j), f"sim {s:.3f}") for j, s in zip(neighbor_index[i], neighbor_similarity[i])
+                            if j >= 0)
+            nn_rows.append(f'<div class="nnrow"><div class="query"><span class="tag">{name}</span>{tile(i)}</div>'
+                           f'<div class="gallery">{cells}</div></div>')
+
+    galleries = {
+        "ISOLATED": "".join(tile(int(i), f"N {density[i]:.1f}") for i in isolated),
+        "CROWDED": "".join(tile(int(i), f"N {density[i]:.1f}") for i in crowded),
+        "MISLABELLED": "".join(tile(int(i), f"score {columns['mislabel_score'][i]:.2f}") for i in mis)
+        if mis is not None else "",
+    }
+    # Embedded data: every sample when the data set is small, else those drawn and their neighbours.
+    if n <= MAX_EMBEDDED:
+        embed = set(range(n))
+    else:
+        embed = set(drawn) | {int(j) for i in drawn for j in neighbor_index[i] if j >= 0}
+    data = {
+        "class_names": list(class_names) if class_names is not None else None,
+        "samples": {str(i): sample_info(i) for i in sorted(embed)},
+        "neighbors": {str(i): {"index": [int(j) for j in neighbor_index[i] if j >= 0],
+                               "similarity": [float(s) for j, s in zip(neighbor_index[i], neighbor_similarity[i])
+                                              if j >= 0]}
+                      for i in sorted(embed)},
+    }
+    mis_note = ("Ranked by the mislabel score: (1 \u2212 share of the nearest neighbours with the same label) + "
+                "label consistency / \u221a2, where label consistency is |onehot(y\u1d62) \u2212 \u03a3\u2c7c "
+                "W\u1d62\u2c7c onehot(y\u2c7c)|, the distance between a sample's label and the kernel-weighted "
+                "average of all labels." if mis is not None else "No labels were given.")
+    fill = {
+        "TITLE": html.escape(title), "SUBTITLE": html.escape(subtitle), "SUMMARY": _summary_table(summary),
+        "DENSITY_FIG": _data_uri(figs["density"]), "DENSITY_BINS": "".join(rows),
+        **galleries, "K": str(neighbor_index.shape[1]), "NEIGHBOR_ROWS": "".join(nn_rows),
+        "DENOISING_NOTE": html.escape(_denoising_note(summary)), "DENOISING_FIG": _data_uri(figs["denoising"]),
+        "MISLABEL_NOTE": html.escape(mis_note),
+        "DATA": json.dumps(data, separators=(",", ":")).replace("</", "<\\/"),
+    }
+    page = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
+    for key, value in fill.items():
+        page = page.replace("{{" + key + "}}", value)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def _label_text(info: dict[str, Any], class_names: Sequence[str] | None) -> tuple[str, bool]:
+    def name(c: int) -> str:
+        return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+    lab, pred = info["label"], info["pred"]
+    if lab is None:
+        return ("" if pred is None else f"pred {name(pred)}"), False
+    if pred is None or pred == lab:
+        return name(lab), False
+    return f"{name(lab)} \u2192 {name(pred)}", True
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}".replace("_", " ")
+        if isinstance(v, dict):
+            out += _flatten(v, key + ": ")
+        else:
+            out.append((key, v))
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    cells = "".join(f'<div class="kv"><span>{html.escape(k)}</span> <b>{html.escape(_fmt(v))}</b></div>'
+                    for k, v in _flatten(summary))
+    return f'<div class="summary">{cells}</div>'
+
+
+def _denoising_note(summary: dict[str, Any]) -> str:
+    mode = summary.get("denoising", "")
+    return ("Left: effective number of neighbours 1 / (tr D / d), the number of labels the trained network "
+            "averages at each sample (D = \u03a3\u2c7c W\u1d62\u2c7c W\u1d62\u2c7c\u1d40 with "
+            "W\u1d62\u2c7c = (\u03a3\u2097 K\u1d62\u2097)\u207b\u00b9 K\u1d62\u2c7c). Middle: how far each "
+            f"sample's label is from its neighbours'. Denoising: {mode}.")
