@@ -81,6 +81,10 @@ def denoising_curves(runs: list[dict], predictions: list[dict], s, path: Path) -
     for ax, key, title in ((axes[0], "train_rms_centre", "training patches (self-denoising)"),
                            (axes[1], "test_rms_centre", "held-out patches")):
         ax.plot([0, sig_max], [0, sig_max], "k--", lw=1, label="label noise (error of the labels)")
+        zkey = "zero_predictor_rms_centre" if key == "train_rms_centre" else "test_zero_predictor_rms_centre"
+        zero = [r[zkey] for r in runs if r["n_train"] == max(s.sizes) and zkey in r]
+        if zero:
+            ax.axhline(zero[0], color="0.5", ls=":", lw=1, label="predicting 0 (no registration)")
         for n in s.sizes:
             rs = [r for r in runs if r["n_train"] == n]
             ax.plot([r["sigma"] for r in rs], [r[key] for r in rs], "o-", label=f"network, N = {n}")
@@ -104,11 +108,11 @@ def denoising_curves(runs: list[dict], predictions: list[dict], s, path: Path) -
     return path.name
 
 
-def calibration(report, actual: Tensor, sigma: float, path: Path, bins: int = 10) -> str:
+def calibration(predicted: Tensor, effective: Tensor, actual: Tensor, sigma: float, path: Path, bins: int = 10) -> str:
     """Per-sample predicted vs actual error (log-log), binned calibration, and N_eff vs actual error."""
-    pred = report.predicted_error.double().numpy()
+    pred = predicted.double().numpy()
     act = actual.double().numpy()
-    neff = report.effective_neighbors.double().numpy()
+    neff = effective.double().numpy()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     ax = axes[0]
     ax.loglog(pred, act.clip(1e-3), ".", ms=2, alpha=0.4)

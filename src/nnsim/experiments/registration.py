@@ -44,28 +44,30 @@ from ._scenes import SceneConfig, make_scenes
 class Settings:
     """Everything that defines a run (``full()`` and ``quick()`` are the two documented presets)."""
 
-    scene: SceneConfig = SceneConfig()
-    sizes: tuple[int, ...] = (500, 2000)
-    sigmas: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)
-    n_test: int = 500
-    steps: int = 1500
+    scene: SceneConfig = SceneConfig(n_modes=4, mode_width=(12.0, 32.0))
+    sizes: tuple[int, ...] = (200, 800)
+    sigmas: tuple[float, ...] = (0.0, 1.5, 3.0)
+    n_test: int = 300
+    steps: int = 500
     batch: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-5
-    analysis_sigma: float = 2.0  # the analysed model: the largest N at this sigma
-    analysis_sigmas: tuple[float, ...] = (1.0, 2.0, 3.0)  # label-free prediction also computed at these sigmas
+    analysis_sigma: float = 1.5  # the analysed model: the largest N at this sigma
+    analysis_sigmas: tuple[float, ...] = (1.5, 3.0)  # label-free prediction also computed at these sigmas
     knn_sources: int = 4
     k: int = 10
     seed: int = 0
+    workers: int = 1  # processes for the independent trainings / analyses
     net: dict = field(default_factory=lambda: {"levels": 3, "image_base": 6, "map_base": 4, "common_base": 8})
 
     @staticmethod
     def full() -> Settings:
-        return Settings()
+        return Settings(workers=3)
 
     @staticmethod
     def quick() -> Settings:
-        return Settings(sizes=(32, 64), sigmas=(0.0, 2.0), n_test=32, steps=30, batch=16, analysis_sigmas=(2.0,),
+        return Settings(sizes=(32, 64), sigmas=(0.0, 2.0), n_test=32, steps=30, batch=16, analysis_sigma=2.0,
+                        analysis_sigmas=(2.0,),
                         knn_sources=2, k=4, net={"levels": 3, "image_base": 4, "map_base": 2, "common_base": 4})
 
 
@@ -131,6 +133,62 @@ def per_sample_rms(err: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- the experiment
+# Worker processes inherit the scenes by fork (set before the pool starts), so nothing large is pickled.
+_SHARED: dict = {}
+
+
+def _map(fn, tasks: list, workers: int) -> list:
+    """``[fn(t) for t in tasks]``, in ``workers`` forked processes when workers > 1."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [fn(t) for t in tasks]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("fork")) as ex:
+        return list(ex.map(fn, tasks))
+
+
+def _train_task(task: tuple[int, float]) -> tuple[dict, list[float], float]:
+    torch.set_num_threads(1)
+    n, sigma = task
+    s, pool, unit = _SHARED["settings"], _SHARED["pool"], _SHARED["unit_noise"]
+    tr = {"image": pool["image"][:n], "polygons": pool["polygons"][:n], "label": pool["disp"][:n] + sigma * unit[:n]}
+    t1 = time.perf_counter()
+    model, losses = train(tr, s, seed=s.seed + 100)
+    return model.state_dict(), losses, time.perf_counter() - t1
+
+
+def _model(state: dict) -> RegistrationNet:
+    s = _SHARED["settings"]
+    model = RegistrationNet(max_disp=s.scene.max_disp, **s.net)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _analysis_task(task: tuple[str, float]) -> dict:
+    """("denoising", sigma): nnsim's label-free statistics; ("maps", sigma): N_soft, neighbours, similarity rows."""
+    torch.set_num_threads(1)
+    kind, sigma = task
+    s, pool = _SHARED["settings"], _SHARED["pool"]
+    model = _model(_SHARED["states"][sigma])
+    sim = nnsim.Similarity(model, output=nnsim.outputs.center_pixel, progress=False)
+    data = (pool["image"], pool["polygons"])
+    t1 = time.perf_counter()
+    if kind == "denoising":
+        rep = sim.denoising(data, noise_std=sigma)
+        return {"report": {k: v for k, v in rep.to_dict().items()}, "seconds": time.perf_counter() - t1}
+    nsoft = sim.density(data)
+    t_density = time.perf_counter() - t1
+    order = torch.argsort(nsoft)  # sources spread over the N_soft range: few ... many neighbours
+    sources = [int(order[i]) for i in torch.linspace(0, len(order) - 1, s.knn_sources).round().long()]
+    src = (pool["image"][sources], pool["polygons"][sources])
+    t1 = time.perf_counter()
+    vals, idx = sim.neighbors(src, data, k=s.k)
+    rows = sim.similarity(src, data)  # [Q, N]
+    return {"nsoft": nsoft, "density_seconds": t_density, "sources": sources, "vals": vals, "idx": idx,
+            "rows": rows, "knn_seconds": time.perf_counter() - t1}
+
+
 def run(s: Settings, out: Path, log=print) -> dict:
     """Run the whole experiment, write figures and results.json into ``out``, return the results."""
     torch.set_num_threads(1)
@@ -144,118 +202,115 @@ def run(s: Settings, out: Path, log=print) -> dict:
     test = make_scenes(s.n_test, s.scene, noise_std=0.0, seed=s.seed + 1)
     t_data = time.perf_counter() - t0
     log(f"data: {n_max} training + {s.n_test} test scenes in {t_data:.1f} s")
+    _SHARED.update(settings=s, pool=pool, unit_noise=unit_noise)
 
     out_size = RegistrationNet(**s.net).output_size(s.scene.size)
     test_true_c = centre(_crop(test["disp"], out_size))
-    runs, models = [], {}
-    for n in s.sizes:
-        for sigma in s.sigmas:
-            tr = {k: pool[k][:n] for k in ("image", "polygons")}
-            tr["label"] = pool["disp"][:n] + sigma * unit_noise[:n]
-            t1 = time.perf_counter()
-            model, losses = train(tr, s, seed=s.seed + 100)
-            t_train = time.perf_counter() - t1
-            true_c = centre(_crop(pool["disp"][:n], out_size))
-            label_c = centre(_crop(tr["label"], out_size))
-            pred_tr = predict(model, tr)
-            pred_te = predict(model, test)
-            r = {
-                "n_train": n, "sigma": sigma, "train_seconds": t_train, "final_loss": losses[-1],
-                "label_noise_rms_centre": rms(label_c - true_c),
-                "train_rms_centre": rms(centre(pred_tr) - true_c),
-                "train_rms_vs_labels_centre": rms(centre(pred_tr) - label_c),
-                "test_rms_centre": rms(centre(pred_te) - test_true_c),
-                "test_rms_map": rms(pred_te - _crop(test["disp"], out_size)),
-                "zero_predictor_rms_centre": rms(true_c),
-            }
-            runs.append(r)
-            models[(n, sigma)] = (model, losses)
-            log(f"N={n:5d} sigma={sigma:.1f}: label noise {r['label_noise_rms_centre']:.3f} px, train error "
-                f"{r['train_rms_centre']:.3f} px, test error {r['test_rms_centre']:.3f} px ({t_train:.0f} s)")
+    tasks = [(n, sigma) for n in s.sizes for sigma in s.sigmas]
+    trained = dict(zip(tasks, _map(_train_task, tasks, s.workers)))
+    runs = []
+    for (n, sigma), (state, losses, t_train) in trained.items():
+        model = _model(state)
+        tr = {"image": pool["image"][:n], "polygons": pool["polygons"][:n]}
+        true_c = centre(_crop(pool["disp"][:n], out_size))
+        label_c = true_c + sigma * centre(_crop(unit_noise[:n], out_size))
+        pred_tr, pred_te = predict(model, tr), predict(model, test)
+        r = {
+            "n_train": n, "sigma": sigma, "train_seconds": t_train, "final_loss": losses[-1],
+            "label_noise_rms_centre": rms(label_c - true_c),
+            "train_rms_centre": rms(centre(pred_tr) - true_c),
+            "train_rms_vs_labels_centre": rms(centre(pred_tr) - label_c),
+            "test_rms_centre": rms(centre(pred_te) - test_true_c),
+            "test_rms_map": rms(pred_te - _crop(test["disp"], out_size)),
+            "zero_predictor_rms_centre": rms(true_c),
+            "test_zero_predictor_rms_centre": rms(test_true_c),
+        }
+        runs.append(r)
+        log(f"N={n:5d} sigma={sigma:.1f}: label noise {r['label_noise_rms_centre']:.3f} px, train error "
+            f"{r['train_rms_centre']:.3f} px, test error {r['test_rms_centre']:.3f} px (zero predictor "
+            f"{r['test_zero_predictor_rms_centre']:.3f}; {t_train:.0f} s)")
 
-    # Label-free prediction on the largest training set, for every analysed sigma.
-    predictions = []
-    analysis: dict = {}
+    # Label-free prediction on the largest training set, for every analysed sigma, and the similarity maps of
+    # the analysed model, all in parallel.
+    sigmas = [sg for sg in s.analysis_sigmas if (n_max, sg) in trained]
+    _SHARED["states"] = {sg: trained[(n_max, sg)][0] for sg in s.sigmas if (n_max, sg) in trained}
+    jobs = [("denoising", sg) for sg in sigmas]
+    if s.analysis_sigma in _SHARED["states"]:
+        jobs.append(("maps", s.analysis_sigma))
+    done = dict(zip(jobs, _map(_analysis_task, jobs, s.workers)))
     true_c = centre(_crop(pool["disp"], out_size))
-    data = (pool["image"], pool["polygons"])
-    for sigma in s.analysis_sigmas:
-        if (n_max, sigma) not in models:
-            continue
-        model = models[(n_max, sigma)][0]
-        sim = nnsim.Similarity(model, output=nnsim.outputs.center_pixel, progress=False)
-        t1 = time.perf_counter()
-        rep = sim.denoising(data, noise_std=sigma)
-        t_den = time.perf_counter() - t1
-        pred_c = centre(predict(model, {"image": pool["image"], "polygons": pool["polygons"]}))
+    predictions, calib = [], None
+    for sigma in sigmas:
+        rep, t_den = done[("denoising", sigma)]["report"], done[("denoising", sigma)]["seconds"]
+        pred_c = centre(predict(_model(_SHARED["states"][sigma]), pool))
         actual = per_sample_rms(pred_c - true_c)
         label_err = per_sample_rms(sigma * centre(_crop(unit_noise, out_size)))
         p = {
             "n_train": n_max, "sigma": sigma, "denoising_seconds": t_den,
             "actual_rms": rms(pred_c - true_c),
-            "predicted_rms": float(rep.predicted_error.pow(2).mean().sqrt()),
-            "predicted_median": float(rep.predicted_error.median()),
+            "predicted_rms": float(rep["predicted_error"].pow(2).mean().sqrt()),
+            "predicted_median": float(rep["predicted_error"].median()),
             "actual_median": float(actual.median()),
-            "effective_neighbors_median": float(rep.effective_neighbors.median()),
-            "factor_median": float(rep.factor.median()),
-            "consistency_median": float(rep.consistency.median()),
-            "ill_conditioned": int(rep.ill_conditioned.sum()),
-            "spearman_predicted_vs_actual": _spearman(rep.predicted_error, actual),
-            "spearman_neff_vs_actual": _spearman(rep.effective_neighbors, actual),
+            "effective_neighbors_median": float(rep["effective_neighbors"].median()),
+            "effective_neighbors_min": float(rep["effective_neighbors"].min()),
+            "effective_neighbors_max": float(rep["effective_neighbors"].max()),
+            "factor_median": float(rep["factor"].median()),
+            "consistency_median": float(rep["consistency"].median()),
+            "ill_conditioned": int(rep["ill_conditioned"].sum()),
+            "spearman_predicted_vs_actual": _spearman(rep["predicted_error"], actual),
+            "spearman_neff_vs_actual": _spearman(rep["effective_neighbors"], actual),
             "spearman_label_error_vs_actual": _spearman(label_err, actual),
+            "calibration": _calibration(rep["predicted_error"], actual),
         }
         predictions.append(p)
         log(f"denoising sigma={sigma}: predicted RMS {p['predicted_rms']:.3f} px vs actual {p['actual_rms']:.3f} "
             f"px, Spearman {p['spearman_predicted_vs_actual']:.3f}, median N_eff "
             f"{p['effective_neighbors_median']:.1f} ({t_den:.0f} s)")
         if sigma == s.analysis_sigma:
-            analysis = {"report": rep, "actual": actual, "sim": sim, "model": model}
-            p["calibration"] = _calibration(rep.predicted_error, actual)
+            calib = (rep, actual)
 
-    figures = {}
     from . import _regplots as plots  # matplotlib only when figures are drawn
 
-    figures["examples"] = plots.examples(pool, unit_noise, s, out_size, out / "registration_examples.png")
-    figures["denoising"] = plots.denoising_curves(runs, predictions, s, out / "registration_denoising.png")
+    figures = {
+        "examples": plots.examples(pool, unit_noise, s, out_size, out / "registration_examples.png"),
+        "denoising": plots.denoising_curves(runs, predictions, s, out / "registration_denoising.png"),
+    }
+    if calib is not None:
+        figures["calibration"] = plots.calibration(calib[0]["predicted_error"], calib[0]["effective_neighbors"],
+                                                   calib[1], s.analysis_sigma, out / "registration_calibration.png")
     nsoft_info, knn_info = {}, {}
-    if analysis:
-        rep, actual, sim = analysis["report"], analysis["actual"], analysis["sim"]
-        figures["calibration"] = plots.calibration(rep, actual, s.analysis_sigma, out / "registration_calibration.png")
-        t1 = time.perf_counter()
-        nsoft = sim.density(data)
-        t_density = time.perf_counter() - t1
+    if ("maps", s.analysis_sigma) in done:
+        m = done[("maps", s.analysis_sigma)]
+        nsoft, sources, vals, idx, rows = m["nsoft"], m["sources"], m["vals"], m["idx"], m["rows"]
         edges = np.histogram_bin_edges(nsoft.numpy(), bins=10)
         chosen = [int((nsoft - float(e)).abs().argmin()) for e in edges[1:]]
         figures["nsoft_hist"] = plots.nsoft_histogram(nsoft, edges, chosen, pool, out / "registration_nsoft_hist.png")
         nsoft_info = {
-            "seconds": t_density, "min": float(nsoft.min()), "median": float(nsoft.median()),
-            "max": float(nsoft.max()), "bin_edges": edges.tolist(), "patches_at_edges": chosen,
-            "spearman_nsoft_vs_actual": _spearman(nsoft, actual),
-            "spearman_nsoft_vs_neff": _spearman(nsoft, rep.effective_neighbors),
+            "n_train": n_max, "sigma": s.analysis_sigma, "seconds": m["density_seconds"],
+            "min": float(nsoft.min()), "median": float(nsoft.median()), "max": float(nsoft.max()),
+            "bin_edges": edges.tolist(), "patches_at_edges": chosen,
         }
-        # Sources: spread over the N_soft range (few, median, many neighbours).
-        order = torch.argsort(nsoft)
-        picks = torch.linspace(0, len(order) - 1, s.knn_sources).round().long()
-        sources = [int(order[i]) for i in picks]
-        src = (pool["image"][sources], pool["polygons"][sources])
-        t1 = time.perf_counter()
-        vals, idx = sim.neighbors(src, data, k=s.k)
-        rows = sim.similarity(src, data)  # [Q, N]
-        t_knn = time.perf_counter() - t1
+        if calib is not None:
+            nsoft_info["spearman_nsoft_vs_actual"] = _spearman(nsoft, calib[1])
+            nsoft_info["spearman_nsoft_vs_neff"] = _spearman(nsoft, calib[0]["effective_neighbors"])
         figures["knn"] = plots.knn_grid(sources, vals, idx, pool, out / "registration_knn.png")
         figures["similarity_hist"] = plots.similarity_histograms(sources, rows, nsoft, pool,
                                                                  out / "registration_similarity_hist.png")
         knn_info = {
-            "seconds": t_knn, "sources": sources, "source_nsoft": [float(nsoft[i]) for i in sources],
+            "seconds": m["knn_seconds"], "sources": sources, "source_nsoft": [float(nsoft[i]) for i in sources],
             "neighbors": idx.tolist(), "similarities": vals.tolist(),
             "neighbor_disp_spread": [_disp_spread(true_c, idx[q].tolist()) for q in range(len(sources))],
             "random_disp_spread": _disp_spread(true_c, list(range(min(len(true_c), 200)))),
             "fraction_negative_similarity": [float((rows[q] < 0).float().mean()) for q in range(len(sources))],
+            "rows_topk_agree": bool(torch.equal(rows.topk(s.k, dim=1).indices.sort(1).values,
+                                                idx.sort(1).values)),
         }
 
     results = {
         "experiment": "registration",
         "settings": _jsonable(asdict(s)),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads_per_worker": 1, "workers": s.workers},
         "output_size": out_size,
         "n_parameters": sum(p.numel() for p in RegistrationNet(**s.net).parameters()),
         "data_seconds": t_data,
@@ -264,7 +319,7 @@ def run(s: Settings, out: Path, log=print) -> dict:
         "n_soft": nsoft_info,
         "knn": knn_info,
         "figures": figures,
-        "loss_curves": {f"{n}_{sig}": m[1] for (n, sig), m in models.items()},
+        "loss_curves": {f"{n}_{sig}": v[1] for (n, sig), v in trained.items()},
         "total_seconds": time.perf_counter() - t0,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -308,9 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny settings (about a minute), what CI runs")
     ap.add_argument("--out", type=Path, required=True, help="output folder for results.json and the figures")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: 3 full, 1 quick)")
     args = ap.parse_args(argv)
     s = Settings.quick() if args.quick else Settings.full()
-    s = replace(s, seed=args.seed)
+    s = replace(s, seed=args.seed, workers=s.workers if args.workers is None else args.workers)
     run(s, args.out)
     return 0
 
