@@ -189,8 +189,11 @@ def _analysis_task(task: tuple[str, float]) -> dict:
             "rows": rows, "knn_seconds": time.perf_counter() - t1}
 
 
-def run(s: Settings, out: Path, log=print) -> dict:
+def run(s: Settings, out: Path, log=None) -> dict:
     """Run the whole experiment, write figures and results.json into ``out``, return the results."""
+    if log is None:
+        def log(msg: str) -> None:
+            print(msg, flush=True)
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
