@@ -248,6 +248,11 @@ def run(s: Settings, out: Path, log=None) -> dict:
         pred_c = centre(predict(_model(_SHARED["states"][sigma]), pool))
         actual = per_sample_rms(pred_c - true_c)
         label_err = per_sample_rms(sigma * centre(_crop(unit_noise, out_size)))
+        # The part of the error the labels' noise caused: the same network trained on clean labels (same seed,
+        # same data) is the reference the derivation's f_i - y~_i ~ sum_j W_ij eps_j is about.
+        noise_part = None
+        if 0.0 in _SHARED["states"]:
+            noise_part = per_sample_rms(pred_c - centre(predict(_model(_SHARED["states"][0.0]), pool)))
         p = {
             "n_train": n_max, "sigma": sigma, "denoising_seconds": t_den,
             "actual_rms": rms(pred_c - true_c),
@@ -265,6 +270,10 @@ def run(s: Settings, out: Path, log=None) -> dict:
             "spearman_label_error_vs_actual": _spearman(label_err, actual),
             "calibration": _calibration(rep["predicted_error"], actual),
         }
+        if noise_part is not None:
+            p["noise_part_rms"] = rms(noise_part)
+            p["spearman_predicted_vs_noise_part"] = _spearman(rep["predicted_error"], noise_part)
+            p["calibration_noise_part"] = _calibration(rep["predicted_error"], noise_part)
         predictions.append(p)
         log(f"denoising sigma={sigma}: predicted RMS {p['predicted_rms']:.3f} px vs actual {p['actual_rms']:.3f} "
             f"px, Spearman {p['spearman_predicted_vs_actual']:.3f}, median N_eff "
@@ -366,10 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny settings (about a minute), what CI runs")
     ap.add_argument("--out", type=Path, required=True, help="output folder for results.json and the figures")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="training-set sizes (default: the preset's); the largest is analysed")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: 3 full, 1 quick)")
     args = ap.parse_args(argv)
     s = Settings.quick() if args.quick else Settings.full()
     s = replace(s, seed=args.seed, workers=s.workers if args.workers is None else args.workers)
+    if args.sizes:
+        s = replace(s, sizes=tuple(args.sizes))
     run(s, args.out)
     return 0
 
