@@ -171,6 +171,8 @@ def test_quick_run_end_to_end(tmp_path):
     for p in res["label_free_prediction"]:
         assert p["predicted_rms"] > 0 and p["effective_neighbors_median"] > 0
         assert -1 <= p["spearman_predicted_vs_actual"] <= 1
+        assert p["noise_part_rms"] >= 0 and -1 <= p["spearman_predicted_vs_noise_part"] <= 1  # sigma = 0 was trained
+        assert sum(c["n"] for c in p["calibration"]) == max(s.sizes)
     knn = res["knn"]
     for q, src in enumerate(knn["sources"]):
         assert knn["neighbors"][q][0] == src  # a sample is its own nearest neighbour (similarity 1)
