@@ -291,3 +291,16 @@ def test_aliases_and_repr():
     assert a.variant == "one_minus" and b.variant == "authors"
     assert abs(float(a(x, PAIRS).detach()) + float(b(x, PAIRS).detach()) - 1) < 1e-12  # (1 - rho) + rho
     assert "one_minus" in repr(a)
+
+
+def test_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "training_with_similarity.py"
+    out = subprocess.run([sys.executable, str(script), "--steps", "15", "--seeds", "1", "--train", "200"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 0")]
+    assert len(rows) == 2 and all("%" in r for r in rows)

@@ -193,12 +193,12 @@ class SimilarityLoss:
             I, J = inv[: I.numel()], inv[I.numel():]
         with analysis_mode(self.model, self.params):
             factors, y = self._factor_fn(batch)
+            # Layers whose explicit per-sample gradient is the cheaper form (e.g. early convolutions) get it once.
+            factors = [f.dense() if isinstance(f, Outer) and f.prefers_dense("full") else f for f in factors]
             n = I.numel()
             if self.batch_mode == "per_pair":
-                U = torch.arange(batch[0].shape[0], device=I.device)
-                K = _pair_blocks(factors, torch.cat([I, U]), torch.cat([J, U]))
-                self_K = K[n:]
-                return K[:n], self_K[I], self_K[J]
+                self_K = _self_blocks(factors)
+                return _pair_blocks(factors, I, J), self_K[I], self_K[J]
             # Mean gradients: <mean_p g_Ip, mean_q g_Jq> = mean over (p, q) of K(I_p, J_q), and the norms alike.
             P1, P2 = I.repeat_interleave(n), I.repeat(n)
             Q1, Q2 = J.repeat_interleave(n), J.repeat(n)
@@ -269,9 +269,22 @@ def _pair_blocks(factors: list[Factor], I: Tensor, J: Tensor) -> Tensor:
     return out
 
 
+def _self_blocks(factors: list[Factor]) -> Tensor:
+    """K(x_b, x_b) for every sample, [B, d, d] (in the graph)."""
+    out = None
+    for f in factors:
+        if isinstance(f, Dense):
+            t = torch.einsum("bcn,ben->bce", f.g, f.g)
+        elif not f.indexed and f.a.shape[2] == 1:  # one position: |a|^2 (delta delta^T)
+            t = torch.einsum("bg,bcgn,begn->bce", (f.a[:, :, 0] ** 2).sum(-1), f.delta[:, :, :, 0], f.delta[:, :, :, 0])
+        else:
+            idx = torch.arange(f.batch_size, device=f.delta.device)
+            t = _factor_pairs(f, idx, idx)
+        out = t if out is None else out + t
+    return out
+
+
 def _factor_pairs(f: Factor, I: Tensor, J: Tensor) -> Tensor:
-    if isinstance(f, Outer) and f.prefers_dense("full"):
-        f = f.dense()
     if isinstance(f, Dense):
         return torch.einsum("pcn,pen->pce", f.g[I], f.g[J])
     _, d, G, T, n = f.delta.shape

@@ -221,11 +221,11 @@ def _worker(args: tuple[Data, RunConfig]) -> dict:
 
 
 # ---------------------------------------------------------------------------- the experiment
-def run_experiment(datasets: list[str], settings: list[int], runs: int, steps: int, eval_steps: list[int],
+def run_experiment(settings: list[tuple[str, int]], runs: int, steps: int, eval_steps: list[int],
                    val_size: int, out: Path, workers: int = 1, seed: int = 42, cache: Path | None = None,
                    mnist_idx: list[str] | None = None, log=print) -> dict:
-    """All runs of all (dataset, pairs-per-step, variant); results written to ``out/results.json`` as they
-    complete (so a long run can be inspected and resumed: finished runs are kept)."""
+    """All runs of every (dataset, pairs per step) setting and variant; results written to ``out/results.json``
+    as they complete (so a long run can be inspected, stopped and resumed: finished runs are kept)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
@@ -239,18 +239,17 @@ def run_experiment(datasets: list[str], settings: list[int], runs: int, steps: i
     results["config"] = config
     results.setdefault("settings", {})
     todo: list[tuple[Data, RunConfig, str]] = []
-    loaded = {name: load_data(name, cache, mnist_idx if name == "mnist" else None) for name in datasets}
+    loaded = {name: load_data(name, cache, mnist_idx if name == "mnist" else None) for name in dict(settings)}
     # Interleaved (run r of every variant and setting before run r + 1), so that stopping early leaves
     # every setting with about the same number of complete, paired runs.
     for r in range(runs):
-        for name, data in loaded.items():
-            for n_pairs in settings:
-                key = f"{name}/{n_pairs}"
-                entry = results["settings"].setdefault(key, {"dataset": name, "n_pairs": n_pairs,
-                                                             "source": data.source, "runs": {v: [] for v in VARIANTS}})
-                for v in VARIANTS:
-                    if not any(x["run"] == r for x in entry["runs"][v]):
-                        todo.append((data, RunConfig(v, r, n_pairs, steps, eval_steps, val_size, seed), key))
+        for name, n_pairs in settings:
+            data, key = loaded[name], f"{name}/{n_pairs}"
+            entry = results["settings"].setdefault(key, {"dataset": name, "n_pairs": n_pairs, "source": data.source,
+                                                         "runs": {v: [] for v in VARIANTS}})
+            for v in VARIANTS:
+                if not any(x["run"] == r for x in entry["runs"][v]):
+                    todo.append((data, RunConfig(v, r, n_pairs, steps, eval_steps, val_size, seed), key))
     log(f"{len(todo)} runs to do with {workers} worker(s)")
     t_start = time.perf_counter()
 
@@ -381,12 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nnsim.experiments.mnist_criterion", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="output folder (results.json, training_*.png)")
     ap.add_argument("--quick", action="store_true", help="a small run that proves the pipeline (CI, < 2 min)")
-    ap.add_argument("--dataset", choices=["mnist", "fashion", "both"], default="both")
-    ap.add_argument("--pairs", default="1,32", help="pairs per step, comma-separated settings (default 1,32)")
+    ap.add_argument("--settings", default="mnist:1,mnist:8,fashion:1",
+                    help="comma-separated DATASET:PAIRS_PER_STEP settings, DATASET in {mnist, fashion} "
+                    "(default mnist:1,mnist:8,fashion:1)")
     ap.add_argument("--runs", type=int, default=30, help="runs per variant and setting (default 30)")
     ap.add_argument("--steps", type=int, default=513, help="optimisation steps per run (default 513, the authors')")
-    ap.add_argument("--eval-every", type=int, default=1, help="validate every k steps up to step 150 (default 1, "
-                    "the authors'), then every 50")
+    ap.add_argument("--eval-steps", default="all", help="steps after which to validate: 'all' (every step, the "
+                    "authors'), or a comma-separated list (step 0 = before training)")
     ap.add_argument("--val-size", type=int, default=1000, help="validation images per run (default 1000)")
     ap.add_argument("--workers", type=int, default=1, help="parallel processes, one torch thread each")
     ap.add_argument("--seed", type=int, default=42)
@@ -398,22 +398,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.mnist_idx and len(args.mnist_idx) not in (2, 4):
         ap.error("--mnist-idx takes 2 or 4 files")
-    settings = [int(p) for p in args.pairs.split(",")]
-    datasets = ["mnist", "fashion"] if args.dataset == "both" else [args.dataset]
+    try:
+        settings = [(d, int(p)) for d, p in (item.split(":") for item in args.settings.split(","))]
+    except ValueError:
+        ap.error(f"--settings must look like mnist:1,fashion:8, got {args.settings!r}")
+    if any(d not in NORMALIZE or p < 1 for d, p in settings):
+        ap.error(f"--settings: datasets are mnist or fashion, pairs per step >= 1; got {args.settings!r}")
     runs, steps, val_size = args.runs, args.steps, args.val_size
     if args.quick:
         runs, steps, val_size = 2, 20, 200
-        datasets = ["mnist"] if args.dataset == "both" else datasets
-        settings = [1, 4] if args.pairs == "1,32" else settings
-    # Validation every `every` steps up to 150 (the plotted range and the table), then every 50 steps.
-    every = args.eval_every
-    eval_steps = [s for s in range(steps + 1) if (s <= 150 and s % every == 0) or s % 50 == 0 or s == steps]
+        if args.settings == ap.get_default("settings"):
+            settings = [("mnist", 1), ("mnist", 4)]
+    if args.eval_steps == "all":
+        eval_steps = list(range(steps + 1))
+    else:
+        eval_steps = sorted({int(s) for s in args.eval_steps.split(",") if int(s) <= steps} | {0, steps})
     if args.report_only:
         results = json.loads((args.out / "results.json").read_text())
         results["summary"] = summarize(results)
     else:
         t0 = time.perf_counter()
-        results = run_experiment(datasets, settings, runs, steps, eval_steps, val_size, args.out, args.workers,
+        results = run_experiment(settings, runs, steps, eval_steps, val_size, args.out, args.workers,
                                  args.seed, args.cache, args.mnist_idx, log=lambda m: print(m, file=sys.stderr))
         results["config"]["wall_clock_s"] = time.perf_counter() - t0
         results["config"]["command"] = "python -m nnsim.experiments.mnist_criterion " + " ".join(
