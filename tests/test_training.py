@@ -304,3 +304,20 @@ def test_example_runs():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 0")]
     assert len(rows) == 2 and all("%" in r for r in rows)
+
+
+def test_prelu_rule_matches_oracle_in_similarity():
+    """The PReLU layer rule (shared and per-channel weights) gives exact kernels in nnsim.Similarity too."""
+    from oracles import jacobian, kernel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.PReLU(3), nn.Flatten(), nn.Linear(3 * 5 * 5, 4), nn.PReLU(),
+                          nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.1, -0.3, 0.7]))
+    x = torch.randn(6, 1, 7, 7, dtype=torch.float64)
+    sim = nnsim.Similarity(model, progress=False)
+    assert sim.kernel(x).shape == (6, 6, 2, 2)
+    assert sim.describe()["1"] == "prelu" and sim.describe()["4"] == "prelu"
+    G = jacobian(model, (x,))
+    assert torch.allclose(sim.kernel(x), kernel(G, G), atol=1e-10)
