@@ -321,3 +321,19 @@ def test_prelu_rule_matches_oracle_in_similarity():
     assert sim.describe()["1"] == "prelu" and sim.describe()["4"] == "prelu"
     G = jacobian(model, (x,))
     assert torch.allclose(sim.kernel(x), kernel(G, G), atol=1e-10)
+
+
+def test_readme_training_snippet_runs():
+    import re
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    src = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Training with the similarity criterion\n.*?```python\n(.*?)```", src, re.S).group(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    ns = {"nnsim": nnsim, "F": F, "model": model, "x": torch.randn(12, 6), "y": torch.arange(12) % 3}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["pairs"].shape == (16, 2) and model[0].weight.grad is not None
+    assert 0 < float(ns["loss"].detach()) < 10
