@@ -312,38 +312,61 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+# Read off the authors' convergence figure (spec §15.5): step -> (baseline %, with their criterion %).
+AUTHORS_FIGURE = {0: (10, 10), 10: (19, 27), 20: (26, 37), 40: (45, 55), 60: (57, 65), 80: (66, 70), 100: (71, 73)}
+
+
 def plot(results: dict, out: Path, max_step: int = 150) -> list[Path]:
-    """Mean +- 1 std validation-accuracy curves, one PNG per (dataset, pairs per step)."""
+    """Per (dataset, pairs per step): validation accuracy, mean ± 1 std (left), and each variant's paired
+    difference to the baseline, mean ± 1 standard error (right). One PNG each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = np.asarray(results["config"]["eval_steps"])
+    keep = steps <= max_step
     paths = []
     colors = {"baseline": "tab:blue", "one_minus": "tab:green", "authors": "tab:red"}
     for entry in results["settings"].values():
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        keep = steps <= max_step
-        n_runs = 0
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 2]})
+        base = {r["run"]: np.asarray(r["accuracy"]) for r in entry["runs"]["baseline"]}
         for v in VARIANTS:
             if not entry["runs"][v]:
                 continue
             acc = 100 * np.stack([np.asarray(r["accuracy"]) for r in entry["runs"][v]])
-            n_runs = max(n_runs, len(acc))
             m, sd = acc.mean(0)[keep], acc.std(0)[keep]
             ax.plot(steps[keep], m, color=colors[v], label=f"{LABELS[v]} ({len(acc)} runs)")
             ax.fill_between(steps[keep], m - sd, m + sd, color=colors[v], alpha=0.15)
+            diffs = 100 * np.stack([np.asarray(r["accuracy"]) - base[r["run"]] for r in entry["runs"][v]
+                                    if r["run"] in base]) if base else np.zeros((0, len(steps)))
+            if v != "baseline" and len(diffs) > 1:
+                dm, se = diffs.mean(0)[keep], diffs.std(0, ddof=1)[keep] / math.sqrt(len(diffs))
+                bx.plot(steps[keep], dm, color=colors[v], label=f"{LABELS[v]} − baseline ({len(diffs)} pairs)")
+                bx.fill_between(steps[keep], dm - se, dm + se, color=colors[v], alpha=0.2)
+        if entry["dataset"] == "mnist" and entry["n_pairs"] == 1:
+            st = sorted(AUTHORS_FIGURE)
+            ax.plot(st, [AUTHORS_FIGURE[k][0] for k in st], "o", color="k", mfc="none",
+                    label="authors' figure: baseline (read off)")
+            ax.plot(st, [AUTHORS_FIGURE[k][1] for k in st], "s", color="k", label="authors' figure: + criterion")
+            bx.plot(st, [AUTHORS_FIGURE[k][1] - AUTHORS_FIGURE[k][0] for k in st], "s", color="k",
+                    label="authors' figure: difference")
         name = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}[entry["dataset"]]
         ax.set_title(f"{name}, {entry['n_pairs']} same-class pair(s) per step: validation accuracy, mean ± 1 std")
         ax.set_xlabel("minibatches (optimisation steps)")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=8)
+        bx.axhline(0, color="tab:blue", lw=1)
+        bx.set_title("paired difference to the baseline, mean ± 1 s.e.")
+        bx.set_xlabel("minibatches (optimisation steps)")
+        bx.set_ylabel("accuracy points")
+        bx.grid(alpha=0.3)
+        bx.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         p = out / f"training_{entry['dataset']}_{entry['n_pairs']}pairs.png"
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=100)
         plt.close(fig)
         paths.append(p)
     return paths
