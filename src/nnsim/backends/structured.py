@@ -41,8 +41,14 @@ class Plan:
 
 
 class Structured:
-    def __init__(self, problem: Problem) -> None:
+    """``graph=True`` keeps the factors in the autograd graph of the parameters (layer inputs not detached,
+    output signals from ``autograd.grad(create_graph=True)``) so that a function of them can be
+    back-propagated to the parameters (double backward, used by :class:`nnsim.SimilarityLoss`). The default
+    ``graph=False`` detaches everything: results of :class:`nnsim.Similarity` never carry a graph."""
+
+    def __init__(self, problem: Problem, graph: bool = False) -> None:
         self.problem = problem
+        self.graph = graph
         self.plan: Plan | None = None
 
     # ------------------------------------------------------------------ planning
@@ -85,10 +91,13 @@ class Structured:
         """Parameters whose rule-based per-sample gradients disagree with autograd on the probe samples."""
         params = self.problem.params
         bad: set[str] = set()
+        graph, self.graph = self.graph, False  # values only: no double-backward graph for the check
         try:
             factors, _ = self._run(probe, 0)
         except Exception:  # a rule or the fallback cannot handle this model: everything goes to torch.func
             return list(params)
+        finally:
+            self.graph = graph
         tensors = list(params.values())
         tol = 1e-9 if next(iter(params.values())).dtype == torch.float64 else 2e-4
         for b in range(probe[0].shape[0]):
@@ -115,12 +124,16 @@ class Structured:
         assert self.plan is not None
         plan, model = self.plan, self.problem.model
         if len(plan.residual) == len(self.problem.params):  # no rule applies: skip the hooked pass
-            return functorch.factors(self.problem, batch, start)
+            return functorch.factors(self.problem, batch, start, graph=self.graph)
         calls: dict[nn.Module, list[Call]] = {m: [] for m in plan.hooked}
+        graph = self.graph
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
-            # Detached: the rules need values only, and the factors must not keep the graph alive.
-            call = Call(tree_map(_detach, args), tree_map(_detach, kwargs))
+            # Detached unless graph: the rules need values only, and the factors must not keep the graph alive.
+            if graph:
+                call = Call(args, kwargs, graph=True)
+            else:
+                call = Call(tree_map(_detach, args), tree_map(_detach, kwargs))
 
             def tap(t: object) -> object:
                 # Adding a zero leaf lets autograd return d y / d output even if later ops are in place.
@@ -146,13 +159,14 @@ class Structured:
         per_c: list[tuple] = []
         if leaves:
             for c in range(d):
-                per_c.append(torch.autograd.grad(y[:, c].sum(), leaves, retain_graph=c < d - 1, allow_unused=True))
+                per_c.append(torch.autograd.grad(y[:, c].sum(), leaves, retain_graph=graph or c < d - 1,
+                                                 create_graph=graph, allow_unused=True))
         k = 0
         for cs in calls.values():
             for call in cs:
                 for z in call.leaves:
-                    call.deltas.append(torch.stack(
-                        [torch.zeros_like(z) if g[k] is None else g[k] for g in per_c], dim=1).detach())
+                    delta = torch.stack([torch.zeros_like(z) if g[k] is None else g[k] for g in per_c], dim=1)
+                    call.deltas.append(delta if graph else delta.detach())
                     k += 1
         factors: list[Factor] = []
         for m, (layer, rule, names) in plan.hooked.items():
@@ -161,9 +175,9 @@ class Structured:
                 factors.extend(rule(m, layer, calls[m], names))
         factors = _merge_tied(factors, plan.tied - set(plan.residual))
         if plan.residual:
-            jac, _ = functorch.jacobians(self.problem, batch, plan.residual)
+            jac, _ = functorch.jacobians(self.problem, batch, plan.residual, graph=graph)
             factors.extend(dense_by_layer(self.problem, jac))
-        return factors, y.detach()
+        return factors, y if graph else y.detach()
 
     def factors(self, batch: tuple[Tensor, ...], start: int = 0) -> tuple[list[Factor], Tensor]:
         if self.plan is None:

@@ -22,13 +22,15 @@ class Call:
     """One forward call of a hooked module.
 
     ``deltas`` holds, for each floating tensor of the output (pytree order), the signals
-    d y_c / d output of every analysed output c: [B, d, *output_shape[1:]].
+    d y_c / d output of every analysed output c: [B, d, *output_shape[1:]]. ``graph``: the arguments and
+    signals are part of the autograd graph of the parameters, and the factors built from them must stay so.
     """
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     leaves: list[Tensor] = field(default_factory=list)
     deltas: list[Tensor] = field(default_factory=list)
+    graph: bool = False
 
     def input(self, name: str = "input") -> Any:
         return self.args[0] if self.args else self.kwargs[name]
@@ -66,4 +68,4 @@ def outer(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[s
     return Outer(layer, a, delta, weight, bias)
 
 
-from . import conv, embedding, linear, norm  # noqa: E402,F401  (registration side effects)
+from . import activation, conv, embedding, linear, norm  # noqa: E402,F401  (registration side effects)

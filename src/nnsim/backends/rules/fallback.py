@@ -23,7 +23,8 @@ def _float_leaves(out: object) -> list[Tensor]:
 
 def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
     B, d = calls[0].deltas[0].shape[:2]
-    params = {local: module.get_parameter(local).detach() for local in names}
+    graph = calls[0].graph
+    params = {local: module.get_parameter(local) if graph else module.get_parameter(local).detach() for local in names}
     total: dict[str, Tensor] = {}
     for call in calls:
         flat, spec = tree_flatten((call.args, call.kwargs))
@@ -39,7 +40,8 @@ def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, 
 
         # torch.func ignores an outer no_grad for its own transforms; here it only stops the results from
         # recording a graph through the module's other (not differentiated) parameters.
-        with torch.no_grad():
+        # (In graph mode the results must stay differentiable: no no_grad.)
+        with torch.enable_grad() if graph else torch.no_grad():
             grads = vmap(per_sample)(tuple(flat[i] for i in batched), tuple(call.deltas))
         for local, g in grads.items():
             total[local] = total.get(local, 0) + g

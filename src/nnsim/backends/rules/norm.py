@@ -29,7 +29,8 @@ def norm(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]
     parts: dict[str, Tensor] = {}
     for c in calls:
         x = c.input()
-        xhat, trailing = _normalized(module, x.detach())
+        # The hook already detached x unless the factors must stay in the autograd graph.
+        xhat, trailing = _normalized(module, x)
         delta = c.deltas[0]
         if trailing:  # LayerNorm: parameters over the trailing axes, sum over the rest
             n = xhat[0].shape[-trailing:].numel()
