@@ -20,7 +20,7 @@ and once on everything (the "full" model). Scores for flagging the flipped sampl
   - the full model's own in-sample self-confidence, for reference.
 
 All similarities come from the public API (``nnsim.Similarity``). Writes ``results.json`` (every number the
-docs quote), ``roc.png`` and ``scores.png`` to ``--out``.
+docs quote), ``scores.npz`` (every per-image score), ``roc.png`` and ``scores.png`` to ``--out``.
 
     python -m nnsim.experiments.label_noise --out runs/label_noise          # full settings, minutes
     python -m nnsim.experiments.label_noise --quick --out /tmp/label_noise   # smoke test, about a minute
@@ -237,6 +237,8 @@ def run(cfg: Config, out: Path, log=print) -> dict:
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads()},
     }
+    np.savez_compressed(out / "scores.npz", flipped=flipped, noisy_label=labels, true_label=y_true.numpy(),
+                        cleanlab_flag=issues, **scores)
     results["figures"] = figures(scores, flipped, aurocs, out)
     results["total_wall_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -274,11 +276,14 @@ def figures(scores: dict[str, np.ndarray], flipped: np.ndarray, aurocs: dict[str
     fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(3.2 * ((len(keys) + 1) // 2), 6), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         v = scores[k]
+        if k == "consistency":  # heavy-tailed: |yhat - e| explodes where sum_j k_ij is near 0
+            v = np.log10(v + 1e-6)
         ok = np.isfinite(v)
         bins = np.linspace(np.min(v[ok]), np.max(v[ok]), 40)
         ax.hist(v[ok & ~flipped], bins=bins, alpha=0.6, density=True, label="clean")
         ax.hist(v[ok & flipped], bins=bins, alpha=0.6, density=True, label="flipped")
-        ax.set_title(f"{k}\nAUROC {aurocs[k]:.3f}", fontsize=8)
+        name = "log10 consistency" if k == "consistency" else k
+        ax.set_title(f"{name}\nAUROC {aurocs[k]:.3f}", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
