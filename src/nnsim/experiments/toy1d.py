@@ -10,8 +10,8 @@ convention), aggregated per sample by the median over runs.
 
 Writes to ``--out``: ``results.json`` (every number the docs quote), ``per_sample.npz`` (the per-sample
 medians), ``weights.pt`` (the trained stacked weights: a rerun with the same settings reuses them),
-``checkpoint.pt`` while training (a rerun resumes from it), and the figures ``fig4_3d.png``,
-``nsoft_curvature.png``, ``estimators.png``, ``fits.png``, ``training_loss.png``.
+``checkpoint.pt`` (an interrupted run, or a rerun with more ``--epochs``, continues from it), and the
+figures ``fig4_3d.png``, ``nsoft_curvature.png``, ``estimators.png``, ``fits.png``, ``training_loss.png``.
 
     python -m nnsim.experiments.toy1d --out runs/toy1d            # the authors' settings
     python -m nnsim.experiments.toy1d --quick --out /tmp/toy1d     # smoke test (under a minute)
@@ -155,9 +155,7 @@ def train_grid(cfg: Config, data: dict[int, ToyData], out: Path, log=print) -> t
     params = [p.detach().clone() for p in state.params]
     torch.save({"key": key, "epochs": cfg.epochs, "params": params, "timing": timing,
                 "epoch_loss": torch.stack(state.epoch_loss) if state.epoch_loss else torch.empty(0)}, weights)
-    if ckpt.exists():
-        ckpt.unlink()
-    return params, timing
+    return params, timing  # checkpoint.pt stays: a rerun with more --epochs continues from it
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
@@ -228,6 +226,8 @@ def analyse(cfg: Config, data: dict[int, ToyData], val: dict[int, ToyData], para
                                              "pearson": float(pearsonr(med["soft"], logk).statistic)},
             "corr_soft_vs_abs_error": {"spearman": spearman(med["soft"], err)},
             "soft_flat_vs_peak": _flat_vs_peak(med["soft"], d.curvature.numpy()),
+            # Does the cheap soft count rank the samples like the quadratic estimators do?
+            "spearman_soft_vs_estimator": {k: spearman(med["soft"], med[k]) for k in names if k != "soft"},
         }
         for k in names:
             arrays[f"f{f}_{k}"] = med[k]
