@@ -172,3 +172,29 @@ def test_a_rank_other_than_0_prints_and_writes_nothing(demo_dir, tmp_path, monke
     monkeypatch.setattr(nd, "rank", lambda: 0)
     assert main(args) == 0 and out.exists()
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("outcomes, code, lines", [
+    ([(0, "", True)] * 3, 0, []),
+    # every rank failed alike (a missing file): said once, without ranks
+    ([(3, "data file not found: x.npz", True)] * 3, 3, ["data file not found: x.npz"]),
+    # rank 1 failed; ranks 0 and 2 only learnt it from nnsim.distributed.together: rank 1's code and message
+    ([(3, "rank 1 failed: ModelError: bad", False), (4, "bad", True), (3, "rank 1 failed: ModelError: bad", False)],
+     4, ["rank 1: bad"]),
+    # two ranks failed differently: both said, the first one's code
+    ([(3, "rank 1 failed: ...", False), (2, "usage", True), (3, "data", True)], 2, ["rank 1: usage", "rank 2: data"]),
+])
+def test_the_ranks_agree_on_one_exit_code_and_message(monkeypatch, capsys, outcomes, code, lines):
+    import importlib
+
+    cli = importlib.import_module("nnsim.cli.main")
+    me = outcomes[0]
+    monkeypatch.setattr(cli, "_COMM", nd.Comm(None, 0, len(outcomes)))
+
+    def all_gather_object(comm, obj):
+        assert obj == me  # this rank sends its own outcome
+        return outcomes
+
+    monkeypatch.setattr(nd, "all_gather_object", all_gather_object)
+    assert cli._agree_on_exit(*me) == code
+    assert capsys.readouterr().err.splitlines() == [f"nnsim: error: {line}" for line in lines]
