@@ -3,6 +3,11 @@
 Per sample: the soft density, its k nearest neighbours, the denoising factor / effective number of
 neighbours, label consistency (how far the kernel-weighted average of the neighbours' labels is from the
 sample's own label) and neighbour label agreement. Nothing here reads or writes files.
+
+Under ``torchrun`` (an initialised default process group) every rank runs :func:`run_analysis`: the three
+nnsim calls are collective (each rank computes a share, every rank gets the full result), the cheap local
+steps between them run on every rank inside :class:`nnsim.distributed.together`, so that a failure on one
+rank is raised on all of them instead of leaving the others waiting in the next collective.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as nd
 from ..similarity import Similarity
 
 
@@ -54,33 +60,45 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
         log(f"[{name}] done in {timings[name]:.1f} s")
         return out
 
-    logits = predict(model, x, device)
-    cols: dict[str, np.ndarray] = {"index": np.arange(n)}
-    classifier = logits.shape[1] > 1
-    if classifier:
-        prob = logits.softmax(1)
-        cols["prediction"] = logits.argmax(1).numpy()
-        cols["confidence"] = prob.max(1).values.numpy()
-    if y is not None:
-        cols["label"] = y.numpy()
-        if classifier and int(y.max()) < logits.shape[1]:
-            cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
-            cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+    comm = nd.resolve(None)  # the group of the nnsim calls below (None in a plain run)
+    with nd.together(comm):
+        logits = predict(model, x, device)
+        cols: dict[str, np.ndarray] = {"index": np.arange(n)}
+        classifier = logits.shape[1] > 1
+        if classifier:
+            prob = logits.softmax(1)
+            cols["prediction"] = logits.argmax(1).numpy()
+            cols["confidence"] = prob.max(1).values.numpy()
+        if y is not None:
+            cols["label"] = y.numpy()
+            if classifier and int(y.max()) < logits.shape[1]:
+                cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
+                cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
 
     density = step("density", lambda: sim.density(x))
     cols["density"] = density.double().numpy()
     vals, idx = step("neighbors", lambda: sim.neighbors(x, k=k, exclude_self=True))
     nn_idx, nn_sim = idx.numpy(), vals.double().numpy()
 
-    d = sim.d
-    label_targets = None
-    if y is not None and d == logits.shape[1] and classifier and int(y.max()) < d:
-        label_targets = torch.nn.functional.one_hot(y, d).to(logits.dtype)
+    with nd.together(comm):
+        d = sim.d
+        label_targets = None
+        if y is not None and d == logits.shape[1] and classifier and int(y.max()) < d:
+            label_targets = torch.nn.functional.one_hot(y, d).to(logits.dtype)
     report = step("denoising", lambda: sim.denoising(x, predictions=label_targets, approximate=not exact_denoising,
                                                      dim=dim))
+    with nd.together(comm):
+        return _finish(cols, report, label_targets is not None, nn_idx, nn_sim, y, n, d, k, exact_denoising, dim,
+                       timings)
+
+
+def _finish(cols: dict[str, np.ndarray], report: Any, one_hot_labels: bool, nn_idx: np.ndarray, nn_sim: np.ndarray,
+            y: Tensor | None, n: int, d: int | None, k: int, exact_denoising: bool, dim: int,
+            timings: dict[str, float]) -> Analysis:
+    """The columns and summary derived from the three nnsim results (local work)."""
     cols["denoising_factor"] = report.factor.double().numpy()
     cols["effective_neighbors"] = report.effective_neighbors.double().numpy()
-    if label_targets is not None:
+    if one_hot_labels:
         cols["label_consistency"] = report.consistency.double().numpy()  # |onehot(y_i) - sum_j W_ij onehot(y_j)|
     else:
         cols["prediction_consistency"] = report.consistency.double().numpy()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import datasets
+from .. import distributed as nd
 
 NOISE_FRACTION = 0.10
 EPOCHS = 30
@@ -85,6 +86,12 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
 
     The analysis runs on the in-memory model (the structured layer rules apply to its Conv2d/Linear layers);
     ``nnsim analyze --model out/model.pt2`` gives the same numbers through the exported program.
+
+    Under ``torchrun``: rank 0 trains and writes the files, :func:`nnsim.distributed.broadcast_module` gives
+    its weights to the other ranks (training on every rank would give the same weights only as long as every
+    rank sums in the same order: same device, same thread count), then every rank runs the analysis (collective)
+    and rank 0 writes the report. Each local step runs inside :class:`nnsim.distributed.together`, so that a
+    failure on one rank fails them all instead of leaving them waiting.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -93,44 +100,54 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
     from .loading import Data
 
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    data = noisy_digits()
-    log(f"[train] CNN on {len(data.x)} scikit-learn digits, {int(data.flipped.sum())} labels flipped "
-        f"({NOISE_FRACTION:.0%}), {EPOCHS} epochs ...")
-    t = time.perf_counter()
-    model = train_demo_model(data, progress=progress)
-    with torch.no_grad():
-        pred = model(data.x).argmax(1)
-    acc_noisy = float((pred == data.y).float().mean())
-    acc_true = float((pred == data.y_true).float().mean())
-    log(f"[train] done in {time.perf_counter() - t:.1f} s: agrees with the noisy labels on {acc_noisy:.3f}, with the "
-        f"true labels on {acc_true:.3f}")
-    export_model(model, data.x, str(out / "model.pt2"))
-    torch.save(model.state_dict(), out / "weights.pt")
-    np.savez(out / "data.npz", x=data.x.numpy(), y=data.y.numpy(), y_true=data.y_true.numpy(),
-             flipped=data.flipped.numpy())
-    log(f"wrote {out}/model.pt2 (torch.export), {out}/weights.pt (state dict of nnsim.cli.demo:digits_cnn), "
-        f"{out}/data.npz (x, noisy labels y, y_true, flipped)")
+    comm = nd.resolve(None)
+    main = nd.is_main_process()
+    with nd.together(comm):
+        data = noisy_digits()  # seeded: the same samples on every rank
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            log(f"[train] CNN on {len(data.x)} scikit-learn digits, {int(data.flipped.sum())} labels flipped "
+                f"({NOISE_FRACTION:.0%}), {EPOCHS} epochs ...")
+            t = time.perf_counter()
+            model = train_demo_model(data, progress=progress)
+        else:
+            model = digits_cnn().eval()  # rank 0's weights arrive below
+    nd.broadcast_module(model)
+    with nd.together(comm):
+        with torch.no_grad():
+            pred = model(data.x).argmax(1)
+        acc_noisy = float((pred == data.y).float().mean())
+        acc_true = float((pred == data.y_true).float().mean())
+        if main:
+            log(f"[train] done in {time.perf_counter() - t:.1f} s: agrees with the noisy labels on {acc_noisy:.3f}, "
+                f"with the true labels on {acc_true:.3f}")
+            export_model(model, data.x, str(out / "model.pt2"))
+            torch.save(model.state_dict(), out / "weights.pt")
+            np.savez(out / "data.npz", x=data.x.numpy(), y=data.y.numpy(), y_true=data.y_true.numpy(),
+                     flipped=data.flipped.numpy())
+            log(f"wrote {out}/model.pt2 (torch.export), {out}/weights.pt (state dict of nnsim.cli.demo:digits_cnn), "
+                f"{out}/data.npz (x, noisy labels y, y_true, flipped)")
 
-    sim = Similarity(model, progress=progress)
+    sim = Similarity(model, progress=progress and main)
     result = run_analysis(sim, model, data.x, data.y, log=log)
-    flipped = data.flipped.numpy()
-    score = result.columns["mislabel_score"]
-    top = np.argsort(-score, kind="stable")[: int(flipped.sum())]
-    result.summary["demo"] = {
-        "flipped_labels": int(flipped.sum()),
-        "model_agrees_with_noisy_labels": round(acc_noisy, 4), "model_agrees_with_true_labels": round(acc_true, 4),
-        "mislabel_score_auroc_for_flipped": round(float(roc_auc_score(flipped, score)), 4),
-        "flipped_among_top_scored": round(float(flipped[top].mean()), 4),
-    }
-    demo = result.summary["demo"]
-    log(f"mislabel score finds the flipped labels with AUROC {demo['mislabel_score_auroc_for_flipped']}; "
-        f"{demo['flipped_among_top_scored']:.1%} of the {len(top)} top-scored samples were flipped")
-    result.summary["data"] = f"{out}/data.npz"
-    result.summary["model"] = f"{out}/model.pt2"
-    result.timings["total"] = round(time.perf_counter() - t0, 2)
-    write_outputs(out, Data(data.x, data.y, str(out / "data.npz")), result, args,
-                  title="nnsim demo: a CNN on scikit-learn digits with 10 % flipped labels",
-                  subtitle=f"{len(data.x)} digits, {int(flipped.sum())} labels flipped at random; the network's own "
-                           "similarity finds them")
+    with nd.together(comm):
+        flipped = data.flipped.numpy()
+        score = result.columns["mislabel_score"]
+        top = np.argsort(-score, kind="stable")[: int(flipped.sum())]
+        result.summary["demo"] = {
+            "flipped_labels": int(flipped.sum()),
+            "model_agrees_with_noisy_labels": round(acc_noisy, 4), "model_agrees_with_true_labels": round(acc_true, 4),
+            "mislabel_score_auroc_for_flipped": round(float(roc_auc_score(flipped, score)), 4),
+            "flipped_among_top_scored": round(float(flipped[top].mean()), 4),
+        }
+        demo = result.summary["demo"]
+        log(f"mislabel score finds the flipped labels with AUROC {demo['mislabel_score_auroc_for_flipped']}; "
+            f"{demo['flipped_among_top_scored']:.1%} of the {len(top)} top-scored samples were flipped")
+        result.summary["data"] = f"{out}/data.npz"
+        result.summary["model"] = f"{out}/model.pt2"
+        result.timings["total"] = round(time.perf_counter() - t0, 2)
+        write_outputs(out, Data(data.x, data.y, str(out / "data.npz")), result, args,
+                      title="nnsim demo: a CNN on scikit-learn digits with 10 % flipped labels",
+                      subtitle=f"{len(data.x)} digits, {int(flipped.sum())} labels flipped at random; the network's "
+                               "own similarity finds them")
     return result.summary

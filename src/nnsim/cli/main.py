@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
+import io
 import json
+import os
 import pkgutil
+import re
 import runpy
 import sys
 import time
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as nd
 from .. import outputs
 from ..errors import InputError, ModelError, ResultTooLargeError
 from ..index import FeatureIndex
@@ -39,22 +44,57 @@ from .loading import (
 )
 
 _QUIET = False
+#: The process group under ``torchrun`` (two processes or more), None in a plain run. Set by :func:`main`.
+_COMM: nd.Comm | None = None
+
+
+def _launched_rank() -> int:
+    """torchrun's RANK, known before the process group is joined (0 in a plain run)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _main_process() -> bool:
+    """Rank 0 under torchrun (also before and after the process group exists); True in a plain run."""
+    return nd.is_main_process() and _launched_rank() == 0
 
 
 def say(message: str) -> None:
-    """Every line the command prints goes through here (one place to restrict output to one process later)."""
-    if not _QUIET:
+    """Every line the command prints goes through here: on rank 0 only under torchrun."""
+    if not _QUIET and _main_process():
         print(message, flush=True)
 
 
-def error(message: str) -> None:
-    print(f"nnsim: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+def error(message: str, every_rank: bool = False) -> None:
+    """One error line on stderr: on rank 0 only under torchrun (the ranks agree on it first, see :func:`_run`),
+    unless ``every_rank`` (a failure the ranks could not agree on), then prefixed with the rank."""
+    if _main_process() or every_rank:
+        where = f"rank {_launched_rank()}: " if every_rank and not _main_process() else ""
+        print(f"nnsim: error: {where}{' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def write_text(path: Path, text: str) -> None:
-    """Every file the command writes (besides the library's own writers) goes through here."""
+    """Every file the command writes (besides the library's own writers) goes through here: rank 0 only."""
+    if not _main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def _together() -> nd.together:
+    """Around each rank's local work before the next collective step (loading files, checking the model,
+    writing the outputs): when it fails on one rank, every rank raises on leaving the block, instead of the
+    others waiting forever for that rank in the next collective. A no-op in a plain run.
+
+    Under torchrun every step of a command is either a collective nnsim call (density, neighbors, denoising,
+    FeatureIndex.build, which fail on every rank together by themselves) or local work inside this block, so
+    that all ranks always reach :func:`_run`'s exit-status exchange together.
+    """
+    return nd.together(_COMM)
 
 
 # ---------------------------------------------------------------------------------------------------- options
@@ -118,7 +158,7 @@ def _model_and_sim(args: argparse.Namespace, data: Data) -> tuple[nn.Module, Sim
     model = load_model(args.model, args.weights, args.device)
     check_model_accepts(model, data.x, args.device)
     sim = Similarity(model, output=_parse_output(args.output), params=args.params, metric=args.metric,
-                     backend=args.backend, chunk_size=args.chunk_size, progress=not _QUIET)
+                     backend=args.backend, chunk_size=args.chunk_size, progress=not _QUIET and _main_process())
     return model, sim
 
 
@@ -151,6 +191,8 @@ def _queries(spec: str, data: Data, args: argparse.Namespace) -> tuple[torch.Ten
 
 
 def _csv(path: Path, header: Sequence[str], rows: Any) -> None:
+    if not _main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -170,23 +212,29 @@ def _cell(v: Any) -> Any:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import run_analysis
 
-    data = _data(args)
-    model, sim = _model_and_sim(args, data)
+    with _together():
+        data = _data(args)
+        model, sim = _model_and_sim(args, data)
     t0 = time.perf_counter()
     result = run_analysis(sim, model, data.x, data.y, k=args.k, exact_denoising=args.exact_denoising,
                           dim=args.dim, device=args.device, log=say)
-    result.summary["data"] = str(args.data)
-    result.summary["model"] = str(args.model)
-    _write_outputs(Path(args.out), data, result, args, title=args.title or f"nnsim report: {Path(args.data).name}",
-                   subtitle=f"model {args.model}, data {args.data} ({len(data)} samples)")
+    with _together():
+        result.summary["data"] = str(args.data)
+        result.summary["model"] = str(args.model)
+        _write_outputs(Path(args.out), data, result, args,
+                       title=args.title or f"nnsim report: {Path(args.data).name}",
+                       subtitle=f"model {args.model}, data {args.data} ({len(data)} samples)")
     say(f"analysis done in {time.perf_counter() - t0:.1f} s; wrote {args.out}/report.html, samples.csv, "
         "summary.json, figures/")
     return EXIT_OK
 
 
 def _write_outputs(out: Path, data: Data, result: Any, args: argparse.Namespace, title: str, subtitle: str) -> None:
+    """The files of ``analyze`` / ``demo`` (on rank 0 only under torchrun; call it inside :func:`_together`)."""
     from ..report import write_report
 
+    if not _main_process():
+        return
     out.mkdir(parents=True, exist_ok=True)
     cols = result.columns
     names = list(cols)
@@ -207,45 +255,50 @@ def _write_outputs(out: Path, data: Data, result: Any, args: argparse.Namespace,
 
 
 def cmd_density(args: argparse.Namespace) -> int:
-    data = _data(args)
-    _, sim = _model_and_sim(args, data)
-    ref = None if args.reference is None else load_data(args.reference, None, None, args.x_key, None).x
+    with _together():
+        data = _data(args)
+        _, sim = _model_and_sim(args, data)
+        ref = None if args.reference is None else load_data(args.reference, None, None, args.x_key, None).x
     dens = sim.density(data.x, ref, method=args.method, normalized=not args.unnormalized, threshold=args.threshold,
                        power=args.power, include_self=not args.exclude_self)
-    _csv(Path(args.out), ["index", "density"], ([i, repr(float(v))] for i, v in enumerate(dens)))
+    with _together():
+        _csv(Path(args.out), ["index", "density"], ([i, repr(float(v))] for i, v in enumerate(dens)))
     say(f"density: min {dens.min():.3f}, median {dens.median():.3f}, max {dens.max():.3f}; wrote {args.out}")
     return EXIT_OK
 
 
 def cmd_neighbors(args: argparse.Namespace) -> int:
-    data = _data(args)
-    _, sim = _model_and_sim(args, data)
-    q, qidx = _queries(args.query, data, args)
-    k = args.k + (1 if args.exclude_self and qidx is not None else 0)
-    if k > len(data):
-        raise CLIError(f"-k {args.k} is more than the {len(data)} samples")
+    with _together():
+        data = _data(args)
+        _, sim = _model_and_sim(args, data)
+        q, qidx = _queries(args.query, data, args)
+        k = args.k + (1 if args.exclude_self and qidx is not None else 0)
+        if k > len(data):
+            raise CLIError(f"-k {args.k} is more than the {len(data)} samples")
     vals, idx = sim.neighbors(q, data.x, k=k)
-    rows = []
-    for r in range(len(q)):
-        pairs = [(int(j), float(s)) for j, s in zip(idx[r], vals[r])]
-        if args.exclude_self and qidx is not None:
-            pairs = [p for p in pairs if p[0] != int(qidx[r])][: args.k]
-        name = int(qidx[r]) if qidx is not None else r
-        rows += [[name, rank + 1, j, repr(s)] for rank, (j, s) in enumerate(pairs)]
-        say(f"query {name}: " + ", ".join(f"{j} ({s:.3f})" for j, s in pairs))
-    _csv(Path(args.out), ["query", "rank", "neighbor", "similarity"], rows)
+    with _together():
+        rows = []
+        for r in range(len(q)):
+            pairs = [(int(j), float(s)) for j, s in zip(idx[r], vals[r])]
+            if args.exclude_self and qidx is not None:
+                pairs = [p for p in pairs if p[0] != int(qidx[r])][: args.k]
+            name = int(qidx[r]) if qidx is not None else r
+            rows += [[name, rank + 1, j, repr(s)] for rank, (j, s) in enumerate(pairs)]
+            say(f"query {name}: " + ", ".join(f"{j} ({s:.3f})" for j, s in pairs))
+        _csv(Path(args.out), ["query", "rank", "neighbor", "similarity"], rows)
     say(f"wrote {args.out}")
     return EXIT_OK
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
-    data = _data(args)
-    _, sim = _model_and_sim(args, data)
-    targets = None
-    if args.targets == "labels":
-        if data.y is None:
-            raise CLIError("--targets labels needs labels (an .npz with y, or --labels)", EXIT_USAGE)
-        targets = torch.nn.functional.one_hot(data.y).float()
+    with _together():
+        data = _data(args)
+        _, sim = _model_and_sim(args, data)
+        targets = None
+        if args.targets == "labels":
+            if data.y is None:
+                raise CLIError("--targets labels needs labels (an .npz with y, or --labels)", EXIT_USAGE)
+            targets = torch.nn.functional.one_hot(data.y).float()
     try:
         report = sim.denoising(data.x, predictions=targets, noise_std=args.noise_std, approximate=args.approximate,
                                dim=args.dim)
@@ -253,7 +306,9 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         if targets is not None and "columns" in str(e):
             raise CLIError(f"--targets labels: {e} (one-hot labels need an output with one value per class)") from e
         raise
-    report.to_csv(args.out)
+    with _together():
+        if _main_process():
+            report.to_csv(args.out)
     eff = report.effective_neighbors
     say(f"effective neighbours: median {eff.median():.2f} (min {eff.min():.2f}, max {eff.max():.2f}); "
         f"wrote {args.out}")
@@ -261,28 +316,32 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    data = _data(args)
-    _, sim = _model_and_sim(args, data)
+    with _together():
+        data = _data(args)
+        _, sim = _model_and_sim(args, data)
     index = FeatureIndex.build(sim, data.x, args.index, dim=args.dim, seed=args.seed, overwrite=args.overwrite)
     say(f"built {index!r}")
     return EXIT_OK
 
 
 def cmd_index_query(args: argparse.Namespace) -> int:
-    data = _data(args)
-    _, sim = _model_and_sim(args, data)
-    index = FeatureIndex.open(args.index, sim)
-    if len(index) != len(data):
-        raise CLIError(f"{args.index} indexes {len(index)} samples but --data has {len(data)}; pass the data the "
-                       "index was built from (same --limit)")
-    q, qidx = _queries(args.query, data, args)
-    vals, idx = index.search(q, k=args.k, data=None if args.no_rerank else data.x)
-    rows = []
-    for r in range(len(q)):
-        name = int(qidx[r]) if qidx is not None else r
-        rows += [[name, rank + 1, int(j), repr(float(s))] for rank, (j, s) in enumerate(zip(idx[r], vals[r]))]
-        say(f"query {name}: " + ", ".join(f"{int(j)} ({float(s):.3f})" for j, s in zip(idx[r], vals[r])))
-    _csv(Path(args.out), ["query", "rank", "neighbor", "similarity"], rows)
+    # FeatureIndex.search is local (no collective call): under torchrun every rank runs the query in full (a
+    # rank-0-only search would leave the others waiting in a collective, past NCCL's timeout on long searches).
+    with _together():
+        data = _data(args)
+        _, sim = _model_and_sim(args, data)
+        index = FeatureIndex.open(args.index, sim)
+        if len(index) != len(data):
+            raise CLIError(f"{args.index} indexes {len(index)} samples but --data has {len(data)}; pass the data the "
+                           "index was built from (same --limit)")
+        q, qidx = _queries(args.query, data, args)
+        vals, idx = index.search(q, k=args.k, data=None if args.no_rerank else data.x)
+        rows = []
+        for r in range(len(q)):
+            name = int(qidx[r]) if qidx is not None else r
+            rows += [[name, rank + 1, int(j), repr(float(s))] for rank, (j, s) in enumerate(zip(idx[r], vals[r]))]
+            say(f"query {name}: " + ", ".join(f"{int(j)} ({float(s):.3f})" for j, s in zip(idx[r], vals[r])))
+        _csv(Path(args.out), ["query", "rank", "neighbor", "similarity"], rows)
     say(f"wrote {args.out}")
     return EXIT_OK
 
@@ -297,6 +356,10 @@ def available_experiments() -> list[str]:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    if _COMM is not None:
+        # An experiment is a script of its own (its own files and prints); it is not run once per rank here.
+        raise CLIError("nnsim reproduce runs in one process; launch it without torchrun (or run the experiment's "
+                       "module under torchrun if it supports several processes)", EXIT_USAGE)
     names = available_experiments()
     if args.name not in names:
         listing = ", ".join(names) if names else "none installed in this version"
@@ -421,13 +484,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    print(f"nnsim: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    # nnsim's warnings name the same samples on every rank: one copy, from rank 0.
+    if _main_process():
+        print(f"nnsim: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (see the module docstring)."""
-    global _QUIET
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (see the module docstring).
+
+    Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` in the environment) it first joins the default process group
+    (:func:`nnsim.distributed.setup_from_env`: gloo on CPU, NCCL on GPUs) and leaves it at the end; every rank
+    runs the command, only rank 0 prints and writes, and every rank returns the same exit code.
+    """
+    global _QUIET, _COMM
+    parser = build_parser()
+    if _main_process():
+        args = parser.parse_args(argv)
+    else:  # usage errors and --help are printed by rank 0 only; every rank exits with argparse's code
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
     _QUIET = bool(getattr(args, "quiet", False))
     debug = bool(getattr(args, "debug", False))
     if getattr(args, "threads", None) is not None:
@@ -435,6 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             error(f"--threads must be a positive integer, got {args.threads}")
             return EXIT_USAGE
         torch.set_num_threads(args.threads)
+    joined = nd.dist is not None and nd.dist.is_available() and not nd.dist.is_initialized()
+    try:
+        _COMM = nd.setup_from_env()
+    except Exception as e:  # rendezvous or backend failure, before any nnsim work
+        error(f"cannot join the torch.distributed process group of this torchrun job: {type(e).__name__}: {e}",
+              every_rank=True)
+        return EXIT_INTERNAL
+    joined = joined and nd.dist.is_initialized()
     shown = warnings.showwarning
     if not debug:
         warnings.showwarning = _showwarning  # one line per warning, like the errors
@@ -442,26 +525,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, debug)
     finally:
         warnings.showwarning = shown
+        _COMM = None
+        if joined:  # only a group this call created; a script that set one up keeps it
+            with contextlib.suppress(Exception):
+                nd.dist.destroy_process_group()
+
+
+def _exit_code(e: Exception) -> tuple[int, str]:
+    """The exit code of an exception, and its one-line message."""
+    if isinstance(e, CLIError):
+        return e.code, str(e)
+    if isinstance(e, (InputError, ResultTooLargeError, FileNotFoundError)):
+        return EXIT_INPUT, str(e)
+    if isinstance(e, ModelError):
+        return EXIT_MODEL, str(e)
+    # Anything else is a bug or an input nobody foresaw: still one line, the details with --debug.
+    return EXIT_INTERNAL, f"{type(e).__name__}: {e}"
+
+
+#: nnsim.distributed.together's message on the ranks that did not fail themselves.
+_OTHER_RANK_FAILED = re.compile(r"rank \d+ failed: ")
 
 
 def _run(args: argparse.Namespace, debug: bool) -> int:
+    own = True
     try:
-        return int(args.func(args))
+        code, message = int(args.func(args)), ""
     except KeyboardInterrupt:
+        # Not negotiated: the launcher stops every rank (torchrun forwards the signal).
         error("interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:
         if debug:
+            if _COMM is not None:
+                print(f"nnsim: rank {_COMM.rank}:", file=sys.stderr, flush=True)
             traceback.print_exc()
-        if isinstance(e, CLIError):
-            error(str(e))
-            return e.code
-        if isinstance(e, (InputError, ResultTooLargeError, FileNotFoundError)):
-            error(str(e))
-            return EXIT_INPUT
-        if isinstance(e, ModelError):
-            error(str(e))
-            return EXIT_MODEL
-        # Anything else is a bug or an input nobody foresaw: still one line, the details with --debug.
-        error(f"{type(e).__name__}: {e}" + ("" if debug else " (rerun with --debug for the traceback)"))
-        return EXIT_INTERNAL
+        code, message = _exit_code(e)
+        if not debug and code == EXIT_INTERNAL:
+            message += " (rerun with --debug for the traceback)"
+        # A rank that only learnt that another rank failed defers to that rank's own error and exit code.
+        own = not (isinstance(e, nd.DistributedError) and _OTHER_RANK_FAILED.match(str(e)))
+    if _COMM is None:
+        if code != EXIT_OK:
+            error(message)
+        return code
+    return _agree_on_exit(code, message, own)
+
+
+def _agree_on_exit(code: int, message: str, own: bool) -> int:
+    """Under torchrun: every rank gets here together (each step of a command either fails on every rank or on
+    none), exchanges its outcome, and returns the same exit code: that of the first rank that failed on its own.
+    Rank 0 prints the error once (with the failing ranks when they are not all of them, or differ)."""
+    assert _COMM is not None
+    try:
+        outcomes = nd.all_gather_object(_COMM, (code, message, own))
+    except Exception as e:  # the group broke (a rank died): report what this rank knows
+        if code != EXIT_OK:
+            error(message, every_rank=True)
+        error(f"could not exchange the exit status with the other ranks: {type(e).__name__}: {e}", every_rank=True)
+        return code if code != EXIT_OK else EXIT_INTERNAL
+    failed = [(r, c, m, o) for r, (c, m, o) in enumerate(outcomes) if c != EXIT_OK]
+    if not failed:
+        return EXIT_OK
+    causes = [f for f in failed if f[3]] or failed
+    if len(causes) == _COMM.world and len({m for _, _, m, _ in causes}) == 1:
+        error(causes[0][2])  # every rank failed alike (a missing file, a bad option): say it once
+    else:
+        for r, _, m, _ in causes:
+            error(f"rank {r}: {m}")
+    return causes[0][1]
