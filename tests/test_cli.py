@@ -255,3 +255,10 @@ def test_denoise_and_index_commands(demo_dir, tmp_path, capsys):
     assert main(["index", "query", *common[:-3], "--limit", "50", "--index", str(tmp_path / "idx"), "--query", "1",
                  "--out", str(tmp_path / "q2.csv")]) == 3
     assert "indexes 60 samples but --data has 50" in capsys.readouterr().err
+
+
+def test_reproduce_lists_the_papers_experiments(capsys):
+    """The four experiment modules shipped with the package are what `nnsim reproduce` offers."""
+    assert main(["reproduce", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "available: label_noise, mnist_criterion, registration, toy1d" in err
