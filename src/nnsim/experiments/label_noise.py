@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import platform
 import time
@@ -312,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--flip-fraction must be in (0, 1)")
     if cfg.folds < 2 or cfg.epochs < 1 or cfg.n < 10 * cfg.folds:
         ap.error("need --folds >= 2, --epochs >= 1 and --n >= 10 * folds")
+    missing = [m for m in ("cleanlab", "sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:  # checked before any training, not after minutes of it
+        ap.error(f"needs {', '.join(missing)}: pip install \"nnsim[experiments]\"")
     torch.set_num_threads(a.threads)
     run(cfg, Path(a.out), log=functools.partial(print, flush=True))
 
