@@ -32,18 +32,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
+from bench_density import build  # the same MLP / CNN as the single-process density benchmark
 
 import nnsim
-
-
-def build(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    if name == "MLP":
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                             nn.Linear(256, 10))
-    return nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 10))
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, init: str, out: str) -> None:

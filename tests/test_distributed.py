@@ -7,10 +7,12 @@ against brute-force per-sample autograd elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,14 @@ class _Dying(Dataset):
 
 def _build(path: str, die_at: int | None) -> list[tuple[int, int]]:
     """Build the store at ``path`` (rank 1 dies on row ``die_at``); (start, rows) of every computed chunk."""
+    with _counting_chunks() as computed:
+        FeatureIndex.build(_sim(), _Dying(_data(), die_at), path, dim=DIM, shard_size=SHARD)
+    return computed
+
+
+@contextlib.contextmanager
+def _counting_chunks() -> Iterator[list[tuple[int, int]]]:
+    """Records (start, rows) of every feature chunk the index computes while the block runs."""
     computed: list[tuple[int, int]] = []
     real = fi.chunk_features
 
@@ -182,10 +192,9 @@ def _build(path: str, die_at: int | None) -> list[tuple[int, int]]:
 
     fi.chunk_features = counting
     try:
-        FeatureIndex.build(_sim(), _Dying(_data(), die_at), path, dim=DIM, shard_size=SHARD)
+        yield computed
     finally:
         fi.chunk_features = real
-    return computed
 
 
 def _spawn(root: Path, world: int, resume: Path | None = None, kill: Path | None = None
@@ -378,18 +387,8 @@ def test_single_process_build_adopts_published_shards(tmp_path):
     for e in entries[5:]:
         (store / e["file"]).unlink()
     (store / "manifest.json").write_text(json.dumps(manifest))
-    computed: list[tuple[int, int]] = []
-    real = fi.chunk_features
-
-    def counting(sim, batch, start, *a, **kw):
-        computed.append((start, batch[0].shape[0]))
-        return real(sim, batch, start, *a, **kw)
-
-    fi.chunk_features = counting
-    try:
+    with _counting_chunks() as computed:
         FeatureIndex.build(_sim(), x, store, dim=DIM, shard_size=SHARD)
-    finally:
-        fi.chunk_features = real
     assert sum(n for _, n in computed) == N - 5 * SHARD and min(s for s, _ in computed) == 5 * SHARD
     np.testing.assert_array_equal(_stored(store), want)
     assert sorted(p.name for p in store.glob("*.json")) == ["manifest.json"]
