@@ -15,3 +15,8 @@ class ResultTooLargeError(MemoryError):
 
 class RankDeficiencyWarning(UserWarning):
     """Some K(x, x) are singular: normalised on their range, or undefined (NaN) for zero gradients."""
+
+
+class FallbackWarning(UserWarning):
+    """A layer rule raised or disagreed with autograd on a module: that module alone is computed by the exact
+    per-module fallback (results stay exact; only the speed differs). The message names the module and why."""

@@ -15,11 +15,26 @@ from ..outputs import OutputFn
 
 @dataclass
 class Problem:
-    """A model, the parameters analysed (name -> tensor, registration order) and the output spec."""
+    """A model, the parameters analysed (name -> tensor, registration order) and the output spec.
+
+    ``keys``: the input names when the inputs are a mapping (``{"input_ids": ..., "attention_mask": ...}``,
+    a Hugging Face ``BatchEncoding``): a batch is always a tuple of tensors, and the model is called with
+    them as keyword arguments. None: positional inputs.
+    """
 
     model: nn.Module
     params: dict[str, nn.Parameter]
     output: OutputFn
+    keys: tuple[str, ...] | None = None
+
+    def inputs(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, ...] | dict[str, Tensor]:
+        """The batch as the user gave it: a tuple, or a dict for keyword inputs (what ``output`` receives)."""
+        return batch if self.keys is None else dict(zip(self.keys, batch, strict=True))
+
+    def call(self, batch: tuple[Tensor, ...], model: nn.Module | None = None) -> object:
+        """Run the model (or ``model``, e.g. a functional stand-in) on a batch."""
+        model = self.model if model is None else model
+        return model(*batch) if self.keys is None else model(**self.inputs(batch))
 
 
 def checked_output(
@@ -28,7 +43,7 @@ def checked_output(
     """Apply the output spec and check its result is a [B, d] tensor (and finite, if ``values``)."""
     B = batch[0].shape[0]
     try:
-        y = problem.output(raw, batch)
+        y = problem.output(raw, problem.inputs(batch))
     except TypeError as err:
         raise ModelError(str(err)) from err
     if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != B:

@@ -36,7 +36,9 @@ def _jacobians(
 ) -> tuple[dict[str, Tensor], Tensor]:
     def f(p: dict[str, Tensor], *xs: Tensor) -> tuple[Tensor, Tensor]:
         xs1 = tuple(x.unsqueeze(0) for x in xs)
-        y = checked_output(problem, functional_call(problem.model, p, xs1, strict=False), xs1, values=False)[0]
+        args, kwargs = (xs1, None) if problem.keys is None else ((), problem.inputs(xs1))
+        y = checked_output(problem, functional_call(problem.model, p, args, kwargs, strict=False), xs1,
+                           values=False)[0]
         return y, y
 
     return vmap(jacrev(f, has_aux=True), in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size)(p0, *batch)

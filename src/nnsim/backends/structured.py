@@ -1,43 +1,103 @@
 """One forward pass, d backward passes to the layer outputs, per-layer rules: no per-sample gradient
 is built where a layer rule can avoid it (method spec §7.3).
 
-Planning (once, on the first two samples seen) decides which module handles which parameter:
-* a module whose own parameters are selected gets its registered rule, or the generic fallback;
+Planning (on probe samples of the first chunk, again whenever the input signature changes) decides which
+module handles which parameter, and proves it before any result is returned:
+
+* a module whose own parameters are selected gets its registered rule, or the generic per-module fallback;
 * parameters of a module that is never called (e.g. ``MultiheadAttention.out_proj``, used through its
-  parent's functional code) are handed to the nearest called ancestor's fallback;
-* every parameter's per-sample gradient implied by the rules is then checked against plain autograd on
-  those samples; any parameter whose check fails (a use the hooks cannot see, such as a weight tied into
-  ``F.linear`` in a parent's forward, or a module whose batch axis is not the first) is computed exactly
-  by ``torch.func`` instead. The result is exact in every case; only the speed differs.
+  parent's functional code) go to the nearest called ancestor (its rule if registered with
+  ``children=True``, else its fallback);
+* which arguments of each module call carry the batch on axis 0 is found by probing two batch sizes (so a
+  mask [T, T] is never mistaken for a batch when T equals B); a module output that is shared by the
+  batch (leading size 1, e.g. position embeddings of ids [1, T]) is expanded to B so that its signals are
+  per sample;
+* every parameter's per-sample gradient is checked against plain autograd on the probe. A rule that
+  raises or disagrees sends only its own module down to the exact fallback (``torch.func``), then to a
+  per-sample autograd loop where ``torch.func`` cannot run the module, with one
+  :class:`~nnsim.errors.FallbackWarning` naming the module and the reason. A parameter that even the
+  fallback gets wrong (a use the hooks cannot see, such as a weight tied into ``F.linear`` in a parent's
+  forward) is computed by ``torch.func`` on the whole model (or a per-sample loop) instead.
+
+A plan is stored only once it is verified, so a failure never leaves a half-made plan behind. The result
+is exact in every case; only the speed differs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .._model import layer_of
+from ..errors import FallbackWarning, ModelError
 from ..factors import Dense, Factor
-from . import functorch
+from . import functorch, loop
 from .base import Problem, checked_output, dense_by_layer
-from .rules import Call, Rule, find_rule
-from .rules.fallback import fallback
+from .rules import Call, Found, Rule, find_rule
+from .rules.fallback import fallback, fallback_loop
+
+_PROBE = 3  # samples of the verification probe; batch axes are told apart with a second probe of 2
+_CHECK_DIRECTIONS = 4  # random output directions checked when d is larger than this
+
+
+@dataclass
+class Entry:
+    """How one hooked module's parameters are computed: a chain of methods, the current one at ``level``."""
+
+    layer: str
+    names: dict[str, str]  # local name -> full name
+    found: Found | None
+    level: int = 0
+    reason: str = ""  # why the registered rule was left (empty: it was not, or it never claimed the module)
+    suspects: set[str] = field(default_factory=set)  # parameters the rule disagreed on
+    restored: bool = False
+
+    @property
+    def chain(self) -> list[tuple[str, Rule]]:
+        rule = [(getattr(self.found.rule, "__name__", "rule"), self.found.rule)] if self.found else []
+        return rule + [("fallback", fallback), ("fallback (per-sample loop)", fallback_loop)]
+
+    @property
+    def on_rule(self) -> bool:
+        return self.found is not None and self.level == 0
+
+    @property
+    def method(self) -> tuple[str, Rule] | None:
+        chain = self.chain
+        return chain[self.level] if self.level < len(chain) else None
 
 
 @dataclass
 class Plan:
-    # module -> (layer name, rule, {local name: full name})
-    hooked: dict[nn.Module, tuple[str, Rule, dict[str, str]]] = field(default_factory=dict)
+    hooked: dict[nn.Module, Entry] = field(default_factory=dict)
     tied: set[str] = field(default_factory=set)
     residual: list[str] = field(default_factory=list)
+    residual_loop: bool = False  # torch.func cannot run the model: per-sample autograd for the residual
+    expand: bool = True  # expand batch-shared module outputs (leading size 1) to the batch
+    # module -> per call: (number of flattened argument leaves, positions carrying the batch on axis 0)
+    batched: dict[nn.Module, list[tuple[int, list[int]]] | None] = field(default_factory=dict)
 
     def describe(self) -> dict[str, str]:
-        out = {layer: getattr(rule, "__name__", "rule") for layer, rule, _ in self.hooked.values()}
-        out.update({n: "functorch (exact, outside the layer rules)" for n in self.residual})
+        out = {}
+        for e in self.hooked.values():
+            method = e.method
+            if method is not None and any(full not in self.residual for full in e.names.values()):
+                out[e.layer] = method[0]
+        how = "loop" if self.residual_loop else "functorch"
+        out.update({n: f"{how} (exact, outside the layer rules)" for n in self.residual})
         return out
+
+    def batched_for(self, module: nn.Module, k: int, n_leaves: int) -> list[int] | None:
+        calls = self.batched.get(module)
+        if calls is None or k >= len(calls) or calls[k][0] != n_leaves:
+            return None
+        return calls[k][1]
 
 
 class Structured:
@@ -49,19 +109,64 @@ class Structured:
     def __init__(self, problem: Problem, graph: bool = False) -> None:
         self.problem = problem
         self.graph = graph
-        self.plan: Plan | None = None
+        self.plan: Plan | None = None  # the plan of the latest input signature (what ``describe`` shows)
+        self.plans: dict[tuple, Plan] = {}
 
     # ------------------------------------------------------------------ planning
-    def _make_plan(self, probe: tuple[Tensor, ...]) -> Plan:
+    def _signature(self, batch: tuple[Tensor, ...]) -> tuple:
+        return (self.problem.keys, tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in batch))
+
+    def _make_plan(self, batch: tuple[Tensor, ...]) -> Plan:
+        probe = _probe(batch, _PROBE)
+        plan = self._initial_plan(probe)
+        plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
+        failed_pass: Exception | None = None
+        for _ in range(4 * len(plan.hooked) + 6):
+            outcome = self._check(plan, probe)
+            if isinstance(outcome, Exception):
+                if plan.expand:  # expanded outputs may upset the model's own code: try without
+                    plan.expand = False
+                    plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
+                    continue
+                failed_pass = outcome
+                break
+            errors, bad, residual_failed = outcome
+            if residual_failed:
+                if plan.residual_loop:
+                    raise residual_failed
+                plan.residual_loop = True
+                continue
+            if not errors and not bad:
+                if self._restore_rules(plan):
+                    continue
+                break
+            self._step_down(plan, errors, bad)
+        else:
+            raise ModelError("the structured backend could not verify a plan for this model; use backend='loop'")
+        if failed_pass is not None:
+            warnings.warn(f"the hooked pass of the structured backend fails on this model "
+                          f"({type(failed_pass).__name__}: {failed_pass}); every parameter is computed by the exact "
+                          "whole-model fallback", FallbackWarning, stacklevel=5)
+            plan.residual = list(self.problem.params)
+            plan.residual_loop = not _functorch_runs(self.problem, probe)
+        for e in plan.hooked.values():
+            if e.reason and not e.on_rule and not e.found.tentative:  # type: ignore[union-attr]
+                method = e.method[0] if e.method else "the whole-model fallback"
+                warnings.warn(f"layer rule {e.chain[0][0]!r} for module {e.layer or 'model'!r} "
+                              f"({type(_module_of(plan, e)).__name__}) {e.reason}; computing this module with the "
+                              f"exact {method} instead", FallbackWarning, stacklevel=5)
+        return plan
+
+    def _initial_plan(self, probe: tuple[Tensor, ...]) -> Plan:
         model, params = self.problem.model, self.problem.params
         full_name = {id(p): n for n, p in params.items()}
         modules = dict(model.named_modules(remove_duplicate=True))
         names_of = {m: n for n, m in modules.items()}
         called: set[nn.Module] = set()
         handles = [m.register_forward_hook(lambda mod, i, o: called.add(mod)) for m in modules.values()]
-        try:
-            with torch.no_grad():
-                model(*probe)
+        try:  # with gradients, as in the real pass (fused inference fast paths skip the submodules)
+            with torch.enable_grad(), _no_fastpath():
+                self.problem.call(probe)
         finally:
             for h in handles:
                 h.remove()
@@ -81,52 +186,167 @@ class Structured:
                 count[full_name[id(p)]] = count.get(full_name[id(p)], 0) + 1
         plan = Plan(tied={n for n, c in count.items() if c > 1})
         for m, names in owned.items():
-            rule = find_rule(m) if all("." not in k for k in names) else None
-            plan.hooked[m] = (names_of[m], rule or fallback, names)
-        self.plan = plan
-        plan.residual = self._verify(probe)
+            found = find_rule(m)
+            if found is not None and not found.children and any("." in k for k in names):
+                found = None  # the rule does not claim uncalled children's parameters
+            plan.hooked[m] = Entry(names_of[m], names, found)
         return plan
 
-    def _verify(self, probe: tuple[Tensor, ...]) -> list[str]:
-        """Parameters whose rule-based per-sample gradients disagree with autograd on the probe samples."""
-        params = self.problem.params
-        bad: set[str] = set()
-        graph, self.graph = self.graph, False  # values only: no double-backward graph for the check
+    def _batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]
+                    ) -> dict[nn.Module, list[tuple[int, list[int]]] | None]:
+        """Per module call, the argument leaves whose axis 0 follows the batch size (2 vs 3 samples)."""
+        plan.batched = {}
+        seen = [self._record(plan, small), self._record(plan, large)]
+        out: dict[nn.Module, list[tuple[int, list[int]]] | None] = {}
+        for m in plan.hooked:
+            a, b = seen[0].get(m, []), seen[1].get(m, [])
+            if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b, strict=True)):
+                out[m] = None  # data-dependent calls: decided per call from the shapes
+                continue
+            n_small, n_large = small[0].shape[0], large[0].shape[0]
+            out[m] = [(len(x), [i for i, (s, t) in enumerate(zip(x, y, strict=True)) if s == n_small and t == n_large])
+                      for x, y in zip(a, b, strict=True)]
+        return out
+
+    def _record(self, plan: Plan, batch: tuple[Tensor, ...]) -> dict[nn.Module, list[list[int | None]]]:
+        dims: dict[nn.Module, list[list[int | None]]] = {m: [] for m in plan.hooked}
+        B = batch[0].shape[0]
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
+            flat = tree_flatten((args, kwargs))[0]
+            dims[mod].append([t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None for t in flat])
+            if plan.expand and B > 1 and not _has_batched(flat, None, B):
+                return tree_map(lambda t: _expand(t, B), out)
+            return out
+
+        with torch.no_grad(), _hooks(plan, hook):
+            self.problem.call(batch)
+        return dims
+
+    def _check(self, plan: Plan, probe: tuple[Tensor, ...]
+               ) -> Exception | tuple[dict[nn.Module, str], dict[str, str], Exception | None]:
+        """Run the plan on the probe and compare every parameter's per-sample gradient with autograd.
+
+        Returns the hooked pass's exception, or (modules whose method raised: why, parameters that
+        disagree: why, the residual's exception)."""
+        errors: dict[nn.Module, str] = {}
         try:
-            factors, _ = self._run(probe, 0)
-        except Exception:  # a rule or the fallback cannot handle this model: everything goes to torch.func
-            return list(params)
-        finally:
-            self.graph = graph
-        tensors = list(params.values())
-        tol = 1e-9 if next(iter(params.values())).dtype == torch.float64 else 2e-4
+            factors, y = self._pass(plan, probe, 0, graph=False, errors=errors, residual=False)
+        except Exception as err:  # noqa: BLE001  (any failure of the hooked pass: planned around)
+            return err
+        residual_failed = None
+        if plan.residual:
+            try:
+                factors += self._residual(plan, probe, graph=False)
+            except Exception as err:  # noqa: BLE001
+                residual_failed = err
+                return errors, {}, residual_failed
+        params = self.problem.params
+        d = y.shape[1]
+        if d <= _CHECK_DIRECTIONS:
+            V = torch.eye(d, dtype=y.dtype, device=y.device)
+        else:  # random output directions: a wrong gradient agrees with them with probability zero
+            gen = torch.Generator().manual_seed(1234)
+            V = torch.randn(_CHECK_DIRECTIONS, d, generator=gen, dtype=torch.float64).to(y)
+        names, tensors = list(params), list(params.values())
+        tol = 1e-9 if tensors[0].dtype == torch.float64 else 2e-4
+        bad: dict[str, str] = {}
         for b in range(probe[0].shape[0]):
             rule_grads: dict[str, Tensor] = {}
             for f in factors:
-                for (name, _), g in zip(f.params, f.select(torch.tensor([b])).batch_grad(), strict=False):
+                for (name, _), g in zip(f.params, f.select(torch.tensor([b], device=y.device)).batch_grad(),
+                                        strict=True):
                     rule_grads[name] = rule_grads.get(name, 0) + g
             xb = tuple(t[b : b + 1] for t in probe)
-            y = checked_output(self.problem, self.problem.model(*xb), xb)
-            for c in range(y.shape[1]):
-                auto = [g if g is None else g.detach()
-                        for g in torch.autograd.grad(y[0, c], tensors, retain_graph=True, allow_unused=True)]
+            yb = checked_output(self.problem, self.problem.call(xb), xb)
+            for v in V:
+                auto = torch.autograd.grad(yb[0] @ v, tensors, retain_graph=True, allow_unused=True)
                 scale = max((float(g.norm()) for g in auto if g is not None), default=0.0)
-                for (name, p), g in zip(params.items(), auto, strict=False):
-                    g = torch.zeros_like(p) if g is None else g
+                for name, p, g in zip(names, tensors, auto, strict=True):
+                    g = torch.zeros_like(p) if g is None else g.detach()
                     r = rule_grads.get(name)
-                    r = torch.zeros_like(p) if r is None else r[c]
-                    if float((r - g).norm()) > tol * (max(float(g.norm()), float(r.norm())) + 1e-3 * scale) + 1e-30:
-                        bad.add(name)
-        return [n for n in params if n in bad]
+                    r = torch.zeros_like(p) if r is None else torch.einsum("c,c...->...", v.to(r.dtype), r)
+                    err = float((r - g).norm())
+                    if err > tol * (max(float(g.norm()), float(r.norm())) + 1e-3 * scale) + 1e-30:
+                        bad.setdefault(name, f"disagrees with autograd on {name} (error {err:.2g}, gradient norm "
+                                             f"{float(g.norm()):.2g})")
+        return errors, bad, residual_failed
+
+    def _step_down(self, plan: Plan, errors: dict[nn.Module, str], bad: dict[str, str]) -> None:
+        """Each failing module one step down its chain; parameters its fallbacks get wrong go to the residual."""
+        for m, why in errors.items():
+            e = plan.hooked[m]
+            if e.on_rule:
+                e.reason = f"raised {why}"
+            e.level += 1
+            if e.method is None:
+                plan.residual.extend(n for n in e.names.values() if n not in plan.residual)
+        moved: set[nn.Module] = set(errors)
+        for name, why in bad.items():
+            holders = [(m, e) for m, e in plan.hooked.items() if name in e.names.values()]
+            on_rule = [(m, e) for m, e in holders if e.on_rule and m not in moved]
+            if on_rule:
+                for m, e in on_rule:
+                    e.reason, e.level = why, e.level + 1
+                    e.suspects.add(name)
+                    moved.add(m)
+            elif not any(m in moved for m, _ in holders) and name not in plan.residual:
+                plan.residual.append(name)
+        order = list(self.problem.params)
+        plan.residual.sort(key=order.index)
+
+    @staticmethod
+    def _restore_rules(plan: Plan) -> bool:
+        """A rule that disagreed only on parameters the fallback got wrong too was not at fault (the parameter
+        has a use the hooks cannot see): give the module its rule back for the rest, once."""
+        restored = False
+        for e in plan.hooked.values():
+            if (e.found is not None and e.level == 1 and e.suspects and not e.restored
+                    and e.suspects <= set(plan.residual) and e.reason.startswith("disagrees")):
+                e.level, e.reason, e.restored = 0, "", True
+                restored = True
+        return restored
 
     # ------------------------------------------------------------------ the pass
-    def _run(self, batch: tuple[Tensor, ...], start: int) -> tuple[list[Factor], Tensor]:
-        assert self.plan is not None
-        plan, model = self.plan, self.problem.model
-        if len(plan.residual) == len(self.problem.params):  # no rule applies: skip the hooked pass
-            return functorch.factors(self.problem, batch, start, graph=self.graph)
-        calls: dict[nn.Module, list[Call]] = {m: [] for m in plan.hooked}
-        graph = self.graph
+    def _pass(self, plan: Plan, batch: tuple[Tensor, ...], start: int, graph: bool,
+              errors: dict[nn.Module, str] | None = None, residual: bool = True) -> tuple[list[Factor], Tensor]:
+        """Factors of one batch under ``plan``. With ``errors``, a module whose method raises is recorded there
+        (and skipped) instead of failing the pass."""
+        residual_set = set(plan.residual)
+        active = {m: e for m, e in plan.hooked.items()
+                  if e.method is not None and any(n not in residual_set for n in e.names.values())}
+        if not active:  # no rule applies: skip the hooked pass
+            y = None
+            factors: list[Factor] = []
+        else:
+            factors, y = self._hooked_pass(plan, active, batch, start, graph, errors, residual_set)
+        if residual and plan.residual:
+            if y is None:
+                jac, y = self._residual_jacobians(plan, batch, start, graph)
+                factors.extend(dense_by_layer(self.problem, jac))
+            else:
+                factors.extend(self._residual(plan, batch, graph))
+        assert y is not None or not residual
+        if y is None:  # verification of an all-residual plan: y from a plain call
+            y = checked_output(self.problem, self.problem.call(batch), batch, start)
+        return factors, y if graph else y.detach()
+
+    def _residual_jacobians(self, plan: Plan, batch: tuple[Tensor, ...], start: int, graph: bool
+                            ) -> tuple[dict[str, Tensor], Tensor]:
+        if plan.residual_loop:
+            return loop.jacobians(self.problem, batch, plan.residual, start, graph=graph)
+        jac, y = functorch.jacobians(self.problem, batch, plan.residual, graph=graph)
+        return jac, y
+
+    def _residual(self, plan: Plan, batch: tuple[Tensor, ...], graph: bool) -> list[Factor]:
+        jac, _ = self._residual_jacobians(plan, batch, 0, graph)
+        return dense_by_layer(self.problem, jac)
+
+    def _hooked_pass(self, plan: Plan, active: dict[nn.Module, Entry], batch: tuple[Tensor, ...], start: int,
+                     graph: bool, errors: dict[nn.Module, str] | None, residual_set: set[str]
+                     ) -> tuple[list[Factor], Tensor]:
+        B = batch[0].shape[0]
+        calls: dict[nn.Module, list[Call]] = {m: [] for m in active}
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             # Detached unless graph: the rules need values only, and the factors must not keep the graph alive.
@@ -134,10 +354,16 @@ class Structured:
                 call = Call(args, kwargs, graph=True)
             else:
                 call = Call(tree_map(_detach, args), tree_map(_detach, kwargs))
+            flat = tree_flatten((args, kwargs))[0]
+            call.batch_size = B
+            call.batched = plan.batched_for(mod, len(calls[mod]), len(flat))
+            shared = plan.expand and B > 1 and not _has_batched(flat, call.batched, B)
 
             def tap(t: object) -> object:
                 # Adding a zero leaf lets autograd return d y / d output even if later ops are in place.
                 if isinstance(t, Tensor) and t.is_floating_point():
+                    if shared:
+                        t = _expand(t, B)
                     z = torch.zeros_like(t, requires_grad=True)
                     call.leaves.append(z)
                     return t + z
@@ -147,12 +373,8 @@ class Structured:
             calls[mod].append(call)
             return new
 
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in plan.hooked]
-        try:
-            raw = model(*batch)
-        finally:
-            for h in handles:
-                h.remove()
+        with _hooks(plan, hook, active):
+            raw = self.problem.call(batch)
         y = checked_output(self.problem, raw, batch, start)
         leaves = [z for cs in calls.values() for c in cs for z in c.leaves]
         d = y.shape[1]
@@ -169,20 +391,92 @@ class Structured:
                     call.deltas.append(delta if graph else delta.detach())
                     k += 1
         factors: list[Factor] = []
-        for m, (layer, rule, names) in plan.hooked.items():
-            names = {loc: full for loc, full in names.items() if full not in plan.residual}
-            if names and calls[m]:
-                factors.extend(rule(m, layer, calls[m], names))
-        factors = _merge_tied(factors, plan.tied - set(plan.residual))
-        if plan.residual:
-            jac, _ = functorch.jacobians(self.problem, batch, plan.residual, graph=graph)
-            factors.extend(dense_by_layer(self.problem, jac))
-        return factors, y if graph else y.detach()
+        for m, e in active.items():
+            names = {loc: full for loc, full in e.names.items() if full not in residual_set}
+            if not calls[m] or not calls[m][0].deltas:
+                continue
+            rule = e.method[1]  # type: ignore[index]
+            if errors is None:
+                factors.extend(rule(m, e.layer, calls[m], names))
+                continue
+            try:
+                factors.extend(rule(m, e.layer, calls[m], names))
+            except Exception as err:  # noqa: BLE001  (a failing rule is planned around, never trusted)
+                errors[m] = f"{type(err).__name__}: {err}"
+        factors = _merge_tied(factors, plan.tied - residual_set)
+        return factors, y
 
     def factors(self, batch: tuple[Tensor, ...], start: int = 0) -> tuple[list[Factor], Tensor]:
-        if self.plan is None:
-            self._make_plan(tuple(t[:2] for t in batch))
-        return self._run(batch, start)
+        sig = self._signature(batch)
+        plan = self.plans.get(sig)
+        if plan is None:
+            graph, self.graph = self.graph, False
+            try:
+                plan = self._make_plan(batch)
+            finally:
+                self.graph = graph
+            self.plans[sig] = plan
+        self.plan = plan
+        return self._pass(plan, batch, start, self.graph)
+
+
+def _probe(batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
+    """n samples of the batch (repeated cyclically when it has fewer)."""
+    B = batch[0].shape[0]
+    if B >= n:
+        return tuple(t[:n] for t in batch)
+    idx = torch.arange(n, device=batch[0].device) % B
+    return tuple(t[idx] for t in batch)
+
+
+def _has_batched(flat: list, positions: list[int] | None, B: int) -> bool:
+    candidates = range(len(flat)) if positions is None else positions
+    return any(isinstance(flat[i], Tensor) and flat[i].dim() > 0 and flat[i].shape[0] == B for i in candidates)
+
+
+def _expand(t: object, B: int) -> object:
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0 and t.shape[0] == 1:
+        return t.expand(B, *t.shape[1:])
+    return t
+
+
+def _module_of(plan: Plan, entry: Entry) -> nn.Module:
+    return next(m for m, e in plan.hooked.items() if e is entry)
+
+
+def _functorch_runs(problem: Problem, probe: tuple[Tensor, ...]) -> bool:
+    try:
+        functorch.jacobians(problem, probe[:1], list(problem.params)[:1])
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@contextlib.contextmanager
+def _no_fastpath() -> Iterator[None]:
+    """Fused inference fast paths (nn.TransformerEncoderLayer, nn.MultiheadAttention) call no submodule: off."""
+    mha = getattr(torch.backends, "mha", None)
+    get, set_ = getattr(mha, "get_fastpath_enabled", None), getattr(mha, "set_fastpath_enabled", None)
+    if get is None or set_ is None:
+        yield
+        return
+    was = get()
+    set_(False)
+    try:
+        yield
+    finally:
+        set_(was)
+
+
+@contextlib.contextmanager
+def _hooks(plan: Plan, hook, modules: dict | None = None) -> Iterator[None]:
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in (plan.hooked if modules is None else modules)]
+    try:
+        with _no_fastpath():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _detach(t: object) -> object:

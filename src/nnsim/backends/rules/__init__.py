@@ -1,9 +1,24 @@
 """Per-layer rules of the structured backend: one small module per layer family.
 
 A rule turns the captured calls of one module (its inputs and the back-propagated signals of its
-outputs) into gradient factors for the module's own selected parameters. Rules are registered by module
-class and apply only when the subclass keeps the registered ``forward`` (a subclass that overrides it
-gets the generic fallback instead).
+outputs) into gradient factors for the module's selected parameters. The contract (see docs/method.md):
+
+* ``rule(module, layer, calls, names) -> list[Factor]``: ``calls`` are the module's forward calls of one
+  chunk of B samples (:class:`Call`: ``args``, ``kwargs``, and ``deltas[k]`` = d y_c / d output_k,
+  [B, d, *output_k.shape[1:]] for each floating output tensor, pytree order); ``names`` maps the local
+  parameter names the rule must handle to their full names. It returns factors whose ``params`` are
+  exactly those full names.
+* Every rule is verified numerically against autograd on probe samples before it is used; a rule that
+  raises or disagrees sends only its own module to the exact per-module fallback, with one
+  :class:`nnsim.errors.FallbackWarning`. A rule should therefore check its assumptions and raise a
+  clear error rather than guess.
+
+Rules are found by class (the most derived registered class in the MRO). A subclass that overrides the
+registered ``forward`` still gets the rule, *tentatively*: it is accepted when the verification agrees,
+and silently replaced by the fallback when it does not (it never claimed that forward). Duck-typed rules
+(``register_match``) are tentative too. ``children=True`` lets a rule claim the parameters of children
+that are never called on their own (e.g. ``MultiheadAttention.out_proj``, used functionally by its
+parent): they arrive in ``names`` under dotted local names (``"out_proj.weight"``).
 """
 
 from __future__ import annotations
@@ -24,6 +39,8 @@ class Call:
     ``deltas`` holds, for each floating tensor of the output (pytree order), the signals
     d y_c / d output of every analysed output c: [B, d, *output_shape[1:]]. ``graph``: the arguments and
     signals are part of the autograd graph of the parameters, and the factors built from them must stay so.
+    ``batch_size``: B. ``batched``: positions, in ``tree_flatten((args, kwargs))``, of the tensors that carry
+    the batch on axis 0 (found at planning by probing two batch sizes; None: unknown).
     """
 
     args: tuple[Any, ...]
@@ -31,33 +48,87 @@ class Call:
     leaves: list[Tensor] = field(default_factory=list)
     deltas: list[Tensor] = field(default_factory=list)
     graph: bool = False
+    batch_size: int = 0
+    batched: list[int] | None = None
 
     def input(self, name: str = "input") -> Any:
         return self.args[0] if self.args else self.kwargs[name]
 
+    def batched_input(self, name: str = "input") -> Tensor:
+        """The first input with its batch on axis 0: a batch-broadcast input (leading size 1, e.g. position
+        ids [1, T]) is expanded to B; any other leading size raises (the rule cannot place the batch)."""
+        x = self.input(name)
+        B = self.batch_size or self.deltas[0].shape[0]
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            raise ValueError(f"expected a tensor input with a batch axis, got {type(x).__name__}")
+        if x.shape[0] == B:
+            return x
+        if x.shape[0] == 1:
+            return x.expand(B, *x.shape[1:])
+        raise ValueError(f"input of shape {tuple(x.shape)} has no batch axis 0 of size {B}")
+
 
 # rule(module, layer name, calls, {local param name: full name}) -> factors
 Rule = Callable[[nn.Module, str, list[Call], dict[str, str]], list[Factor]]
-RULES: dict[type, Rule] = {}
 
 
-def register(*classes: type) -> Callable[[Rule], Rule]:
+@dataclass(frozen=True)
+class Registered:
+    rule: Rule
+    children: bool = False
+
+
+RULES: dict[type, Registered] = {}
+MATCHERS: list[tuple[Callable[[nn.Module], bool], Registered]] = []
+
+
+def register(*classes: type, children: bool = False) -> Callable[[Rule], Rule]:
+    """Decorator: ``rule`` handles modules of these classes (and, tentatively, subclasses with their own
+    forward). ``children=True``: it also receives the parameters of children never called on their own."""
+
     def deco(fn: Rule) -> Rule:
         for cls in classes:
-            RULES[cls] = fn
+            RULES[cls] = Registered(fn, children)
         return fn
 
     return deco
 
 
-def find_rule(module: nn.Module) -> Rule | None:
+def register_match(predicate: Callable[[nn.Module], bool], children: bool = False) -> Callable[[Rule], Rule]:
+    """Decorator for duck-typed rules (classes of libraries nnsim does not import, matched by name and
+    attributes): tentative, i.e. kept only when the verification agrees."""
+
+    def deco(fn: Rule) -> Rule:
+        MATCHERS.append((predicate, Registered(fn, children)))
+        return fn
+
+    return deco
+
+
+@dataclass(frozen=True)
+class Found:
+    rule: Rule
+    children: bool
+    tentative: bool
+
+
+def find_rule(module: nn.Module) -> Found | None:
     for cls in type(module).__mro__:
         if cls in RULES:
-            return RULES[cls] if type(module).forward is cls.forward else None
+            reg = RULES[cls]
+            return Found(reg.rule, reg.children, tentative=type(module).forward is not cls.forward)
+    for predicate, reg in MATCHERS:
+        try:
+            ok = predicate(module)
+        except Exception:  # a predicate must never break planning
+            ok = False
+        if ok:
+            return Found(reg.rule, reg.children, tentative=True)
     return None
 
 
-def outer(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[str, str]) -> Outer:
+def outer(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[str, str],
+          weight_transposed: bool = False) -> Outer:
     """An Outer factor for a weight [G*n, m] and optional bias [G*n], from a [B, G, T, m], delta [B, d, G, T, n]."""
     weight = (names["weight"], module.weight.shape) if "weight" in names else None
     bias = (names["bias"], module.bias.shape) if "bias" in names and module.bias is not None else None
@@ -65,7 +136,24 @@ def outer(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[s
         a = a[..., :0]
     if bias is not None:
         a = nn.functional.pad(a, (0, 1), value=1.0)
-    return Outer(layer, a, delta, weight, bias)
+    return Outer(layer, a, delta, weight, bias, weight_transposed=weight_transposed)
 
 
 from . import activation, conv, embedding, linear, norm  # noqa: E402,F401  (registration side effects)
+
+
+def register_rule(module_type: type, rule: Rule, *, children: bool = False) -> Rule:
+    """Public extension point: use ``rule`` for every module of ``module_type`` (and subclasses).
+
+    ``rule(module, layer, calls, names) -> list[Factor]`` receives the module, its name, its captured
+    :class:`Call` objects of one chunk (``args``, ``kwargs``, ``deltas[k]`` [B, d, *output_k.shape[1:]]) and
+    ``{local name: full name}`` of the parameters to handle; it returns :class:`nnsim.factors.Dense` /
+    :class:`nnsim.factors.Outer` factors for exactly those parameters. Before use it is verified against
+    autograd on probe samples; if it raises or disagrees, the module gets the exact fallback and a
+    :class:`nnsim.FallbackWarning`. Returns ``rule`` (usable as a decorator's body).
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not callable(rule):
+        raise TypeError(f"rule must be callable (module, layer, calls, names) -> factors, got {rule!r}")
+    return register(module_type, children=children)(rule)

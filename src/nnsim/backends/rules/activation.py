@@ -21,7 +21,7 @@ def prelu(module: nn.PReLU, layer: str, calls: list[Call], names: dict[str, str]
     k = module.num_parameters
     total = None
     for c in calls:
-        neg = c.input().clamp(max=0)  # [B, C, ...] or [B]
+        neg = c.batched_input().clamp(max=0)  # [B, C, ...] or [B]
         prod = c.deltas[0] * neg[:, None]  # [B, d, ...]
         if k == 1:
             g = prod.reshape(B, d, -1).sum(-1, keepdim=True)

@@ -44,7 +44,7 @@ def conv(module: nn.Conv1d | nn.Conv2d, layer: str, calls: list[Call], names: di
     n = module.out_channels // G
     a_parts, d_parts = [], []
     for c in calls:
-        p = _patches(module, c.input())  # [B, G*m, T]
+        p = _patches(module, c.batched_input())  # [B, G*m, T]
         a_parts.append(p.reshape(B, G, -1, p.shape[-1]).transpose(2, 3))
         d_parts.append(c.deltas[0].reshape(B, d, G, n, -1).transpose(3, 4))
     a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=2)

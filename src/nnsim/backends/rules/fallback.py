@@ -1,8 +1,15 @@
 """Any other module with parameters: exact per-sample gradients of that module alone, in the same pass.
 
-The module is re-run functionally on each captured sample and pulled back with the captured output
-signals (vmap over samples and outputs of a VJP), so only this module's parameters are differentiated.
-Tensor arguments whose leading size is the batch size are taken as batched along axis 0.
+The module is re-run on each captured sample and pulled back with the captured output signals, so only
+this module's parameters are differentiated (its children keep their own rules):
+
+* :func:`fallback`: vmap over samples and outputs of a ``torch.func`` VJP;
+* :func:`fallback_loop`: a per-sample ``torch.autograd`` loop, for modules ``torch.func`` cannot run
+  (e.g. cuDNN-style fused kernels without batching rules).
+
+The tensors that carry the batch on axis 0 are known from planning (:attr:`Call.batched`); the others
+(shared masks, broadcast position ids, recurrent states with the batch elsewhere) are passed whole. Output
+tensors without the batch on axis 0 must receive no signal (e.g. an LSTM's unused final state).
 """
 
 from __future__ import annotations
@@ -21,30 +28,27 @@ def _float_leaves(out: object) -> list[Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
-def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
-    B, d = calls[0].deltas[0].shape[:2]
-    graph = calls[0].graph
-    params = {local: module.get_parameter(local) if graph else module.get_parameter(local).detach() for local in names}
-    total: dict[str, Tensor] = {}
-    for call in calls:
-        flat, spec = tree_flatten((call.args, call.kwargs))
-        batched = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B]
+def _batched_positions(call: Call, flat: list, B: int) -> list[int]:
+    found = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B]
+    if call.batched is None:
+        return found
+    if any(i not in found for i in call.batched):
+        raise ValueError("the module's batched arguments differ from those seen at planning")
+    return list(call.batched)
 
-        def per_sample(xs: tuple[Tensor, ...], deltas: tuple[Tensor, ...], flat=flat, spec=spec, batched=batched):
-            leaves = list(flat)
-            for i, x in zip(batched, xs, strict=False):
-                leaves[i] = x.unsqueeze(0)
-            args, kwargs = tree_unflatten(leaves, spec)
-            _, pull = vjp(lambda p: _float_leaves(functional_call(module, p, args, kwargs)), params)
-            return vmap(lambda *ds: pull([dd.unsqueeze(0) for dd in ds])[0])(*deltas)
 
-        # torch.func ignores an outer no_grad for its own transforms; here it only stops the results from
-        # recording a graph through the module's other (not differentiated) parameters.
-        # (In graph mode the results must stay differentiable: no no_grad.)
-        with torch.enable_grad() if graph else torch.no_grad():
-            grads = vmap(per_sample)(tuple(flat[i] for i in batched), tuple(call.deltas))
-        for local, g in grads.items():
-            total[local] = total.get(local, 0) + g
+def _signal_split(call: Call, B: int) -> tuple[list[int], list[Tensor]]:
+    """Which output leaves carry per-sample signals ([B, d, ...]); the others must be unused (zero)."""
+    keep = []
+    for k, delta in enumerate(call.deltas):
+        if call.leaves[k].dim() > 0 and call.leaves[k].shape[0] == B:
+            keep.append(k)
+        elif bool((delta != 0).any()):
+            raise ValueError(f"output {k} of shape {tuple(call.leaves[k].shape)} has no batch axis 0 but is used")
+    return keep, [call.deltas[k] for k in keep]
+
+
+def _factors(module: nn.Module, names: dict[str, str], total: dict[str, Tensor], B: int, d: int) -> list[Factor]:
     # One factor per owning module, so that per-layer results name the same layers on every backend.
     by_owner: dict[str, list[str]] = {}
     for local, full in names.items():
@@ -54,3 +58,72 @@ def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, 
               [(names[k], module.get_parameter(k).shape) for k in locals_])
         for owner, locals_ in by_owner.items()
     ]
+
+
+def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
+    B, d = calls[0].deltas[0].shape[:2]
+    graph = calls[0].graph
+    params = {local: module.get_parameter(local) if graph else module.get_parameter(local).detach() for local in names}
+    total: dict[str, Tensor] = {}
+    for call in calls:
+        flat, spec = tree_flatten((call.args, call.kwargs))
+        batched = _batched_positions(call, flat, B)
+        keep, deltas = _signal_split(call, B)
+
+        def per_sample(xs: tuple[Tensor, ...], ds: tuple[Tensor, ...], flat=flat, spec=spec, batched=batched,
+                       keep=keep):
+            leaves = list(flat)
+            for i, x in zip(batched, xs, strict=True):
+                leaves[i] = x.unsqueeze(0)
+            args, kwargs = tree_unflatten(leaves, spec)
+            outs, pull = vjp(lambda p: _float_leaves(functional_call(module, p, args, kwargs)), params)
+
+            def one_output(*dc: Tensor) -> dict[str, Tensor]:
+                cot = [torch.zeros_like(o) for o in outs]
+                for k, dd in zip(keep, dc, strict=True):
+                    cot[k] = dd.unsqueeze(0)
+                return pull(cot)[0]
+
+            return vmap(one_output)(*ds)
+
+        # torch.func ignores an outer no_grad for its own transforms; here it only stops the results from
+        # recording a graph through the module's other (not differentiated) parameters.
+        # (In graph mode the results must stay differentiable: no no_grad.)
+        with torch.enable_grad() if graph else torch.no_grad():
+            grads = vmap(per_sample)(tuple(flat[i] for i in batched), tuple(deltas))
+        for local, g in grads.items():
+            total[local] = total.get(local, 0) + g
+    return _factors(module, names, total, B, d)
+
+
+def fallback_loop(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
+    B, d = calls[0].deltas[0].shape[:2]
+    graph = calls[0].graph
+    locals_ = list(names)
+    tensors = [module.get_parameter(k) for k in locals_]
+    total: dict[str, Tensor] = {}
+    for call in calls:
+        flat, spec = tree_flatten((call.args, call.kwargs))
+        batched = _batched_positions(call, flat, B)
+        keep, deltas = _signal_split(call, B)
+        rows: list[list[Tensor]] = [[] for _ in locals_]
+        for b in range(B):
+            leaves = list(flat)
+            for i in batched:
+                leaves[i] = flat[i][b : b + 1]
+            args, kwargs = tree_unflatten(leaves, spec)
+            with torch.enable_grad():
+                outs = _float_leaves(module(*args, **kwargs))
+                used = [outs[k] for k in keep]
+                cols: list[list[Tensor]] = [[] for _ in locals_]
+                for c in range(d):
+                    gs = torch.autograd.grad(used, tensors, [dl[b, c].unsqueeze(0) for dl in deltas],
+                                             retain_graph=c < d - 1 or graph, create_graph=graph, allow_unused=True)
+                    for j, (g, p) in enumerate(zip(gs, tensors, strict=True)):
+                        cols[j].append(torch.zeros_like(p) if g is None else (g if graph else g.detach()))
+            for j in range(len(locals_)):
+                rows[j].append(torch.stack(cols[j]))
+        for j, k in enumerate(locals_):
+            g = torch.stack(rows[j])
+            total[k] = total.get(k, 0) + g
+    return _factors(module, names, total, B, d)

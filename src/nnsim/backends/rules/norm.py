@@ -1,7 +1,10 @@
 """Affine parameters of normalisation layers: gamma gets sum(delta * x_hat), beta gets sum(delta).
 
 x_hat is recomputed from the captured input with the layer's own statistics (running statistics for
-BatchNorm in eval mode, per-sample statistics for LayerNorm and GroupNorm), so samples stay independent.
+BatchNorm in eval mode, per-sample statistics for LayerNorm, GroupNorm and RMSNorm), so samples stay
+independent. Subclasses with their own forward (timm, Hugging Face) and RMSNorm variants matched by name
+(``LlamaRMSNorm``, ``T5LayerNorm``, ...: weight * x / rms(x), or (1 + weight) * ...) get the same rule
+tentatively: it is kept where the numerical verification agrees.
 """
 
 from __future__ import annotations
@@ -11,7 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...factors import Dense, Factor
-from . import Call, register
+from . import Call, register, register_match
+
+
+def _rms_eps(module: nn.Module, x: Tensor) -> float:
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    return torch.finfo(x.dtype).eps if eps is None else float(eps)
+
+
+def _rms_normalized(module: nn.Module, x: Tensor, trailing: int) -> Tensor:
+    dims = tuple(range(-trailing, 0))
+    return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + _rms_eps(module, x))
 
 
 def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
@@ -20,21 +33,29 @@ def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps), len(module.normalized_shape)
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps), 0
-    return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps), 0
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps), 0
+    trailing = module.weight.dim()  # RMSNorm: the weight covers the normalised trailing axes
+    return _rms_normalized(module, x, trailing), trailing
 
 
-@register(nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_RMS = getattr(nn, "RMSNorm", None)  # torch >= 2.4
+
+
+@register(nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, *([_RMS] if _RMS else []))
 def norm(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
     B, d = calls[0].deltas[0].shape[:2]
     parts: dict[str, Tensor] = {}
     for c in calls:
-        x = c.input()
+        x = c.batched_input()
         # The hook already detached x unless the factors must stay in the autograd graph.
         xhat, trailing = _normalized(module, x)
         delta = c.deltas[0]
-        if trailing:  # LayerNorm: parameters over the trailing axes, sum over the rest
+        if tuple(delta.shape[2:]) != tuple(x.shape[1:]):
+            raise ValueError(f"output signals {tuple(delta.shape)} do not match the input {tuple(x.shape)}")
+        if trailing:  # LayerNorm / RMSNorm: parameters over the trailing axes, sum over the rest
             n = xhat[0].shape[-trailing:].numel()
-            dv, xv = delta.reshape(B, d, -1, n), xhat.reshape(B, 1, -1, n)
+            dv, xv = delta.reshape(B, d, -1, n), xhat.reshape(B, 1, -1, n).to(delta.dtype)
             red = 2
         else:  # BatchNorm / GroupNorm: parameters per channel (axis 1)
             C = x.shape[1]
@@ -46,3 +67,14 @@ def norm(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]
     order = [k for k in ("weight", "bias") if k in names]
     g = torch.cat([parts[k] for k in order], dim=2)
     return [Dense(layer, g, [(names[k], getattr(module, k).shape) for k in order])]
+
+
+def _is_rms_like(module: nn.Module) -> bool:
+    """Hugging Face / timm RMSNorm classes: a name saying so, one weight, no bias, an epsilon."""
+    name = type(module).__name__
+    params = dict(module.named_parameters(recurse=False))
+    return (("RMSNorm" in name or name == "T5LayerNorm") and set(params) == {"weight"}
+            and any(hasattr(module, a) for a in ("eps", "variance_epsilon")))
+
+
+register_match(_is_rms_like)(norm)
