@@ -1,8 +1,14 @@
-"""Turning what users pass (tensors, tuples of tensors, Datasets, DataLoaders) into bounded chunks."""
+"""Turning what users pass (tensors, tuples of tensors, mappings of tensors, Datasets, DataLoaders) into
+bounded chunks.
+
+Internally a batch is always a tuple of tensors with the samples on axis 0. Keyword inputs (a ``dict`` or a
+Hugging Face ``BatchEncoding`` such as ``{"input_ids": ..., "attention_mask": ...}``) are the same tuple plus
+the source's ``keys``; the model is then called with them as keyword arguments.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,24 +22,44 @@ from .errors import InputError
 Batch = tuple[Tensor, ...]
 
 
-def _as_input(item: Any, where: str) -> Batch:
-    """A dataset item or loader batch -> the model input as a tuple of tensors.
+def _mapping(item: Mapping, where: str) -> tuple[Batch, tuple[str, ...]]:
+    keys = tuple(item.keys())
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise InputError(f"{where}: a mapping of inputs needs string keys (the model's argument names), got {keys!r}")
+    bad = [k for k in keys if not isinstance(item[k], Tensor)]
+    if bad:
+        raise InputError(f"{where}: the inputs {bad} are not tensors; pass tensors only (e.g. a tokenizer's "
+                         "return_tensors='pt' output, without the non-tensor fields)")
+    return tuple(item[k] for k in keys), keys
 
-    Items are either the input itself (a tensor) or a sequence whose first element is the input (a
-    tensor or a tuple of tensors); the remaining elements, typically labels, are ignored.
+
+def _keyed_input(item: Any, where: str) -> tuple[Batch, tuple[str, ...] | None]:
+    """A dataset item or loader batch -> (the model input as a tuple of tensors, its keyword names or None).
+
+    Items are either the input itself (a tensor, or a mapping of tensors passed as keyword arguments) or a
+    sequence whose first element is the input (a tensor, a tuple of tensors or a mapping); the remaining
+    elements, typically labels, are ignored.
     """
     if isinstance(item, Tensor):
-        return (item,)
+        return (item,), None
+    if isinstance(item, Mapping):
+        return _mapping(item, where)
     if isinstance(item, (tuple, list)) and item:
         first = item[0]
         if isinstance(first, Tensor):
-            return (first,)
+            return (first,), None
+        if isinstance(first, Mapping):
+            return _mapping(first, where)
         if isinstance(first, (tuple, list)) and first and all(isinstance(t, Tensor) for t in first):
-            return tuple(first)
+            return tuple(first), None
     raise InputError(
-        f"{where}: expected a tensor or a sequence whose first element is the input (a tensor or a tuple "
-        f"of tensors), got {type(item).__name__}"
+        f"{where}: expected a tensor, a mapping of tensors or a sequence whose first element is the input (a "
+        f"tensor, a tuple of tensors or a mapping), got {type(item).__name__}"
     )
+
+
+def _as_input(item: Any, where: str) -> Batch:
+    return _keyed_input(item, where)[0]
 
 
 @dataclass
@@ -43,6 +69,17 @@ class Source:
     data: Any
     n: int
     kind: str
+    names: tuple[str, ...] | None = None  # keyword names of the inputs (mappings); None: positional
+    _probed: bool = False
+
+    @property
+    def keys(self) -> tuple[str, ...] | None:
+        """The inputs' keyword names (a mapping was given), or None for positional inputs."""
+        if self.kind != "tensors" and not self._probed:  # datasets and loaders: from their first item
+            first = self.data[0] if self.kind == "dataset" else next(iter(self.data))
+            self.names = _keyed_input(first, "dataset item" if self.kind == "dataset" else "DataLoader batch")[1]
+            self._probed = True
+        return self.names
 
     def __len__(self) -> int:
         return self.n
@@ -80,8 +117,11 @@ class Source:
 
 def as_source(x: Any, name: str) -> Source:
     """Validate and wrap user inputs. Raises :class:`InputError` with a fix for bad arguments."""
+    names = None
     if isinstance(x, Tensor):
         x = (x,)
+    elif isinstance(x, Mapping):  # keyword inputs: a dict, a Hugging Face BatchEncoding (a UserDict)
+        x, names = _mapping(x, name)
     if isinstance(x, (tuple, list)):
         if not x or not all(isinstance(t, Tensor) for t in x):
             raise InputError(f"{name}: a tuple of inputs must hold tensors only, got {[type(t).__name__ for t in x]}")
@@ -91,7 +131,7 @@ def as_source(x: Any, name: str) -> Source:
         if any(t.shape[0] != n for t in x):
             raise InputError(f"{name}: the tensors of a multi-input tuple have different sample counts "
                              f"{[t.shape[0] for t in x]}")
-        src = Source(tuple(x), n, "tensors")
+        src = Source(tuple(x), n, "tensors", names)
     elif isinstance(x, DataLoader):
         if isinstance(x.sampler, RandomSampler):
             raise InputError(f"{name}: DataLoader(shuffle=True) yields a new order on every pass, so results "
@@ -109,8 +149,8 @@ def as_source(x: Any, name: str) -> Source:
         src = Source(x, n, "dataset")
     else:
         hint = "; convert it with torch.from_numpy(x)" if type(x).__module__ == "numpy" else ""
-        raise InputError(f"{name}: expected a tensor, a tuple of tensors, a Dataset or a DataLoader, "
-                         f"got {type(x).__name__}{hint}")
+        raise InputError(f"{name}: expected a tensor, a tuple of tensors, a mapping of tensors, a Dataset or a "
+                         f"DataLoader, got {type(x).__name__}{hint}")
     if src.n == 0:
         raise InputError(f"{name} is empty: nothing to compare")
     return src
@@ -127,5 +167,7 @@ def check_finite(batch: Batch, start: int, name: str) -> None:
                                  "clean or drop these samples")
 
 
-def sample_signature(batch: Batch) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    return [(tuple(t.shape[1:]), t.dtype) for t in batch]
+def sample_signature(batch: Batch, keys: tuple[str, ...] | None = None) -> list:
+    """(shape of one sample, dtype) per input, with its keyword name when the inputs are a mapping."""
+    sig = [(tuple(t.shape[1:]), t.dtype) for t in batch]
+    return sig if keys is None else list(zip(keys, sig, strict=True))

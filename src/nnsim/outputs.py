@@ -1,12 +1,14 @@
 """Output specifications: which d values per sample are analysed (method spec §6.3, §8.2).
 
 An output spec is a callable ``(model_output, inputs) -> Tensor[B, d]``. It must treat samples
-independently (it is also called on single samples under ``torch.func.vmap``).
+independently (it is also called on single samples under ``torch.func.vmap``). ``inputs`` is the tuple of
+input tensors, or a dict when the inputs were given as a mapping (keyword inputs). Every helper accepts a
+Hugging Face ``ModelOutput`` (its ``.logits``) as well as a tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,18 +17,30 @@ from torch import Tensor
 OutputFn = Callable[[Any, tuple[Tensor, ...]], Tensor]
 
 __all__ = [
-    "OutputFn", "flatten", "pixel", "center_pixel", "spatial_sum", "spatial_mean", "logits",
+    "OutputFn", "tensor", "flatten", "pixel", "center_pixel", "spatial_sum", "spatial_mean", "logits",
     "log_softmax_mask", "posnegflat_mask",
 ]
 
 
 def _tensor(out: Any) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"the model returned {type(out).__name__}, not a tensor; pass output=callable(model_output, inputs) "
-            "that returns a [B, d] tensor"
-        )
-    return out
+    """The model's output tensor: the output itself, or the ``logits`` of a Hugging Face ``ModelOutput`` (any
+    object with a tensor ``.logits``, or a mapping with a ``"logits"`` entry)."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        f"the model returned {type(out).__name__}, not a tensor nor an output with .logits; pass "
+        "output=callable(model_output, inputs) that returns a [B, d] tensor"
+    )
+
+
+def tensor(out: Any) -> Tensor:
+    """The tensor a model output stands for (itself, or ``.logits`` / ``["logits"]``), for ``output=`` callables."""
+    return _tensor(out)
 
 
 def flatten(out: Any, inputs: tuple[Tensor, ...]) -> Tensor:

@@ -391,6 +391,7 @@ class Similarity:
     def _auto_chunk(self, src: Source, name: str, by: By, kind: str, mode: str) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
+        self._problem.keys = src.keys  # keyword inputs: the model is called with these names
         probe = next(src.chunks(8))
         c = self._prepare(probe[1], 0, name, by, kind, mode)
         per_sample = max(1, c.nbytes() // c.size)
@@ -405,6 +406,7 @@ class Similarity:
         With ``stop`` (a process's share: ``first`` a multiple of ``size``) only the samples [first, stop) are
         read where the source allows random access (tensors, map-style datasets)."""
         size = size or self._auto_chunk(src, name, by, kind, mode)
+        self._problem.keys = src.keys
         if stop is None:
             for start, batch in src.chunks(size):
                 if start >= first:
@@ -418,7 +420,7 @@ class Similarity:
         src_a = as_source(xa, names[0])
         src_b = src_a if xb is None else as_source(xb, names[1])
         if src_b is not src_a:
-            sa, sb = sample_signature(src_a.first()), sample_signature(src_b.first())
+            sa, sb = sample_signature(src_a.first(), src_a.keys), sample_signature(src_b.first(), src_b.keys)
             if sa != sb:
                 raise InputError(f"{names[0]} and {names[1]} samples differ: {names[0]} has (shape, dtype) {sa}, "
                                  f"{names[1]} has {sb}; both must be valid inputs of the same model")

@@ -12,7 +12,7 @@ never the [B, P] per-sample gradients unless a layer's explicit gradient is the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -35,6 +35,7 @@ VARIANTS = ("one_minus", "authors", "distance")
 _ALIASES = {"enforce": "one_minus", "authors_literal": "authors"}
 
 __all__ = ["SimilarityLoss", "VARIANTS"]
+_TARGETS = "__nnsim_targets__"  # the keyword under which labels travel with keyword inputs
 
 
 class SimilarityLoss:
@@ -173,14 +174,17 @@ class SimilarityLoss:
 
     def _blocks(self, inputs: Any, pairs: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor]:
         """K(A_p, B_p), K(A_p, A_p), K(B_p, B_p) per pair, [n, d, d] each (mean-gradient mode: n = 1)."""
-        batch = self._check_inputs(inputs)
+        batch, keys = self._check_inputs(inputs)
+        self._problem.keys = None if keys is None else keys + ((_TARGETS,) if self.needs_targets else ())
         B = batch[0].shape[0]
         I, J = _check_pairs(pairs, B, batch[0].device)
         if self.needs_targets:
             t = _check_targets(targets, B, batch[0].device)
             if self._num_classes is None:  # one sample through the model tells the number of classes
                 with analysis_mode(self.model, {}), torch.no_grad():
-                    self._num_classes = outputs_mod.flatten(self.model(*(x[:1] for x in batch)), batch).shape[1]
+                    first = tuple(x[:1] for x in batch)
+                    out = self.model(*first) if keys is None else self.model(**dict(zip(keys, first, strict=True)))
+                    self._num_classes = outputs_mod.flatten(out, first).shape[1]
             if bool((t >= self._num_classes).any()):
                 raise InputError(f"targets must be class indices in [0, {self._num_classes}), got {int(t.max())}")
             batch = batch + (t,)
@@ -206,10 +210,18 @@ class SimilarityLoss:
             blocks = K.view(3, n * n, *K.shape[1:]).mean(1, keepdim=True)
             return blocks[0], blocks[1], blocks[2]
 
-    def _check_inputs(self, inputs: Any) -> tuple[Tensor, ...]:
+    def _check_inputs(self, inputs: Any) -> tuple[tuple[Tensor, ...], tuple[str, ...] | None]:
+        """The inputs as a tuple of tensors, and their keyword names when they are a mapping."""
+        keys = None
+        if isinstance(inputs, Mapping):  # keyword inputs (a dict, a Hugging Face BatchEncoding)
+            keys = tuple(inputs.keys())
+            if not all(isinstance(k, str) for k in keys):
+                raise InputError(f"a mapping of inputs needs string keys (the model's argument names), got {keys!r}")
+            inputs = tuple(inputs.values())
         batch = (inputs,) if isinstance(inputs, Tensor) else inputs
         if not isinstance(batch, tuple) or not batch or not all(isinstance(t, Tensor) for t in batch):
-            raise InputError(f"inputs must be a tensor [B, ...] or a tuple of tensors, got {type(inputs).__name__}")
+            raise InputError(f"inputs must be a tensor [B, ...], a tuple or a mapping of tensors, got "
+                             f"{type(inputs).__name__}")
         B = batch[0].shape[0] if batch[0].dim() else 0
         for k, t in enumerate(batch):
             if t.dim() == 0 or t.shape[0] != B:
@@ -219,7 +231,7 @@ class SimilarityLoss:
                 raise InputError(f"input {k} contains NaN or Inf")
         if B == 0:
             raise InputError("inputs are empty (batch size 0)")
-        return batch
+        return batch, keys
 
 
 class _WithTargets(nn.Module):
@@ -229,7 +241,9 @@ class _WithTargets(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args: Tensor) -> Tensor:
+    def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        if kwargs:  # keyword inputs: the labels travel under their own name
+            return self.model(**{k: v for k, v in kwargs.items() if k != _TARGETS})
         return self.model(*args[:-1])
 
 
@@ -237,7 +251,8 @@ def _posnegflat_score(out: Any, inputs: tuple[Tensor, ...]) -> Tensor:
     z = outputs_mod.flatten(out, inputs)
     if z.shape[1] < 2:
         raise ModelError("output='posnegflat' needs a classifier with at least two logits")
-    m = outputs_mod.posnegflat_mask(inputs[-1], z.shape[1], z.dtype)
+    t = inputs[_TARGETS] if isinstance(inputs, Mapping) else inputs[-1]
+    m = outputs_mod.posnegflat_mask(t, z.shape[1], z.dtype)
     return (m * torch.log_softmax(z, dim=-1)).sum(-1, keepdim=True)
 
 

@@ -118,6 +118,8 @@ class Structured:
 
     def _make_plan(self, batch: tuple[Tensor, ...]) -> Plan:
         probe = _probe(batch, _PROBE)
+        with torch.no_grad():  # errors of the model or the output spec themselves are the user's to see
+            checked_output(self.problem, self.problem.call(probe), probe, values=False)
         plan = self._initial_plan(probe)
         plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
         failed_pass: Exception | None = None
