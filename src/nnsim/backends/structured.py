@@ -93,11 +93,13 @@ class Plan:
         out.update({n: f"{how} (exact, outside the layer rules)" for n in self.residual})
         return out
 
-    def batched_for(self, module: nn.Module, k: int, n_leaves: int) -> list[int] | None:
+    def batched_for(self, module: nn.Module, k: int, n_leaves: int) -> tuple[list[int] | None, list[int] | None]:
+        """(argument leaves, floating output leaves) of call k that carry the batch on axis 0 (None: unknown)."""
         calls = self.batched.get(module)
         if calls is None or k >= len(calls) or calls[k][0] != n_leaves:
-            return None
-        return calls[k][1]
+            return None, None
+        sep, positions = calls[k]
+        return [i for i in positions if i < sep], [i - sep - 1 for i in positions if i > sep]
 
 
 class Structured:
@@ -206,7 +208,8 @@ class Structured:
                 out[m] = None  # data-dependent calls: decided per call from the shapes
                 continue
             n_small, n_large = small[0].shape[0], large[0].shape[0]
-            out[m] = [(len(x), [i for i, (s, t) in enumerate(zip(x, y, strict=True)) if s == n_small and t == n_large])
+            out[m] = [(x.index(-1), [i for i, (s, t) in enumerate(zip(x, y, strict=True))
+                                     if s == n_small and t == n_large])
                       for x, y in zip(a, b, strict=True)]
         return out
 
@@ -216,9 +219,11 @@ class Structured:
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             flat = tree_flatten((args, kwargs))[0]
-            dims[mod].append([t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None for t in flat])
             if plan.expand and B > 1 and not _has_batched(flat, None, B):
-                return tree_map(lambda t: _expand(t, B), out)
+                out = tree_map(lambda t: _expand(t, B), out)
+            # argument leaves, then a separator, then the floating output leaves (what gets signals)
+            dims[mod].append([_lead(t) for t in flat] + [-1] + [_lead(t) for t in tree_flatten(out)[0]
+                                                               if isinstance(t, Tensor) and t.is_floating_point()])
             return out
 
         with torch.no_grad(), _hooks(plan, hook):
@@ -358,7 +363,7 @@ class Structured:
                 call = Call(tree_map(_detach, args), tree_map(_detach, kwargs))
             flat = tree_flatten((args, kwargs))[0]
             call.batch_size = B
-            call.batched = plan.batched_for(mod, len(calls[mod]), len(flat))
+            call.batched, call.out_batched = plan.batched_for(mod, len(calls[mod]), len(flat))
             shared = plan.expand and B > 1 and not _has_batched(flat, call.batched, B)
 
             def tap(t: object) -> object:
@@ -434,6 +439,10 @@ def _probe(batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
 def _has_batched(flat: list, positions: list[int] | None, B: int) -> bool:
     candidates = range(len(flat)) if positions is None else positions
     return any(isinstance(flat[i], Tensor) and flat[i].dim() > 0 and flat[i].shape[0] == B for i in candidates)
+
+
+def _lead(t: object) -> int | None:
+    return t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None
 
 
 def _expand(t: object, B: int) -> object:

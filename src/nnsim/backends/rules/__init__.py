@@ -40,7 +40,8 @@ class Call:
     d y_c / d output of every analysed output c: [B, d, *output_shape[1:]]. ``graph``: the arguments and
     signals are part of the autograd graph of the parameters, and the factors built from them must stay so.
     ``batch_size``: B. ``batched``: positions, in ``tree_flatten((args, kwargs))``, of the tensors that carry
-    the batch on axis 0 (found at planning by probing two batch sizes; None: unknown).
+    the batch on axis 0 (found at planning by probing two batch sizes; None: unknown); ``out_batched`` the
+    same for the output leaves.
     """
 
     args: tuple[Any, ...]
@@ -50,6 +51,7 @@ class Call:
     graph: bool = False
     batch_size: int = 0
     batched: list[int] | None = None
+    out_batched: list[int] | None = None  # the same for the floating output leaves (``deltas`` order)
 
     def input(self, name: str = "input") -> Any:
         return self.args[0] if self.args else self.kwargs[name]

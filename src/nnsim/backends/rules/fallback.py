@@ -41,7 +41,8 @@ def _signal_split(call: Call, B: int) -> tuple[list[int], list[Tensor]]:
     """Which output leaves carry per-sample signals ([B, d, ...]); the others must be unused (zero)."""
     keep = []
     for k, delta in enumerate(call.deltas):
-        if call.leaves[k].dim() > 0 and call.leaves[k].shape[0] == B:
+        known = call.out_batched is not None and len(call.out_batched) <= len(call.deltas)
+        if (k in call.out_batched) if known else (call.leaves[k].dim() > 0 and call.leaves[k].shape[0] == B):
             keep.append(k)
         elif bool((delta != 0).any()):
             raise ValueError(f"output {k} of shape {tuple(call.leaves[k].shape)} has no batch axis 0 but is used")
