@@ -81,7 +81,7 @@ class Plan:
     residual_loop: bool = False  # torch.func cannot run the model: per-sample autograd for the residual
     expand: bool = True  # expand batch-shared module outputs (leading size 1) to the batch
     # module -> per call: (number of flattened argument leaves, positions carrying the batch on axis 0)
-    batched: dict[nn.Module, list[tuple[int, list[int]]] | None] = field(default_factory=dict)
+    batched: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = field(default_factory=dict)
 
     def describe(self) -> dict[str, str]:
         out = {}
@@ -93,13 +93,14 @@ class Plan:
         out.update({n: f"{how} (exact, outside the layer rules)" for n in self.residual})
         return out
 
-    def batched_for(self, module: nn.Module, k: int, n_leaves: int) -> tuple[list[int] | None, list[int] | None]:
-        """(argument leaves, floating output leaves) of call k that carry the batch on axis 0 (None: unknown)."""
+    def batched_for(self, module: nn.Module, k: int, n_leaves: int
+                    ) -> tuple[dict[int, int] | None, dict[int, int] | None]:
+        """{leaf: batch axis} of the argument leaves and of the floating output leaves of call k (None: unknown)."""
         calls = self.batched.get(module)
         if calls is None or k >= len(calls) or calls[k][0] != n_leaves:
             return None, None
-        sep, positions = calls[k]
-        return [i for i in positions if i < sep], [i - sep - 1 for i in positions if i > sep]
+        sep, axes = calls[k]
+        return {i: a for i, a in axes.items() if i < sep}, {i - sep - 1: a for i, a in axes.items() if i > sep}
 
 
 class Structured:
@@ -197,24 +198,24 @@ class Structured:
         return plan
 
     def _batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]
-                    ) -> dict[nn.Module, list[tuple[int, list[int]]] | None]:
+                    ) -> dict[nn.Module, list[tuple[int, dict[int, int]]] | None]:
         """Per module call, the argument leaves whose axis 0 follows the batch size (2 vs 3 samples)."""
         plan.batched = {}
         seen = [self._record(plan, small), self._record(plan, large)]
-        out: dict[nn.Module, list[tuple[int, list[int]]] | None] = {}
+        out: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = {}
         for m in plan.hooked:
             a, b = seen[0].get(m, []), seen[1].get(m, [])
             if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b, strict=True)):
                 out[m] = None  # data-dependent calls: decided per call from the shapes
                 continue
             n_small, n_large = small[0].shape[0], large[0].shape[0]
-            out[m] = [(x.index(-1), [i for i, (s, t) in enumerate(zip(x, y, strict=True))
-                                     if s == n_small and t == n_large])
+            out[m] = [(x.index(-1), {i: ax for i, (s, t) in enumerate(zip(x, y, strict=True))
+                                     if (ax := _batch_axis(s, t, n_small, n_large)) is not None})
                       for x, y in zip(a, b, strict=True)]
         return out
 
-    def _record(self, plan: Plan, batch: tuple[Tensor, ...]) -> dict[nn.Module, list[list[int | None]]]:
-        dims: dict[nn.Module, list[list[int | None]]] = {m: [] for m in plan.hooked}
+    def _record(self, plan: Plan, batch: tuple[Tensor, ...]) -> dict[nn.Module, list[list]]:
+        dims: dict[nn.Module, list[list]] = {m: [] for m in plan.hooked}
         B = batch[0].shape[0]
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
@@ -222,8 +223,8 @@ class Structured:
             if plan.expand and B > 1 and not _has_batched(flat, None, B):
                 out = tree_map(lambda t: _expand(t, B), out)
             # argument leaves, then a separator, then the floating output leaves (what gets signals)
-            dims[mod].append([_lead(t) for t in flat] + [-1] + [_lead(t) for t in tree_flatten(out)[0]
-                                                               if isinstance(t, Tensor) and t.is_floating_point()])
+            dims[mod].append([_shape(t) for t in flat] + [-1] + [_shape(t) for t in tree_flatten(out)[0]
+                                                                if isinstance(t, Tensor) and t.is_floating_point()])
             return out
 
         with torch.no_grad(), _hooks(plan, hook):
@@ -393,8 +394,10 @@ class Structured:
         k = 0
         for cs in calls.values():
             for call in cs:
-                for z in call.leaves:
-                    delta = torch.stack([torch.zeros_like(z) if g[k] is None else g[k] for g in per_c], dim=1)
+                for j, z in enumerate(call.leaves):
+                    axis = (call.out_batched or {}).get(j, 0)  # the rules get signals [B, d, ...]
+                    delta = torch.stack([(torch.zeros_like(z) if g[k] is None else g[k]).movedim(axis, 0)
+                                         for g in per_c], dim=1)
                     call.deltas.append(delta if graph else delta.detach())
                     k += 1
         factors: list[Factor] = []
@@ -436,13 +439,25 @@ def _probe(batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
     return tuple(t[idx] for t in batch)
 
 
-def _has_batched(flat: list, positions: list[int] | None, B: int) -> bool:
-    candidates = range(len(flat)) if positions is None else positions
-    return any(isinstance(flat[i], Tensor) and flat[i].dim() > 0 and flat[i].shape[0] == B for i in candidates)
+def _has_batched(flat: list, axes: dict[int, int] | None, B: int) -> bool:
+    if axes is not None:
+        return bool(axes)
+    return any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B for t in flat)
 
 
-def _lead(t: object) -> int | None:
-    return t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None
+def _shape(t: object) -> tuple[int, ...] | None:
+    return tuple(t.shape) if isinstance(t, Tensor) else None
+
+
+def _batch_axis(small: tuple[int, ...] | None, large: tuple[int, ...] | None, n_small: int, n_large: int
+                ) -> int | None:
+    """The axis that holds the batch: the one that alone follows the batch size between the two probes."""
+    if not isinstance(small, tuple) or not isinstance(large, tuple) or len(small) != len(large) or small == large:
+        return None
+    moved = [i for i, (s, t) in enumerate(zip(small, large, strict=True)) if s != t]
+    if len(moved) == 1 and small[moved[0]] == n_small and large[moved[0]] == n_large:
+        return moved[0]
+    return None
 
 
 def _expand(t: object, B: int) -> object:

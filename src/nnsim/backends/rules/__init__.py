@@ -39,9 +39,9 @@ class Call:
     ``deltas`` holds, for each floating tensor of the output (pytree order), the signals
     d y_c / d output of every analysed output c: [B, d, *output_shape[1:]]. ``graph``: the arguments and
     signals are part of the autograd graph of the parameters, and the factors built from them must stay so.
-    ``batch_size``: B. ``batched``: positions, in ``tree_flatten((args, kwargs))``, of the tensors that carry
-    the batch on axis 0 (found at planning by probing two batch sizes; None: unknown); ``out_batched`` the
-    same for the output leaves.
+    ``batch_size``: B. ``batched``: {position in ``tree_flatten((args, kwargs))``: batch axis} of the tensors
+    that carry the batch (found at planning by probing two batch sizes; None: unknown); ``out_batched`` the
+    same for the floating output leaves (their ``deltas`` always have the batch first).
     """
 
     args: tuple[Any, ...]
@@ -50,8 +50,8 @@ class Call:
     deltas: list[Tensor] = field(default_factory=list)
     graph: bool = False
     batch_size: int = 0
-    batched: list[int] | None = None
-    out_batched: list[int] | None = None  # the same for the floating output leaves (``deltas`` order)
+    batched: dict[int, int] | None = None
+    out_batched: dict[int, int] | None = None  # the same for the floating output leaves (``deltas`` order)
 
     def input(self, name: str = "input") -> Any:
         return self.args[0] if self.args else self.kwargs[name]
@@ -63,6 +63,9 @@ class Call:
         B = self.batch_size or self.deltas[0].shape[0]
         if not isinstance(x, Tensor) or x.dim() == 0:
             raise ValueError(f"expected a tensor input with a batch axis, got {type(x).__name__}")
+        axis = (self.batched or {}).get(0, 0) if self.args else 0
+        if axis:  # e.g. a sequence-first [T, B, C] input: batch first, like the signals
+            return x.movedim(axis, 0)
         if x.shape[0] == B:
             return x
         if x.shape[0] == 1:

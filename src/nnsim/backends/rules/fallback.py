@@ -28,25 +28,26 @@ def _float_leaves(out: object) -> list[Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
-def _batched_positions(call: Call, flat: list, B: int) -> list[int]:
-    found = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B]
+def _batched_axes(call: Call, flat: list, B: int) -> dict[int, int]:
+    """{argument leaf: batch axis}: from planning, else the tensors whose axis 0 has the batch size."""
     if call.batched is None:
-        return found
-    if any(i not in found for i in call.batched):
+        return {i: 0 for i, t in enumerate(flat) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B}
+    if any(not isinstance(flat[i], Tensor) or flat[i].shape[a] != B for i, a in call.batched.items()):
         raise ValueError("the module's batched arguments differ from those seen at planning")
-    return list(call.batched)
+    return dict(call.batched)
 
 
-def _signal_split(call: Call, B: int) -> tuple[list[int], list[Tensor]]:
-    """Which output leaves carry per-sample signals ([B, d, ...]); the others must be unused (zero)."""
-    keep = []
+def _signal_split(call: Call, B: int) -> tuple[dict[int, int], list[Tensor]]:
+    """{output leaf: batch axis} of those that carry per-sample signals, and their signals [B, d, ...]; the
+    other outputs must be unused (zero signal)."""
+    if call.out_batched is not None:
+        axes = dict(call.out_batched)
+    else:
+        axes = {k: 0 for k, z in enumerate(call.leaves) if z.dim() > 0 and z.shape[0] == B}
     for k, delta in enumerate(call.deltas):
-        known = call.out_batched is not None and len(call.out_batched) <= len(call.deltas)
-        if (k in call.out_batched) if known else (call.leaves[k].dim() > 0 and call.leaves[k].shape[0] == B):
-            keep.append(k)
-        elif bool((delta != 0).any()):
-            raise ValueError(f"output {k} of shape {tuple(call.leaves[k].shape)} has no batch axis 0 but is used")
-    return keep, [call.deltas[k] for k in keep]
+        if k not in axes and bool((delta != 0).any()):
+            raise ValueError(f"output {k} of shape {tuple(call.leaves[k].shape)} has no batch axis but is used")
+    return axes, [call.deltas[k] for k in axes]
 
 
 def _factors(module: nn.Module, names: dict[str, str], total: dict[str, Tensor], B: int, d: int) -> list[Factor]:
@@ -68,21 +69,21 @@ def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, 
     total: dict[str, Tensor] = {}
     for call in calls:
         flat, spec = tree_flatten((call.args, call.kwargs))
-        batched = _batched_positions(call, flat, B)
+        batched = _batched_axes(call, flat, B)
         keep, deltas = _signal_split(call, B)
 
         def per_sample(xs: tuple[Tensor, ...], ds: tuple[Tensor, ...], flat=flat, spec=spec, batched=batched,
                        keep=keep):
             leaves = list(flat)
-            for i, x in zip(batched, xs, strict=True):
-                leaves[i] = x.unsqueeze(0)
+            for (i, axis), x in zip(batched.items(), xs, strict=True):
+                leaves[i] = x.unsqueeze(axis)
             args, kwargs = tree_unflatten(leaves, spec)
             outs, pull = vjp(lambda p: _float_leaves(functional_call(module, p, args, kwargs)), params)
 
             def one_output(*dc: Tensor) -> dict[str, Tensor]:
                 cot = [torch.zeros_like(o) for o in outs]
-                for k, dd in zip(keep, dc, strict=True):
-                    cot[k] = dd.unsqueeze(0)
+                for (k, axis), dd in zip(keep.items(), dc, strict=True):
+                    cot[k] = dd.unsqueeze(axis)
                 return pull(cot)[0]
 
             return vmap(one_output)(*ds)
@@ -91,7 +92,8 @@ def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, 
         # recording a graph through the module's other (not differentiated) parameters.
         # (In graph mode the results must stay differentiable: no no_grad.)
         with torch.enable_grad() if graph else torch.no_grad():
-            grads = vmap(per_sample)(tuple(flat[i] for i in batched), tuple(deltas))
+            grads = vmap(per_sample, in_dims=(tuple(batched.values()), 0))(
+                tuple(flat[i] for i in batched), tuple(deltas))
         for local, g in grads.items():
             total[local] = total.get(local, 0) + g
     return _factors(module, names, total, B, d)
@@ -105,20 +107,21 @@ def fallback_loop(module: nn.Module, layer: str, calls: list[Call], names: dict[
     total: dict[str, Tensor] = {}
     for call in calls:
         flat, spec = tree_flatten((call.args, call.kwargs))
-        batched = _batched_positions(call, flat, B)
+        batched = _batched_axes(call, flat, B)
         keep, deltas = _signal_split(call, B)
         rows: list[list[Tensor]] = [[] for _ in locals_]
         for b in range(B):
             leaves = list(flat)
-            for i in batched:
-                leaves[i] = flat[i][b : b + 1]
+            for i, axis in batched.items():
+                leaves[i] = flat[i].narrow(axis, b, 1)
             args, kwargs = tree_unflatten(leaves, spec)
             with torch.enable_grad():
                 outs = _float_leaves(module(*args, **kwargs))
                 used = [outs[k] for k in keep]
                 cols: list[list[Tensor]] = [[] for _ in locals_]
                 for c in range(d):
-                    gs = torch.autograd.grad(used, tensors, [dl[b, c].unsqueeze(0) for dl in deltas],
+                    cot = [dl[b, c].unsqueeze(axis) for dl, axis in zip(deltas, keep.values(), strict=True)]
+                    gs = torch.autograd.grad(used, tensors, cot,
                                              retain_graph=c < d - 1 or graph, create_graph=graph, allow_unused=True)
                     for j, (g, p) in enumerate(zip(gs, tensors, strict=True)):
                         cols[j].append(torch.zeros_like(p) if g is None else (g if graph else g.detach()))
