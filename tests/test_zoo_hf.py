@@ -164,6 +164,8 @@ def test_hf_layers_use_their_rules(name):
 
 def test_free_parameters_keep_the_children_rules():
     model, plan = _plan("tiny_vit_free_params")
+    # the class token, position table and layer scale: from the few operations that use them
+    assert plan[""] == "free parameters" and plan["block"] == "free parameters"
     assert plan["patch"] == "conv" and plan["head"] == "linear" and plan["norm"] == "norm"
     assert plan["block.fc1"] == "linear" and plan["block.fc2"] == "linear" and plan["block.ln"] == "norm"
 

@@ -41,6 +41,7 @@ from . import functorch, loop
 from .base import Problem, checked_output, dense_by_layer
 from .rules import Call, Found, Rule, find_rule
 from .rules.fallback import fallback, fallback_loop
+from .rules.free import FreeUses, classify, free_params
 
 _PROBE = 3  # samples of the verification probe; batch axes are told apart with a second probe of 2
 _CHECK_DIRECTIONS = 4  # random output directions checked when d is larger than this
@@ -53,6 +54,7 @@ class Entry:
     layer: str
     names: dict[str, str]  # local name -> full name
     found: Found | None
+    free: bool = False  # no rule, own parameters only: try the free-parameter operations first
     level: int = 0
     reason: str = ""  # why the registered rule was left (empty: it was not, or it never claimed the module)
     suspects: set[str] = field(default_factory=set)  # parameters the rule disagreed on
@@ -61,6 +63,8 @@ class Entry:
     @property
     def chain(self) -> list[tuple[str, Rule]]:
         rule = [(getattr(self.found.rule, "__name__", "rule"), self.found.rule)] if self.found else []
+        if self.free and not self.found:
+            rule = [(_FREE, free_params)]
         return rule + [("fallback", fallback), ("fallback (per-sample loop)", fallback_loop)]
 
     @property
@@ -82,6 +86,7 @@ class Plan:
     expand: bool = True  # expand batch-shared module outputs (leading size 1) to the batch
     # module -> per call: (number of flattened argument leaves, positions carrying the batch on axis 0)
     batched: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = field(default_factory=dict)
+    free_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] = field(default_factory=dict)
 
     def describe(self) -> dict[str, str]:
         out = {}
@@ -194,14 +199,17 @@ class Structured:
             found = find_rule(m)
             if found is not None and not found.children and any("." in k for k in names):
                 found = None  # the rule does not claim uncalled children's parameters
-            plan.hooked[m] = Entry(names_of[m], names, found)
+            plan.hooked[m] = Entry(names_of[m], names, found, free=found is None and all("." not in k for k in names))
         return plan
 
     def _batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]
                     ) -> dict[nn.Module, list[tuple[int, dict[int, int]]] | None]:
         """Per module call, the argument leaves whose axis 0 follows the batch size (2 vs 3 samples)."""
         plan.batched = {}
-        seen = [self._record(plan, small), self._record(plan, large)]
+        rec = [self._record(plan, small), self._record(plan, large)]
+        seen = [r[0] for r in rec]
+        plan.free_ops = {m: classify(rec[0][1].get(m, []), rec[1][1].get(m, []), small[0].shape[0],
+                                     large[0].shape[0]) for m in rec[0][1]}
         out: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = {}
         for m in plan.hooked:
             a, b = seen[0].get(m, []), seen[1].get(m, [])
@@ -214,9 +222,11 @@ class Structured:
                       for x, y in zip(a, b, strict=True)]
         return out
 
-    def _record(self, plan: Plan, batch: tuple[Tensor, ...]) -> dict[nn.Module, list[list]]:
+    def _record(self, plan: Plan, batch: tuple[Tensor, ...]) -> tuple[dict[nn.Module, list[list]], dict]:
+        """Shapes of every hooked call's arguments and outputs, and the free-parameter operations seen."""
         dims: dict[nn.Module, list[list]] = {m: [] for m in plan.hooked}
         B = batch[0].shape[0]
+        mode = self._free_mode(plan, plan.hooked, B, record=True)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             flat = tree_flatten((args, kwargs))[0]
@@ -227,9 +237,19 @@ class Structured:
                                                                 if isinstance(t, Tensor) and t.is_floating_point()])
             return out
 
-        with torch.no_grad(), _hooks(plan, hook):
+        with torch.no_grad(), _hooks(plan, hook), mode or contextlib.nullcontext():
             self.problem.call(batch)
-        return dims
+        return dims, ({} if mode is None else mode.seen)
+
+    def _free_mode(self, plan: Plan, entries: dict[nn.Module, Entry], B: int, record: bool = False
+                   ) -> FreeUses | None:
+        """The watcher of the direct parameters of the modules whose method is (or, recording, may be) _FREE."""
+        watched = {m: {loc: m.get_parameter(loc) for loc, full in e.names.items() if full not in plan.residual}
+                   for m, e in entries.items() if e.free and (record or (e.method or ("",))[0] == _FREE)}
+        watched = {m: ps for m, ps in watched.items() if ps}
+        if not watched:
+            return None
+        return FreeUses(watched, B, None if record else plan.free_ops)
 
     def _check(self, plan: Plan, probe: tuple[Tensor, ...]
                ) -> Exception | tuple[dict[nn.Module, str], dict[str, str], Exception | None]:
@@ -381,9 +401,13 @@ class Structured:
             calls[mod].append(call)
             return new
 
-        with _hooks(plan, hook, active):
+        mode = None if graph else self._free_mode(plan, active, B)
+        with _hooks(plan, hook, active), mode or contextlib.nullcontext():
             raw = self.problem.call(batch)
         y = checked_output(self.problem, raw, batch, start)
+        if mode is not None:  # the free-parameter operations' taps get their signals like module outputs
+            for m, uses in mode.ops.items():
+                calls.setdefault(_OpKey(m), []).extend(u.call for u in uses)
         leaves = [z for cs in calls.values() for c in cs for z in c.leaves]
         d = y.shape[1]
         per_c: list[tuple] = []
@@ -406,6 +430,14 @@ class Structured:
             if not calls[m] or not calls[m][0].deltas:
                 continue
             rule = e.method[1]  # type: ignore[index]
+            if rule is free_params:
+                if mode is None:  # graph mode: the fallback keeps the factors differentiable
+                    rule = fallback
+                else:
+                    uses, broken = mode.ops.get(m, []), mode.broken.get(m)
+
+                    def rule(mod, layer, cs, nm, uses=uses, broken=broken):  # noqa: ANN001
+                        return free_params(mod, layer, cs, nm, uses, broken, strict=errors is not None)
             if errors is None:
                 factors.extend(rule(m, e.layer, calls[m], names))
                 continue
@@ -428,6 +460,16 @@ class Structured:
             self.plans[sig] = plan
         self.plan = plan
         return self._pass(plan, batch, start, self.graph)
+
+
+_FREE = "free parameters"
+
+
+@dataclass(frozen=True)
+class _OpKey:
+    """Key of the free-parameter operations of a module among the captured calls."""
+
+    module: nn.Module
 
 
 def _probe(batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:

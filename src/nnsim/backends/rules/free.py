@@ -1,0 +1,211 @@
+"""Parameters used directly by their module's own ``forward`` (a ViT class token or position table, a
+ConvNeXt / CaiT layer scale, a root-level projection): per-sample gradients from the few operations that
+use them, never a re-run of the whole module.
+
+During the pass a ``TorchFunctionMode`` watches these parameters. An operation on a watched tensor whose
+output has no batch yet (``pos[:, :T]``) yields a watched *derived* tensor (with the recipe that rebuilds it
+from the parameter); the operation where it meets the batch (``h + pos``, ``cls.expand(B, -1, -1)``,
+``gamma * h``) is recorded and its output tapped, so its signals δ are per sample. The gradient of sample b
+is then the VJP of that one operation alone, on sample b's slice of the batched arguments (or, for an
+operation that creates the batch axis itself, with the cotangent δ_b placed at row b).
+
+Which operation is which is decided at planning from two probe batch sizes and replayed by position; any
+deviation (a different operation sequence, data-dependent control flow) makes the rule hand the module to the
+exact per-module fallback on the spot, and the planner's verification covers the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ...factors import Factor
+from . import Call
+from .fallback import _factors, fallback
+
+_MASKED_LIMIT = 2**25  # elements of the [B, B, d, ...] cotangents of a batch-creating operation
+
+
+@dataclass
+class OpUse:
+    """One recorded operation on a watched tensor that meets the batch (or, when recording, any operation)."""
+
+    func: Any
+    flat: list
+    spec: Any
+    hit: int  # position of the watched tensor in ``flat``
+    local: str
+    recipe: Any  # parameter value -> the watched tensor
+    kind: str  # "vmap" (batched arguments sliced per sample) or "masked" (the operation creates the batch)
+    batched: list[int] = field(default_factory=list)
+    call: Call = field(default_factory=lambda: Call((), {}))
+
+
+class FreeUses(TorchFunctionMode):
+    """Watches the direct parameters of some modules during one forward pass.
+
+    ``plan_ops``: per module, the planned kinds of its k-th operation on a watched tensor
+    (func name, kind, batched argument positions); None while recording for planning."""
+
+    def __init__(self, watched: dict[nn.Module, dict[str, Tensor]], B: int,
+                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] | None) -> None:
+        super().__init__()
+        self.B, self.plan_ops = B, plan_ops
+        self.watch: dict[int, tuple[nn.Module, str, Any]] = {}
+        for m, params in watched.items():
+            for local, p in params.items():
+                self.watch[id(p)] = (m, local, _identity)
+        self.alive: list[Tensor] = []  # keeps derived tensors alive, so that their ids stay theirs
+        self.ops: dict[nn.Module, list[OpUse]] = {m: [] for m in watched}
+        self.seen: dict[nn.Module, list] = {m: [] for m in watched}  # recording: shapes per operation
+        self.broken: dict[nn.Module, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        hits = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and id(t) in self.watch]
+        if not hits:
+            return out
+        owners = {(self.watch[id(flat[i])][0], self.watch[id(flat[i])][1]) for i in hits}
+        module, local = next(iter(owners))
+        if len(owners) > 1 or len(hits) > 1:
+            for m, _ in owners:
+                self.broken.setdefault(m, f"{_name(func)} combines several watched tensors")
+            return out
+        if module in self.broken:
+            return out
+        hit = hits[0]
+        recipe = self.watch[id(flat[hit])][2]
+        k = len(self.seen[module])
+        self.seen[module].append((_name(func), [_shape(t) for t in flat], _shape(out), hit))
+        if self.plan_ops is None:  # recording: follow the chain while no batch is involved
+            batch_free = not any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.B
+                                 for i, t in enumerate(flat) if i != hit)
+            if isinstance(out, Tensor) and batch_free and not (out.dim() > 0 and out.shape[0] == self.B):
+                self._derive(out, module, local, func, flat, spec, hit, recipe)
+            return out
+        planned = self.plan_ops.get(module)
+        if planned is None or k >= len(planned) or planned[k][0] != _name(func):
+            self.broken[module] = "its operations differ from those seen at planning"
+            return out
+        _, kind, batched = planned[k]
+        if kind == "derived":
+            if isinstance(out, Tensor):
+                self._derive(out, module, local, func, flat, spec, hit, recipe)
+            return out
+        if kind == "bad" or not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() == 0 \
+                or out.shape[0] != self.B:
+            self.broken[module] = f"{_name(func)} has no batch axis 0 where planning saw one"
+            return out
+        use = OpUse(func, [t.detach() if isinstance(t, Tensor) else t for t in flat], spec, hit, local, recipe,
+                    kind, batched)
+        z = torch.zeros_like(out, requires_grad=True)
+        use.call.leaves.append(z)
+        self.ops[module].append(use)
+        return out + z
+
+    def _derive(self, out: Tensor, module: nn.Module, local: str, func: Any, flat: list, spec: Any, hit: int,
+                recipe: Any) -> None:
+        frozen = [t.detach() if isinstance(t, Tensor) else t for t in flat]
+
+        def rebuilt(p: Tensor, func=func, frozen=frozen, spec=spec, hit=hit, recipe=recipe) -> Tensor:
+            leaves = list(frozen)
+            leaves[hit] = recipe(p)
+            a, kw = tree_unflatten(leaves, spec)
+            return func(*a, **kw)
+
+        self.watch[id(out)] = (module, local, rebuilt)
+        self.alive.append(out)
+
+
+def classify(small: list, large: list, n_small: int, n_large: int) -> list[tuple[str, str, list[int]]] | None:
+    """Planned kinds of a module's operations on watched tensors, from two recordings (2 and 3 samples)."""
+    if len(small) != len(large):
+        return None
+    out = []
+    for (fs, args_s, out_s, hit_s), (fl, args_l, out_l, hit_l) in zip(small, large, strict=True):
+        if fs != fl or hit_s != hit_l or len(args_s) != len(args_l):
+            return None
+        batched = [i for i, (s, t) in enumerate(zip(args_s, args_l, strict=True))
+                   if i != hit_s and _axis0(s, t, n_small, n_large)]
+        if _axis0(out_s, out_l, n_small, n_large):
+            out.append((fs, "vmap" if batched else "masked", batched))
+        elif out_s == out_l and not batched:
+            out.append((fs, "derived", []))
+        else:
+            out.append((fs, "bad", []))
+    return out
+
+
+def free_params(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str], ops: list[OpUse],
+                broken: str | None, strict: bool) -> list[Factor]:
+    """Factors of ``module``'s direct parameters from their recorded operations (see the module docstring).
+
+    ``broken``: why the recording cannot be trusted for this batch; then the exact per-module fallback is
+    used (or, ``strict``, at planning, an error is raised so that the planner steps down)."""
+    if broken is not None:
+        if strict:
+            raise ValueError(f"free-parameter tracking: {broken}")
+        return fallback(module, layer, calls, names)
+    B, d = calls[0].deltas[0].shape[:2]
+    params = {local: module.get_parameter(local).detach() for local in names}
+    total: dict[str, Tensor] = {local: torch.zeros(B, d, *p.shape, dtype=p.dtype, device=p.device)
+                                for local, p in params.items()}
+    for use in ops:
+        if use.local not in params:
+            continue
+        delta = use.call.deltas[0]  # [B, d, *out.shape[1:]]
+        p = params[use.local]
+
+        def f(pv: Tensor, leaves: list, use: OpUse = use) -> Tensor:
+            leaves = list(leaves)
+            leaves[use.hit] = use.recipe(pv)
+            a, kw = tree_unflatten(leaves, use.spec)
+            return use.func(*a, **kw)
+
+        with torch.no_grad():
+            if use.kind == "vmap":
+                def per_sample(xs: tuple[Tensor, ...], ds: Tensor, use: OpUse = use, f=f, p=p) -> Tensor:
+                    leaves = list(use.flat)
+                    for i, x in zip(use.batched, xs, strict=True):
+                        leaves[i] = x.unsqueeze(0)
+                    _, pull = vjp(lambda pv: f(pv, leaves), p)
+                    return vmap(lambda dd: pull(dd.unsqueeze(0))[0])(ds)
+
+                g = vmap(per_sample)(tuple(use.flat[i] for i in use.batched), delta)
+            else:  # the operation creates the batch axis: cotangent delta_b at row b, zeros elsewhere
+                if B * B * d * delta[0, 0].numel() > _MASKED_LIMIT:
+                    raise ValueError("a batch-creating operation on a free parameter is too large to pull back")
+                _, pull = vjp(lambda pv, use=use: f(pv, use.flat), p)
+                eye = torch.eye(B, dtype=delta.dtype, device=delta.device)
+
+                def at_row(dd: Tensor, e: Tensor, pull=pull) -> Tensor:
+                    return pull(e.reshape(-1, *[1] * dd.dim()) * dd.unsqueeze(0))[0]
+
+                g = vmap(vmap(at_row, in_dims=(0, None)), in_dims=(0, 0))(delta, eye)
+        total[use.local] = total[use.local] + g
+    return _factors(module, names, total, B, d)
+
+
+def _identity(p: Tensor) -> Tensor:
+    return p
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+def _shape(t: object) -> tuple[int, ...] | None:
+    return tuple(t.shape) if isinstance(t, Tensor) else None
+
+
+def _axis0(s: tuple[int, ...] | None, t: tuple[int, ...] | None, n_small: int, n_large: int) -> bool:
+    return (isinstance(s, tuple) and isinstance(t, tuple) and len(s) == len(t) and len(s) > 0
+            and s[0] == n_small and t[0] == n_large and s[1:] == t[1:])
