@@ -83,6 +83,30 @@ class MyLayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class LayerScale(nn.Module):
+    """ConvNeXt / CaiT layer scale: a parameter used directly in the module's own forward."""
+
+    def __init__(self, C: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(0.5 + torch.randn(C))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class ClsPos(nn.Module):
+    """ViT class token (expanded to the batch) and a position table sliced to the sequence length."""
+
+    def __init__(self, C: int, T_max: int) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, C))
+        self.pos = nn.Parameter(torch.randn(1, T_max + 1, C))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return h + self.pos[:, : h.shape[1]]
+
+
 def _affine_init(m: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -171,6 +195,16 @@ def _hf_conv1d(data):
     return Conv1D(o, i), lambda n: (torch.randn(n, T, i),)
 
 
+def _layer_scale(data):
+    C, T = _w(data), _w(data, 1, 3)
+    return LayerScale(C), lambda n: (torch.randn(n, T, C),)
+
+
+def _cls_pos(data):
+    C, T = _w(data), _w(data, 1, 3)
+    return ClsPos(C, T + _w(data, 0, 2)), lambda n: (torch.randn(n, T, C),)
+
+
 def _prelu(data):
     C = _w(data, 1, 3)
     return nn.PReLU(data.draw(st.sampled_from([1, C]))), lambda n: (torch.randn(n, C, 4),)
@@ -189,6 +223,8 @@ CASES: dict[str, RuleCase] = {
     "hf_rmsnorm": RuleCase("norm", _rmsnorm),
     "hf_conv1d": RuleCase("conv1d_transposed", _hf_conv1d),
     "prelu": RuleCase("prelu", _prelu),
+    "free_layer_scale": RuleCase("free parameters", _layer_scale),
+    "free_cls_token_and_position_table": RuleCase("free parameters", _cls_pos),
 }
 if hasattr(nn, "RMSNorm"):
     CASES["torch_rmsnorm"] = RuleCase("norm", _torch_rmsnorm)

@@ -155,6 +155,8 @@ def test_hf_layers_use_their_rules(name):
         for layer in _modules_of(model, cls):
             assert plan[layer] == rule, (layer, plan)
             checked += 1
+    if name == "vit":  # ViTEmbeddings' class token and position table: from the operations that use them
+        assert plan["vit.embeddings"] == "free parameters"
     if name == "gpt2":
         conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
         assert conv1d and all(plan[n] == "conv1d_transposed" for n in conv1d)
