@@ -222,3 +222,15 @@ def test_model_output_without_logits_is_a_clear_error():
     x = {"input_ids": torch.randint(0, V, (3, T)), "attention_mask": [1, 1, 1]}
     with pytest.raises(nnsim.InputError, match="not tensors"):
         nnsim.Similarity(bert().double(), progress=False).kernel(x)
+
+
+def test_similarity_loss_takes_keyword_inputs():
+    """The criterion on a mapping input equals 1 - the oracle's similarity of the pairs, and back-propagates."""
+    model, x = _build("bert")
+    pairs = torch.tensor([[0, 1], [2, 3]])
+    S = nnsim.Similarity(model, output=outputs.logits(), backend="loop", progress=False).similarity(x)
+    reg = nnsim.SimilarityLoss(model, output=outputs.logits())
+    loss = reg(x, pairs)
+    assert torch.allclose(loss.detach(), (1 - S[pairs[:, 0], pairs[:, 1]]).mean(), atol=1e-10)
+    (g,) = torch.autograd.grad(loss, [model.classifier.weight])
+    assert torch.isfinite(g).all() and float(g.abs().max()) > 0

@@ -216,7 +216,7 @@ def _slice(batch: Batch, a: int, b: int) -> Batch:
 def _sub_source(src: Source, start: int, stop: int) -> Source | None:
     """Random access to rows [start, stop) when the source allows it (tensors, map-style datasets)."""
     if src.kind == "tensors":
-        return Source(_slice(src.data, start, stop), stop - start, "tensors")
+        return Source(_slice(src.data, start, stop), stop - start, "tensors", src.keys)
     if src.kind == "dataset":
         return Source(Subset(src.data, range(start, stop)), stop - start, "dataset")
     return None
@@ -232,7 +232,8 @@ def _fetch_rows(src: Source, idx: list[int], chunk: int) -> Any:
     """The samples ``idx`` (sorted, unique) of ``src`` as something ``Similarity`` accepts."""
     if src.kind == "tensors":
         where = torch.tensor(idx, dtype=torch.long)
-        return tuple(t[where.to(t.device)] for t in src.data)
+        rows = tuple(t[where.to(t.device)] for t in src.data)
+        return rows if src.keys is None else dict(zip(src.keys, rows, strict=True))  # keyword inputs stay so
     if src.kind == "dataset":
         return Subset(src.data, idx)
     loader = src.data
