@@ -36,6 +36,12 @@ def bert(impl: str = "eager") -> nn.Module:
     return transformers.BertForSequenceClassification(cfg)
 
 
+def distilbert() -> nn.Module:
+    cfg = transformers.DistilBertConfig(vocab_size=V, dim=16, n_layers=1, n_heads=2, hidden_dim=24,
+                                        max_position_embeddings=16, num_labels=3, attn_implementation="eager")
+    return transformers.DistilBertForSequenceClassification(cfg)
+
+
 def gpt2(impl: str = "eager") -> nn.Module:
     cfg = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=16, num_labels=3,
                                   pad_token_id=0, bos_token_id=0, eos_token_id=0, attn_implementation=impl)
@@ -101,6 +107,7 @@ def _images(n: int = N, seed: int = 0) -> dict[str, Tensor]:
 ZOO = {
     "bert": (bert, _ids),
     "bert_sdpa": (lambda: bert("sdpa"), _ids),
+    "distilbert": (distilbert, _ids),
     "gpt2": (gpt2, _ids),
     "vit": (vit, _images),
     "encoder_batch_first": (lambda: EncoderClassifier(True), lambda: (_ids()["input_ids"],)),
@@ -146,7 +153,7 @@ def _plan(name: str) -> tuple[nn.Module, dict[str, str]]:
     return model, sim.describe()
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "vit"])
+@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "vit"])
 def test_hf_layers_use_their_rules(name):
     model, plan = _plan(name)
     expected = {nn.Linear: "linear", nn.Embedding: "embedding", nn.LayerNorm: "norm", nn.Conv2d: "conv"}
