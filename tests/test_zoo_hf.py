@@ -241,3 +241,16 @@ def test_similarity_loss_takes_keyword_inputs():
     assert torch.allclose(loss.detach(), (1 - S[pairs[:, 0], pairs[:, 1]]).mean(), atol=1e-10)
     (g,) = torch.autograd.grad(loss, [model.classifier.weight])
     assert torch.isfinite(g).all() and float(g.abs().max()) > 0
+
+
+def test_similarity_loss_with_free_parameters_matches_functorch():
+    """In the criterion's double-backward pass free parameters take the (differentiable) module fallback."""
+    model, x = _build("tiny_vit_free_params")
+    pairs = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    out = []
+    for backend in ("structured", "functorch"):
+        loss = nnsim.SimilarityLoss(model, output=outputs.logits(), backend=backend)(x, pairs)
+        out.append((loss.detach(), torch.autograd.grad(loss, [model.cls_token, model.block.gamma, model.head.weight])))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-10)
+    for a, b in zip(out[0][1], out[1][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-9)
