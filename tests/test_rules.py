@@ -366,3 +366,30 @@ def test_recurrent_modules_work_exactly_without_a_rule(cell):
         assert rel_err(sim.kernel(x), ref) <= 1e-10
     plan = sim.describe()
     assert plan["emb"] == "embedding" and plan["fc"] == "linear" and "rnn" in plan
+
+
+def _rule_failing_on_large_batches(module, layer, calls, names):
+    from nnsim.backends.rules.linear import linear
+
+    if calls[0].batch_size > 3:
+        raise RuntimeError("only small batches")
+    return linear(module, layer, calls, names)
+
+
+class FragileLinear(nn.Linear):
+    pass
+
+
+nnsim.register_rule(FragileLinear, _rule_failing_on_large_batches)
+
+
+def test_rule_raising_after_planning_steps_down_with_a_warning_and_stays_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(FragileLinear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, progress=False, chunk_size=8)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(FragileLinear\) raised on a later chunk"):
+        K = sim.kernel(x)
+    assert rel_err(K, ref) <= 1e-10
+    assert sim.describe() == {"0": "fallback", "2": "linear"}

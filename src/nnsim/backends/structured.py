@@ -439,7 +439,7 @@ class Structured:
                     def rule(mod, layer, cs, nm, uses=uses, broken=broken):  # noqa: ANN001
                         return free_params(mod, layer, cs, nm, uses, broken, strict=errors is not None)
             if errors is None:
-                factors.extend(rule(m, e.layer, calls[m], names))
+                factors.extend(self._run_rule(e, m, rule, calls[m], names))
                 continue
             try:
                 factors.extend(rule(m, e.layer, calls[m], names))
@@ -447,6 +447,25 @@ class Structured:
                 errors[m] = f"{type(err).__name__}: {err}"
         factors = _merge_tied(factors, plan.tied - residual_set)
         return factors, y
+
+    @staticmethod
+    def _run_rule(e: Entry, m: nn.Module, rule: Rule, calls: list[Call], names: dict[str, str]) -> list[Factor]:
+        """A planned method on one chunk. Should a verified rule still raise on a later chunk (an assumption
+        the probes did not exercise), the module steps down to its exact fallback from then on, with a
+        warning, rather than failing the whole computation."""
+        try:
+            return rule(m, e.layer, calls, names)
+        except Exception as err:
+            if e.method is None or e.method[1] is fallback_loop:
+                raise
+            was = e.method[0]
+            e.level = next(i for i, (n, _) in enumerate(e.chain) if n == "fallback")
+            if e.method[0] == was:  # the vmap fallback itself failed: the per-sample loop
+                e.level += 1
+            warnings.warn(f"{was!r} for module {e.layer or 'model'!r} ({type(m).__name__}) raised on a later chunk "
+                          f"({type(err).__name__}: {err}); computing this module with the exact {e.method[0]} "
+                          "instead", FallbackWarning, stacklevel=6)
+            return Structured._run_rule(e, m, e.method[1], calls, names)
 
     def factors(self, batch: tuple[Tensor, ...], start: int = 0) -> tuple[list[Factor], Tensor]:
         sig = self._signature(batch)
