@@ -13,6 +13,7 @@ rank is raised on all of them instead of leaving the others waiting in the next 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as nd
+from ..errors import InputError, ModelError
 from ..similarity import Similarity
 
 
@@ -47,9 +49,8 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
                  log: Callable[[str], None] = print) -> Analysis:
     """Density, neighbours, denoising and label consistency of ``x [N, ...]`` (labels ``y [N]`` optional)."""
     n = len(x)
-    k = min(k, n - 1)
-    if k < 1:
-        raise ValueError("the analysis needs at least 2 samples")
+    if n < 2 or not 1 <= k < n:
+        raise InputError(f"the analysis needs at least 2 samples and 1 <= k < N, got N = {n}, k = {k}")
     timings: dict[str, float] = {}
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
@@ -71,11 +72,14 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
             cols["confidence"] = prob.max(1).values.numpy()
         if y is not None:
             cols["label"] = y.numpy()
-            if classifier and int(y.max()) < logits.shape[1]:
+            if classifier and int(y.max()) >= logits.shape[1]:
+                raise InputError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs: "
+                                 "labels must be the model's class indices")
+            if classifier:
                 cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
                 cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
 
-    density = step("density", lambda: sim.density(x))
+    density = step("density", lambda: nonzero_gradients(lambda: sim.density(x)))
     cols["density"] = density.double().numpy()
     vals, idx = step("neighbors", lambda: sim.neighbors(x, k=k, exclude_self=True))
     nn_idx, nn_sim = idx.numpy(), vals.double().numpy()
@@ -90,6 +94,22 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
     with nd.together(comm):
         return _finish(cols, report, label_targets is not None, nn_idx, nn_sim, y, n, d, k, exact_denoising, dim,
                        timings)
+
+
+def nonzero_gradients(compute: Callable[[], Tensor]) -> Tensor:
+    """``compute()`` (per-sample values that are NaN where a sample's gradient is zero), refused with a
+    :class:`ModelError` when every value is NaN: all gradients are zero and nothing can be compared. The
+    library's per-sample warnings are held meanwhile, and shown when only some samples are affected."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = compute()
+    if len(values) and not bool(torch.isfinite(values).any()):
+        raise ModelError("the model's gradients are zero for every sample, so their similarity is undefined: a "
+                         "constant output (e.g. a dead ReLU before the output), or parameters the output does not "
+                         "depend on (check --params / params=)")
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return values
 
 
 def _finish(cols: dict[str, np.ndarray], report: Any, one_hot_labels: bool, nn_idx: np.ndarray, nn_sim: np.ndarray,

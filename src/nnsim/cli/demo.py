@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import datasets
 from .. import distributed as nd
+from .._files import atomic_path
 
 NOISE_FRACTION = 0.10
 EPOCHS = 30
@@ -121,10 +122,13 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
         if main:
             log(f"[train] done in {time.perf_counter() - t:.1f} s: agrees with the noisy labels on {acc_noisy:.3f}, "
                 f"with the true labels on {acc_true:.3f}")
-            export_model(model, data.x, str(out / "model.pt2"))
-            torch.save(model.state_dict(), out / "weights.pt")
-            np.savez(out / "data.npz", x=data.x.numpy(), y=data.y.numpy(), y_true=data.y_true.numpy(),
-                     flipped=data.flipped.numpy())
+            with atomic_path(out / "model.pt2") as tmp:
+                export_model(model, data.x, str(tmp))
+            with atomic_path(out / "weights.pt") as tmp:
+                torch.save(model.state_dict(), tmp)
+            with atomic_path(out / "data.npz") as tmp:
+                np.savez(tmp, x=data.x.numpy(), y=data.y.numpy(), y_true=data.y_true.numpy(),
+                         flipped=data.flipped.numpy())
             log(f"wrote {out}/model.pt2 (torch.export), {out}/weights.pt (state dict of nnsim.cli.demo:digits_cnn), "
                 f"{out}/data.npz (x, noisy labels y, y_true, flipped)")
 

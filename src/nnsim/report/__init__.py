@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .._files import write_atomic
+
 __all__ = ["write_report", "is_image_data"]
 
 GALLERY = 16  # samples per gallery
@@ -189,7 +191,7 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
         fdir = Path(figures_dir)
         fdir.mkdir(parents=True, exist_ok=True)
         for name, png in figs.items():
-            (fdir / f"{name}.png").write_bytes(png)
+            write_atomic(fdir / f"{name}.png", png)
 
     # Density bins with examples (evenly spaced through each bin's samples).
     bin_edges = np.quantile(density[finite], np.linspace(0, 1, BINS + 1)) if len(finite) else np.zeros(BINS + 1)
@@ -251,10 +253,7 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
     page = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
     for key, value in fill.items():
         page = page.replace("{{" + key + "}}", value)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_atomic(path, page)
 
 
 def _label_text(info: dict[str, Any], class_names: Sequence[str] | None) -> tuple[str, bool]:
