@@ -78,6 +78,11 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
             if classifier:
                 cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
                 cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+                confidence = self_confidence(y.numpy(), prob.double().numpy())
+                if confidence is not None:
+                    cols["self_confidence"] = confidence
+            # Baseline: the same neighbour vote with plain input-space (Euclidean) neighbours.
+            cols["input_knn_disagreement"] = input_knn_disagreement(x, y, k)
 
     density = step("density", lambda: nonzero_gradients(lambda: sim.density(x)))
     cols["density"] = density.double().numpy()
@@ -94,6 +99,33 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
     with nd.together(comm):
         return _finish(cols, report, label_targets is not None, nn_idx, nn_sim, y, n, d, k, exact_denoising, dim,
                        timings)
+
+
+def self_confidence(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray | None:
+    """cleanlab's label quality score ``method="self_confidence"`` (the predicted probability of the given
+    label; low: likely mislabelled), or None when cleanlab is not installed. Here the model's own predictions on
+    its training data, not cleanlab's recommended out-of-sample ones: a baseline, as the training loss is."""
+    try:
+        from cleanlab.rank import get_label_quality_scores
+    except ImportError:
+        return None
+    return np.asarray(get_label_quality_scores(labels, pred_probs, method="self_confidence"), dtype=float)
+
+
+@torch.no_grad()
+def input_knn_disagreement(x: Tensor, y: Tensor, k: int) -> np.ndarray:
+    """[N] share of the k nearest neighbours in input space (Euclidean on the flattened inputs, the sample
+    itself excluded) whose label differs from the sample's: the label-noise baseline that needs no network."""
+    flat = x.flatten(1).double()
+    sq = (flat * flat).sum(1)
+    out = np.empty(len(x))
+    chunk = max(16, min(512, 2**23 // len(x)))  # rows of squared distances per step: at most ~64 MB
+    for s in range(0, len(x), chunk):
+        d2 = sq[s:s + chunk, None] - 2 * flat[s:s + chunk] @ flat.T + sq[None]
+        d2[torch.arange(d2.shape[0]), torch.arange(s, s + d2.shape[0])] = float("inf")  # not its own neighbour
+        idx = d2.topk(k, dim=1, largest=False).indices
+        out[s:s + chunk] = (y[idx] != y[s:s + chunk, None]).double().mean(1).numpy()
+    return out
 
 
 def nonzero_gradients(compute: Callable[[], Tensor]) -> Tensor:

@@ -96,6 +96,7 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
     """
     from sklearn.metrics import roc_auc_score
 
+    from ..report import SCORES
     from ..similarity import Similarity
     from .analysis import run_analysis
     from .loading import Data
@@ -138,11 +139,15 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
         flipped = data.flipped.numpy()
         score = result.columns["mislabel_score"]
         top = np.argsort(-score, kind="stable")[: int(flipped.sum())]
+        result.columns["known_mislabelled"] = flipped  # the truth the analysis never saw, for the report's AUROCs
         result.summary["demo"] = {
             "flipped_labels": int(flipped.sum()),
             "model_agrees_with_noisy_labels": round(acc_noisy, 4), "model_agrees_with_true_labels": round(acc_true, 4),
             "mislabel_score_auroc_for_flipped": round(float(roc_auc_score(flipped, score)), 4),
             "flipped_among_top_scored": round(float(flipped[top].mean()), 4),
+            # The same AUROC for the baselines and nnsim's components (sign: higher = more likely flipped).
+            "auroc_for_flipped": {key: round(float(roc_auc_score(flipped, sign * result.columns[key])), 4)
+                                  for key, _, sign in SCORES if key in result.columns},
         }
         demo = result.summary["demo"]
         log(f"mislabel score finds the flipped labels with AUROC {demo['mislabel_score_auroc_for_flipped']}; "

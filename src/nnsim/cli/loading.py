@@ -94,11 +94,11 @@ def load_model(spec: str, weights: str | None = None, device: str = "cpu", rando
     A factory without ``weights`` is refused unless ``random_init`` (its model would be an untrained one).
     """
     if _is_factory_spec(spec):
+        factory = _import_factory(spec, "model factory")
         if weights is None and not random_init:
             raise CLIError(f"--model {spec} builds a model at its random initialisation: pass its trained weights "
                            "with --weights FILE (a state dict), or --random-init to analyse the untrained model on "
                            "purpose", EXIT_USAGE)
-        factory = _import_factory(spec, "model factory")
         try:
             model = factory()
         except Exception as e:
