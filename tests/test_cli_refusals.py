@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_nnsim
-from torch import nn
 
 from nnsim.cli import main
 
