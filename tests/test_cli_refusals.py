@@ -93,6 +93,9 @@ CASES = [  # (argv after the command's model/data options, exit code, text of th
     (["density", "--out", "{d}"], 2, "is a folder; name the file to write"),
     (["density", "--model", "tiny_factory:make"], 2, "pass its trained weights with --weights FILE"),
     (["density", "--random-init"], 2, "--random-init goes with a model factory"),
+    # the library's advice, in the command line's terms
+    (["density", "--method", "hard", "--threshold", "0.5", "--unnormalized"], 3, "drop --unnormalized"),
+    (["density", "--exclude-self", "--reference", "{d}/d.npz"], 3, "--exclude-self needs no --reference"),
 ]
 
 

@@ -44,8 +44,8 @@ def digits_cnn() -> nn.Sequential:
 
 @dataclass
 class DemoData:
-    """Digits ``x [N, 1, 12, 12]`` (with nuisance variation, see :func:`nuisance`), the noisy labels ``y [N]`` the model is trained on, the true labels,
-    and which labels were flipped ``[N] bool``."""
+    """Digits ``x [N, 1, 12, 12]`` (with nuisance variation, see :func:`nuisance`), the noisy labels ``y [N]`` the
+    model is trained on, the true labels, and which labels were flipped ``[N] bool``."""
 
     x: Tensor
     y: Tensor

@@ -647,7 +647,17 @@ def _in_cli_terms(message: str) -> str:
     message = re.sub(r"(nnsim\.)?FeatureIndex\.build\([^)]*\)",
                      "nnsim index build (with the same --model, --data, --index, --dim and --seed)", message)
     message = re.sub(r"(nnsim\.)?FeatureIndex\.open\([^)]*\)", "nnsim index query", message)
-    return re.sub(r"\boverwrite=True\b", "--overwrite", message)
+    message = re.sub(r"\boverwrite=True\b", "--overwrite", message)
+    for python, cli in _API_TO_CLI:
+        message = message.replace(python, cli)
+    return message
+
+
+#: Library advice (Python arguments) -> the command line's flags, for errors shown by the CLI.
+_API_TO_CLI = [("use metric='euclidean'", "use --metric euclidean"), ("pass params=...", "pass --params PATTERN"),
+               ("use normalized=True", "drop --unnormalized"), ("include_self=False needs reference=None",
+                                                                 "--exclude-self needs no --reference"),
+               ("check --params / params=", "check --params")]
 
 
 #: nnsim.distributed.together's message on the ranks that did not fail themselves.
@@ -658,7 +668,8 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     own = True
     try:
         if args.command != "reproduce":
-            _check_args(args)
+            with _together():  # under torchrun: a failure on one rank fails every rank, before any collective
+                _check_args(args)
         code, message = int(args.func(args)), ""
     except KeyboardInterrupt:
         # Not negotiated: the launcher stops every rank (torchrun forwards the signal).
@@ -670,8 +681,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
                 print(f"nnsim: rank {_COMM.rank}:", file=sys.stderr, flush=True)
             traceback.print_exc()
         code, message = _exit_code(e)
-        if args.command == "index":
-            message = _in_cli_terms(message)
+        message = _in_cli_terms(message)
         if not debug and code == EXIT_INTERNAL:
             message += " (rerun with --debug for the traceback)"
         # A rank that only learnt that another rank failed defers to that rank's own error and exit code.
