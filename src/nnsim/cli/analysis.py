@@ -94,6 +94,9 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
         label_targets = None
         if y is not None and d == logits.shape[1] and classifier and int(y.max()) < d:
             label_targets = torch.nn.functional.one_hot(y, d).to(logits.dtype)
+        elif y is not None:  # said, not silent: which consistency the columns hold, and why
+            log(f"the analysed output has {d} value(s) per sample, not one per class of the {logits.shape[1]}-output "
+                "model: prediction_consistency (of the model's outputs) is computed instead of label_consistency")
     report = step("denoising", lambda: sim.denoising(x, predictions=label_targets, approximate=not exact_denoising,
                                                      dim=dim))
     with nd.together(comm):
