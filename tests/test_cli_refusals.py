@@ -155,8 +155,9 @@ def test_factory_random_init_and_state_dict_mismatch(files, tmp_path, capsys, mo
 
 def test_all_zero_gradients_are_a_model_error(files, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(files))
-    for cmd, out in (("analyze", files / "z"), ("density", files / "z.csv")):
-        assert main([cmd, "--model", "tiny_factory:dead", "--random-init", "--data", str(files / "d.npz"),
+    for cmd, out, extra in (("analyze", files / "z", []), ("density", files / "z.csv", []),
+                            ("neighbors", files / "n.csv", ["--query", "0,1"]), ("denoise", files / "dn.csv", [])):
+        assert main([cmd, "--model", "tiny_factory:dead", "--random-init", "--data", str(files / "d.npz"), *extra,
                      "--out", str(out), "--quiet"]) == 4
         assert "gradients are zero for every sample" in one_error_line(capsys)
         assert not out.exists()

@@ -372,7 +372,14 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         k = args.k + (1 if args.exclude_self and qidx is not None else 0)
         if k > len(data):
             raise CLIError(f"-k {args.k} is more than the {len(data)} samples")
-    vals, idx = sim.neighbors(q, data.x, k=k)
+    found: dict[str, torch.Tensor] = {}
+
+    def search() -> torch.Tensor:
+        found["vals"], found["idx"] = sim.neighbors(q, data.x, k=k)
+        return found["vals"].flatten()  # all NaN: every gradient (queries or data) is zero
+
+    nonzero_gradients(search)
+    vals, idx = found["vals"], found["idx"]
     with _together():
         rows = []
         for r in range(len(q)):
@@ -397,13 +404,22 @@ def cmd_denoise(args: argparse.Namespace) -> int:
                 raise CLIError("--targets labels needs labels (an .npz with y, or --labels)", EXIT_USAGE)
             _check_labels(args, data)
             targets = torch.nn.functional.one_hot(data.y).float()
-    try:
-        report = sim.denoising(data.x, predictions=targets, noise_std=args.noise_std, approximate=args.approximate,
-                               dim=args.dim)
-    except InputError as e:
-        if targets is not None and "columns" in str(e):
-            raise CLIError(f"--targets labels: {e} (one-hot labels need an output with one value per class)") from e
-        raise
+    # The library's per-sample warnings are held until it is known that not every gradient is zero.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = sim.denoising(data.x, predictions=targets, noise_std=args.noise_std,
+                                   approximate=args.approximate, dim=args.dim)
+        except InputError as e:
+            if targets is not None and "columns" in str(e):
+                raise CLIError(f"--targets labels: {e} (one-hot labels need an output with one value per "
+                               "class)") from e
+            raise
+    if bool(report.ill_conditioned.all()) and not bool(report.factor.abs().gt(0).any()):
+        # R_i = sum_j K_ij is zero for every sample: all gradients are zero (the factors would be written as inf)
+        nonzero_gradients(lambda: torch.full((len(report.factor),), float("nan")))
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with _together():
         if _main_process():
             with atomic_path(Path(args.out)) as tmp:
