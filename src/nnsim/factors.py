@@ -308,7 +308,10 @@ class Outer:
                     dd = (da.transpose(1, 2).reshape(R * T1, d * n) @ db.T).view(R, T1, B2, T2)
                     pp = pp.view(R, T1, B2, T2)
                 dd = dd * pp if dd.requires_grad or pp.requires_grad else dd.mul_(pp)
-                parts.append(dd.sum((2, 5)) if full else dd.sum((1, 3)))
+                if T1 * T2 == 1:  # one position each (a Linear on vectors): nothing to sum
+                    parts.append(dd.view(R, d, B2, d) if full else dd.view(R, B2))
+                else:
+                    parts.append(dd.sum((2, 5)) if full else dd.sum((1, 3)))
             term = parts[0] if len(parts) == 1 else torch.cat(parts)
             out = term if out is None else out + term
         return out.view(shape)
