@@ -393,7 +393,7 @@ class Similarity:
     def _auto_chunk(self, src: Source, name: str, by: By, kind: str, mode: str) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        probe = next(src.chunks(8))
+        probe = next(src.chunks(2))  # the size per sample is linear in the batch: 2 samples (the plan's) suffice
         # The measured size per sample depends only on the sample shapes and the representation: measure it
         # once per Similarity (a reused Similarity then pays no probe pass per call).
         key = (by, kind, mode, tuple((tuple(t.shape[1:]), t.dtype) for t in tree_flatten(probe[1])[0]
