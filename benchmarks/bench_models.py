@@ -208,6 +208,9 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
     results: dict[str, Tensor] = {}
     errors: dict[str, str] = {}
     for m in METHODS:  # warm-up (and the first failure, if any)
+        if f"{name}:{case}:{m}" in args.skip:
+            errors[m] = "skipped (--skip)"
+            continue
         try:
             run(m, model, tuple(t[:4] for t in x), case)
         except Exception as err:  # noqa: BLE001  (a method that cannot run this model is reported, not fatal)
@@ -278,9 +281,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-n", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip", default="", help="model:case:method triples not to run, comma-separated")
     parser.add_argument("--small-n", action="store_true", help="only the N = 100 MLP eNTK (fixed cost per call)")
     parser.add_argument("--max-repeat-s", type=float, default=60.0, help="do not repeat a method slower than this")
     args = parser.parse_args()
+    args.skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         args.n, args.repeats, args.loop_n = min(args.n, 64), 1, min(args.loop_n, 16)
     names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else ZOO)
