@@ -154,6 +154,37 @@ def small_n(args: argparse.Namespace) -> str:
     return "\n".join(lines) + f"\n\nnnsim vs the hand-written NTK: max rel err {err:.1e}"
 
 
+LAYERS = [  # (name, B, T, m, n, d, vocab, mode)
+    ("ViT MLP Linear", 128, 17, 65, 128, 10, 0, "trace"),
+    ("ViT MLP Linear, d = 1", 128, 17, 65, 128, 1, 0, "trace"),
+    ("demo-CNN conv 16->32 on 4x4", 128, 16, 145, 32, 10, 0, "full"),
+    ("BERT-base MLP Linear", 64, 16, 769, 3072, 1, 0, "trace"),
+    ("Embedding vocab 1000", 128, 16, 0, 64, 10, 1000, "trace"),
+    ("conv over 64 positions", 128, 64, 577, 64, 1, 0, "trace"),
+]
+
+
+def layers() -> str:
+    """Single layers: both paths of the cost model's choice timed on one tile (B samples against themselves)."""
+    from nnsim.factors import Outer
+
+    lines = ["| layer | B, T, m, n, d, mode | explicit: build g + Gram [s] | pairwise [s] | chosen | max rel diff |",
+             "|---|---|---:|---:|---|---:|"]
+    for name, B, T, m, n, d, vocab, mode in LAYERS:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randint(0, vocab, (B, 1, T), generator=gen) if vocab else torch.randn(B, 1, T, m, generator=gen)
+        f = Outer("l", a, torch.randn(B, d, 1, T, n, generator=gen), ("w", torch.Size([n, vocab or m])), vocab=vocab)
+        dense = f.dense()
+        build = min(_timed(f.dense) for _ in range(2))
+        explicit = min(_timed(lambda dense=dense, mode=mode: dense.gram(dense, mode)) for _ in range(2))
+        pairwise = min(_timed(lambda f=f, mode=mode: f.gram(f, mode)) for _ in range(2))
+        diff = rel_err(f.gram(f, mode), dense.gram(dense, mode))
+        chosen = "explicit" if f.prefers_dense(mode) else "pairwise"
+        lines.append(f"| {name} | {B}, {T}, {vocab or m}, {n}, {d}, {mode} | {build:.3f} + {explicit:.3f} "
+                     f"| {pairwise:.3f} | {chosen} | {diff:.1e} |")
+    return "\n".join(lines)
+
+
 def gemm_flops() -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
@@ -282,6 +313,7 @@ def main() -> None:
     parser.add_argument("--loop-n", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", default="", help="model:case:method triples not to run, comma-separated")
+    parser.add_argument("--layers", action="store_true", help="only the single-layer cost-model table")
     parser.add_argument("--small-n", action="store_true", help="only the N = 100 MLP eNTK (fixed cost per call)")
     parser.add_argument("--max-repeat-s", type=float, default=60.0, help="do not repeat a method slower than this")
     args = parser.parse_args()
@@ -294,6 +326,9 @@ def main() -> None:
         parser.error(f"unknown models {unknown}; choose from {list(ZOO)}")
     args.device, args.revision = "cpu", nnsim_revision()  # at the start: the code this run imported
     torch.set_num_threads(args.threads)
+    if args.layers:
+        print(f"bench_models.py --layers, {args.threads} thread(s), {machine(args)}\n\n{layers()}")
+        return
     if args.small_n:
         print(f"bench_models.py --small-n, {args.threads} thread(s), {machine(args)}\n\n{small_n(args)}")
         return
