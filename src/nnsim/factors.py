@@ -25,7 +25,19 @@ from torch import Tensor
 
 ParamSpec = tuple[str, torch.Size]
 
-_FULL_PAIRWISE_WEIGHT = 4
+# Speed constants of the cost model, measured on this project's reference CPU (1 thread, float32; see
+# docs/benchmarks.md, "Cost model"): only their ratios matter. Large GEMMs reach F_GEMM; each output element
+# of a GEMM costs OUT_GEMM more (small inner sizes are far below peak); the per-sample products of the
+# explicit gradient are batched small GEMMs (inner size T), slower still; elementwise passes cost ELEM.
+_F_GEMM = 20e9  # flop/s
+_OUT_GEMM = 1.5e-9  # s per output element
+_F_BATCHED = 8e9  # flop/s
+_OUT_BATCHED = 8e-9  # s per output element
+_ELEM = 1.5e-9  # s per element of an elementwise pass
+# The explicit gradient is paid once per sample and amortised over this many partners (a tile's width).
+_NOMINAL_PARTNERS = 256
+# Never materialise more than this per sample and layer (a chunk of 8 samples is then 512 MiB).
+_DENSE_SAMPLE_BYTES = 2**26
 # Element budget of the [rows, B2, T, T] intermediates of a pairwise position product.
 _PAIR_BLOCK_ELEMS = 2**24
 # Columns of a random projection matrix generated at a time.
@@ -146,18 +158,22 @@ class Outer:
     def mix(self, M: Tensor) -> Outer:
         return replace(self, delta=torch.einsum("bcgtn,bce->begtn", self.delta, M))
 
-    # Cost model (spec §7.3): multiply-adds per sample pair of the pairwise product over positions
-    # versus the explicit gradient; the cheaper one is used for a tile. With full d x d blocks the pairwise
-    # contractions run as small batched einsums far below GEMM speed: measured on the demo CNN (conv 16->32
-    # on 4x4 positions, d = 10), 2.7x fewer multiply-adds took 5x longer, so they are weighted 4x there.
-    def prefers_dense(self, mode: str) -> bool:
-        _, d, G, T, n = self.delta.shape
-        e = 1 if mode == "trace" else d
-        explicit = G * n * self.m * d * e
-        if T == 1 and not self.indexed:
-            return explicit < G * (self.m + n * d * e)
-        pairwise = G * (T * T * (1 if self.indexed else self.m) + T * T * n * e + T * n * d * e)
-        return explicit < (_FULL_PAIRWISE_WEIGHT if e > 1 else 1) * pairwise
+    def costs(self, mode: str, partners: int = _NOMINAL_PARTNERS) -> tuple[float, float]:
+        """Estimated seconds per sample of (explicit gradient, pairwise product) for Gram tiles against
+        ``partners`` samples, from the FLOPs and output elements of the products each path runs (see
+        ``_Speed``). The explicit path pays its materialisation once per sample and a Gram GEMM of inner
+        size d*n*m per pair; the pairwise path two GEMMs over the (T1 x T2) position pairs per sample pair."""
+        return _explicit_cost(self, mode, partners), _pairwise_cost(self, mode, partners)
+
+    def prefers_dense(self, mode: str, partners: int = _NOMINAL_PARTNERS) -> bool:
+        """Whether the explicit gradient makes this layer's Gram tiles cheaper (spec §7.3). Both paths are
+        exact; the choice only changes speed (and float rounding). Explicit gradients above
+        ``_DENSE_SAMPLE_BYTES`` per sample are never chosen: a chunk of them would not fit in memory."""
+        _, d, G, _, n = self.delta.shape
+        if d * G * n * self.m * self.delta.element_size() > _DENSE_SAMPLE_BYTES:
+            return False
+        explicit, pairwise = self.costs(mode, partners)
+        return explicit < pairwise
 
     def _grad_blocks(self, summed: bool = False) -> Tensor:
         """Explicit per-sample gradient [B, d, G, n, m], or its sum over the batch [d, G, n, m]."""
@@ -257,36 +273,48 @@ class Outer:
         return torch.einsum("bcgtk,bgtl->bcgkl", pd, pa).reshape(B, d, -1)
 
     def _position_products(self, other: Outer, g: int, rows: slice) -> Tensor:
-        """[R, B2, T1, T2] products a_it . a_js of the positions of one group."""
+        """[R*T1, B2*T2] products a_it . a_js of the positions of group g (equality of indices when indexed)."""
         if self.indexed:
-            return (self.a[rows, g][:, None, :, None] == other.a[:, g][None, :, None, :]).to(self.delta.dtype)
-        return torch.einsum("itm,jsm->ijts", self.a[rows, g], other.a[:, g])
+            return (self.a[rows, g].reshape(-1, 1) == other.a[:, g].reshape(1, -1)).to(self.delta.dtype)
+        return self.a[rows, g].flatten(0, 1) @ other.a[:, g].flatten(0, 1).T
 
     def gram(self, other: Outer, mode: str) -> Tensor:
+        """Exact Gram tile without building g: <g_i, g_j> = sum_{t,s} (a_it . a_js)(delta_it . delta_js).
+
+        Both position products are single GEMMs over all (sample, position) pairs of the tile, multiplied
+        elementwise and summed over the positions: trace mode contracts the outputs inside the delta GEMM
+        ([B1 T1, d n] x [d n, B2 T2]); full mode keeps them ([B1 d T1, n] x [n, B2 d T2]). Rows are blocked
+        so that the [rows, T1, B2, T2] (times d^2 in full mode) intermediates stay under _PAIR_BLOCK_ELEMS.
+        """
         B1, d, G, T1, n = self.delta.shape
         B2, T2 = other.delta.shape[0], other.delta.shape[3]
-        if T1 == 1 and T2 == 1 and not self.indexed:
-            out = None
-            for g in range(G):
-                aa = self.a[:, g, 0] @ other.a[:, g, 0].T
-                dd = _dense_gram(self.delta[:, :, g, 0], other.delta[:, :, g, 0], mode)
-                term = dd.mul_(aa if mode == "trace" else aa[:, None, :, None])
-                out = term if out is None else out.add_(term)
-            return out
-        shape = (B1, B2) if mode == "trace" else (B1, d, B2, d)
-        out = self.delta.new_zeros(shape)
-        step = max(1, _PAIR_BLOCK_ELEMS // max(1, B2 * T1 * T2 + B2 * d * T1 * n))
+        full = mode != "trace"
+        shape = (B1, d, B2, d) if full else (B1, B2)
+        out = None
+        step = max(1, _PAIR_BLOCK_ELEMS // max(1, T1 * B2 * T2 * (d * d if full else 1)))
         for g in range(G):
+            db = other.delta[:, :, g]  # [B2, d, T2, n]
+            db = db.reshape(B2 * d * T2, n) if full else db.transpose(1, 2).reshape(B2 * T2, d * n)
+            parts = []
             for r0 in range(0, B1, step):
                 rows = slice(r0, min(B1, r0 + step))
-                pp = self._position_products(other, g, rows)
-                # sum_{t,s} pp[t,s] delta_i[c,t] . delta_j[e,s], contracted over s first.
-                y = torch.einsum("ijts,jesn->ijetn", pp, other.delta[:, :, g])
-                if mode == "trace":
-                    out[rows] += torch.einsum("ictn,ijctn->ij", self.delta[rows, :, g], y)
+                R = rows.stop - rows.start
+                pp = self._position_products(other, g, rows)  # [R T1, B2 T2]
+                da = self.delta[rows, :, g]  # [R, d, T1, n]
+                if full:
+                    dd = (da.reshape(R * d * T1, n) @ db.T).view(R, d, T1, B2, d, T2)
+                    pp = pp.view(R, 1, T1, B2, 1, T2)
                 else:
-                    out[rows] += torch.einsum("ictn,ijetn->icje", self.delta[rows, :, g], y)
-        return out
+                    dd = (da.transpose(1, 2).reshape(R * T1, d * n) @ db.T).view(R, T1, B2, T2)
+                    pp = pp.view(R, T1, B2, T2)
+                dd = dd * pp if dd.requires_grad or pp.requires_grad else dd.mul_(pp)
+                if T1 * T2 == 1:  # one position each (a Linear on vectors): nothing to sum
+                    parts.append(dd.view(R, d, B2, d) if full else dd.view(R, B2))
+                else:
+                    parts.append(dd.sum((2, 5)) if full else dd.sum((1, 3)))
+            term = parts[0] if len(parts) == 1 else torch.cat(parts)
+            out = term if out is None else out + term
+        return out.view(shape)
 
     def self_gram(self) -> Tensor:
         B, d, G, T, n = self.delta.shape
@@ -294,7 +322,7 @@ class Outer:
             sq = (self.a[:, :, 0] ** 2).sum(-1)  # [B, G]
             dd = self.delta[:, :, :, 0]  # [B, d, G, n]
             return torch.einsum("bg,bcgn,begn->bce", sq, dd, dd)
-        if self.prefers_dense("full"):
+        if self.prefers_dense("full", partners=1):
             return self.dense().self_gram()
         out = self.delta.new_zeros(B, d, d)
         step = max(1, _PAIR_BLOCK_ELEMS // max(1, T * T + d * T * n))
@@ -311,6 +339,34 @@ class Outer:
 
 
 Factor = Dense | Outer
+
+
+def _gemm(M: int, K: int, N: int) -> float:
+    return 2.0 * M * K * N / _F_GEMM + M * N * _OUT_GEMM
+
+
+def _explicit_cost(f: Outer, mode: str, partners: int) -> float:
+    """Seconds per sample: materialise g [d, G, n, m] once, then a Gram GEMM row against ``partners``."""
+    _, d, G, T, n = f.delta.shape
+    m = f.m
+    e = d if mode != "trace" else 1
+    if f.indexed:  # zero fill + scatter-add of T rows per output
+        build = (d * G * n * m + d * G * n * T) * _ELEM
+    else:
+        build = d * G * (2.0 * n * T * m / _F_BATCHED + n * m * _OUT_BATCHED)
+    return build + _gemm(e, d * G * n * m // e, partners * e)
+
+
+def _pairwise_cost(f: Outer, mode: str, partners: int) -> float:
+    """Seconds per sample of the pairwise product against ``partners`` samples (``Outer.gram``)."""
+    _, d, G, T, n = f.delta.shape
+    pairs = T * partners * T  # (position, partner position) pairs of one sample row, per group
+    pp = pairs * _ELEM if f.indexed else _gemm(T, f.m, partners * T)
+    if mode == "trace":
+        dd = _gemm(T, d * n, partners * T) + 2 * pairs * _ELEM
+    else:
+        dd = _gemm(d * T, n, partners * d * T) + 2 * d * d * pairs * _ELEM
+    return G * (pp + dd)
 
 
 def compact(factors: list[Factor]) -> list[Factor]:

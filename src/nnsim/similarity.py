@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
@@ -118,6 +119,7 @@ class Similarity:
         first = next(iter(self.params.values()))
         self.device, self.dtype = first.device, first.dtype
         self.d: int | None = None
+        self._per_sample_bytes: dict[tuple, int] = {}  # measured factor bytes per sample, by call kind
 
     # ------------------------------------------------------------------ public API
     def self_kernel(self, x: Any) -> Tensor:
@@ -401,9 +403,15 @@ class Similarity:
         if self.chunk_size is not None:
             return self.chunk_size
         self._problem.keys = src.keys  # keyword inputs: the model is called with these names
-        probe = next(src.chunks(8))
-        c = self._prepare(probe[1], 0, name, by, kind, mode)
-        per_sample = max(1, c.nbytes() // c.size)
+        probe = next(src.chunks(2))  # the size per sample is linear in the batch: 2 samples (the plan's) suffice
+        # The measured size per sample depends only on the sample shapes and the representation: measure it
+        # once per Similarity (a reused Similarity then pays no probe pass per call).
+        key = (by, kind, mode, src.keys, tuple((tuple(t.shape[1:]), t.dtype) for t in tree_flatten(probe[1])[0]
+                                     if isinstance(t, Tensor)))
+        if key not in self._per_sample_bytes:
+            c = self._prepare(probe[1], 0, name, by, kind, mode)
+            self._per_sample_bytes[key] = max(1, c.nbytes() // c.size)
+        per_sample = self._per_sample_bytes[key]
         d = self.d or 1
         tile_cap = int(math.sqrt(2**28 / (4 * (d * d if mode == "full" else 1))))
         return int(max(8, min(256, tile_cap, 2**28 // per_sample)))

@@ -1,0 +1,348 @@
+"""The model zoo (benchmarks/zoo_models.py): nnsim's default backend against torch.func and the per-sample loop.
+
+For each model, at N samples (default 256) and each output case
+  * ``d=1``: the first logit, ``sim.similarity(x)`` -> [N, N] (the cosine of the two parameter gradients);
+  * ``d=10``: the ten logits, ``sim.similarity(x, reduce=None)`` -> [N, N, 10, 10] (what the recipe computes),
+the methods
+  * ``nnsim``: ``nnsim.Similarity(model, output)`` with default settings (structured backend);
+  * ``nnsim-functorch``: the same with ``backend="functorch"`` (nnsim's own torch.func backend);
+  * ``torch.func``: the PyTorch NTK tutorial recipe, ``vmap(jacrev(functional_call))`` per-sample Jacobians and
+    a per-parameter ``einsum('Naf,Mbf->NMab')``, normalised by hand (``bench_kernel.tutorial_kernel``);
+  * ``loop``: ``backend="loop"``, per-sample autograd (the oracle), on the first ``--loop-n`` samples, its time
+    extrapolated linearly to N (a lower bound: the pairwise part grows as N^2);
+run side by side in this process, interleaved, after a warm-up call on 4 samples; each timed run builds a new
+``Similarity`` (planning and verification included). Times are medians of ``--repeats`` runs.
+
+Also reported: the peak RSS increase of the ``nnsim`` call (VmHWM after resetting it with /proc/self/clear_refs,
+in this process: a lower bound when freed memory is reused), the max relative error of ``nnsim`` against the
+loop on the common samples (max |a - b| / max |b|), the FLOP floor and the share of this CPU's GEMM peak that
+nnsim's time corresponds to: floor = FLOPs of one forward and d backward passes of the batch (counted by
+``torch.utils.flop_counter``, all parameters' gradients) + 2 P e N (N + 1) / 2 for the Gram (e = 1 for d = 1,
+d^2 for the d x d blocks); ``floor %`` = floor / (nnsim time x measured GEMM flop/s). And which rule each layer
+used (``sim.describe()``): layers on ``fallback`` / ``functorch`` are not yet covered by a layer rule.
+
+Usage: python benchmarks/bench_models.py [--quick] [--models mlp,vit] [--n 256] [--cases d=1,d=10]
+       [--repeats 3] [--threads 1] [--loop-n 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernel import OthersMeter, machine, nnsim_revision, normalise, peak_rss, reset_peak_rss  # noqa: E402
+from zoo_models import ZOO  # noqa: E402
+
+import nnsim  # noqa: E402
+
+warnings.filterwarnings("ignore")  # planning notes and fallback warnings: the describe() column says it
+METHODS = ("nnsim", "nnsim-functorch", "torch.func", "loop")
+QUICK_MODELS = ("mlp", "resnet-small", "vit", "transformer-encoder", "hf-vit", "lstm")
+
+
+def output_fn(case: str) -> Callable[[Tensor, object], Tensor] | None:
+    return (lambda out, inputs: out[:, :1]) if case == "d=1" else None
+
+
+def reduce_of(case: str) -> str | None:
+    return "trace" if case == "d=1" else None
+
+
+def run(method: str, model: nn.Module, x: tuple[Tensor, ...], case: str) -> Tensor:
+    if method == "torch.func":
+        return normalise(tutorial_kernel(model, x[0], output_fn(case)), reduce_of(case))
+    backend = {"nnsim": "auto", "nnsim-functorch": "functorch", "loop": "loop"}[method]
+    sim = nnsim.Similarity(model, output=output_fn(case), backend=backend, progress=False)
+    return sim.similarity(*x, reduce=reduce_of(case))
+
+
+def tutorial_kernel(model: nn.Module, x: Tensor, output: Callable | None, budget_bytes: float = 2**31) -> Tensor:
+    """The NTK tutorial's recipe, K [N, N, d, d] (as bench_kernel.tutorial_kernel; any input dtype): per-sample
+    Jacobians by vmap(jacrev(functional_call)), a per-parameter einsum, in row blocks of at most
+    ``budget_bytes`` of Jacobians, the column blocks' Jacobians recomputed (upper triangle only)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    select = output or (lambda out, inputs: out)
+
+    def fnet_single(p: dict[str, Tensor], x1: Tensor) -> Tensor:
+        return select(functional_call(model, p, (x1.unsqueeze(0),)), None).squeeze(0)
+
+    jac_fn = vmap(jacrev(fnet_single), (None, 0))
+
+    def jacobians(xs: Tensor) -> list[Tensor]:
+        return [j.flatten(2) for j in jac_fn(params, xs).values()]
+
+    def contract(j1: list[Tensor], j2: list[Tensor]) -> Tensor:
+        return torch.stack([torch.einsum("Naf,Mbf->NMab", a, b) for a, b in zip(j1, j2, strict=True)]).sum(0)
+
+    N = x.shape[0]
+    dtype = next(iter(params.values())).dtype
+    d = select(model(x[:1]), None).shape[-1]
+    per_sample = d * sum(p.numel() for p in params.values()) * dtype.itemsize
+    K = torch.empty(N, N, d, d, dtype=dtype)
+    block = max(1, min(N, int(budget_bytes // (2 * per_sample))))
+    for s in range(0, N, block):
+        ja = jacobians(x[s : s + block])
+        for t in range(s, N, block):
+            jb = ja if t == s else jacobians(x[t : t + block])
+            k = contract(ja, jb)
+            K[s : s + block, t : t + block] = k
+            if t != s:
+                K[t : t + block, s : s + block] = k.transpose(0, 1).transpose(-1, -2)
+    return K
+
+
+def mlp_ntk_by_hand(model: nn.Sequential, x: Tensor) -> Tensor:
+    """Exact eNTK K [N, N, d, d] of an MLP written out as neural-tangents' "structured derivatives" do it: per
+    Linear layer (a_i . a_j + 1) (delta_i delta_j^T), inputs a and output signals delta from one forward and d
+    backward passes (jax-free stand-in for ``nt.empirical_ntk_fn(..., implementation=STRUCTURED_DERIVATIVES)``)."""
+    acts: list[Tensor] = []
+    outs: list[Tensor] = []
+
+    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        acts.append(inp[0].detach())
+        outs.append(out)
+
+    handles = [m.register_forward_hook(hook) for m in model if isinstance(m, nn.Linear)]
+    try:
+        y = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    d = y.shape[1]
+    deltas = [torch.autograd.grad(y[:, c].sum(), outs, retain_graph=c < d - 1) for c in range(d)]
+    K = None
+    for k, a in enumerate(acts):
+        dl = torch.stack([g[k] for g in deltas], 1)  # [N, d, n]
+        N, n = dl.shape[0], dl.shape[2]
+        dd = (dl.reshape(N * d, n) @ dl.reshape(N * d, n).T).view(N, d, N, d)
+        t = dd.mul_((a @ a.T).add_(1.0)[:, None, :, None])
+        K = t if K is None else K.add_(t)
+    return K.permute(0, 2, 1, 3)
+
+
+def small_n(args: argparse.Namespace) -> str:
+    """The d = 10 eNTK of MLP 784-256-256-10 at N = 100 (issue 14: neural-tangents 0.032 s, nnsim 0.066 s)."""
+    model, (x,) = ZOO["mlp"](100)
+    reused = nnsim.Similarity(model, progress=False)
+    reused.kernel(x[:4])
+    ref = mlp_ntk_by_hand(model, x).detach()
+    runs = {"nnsim, reused Similarity (planned once)": lambda: reused.kernel(x),
+            "nnsim, new Similarity per call (planning + verification)":
+                lambda: nnsim.Similarity(model, progress=False).kernel(x),
+            "hand-written structured NTK (jax-free neural-tangents equivalent)": lambda: mlp_ntk_by_hand(model, x)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(max(5, args.repeats)):
+        for k, f in runs.items():
+            times[k].append(_timed(f))
+    err = rel_err(reused.kernel(x), ref)
+    lines = ["| N = 100, d = 10, kernel [N, N, 10, 10] | median [s] | best [s] |", "|---|---:|---:|"]
+    lines += [f"| {k} | {statistics.median(t):.4f} | {min(t):.4f} |" for k, t in times.items()]
+    lines.append("| neural-tangents 0.6.5 (issue 14's figure, not run here) | 0.032 | |")
+    return "\n".join(lines) + f"\n\nnnsim vs the hand-written NTK: max rel err {err:.1e}"
+
+
+LAYERS = [  # (name, B, T, m, n, d, vocab, mode)
+    ("ViT MLP Linear", 128, 17, 65, 128, 10, 0, "trace"),
+    ("ViT MLP Linear, d = 1", 128, 17, 65, 128, 1, 0, "trace"),
+    ("demo-CNN conv 16->32 on 4x4", 128, 16, 145, 32, 10, 0, "full"),
+    ("BERT-base MLP Linear", 64, 16, 769, 3072, 1, 0, "trace"),
+    ("Embedding vocab 1000", 128, 16, 0, 64, 10, 1000, "trace"),
+    ("conv over 64 positions", 128, 64, 577, 64, 1, 0, "trace"),
+]
+
+
+def layers() -> str:
+    """Single layers: both paths of the cost model's choice timed on one tile (B samples against themselves)."""
+    from nnsim.factors import Outer
+
+    lines = ["| layer | B, T, m, n, d, mode | explicit: build g + Gram [s] | pairwise [s] | chosen | max rel diff |",
+             "|---|---|---:|---:|---|---:|"]
+    for name, B, T, m, n, d, vocab, mode in LAYERS:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randint(0, vocab, (B, 1, T), generator=gen) if vocab else torch.randn(B, 1, T, m, generator=gen)
+        f = Outer("l", a, torch.randn(B, d, 1, T, n, generator=gen), ("w", torch.Size([n, vocab or m])), vocab=vocab)
+        dense = f.dense()
+        build = min(_timed(f.dense) for _ in range(2))
+        explicit = min(_timed(lambda dense=dense, mode=mode: dense.gram(dense, mode)) for _ in range(2))
+        pairwise = min(_timed(lambda f=f, mode=mode: f.gram(f, mode)) for _ in range(2))
+        diff = rel_err(f.gram(f, mode), dense.gram(dense, mode))
+        chosen = "explicit" if f.prefers_dense(mode) else "pairwise"
+        lines.append(f"| {name} | {B}, {T}, {vocab or m}, {n}, {d}, {mode} | {build:.3f} + {explicit:.3f} "
+                     f"| {pairwise:.3f} | {chosen} | {diff:.1e} |")
+    return "\n".join(lines)
+
+
+def gemm_flops() -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(3))
+    return 2 * 1024**3 / best
+
+
+def _timed(f: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def floor_flops(model: nn.Module, x: tuple[Tensor, ...], case: str) -> float:
+    """Forward + d backward passes of the batch (counted), plus the Gram's 2 P e N (N+1)/2."""
+    N = x[0].shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    P = sum(p.numel() for p in params)
+    with FlopCounterMode(display=False) as counter:
+        y = model(*x)
+        y = y[:, :1] if case == "d=1" else y
+        for c in range(y.shape[1]):
+            torch.autograd.grad(y[:, c].sum(), params, retain_graph=c < y.shape[1] - 1, allow_unused=True)
+    d = y.shape[1]
+    e = 1 if case == "d=1" else d * d
+    return counter.get_total_flops() + 2 * P * e * N * (N + 1) / 2
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    both = fa & fb
+    if not bool(both.any()):
+        return float("nan")
+    return float((a[both] - b[both]).abs().max() / b[both].abs().max())
+
+
+def rules_used(model: nn.Module, x: tuple[Tensor, ...], case: str) -> str:
+    sim = nnsim.Similarity(model, output=output_fn(case), progress=False)
+    sim.similarity(*(t[:2] for t in x))
+    counts: dict[str, int] = {}
+    for rule in sim.describe().values():
+        counts[rule] = counts.get(rule, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
+def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[str, object]:
+    model, x = ZOO[name](args.n)
+    P = sum(p.numel() for p in model.parameters())
+    row: dict[str, object] = {"model": name, "case": case, "P": P}
+    sizes = {m: (min(args.n, args.loop_n) if m == "loop" else args.n) for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    results: dict[str, Tensor] = {}
+    errors: dict[str, str] = {}
+    for m in METHODS:  # warm-up (and the first failure, if any)
+        if f"{name}:{case}:{m}" in args.skip:
+            errors[m] = "skipped (--skip)"
+            continue
+        try:
+            run(m, model, tuple(t[:4] for t in x), case)
+        except Exception as err:  # noqa: BLE001  (a method that cannot run this model is reported, not fatal)
+            errors[m] = f"{type(err).__name__}: {str(err)[:80]}"
+            traceback.print_exc(limit=2, file=sys.stderr)
+    others = []
+    for rep in range(args.repeats):
+        for m in METHODS:
+            if m in errors or (rep > 0 and times[m] and times[m][0] > args.max_repeat_s):
+                continue
+            gc.collect()
+            xs = tuple(t[: sizes[m]] for t in x)
+            base = reset_peak_rss() if m == "nnsim" else 0
+            with OthersMeter() as meter:
+                t0 = time.perf_counter()
+                out = run(m, model, xs, case)
+                times[m].append(time.perf_counter() - t0)
+            if m == "nnsim":
+                row["peak_mib"] = (peak_rss() - base) / 2**20
+                others.append(meter.share)
+            results[m] = out
+            print(f"  {name} {case} {m} run {rep + 1}: {times[m][-1]:.3f} s (others {meter.share:.0%})",
+                  file=sys.stderr, flush=True)
+    med = {m: statistics.median(t) * args.n / sizes[m] for m, t in times.items() if t}
+    row.update(times=med, errors=errors, others=statistics.median(others) if others else float("nan"))
+    if "loop" in results:
+        k = sizes["loop"]
+        row["err"] = {m: rel_err(r[:k, :k], results["loop"]) for m, r in results.items() if m != "loop"}
+    if "nnsim" in med:
+        row["floor_pct"] = 100 * floor_flops(model, x, case) / (med["nnsim"] * peak)
+        row["rules"] = rules_used(model, x, case)
+    return row
+
+
+def fmt_t(t: float | None) -> str:
+    return "failed" if t is None else f"{t:.3f}"
+
+
+def table(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
+    head = (f"| model | P | output | nnsim [s] | vs torch.func | vs loop (≥) | vs nnsim functorch | torch.func [s] | "
+            f"loop [s] (≥, from N={args.loop_n}) | nnsim functorch [s] | nnsim peak RSS Δ [MiB] | "
+            "nnsim max rel err vs loop | floor % | others' CPU | layer rules (describe) |")
+    lines = [head, "|" + "---|" * 15]
+    for r in rows:
+        t = r["times"]
+        tn = t.get("nnsim")
+
+        def ratio(m: str, tn=tn, t=t) -> str:
+            return "n/a" if tn is None or m not in t else f"{t[m] / tn:.2f}×"
+
+        err = r.get("err", {}).get("nnsim", float("nan"))
+        lines.append(
+            f"| {r['model']} | {r['P']:,} | {r['case']} | {fmt_t(tn)} | {ratio('torch.func')} | {ratio('loop')} "
+            f"| {ratio('nnsim-functorch')} | {fmt_t(t.get('torch.func'))} | {fmt_t(t.get('loop'))} "
+            f"| {fmt_t(t.get('nnsim-functorch'))} | {r.get('peak_mib', float('nan')):.0f} | {err:.1e} "
+            f"| {r.get('floor_pct', float('nan')):.1f} | {r['others']:.0%} | {r.get('rules', '')} |")
+        for m, e in r["errors"].items():
+            lines.append(f"| ↳ {m} failed: {e} |" + " |" * 14)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N=64, 6 models, 1 repeat (~2 minutes)")
+    parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(ZOO)}")
+    parser.add_argument("--cases", default="d=1,d=10")
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loop-n", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip", default="", help="model:case:method triples not to run, comma-separated")
+    parser.add_argument("--layers", action="store_true", help="only the single-layer cost-model table")
+    parser.add_argument("--small-n", action="store_true", help="only the N = 100 MLP eNTK (fixed cost per call)")
+    parser.add_argument("--max-repeat-s", type=float, default=60.0, help="do not repeat a method slower than this")
+    args = parser.parse_args()
+    args.skip = set(filter(None, args.skip.split(",")))
+    if args.quick:
+        args.n, args.repeats, args.loop_n = min(args.n, 64), 1, min(args.loop_n, 16)
+    names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else ZOO)
+    unknown = [m for m in names if m not in ZOO]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(ZOO)}")
+    args.device, args.revision = "cpu", nnsim_revision()  # at the start: the code this run imported
+    torch.set_num_threads(args.threads)
+    if args.layers:
+        print(f"bench_models.py --layers, {args.threads} thread(s), {machine(args)}\n\n{layers()}")
+        return
+    if args.small_n:
+        print(f"bench_models.py --small-n, {args.threads} thread(s), {machine(args)}\n\n{small_n(args)}")
+        return
+    peak = gemm_flops()
+    rows = []
+    t0 = time.perf_counter()
+    for name in names:
+        for case in args.cases.split(","):
+            rows.append(bench(name, case, args, peak))
+            print(table(rows[-1:], args).splitlines()[-1], file=sys.stderr, flush=True)  # partial results
+    print(f"\nbench_models.py: N={args.n}, repeats={args.repeats} (medians), {args.threads} thread(s), "
+          f"{machine(args)}; GEMM peak measured {peak / 1e9:.1f} GFLOP/s; total {time.perf_counter() - t0:.0f} s\n")
+    print(table(rows, args))
+
+
+if __name__ == "__main__":
+    main()
