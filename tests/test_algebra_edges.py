@@ -33,3 +33,28 @@ def test_metric_checks_are_relative_to_the_metric_scale(scale):
     ok = scale * torch.tensor([[1.0, 0.5 + 1e-9], [0.5, 0.25]], dtype=F64)
     assert algebra.check_metric(ok, 2) is ok
     assert algebra.check_metric(torch.zeros(2, 2, dtype=F64), 2) is not None
+
+
+def test_metric_shape_error_names_what_it_got():
+    with pytest.raises(InputError, match=r"\(2, 2\) tensor for an output of dimension d = 2, got \(3, 3\)"):
+        algebra.check_metric(torch.eye(3, dtype=F64), 2)
+    with pytest.raises(InputError, match=r"got list"):
+        algebra.check_metric([[1.0]], 2)
+
+
+def test_sqrt_psd_scale_batch_and_dtype():
+    # tiny and huge matrices in one batch: each keeps its own rounding threshold
+    scales = torch.tensor([1e-20, 1.0, 1e12], dtype=F64)
+    A = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=F64)
+    M = scales[:, None, None] * A
+    root = algebra.sqrt_psd(M)
+    torch.testing.assert_close(root @ root, M, rtol=1e-12, atol=0)
+    # unbatched, float32 in -> float32 out
+    M32 = A.float()
+    r32 = algebra.sqrt_psd(M32)
+    assert r32.dtype == torch.float32 and r32.shape == (2, 2)
+    torch.testing.assert_close(r32 @ r32, M32, rtol=1e-5, atol=1e-6)
+    # a rank-1 PSD matrix keeps its exact null space
+    v = torch.tensor([3.0, 4.0], dtype=F64)
+    r1 = algebra.sqrt_psd(torch.outer(v, v))
+    torch.testing.assert_close(r1, torch.outer(v, v) / 5, rtol=1e-12, atol=1e-14)
