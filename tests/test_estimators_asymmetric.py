@@ -343,3 +343,23 @@ def test_features_are_unbiased_where_they_really_project(make):
         est = torch.stack([torch.einsum("ick,jek->ijce", p, p) for p in
                            (sim.features(x, dim=dim, seed=s, normalized=normalized) for s in range(seeds))])
         check_unbiased(scale_fit(est, target))
+
+
+def test_feature_index_on_the_asymmetric_models(case, tmp_path):
+    """FeatureIndex: exact projections give the brute-force neighbours; projected ones, estimates equal to the
+    features' inner products / d, and re-ranking with the data gives brute-force similarities."""
+    model, x, out, bf = case
+    S = bf.sim()
+    sim = nnsim.Similarity(model, out, chunk_size=4, progress=False)
+    exact = nnsim.FeatureIndex.build(sim, x, tmp_path / "exact", dim=10_000, shard_size=5)
+    vals, idx = exact.search(x[:4], k=3, backend="torch")
+    top = S[:4].topk(3, dim=1)
+    close(vals, top.values, 1e-6)
+    assert torch.equal(idx, top.indices)
+    small = nnsim.FeatureIndex.build(sim, x, tmp_path / "small", dim=6, seed=2, shard_size=5)
+    est, est_idx = small.search(x[:4], k=3, backend="torch")
+    phi = sim.features(x, dim=6, seed=2)
+    want = torch.einsum("ick,jck->ij", phi[:4], phi) / bf.d
+    close(est, want.gather(1, est_idx), 1e-5)
+    rer, rer_idx = small.search(x[:4], k=3, data=x, backend="torch")
+    close(rer, S[:4].gather(1, rer_idx), 1e-9)
