@@ -58,3 +58,12 @@ def test_sqrt_psd_scale_batch_and_dtype():
     v = torch.tensor([3.0, 4.0], dtype=F64)
     r1 = algebra.sqrt_psd(torch.outer(v, v))
     torch.testing.assert_close(r1, torch.outer(v, v) / 5, rtol=1e-12, atol=1e-14)
+
+
+def test_softmax_fisher_is_computed_in_float64_for_float32_logits():
+    # p = softmax([0, 30]): p_1 rounds to 1 in float32, so p_1 (1 - p_1) would vanish; in float64 it is e^-30
+    F = algebra.softmax_fisher(torch.tensor([[0.0, 30.0]]))
+    assert F.dtype == torch.float32
+    q = torch.sigmoid(torch.tensor(-30.0, dtype=F64))
+    torch.testing.assert_close(F[0].double(), q * (1 - q) * torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=F64),
+                               rtol=2e-3, atol=0)  # p_1 - p_1^2 cancels to ~1e-3 even in float64

@@ -61,3 +61,12 @@ def test_logits_and_posnegflat_score_written_out(C, seed):
     assert m[0].tolist() == [1.0] + [-1.0 / (C - 1)] * (C - 1)
     assert m[1].tolist() == [-1.0 / (C - 1)] * (C - 1) + [1.0]
     assert m.dtype == F64
+
+
+def test_class_zero_is_a_valid_target_and_masks_follow_the_labels_device():
+    z = torch.tensor([[2.0, 1.0, 0.0]], dtype=F64)
+    assert outputs.logits(0)(z, (z,)).tolist() == [[2.0]]
+    score = float(outputs.log_softmax_mask(0)(z, (z,)))
+    assert abs(score - (2.0 - 0.5)) < 1e-12  # margin z_0 - mean(z_1, z_2)
+    t = torch.tensor([0, 2], device="meta")
+    assert outputs.posnegflat_mask(t, 3).device.type == "meta"  # built where the labels live (GPU-safe)
