@@ -70,3 +70,9 @@ def test_class_zero_is_a_valid_target_and_masks_follow_the_labels_device():
     assert abs(score - (2.0 - 0.5)) < 1e-12  # margin z_0 - mean(z_1, z_2)
     t = torch.tensor([0, 2], device="meta")
     assert outputs.posnegflat_mask(t, 3).device.type == "meta"  # built where the labels live (GPU-safe)
+
+
+def test_target_indices_follow_the_logits_device():
+    z = torch.zeros(2, 3, device="meta")
+    assert outputs.logits(1)(z, (z,)).device.type == "meta"
+    assert outputs.log_softmax_mask(2)(z, (z,)).shape == (2, 1)
