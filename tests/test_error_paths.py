@@ -231,3 +231,12 @@ def test_output_helpers_name_the_problem():
         outputs.center_pixel((z, z), (z,))
     with pytest.raises(TypeError, match="not a tensor"):
         outputs.spatial_sum([z], (z,))
+
+
+def test_denoising_csv_without_noise_level_has_no_predicted_error_column(tmp_path):
+    rep = _sim().denoising(X)
+    assert rep.predicted_error is None
+    rep.to_csv(tmp_path / "d.csv")
+    rows = (tmp_path / "d.csv").read_text().splitlines()
+    assert rows[0] == "index,factor,effective_neighbors,consistency,ill_conditioned,D_00,D_01,D_10,D_11"
+    assert len(rows) == 7 and float(rows[1].split(",")[1]) == float(rep.factor[0])

@@ -76,3 +76,8 @@ def test_target_indices_follow_the_logits_device():
     z = torch.zeros(2, 3, device="meta")
     assert outputs.logits(1)(z, (z,)).device.type == "meta"
     assert outputs.log_softmax_mask(2)(z, (z,)).shape == (2, 1)
+
+
+def test_log_softmax_mask_defaults_to_the_predicted_class():
+    z = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]], dtype=F64)
+    torch.testing.assert_close(outputs.log_softmax_mask()(z, (z,)), torch.tensor([[2.5], [1.5]], dtype=F64))
