@@ -67,3 +67,20 @@ def test_softmax_fisher_is_computed_in_float64_for_float32_logits():
     q = torch.sigmoid(torch.tensor(-30.0, dtype=F64))
     torch.testing.assert_close(F[0].double(), q * (1 - q) * torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=F64),
                                rtol=2e-3, atol=0)  # p_1 - p_1^2 cancels to ~1e-3 even in float64
+
+
+def test_float32_singular_metrics_are_checked_in_float64():
+    # v v^T with quarter-integer v is exact in float32 and PSD; its float32 eigenvalues come out below
+    # -1e-8 |M| for most of these seeds (rounding), its float64 ones do not
+    for s in range(20):
+        v = torch.randint(-8, 9, (4,), generator=torch.Generator().manual_seed(s)).float() / 4
+        M = torch.outer(v, v)
+        assert algebra.check_metric(M, 4) is M
+
+
+def test_normalize_kernel_on_a_rectangular_tile():
+    g = torch.Generator().manual_seed(1)
+    K_ab = torch.randn(2, 3, 2, 2, dtype=F64, generator=g)
+    A, B = torch.randn(2, 2, 2, dtype=F64, generator=g), torch.randn(3, 2, 2, dtype=F64, generator=g)
+    want = torch.stack([torch.stack([A[i] @ K_ab[i, j] @ B[j] for j in range(3)]) for i in range(2)])
+    torch.testing.assert_close(algebra.normalize_kernel(K_ab, A, B), want)
