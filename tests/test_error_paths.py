@@ -141,7 +141,7 @@ def test_mismatched_inputs_and_dtypes():
 
 # ---------------------------------------------------------------------------------------------- metric
 @pytest.mark.parametrize("metric, match", [
-    (torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=F64), "symmetric"),
+    (torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=F64), r"symmetric \(M == M\.T\)"),
     (torch.diag(torch.tensor([1.0, -1.0], dtype=F64)), "positive semi-definite"),
     (torch.eye(3, dtype=F64), r"\(2, 2\) tensor"),
     (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=F64), "NaN or Inf"),
@@ -240,3 +240,6 @@ def test_denoising_csv_without_noise_level_has_no_predicted_error_column(tmp_pat
     rows = (tmp_path / "d.csv").read_text().splitlines()
     assert rows[0] == "index,factor,effective_neighbors,consistency,ill_conditioned,D_00,D_01,D_10,D_11"
     assert len(rows) == 7 and float(rows[1].split(",")[1]) == float(rep.factor[0])
+    cells = rows[2].split(",")
+    assert cells[4] == "False"  # booleans as words
+    assert [float(c) for c in cells[5:]] == rep.factor_matrix[1].flatten().tolist()
