@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nnsim-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutants clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,5 +38,13 @@ test: $(STAMP) | $(FASHION_MNIST) $(CHROMIUM)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernel.py
 
+# Mutation testing of the math core (docs/testing.md); slow, never part of `make test`.
+# MUTANTS selects mutant names (fnmatch), e.g. MUTANTS='nnsim.algebra*'; JOBS the parallel workers.
+MUTANTS ?= nnsim.algebra* nnsim.estimators* nnsim.outputs*
+JOBS ?= 1
+mutants: $(STAMP)
+	env -u PYTHONPATH nice -n 10 $(VENV)/bin/mutmut run --max-children $(JOBS) $(foreach m,$(MUTANTS),'$(m)')
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis mutants

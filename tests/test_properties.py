@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import nnsim
 from nnsim import outputs
-from nnsim.errors import RankDeficiencyWarning
+from nnsim.errors import InputError, RankDeficiencyWarning
 
 torch.set_num_threads(1)
 
@@ -581,11 +581,11 @@ def test_singular_custom_metric_normalises_on_range(backend, d):
 def test_invalid_metric_is_rejected():
     model = mlp(2, 0)
     x = inputs(2, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         make(model, metric=torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=F64)).similarity(x)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         make(model, metric=torch.diag(torch.tensor([1.0, -1.0], dtype=F64))).similarity(x)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         make(model, metric=torch.eye(3, dtype=F64)).similarity(x)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         make(mlp(1, 0), metric="fisher").similarity(x)

@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 Singular = Literal["pinv", "raise", "ridge"]
 
 
@@ -131,16 +133,17 @@ def softmax_fisher(logits: Tensor) -> Tensor:
 
 
 def check_metric(M: Tensor, d: int) -> Tensor:
-    """Validate a user-supplied output metric: a symmetric PSD d x d tensor."""
+    """Validate a user-supplied output metric: a symmetric PSD d x d tensor (else :class:`InputError`,
+    a ``ValueError`` subclass)."""
     if not isinstance(M, Tensor) or M.shape != (d, d):
         shape = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
-        raise ValueError(f"metric must be a ({d}, {d}) tensor for an output of dimension d = {d}, got {shape}")
+        raise InputError(f"metric must be a ({d}, {d}) tensor for an output of dimension d = {d}, got {shape}")
     if not torch.isfinite(M).all():
-        raise ValueError("metric contains NaN or Inf")
+        raise InputError("metric contains NaN or Inf")
     M64 = M.to(torch.float64)
     scale = M64.abs().max().clamp_min(1e-300)
     if (M64 - M64.T).abs().max() > 1e-6 * scale:
-        raise ValueError("metric must be symmetric (M == M.T)")
+        raise InputError("metric must be symmetric (M == M.T)")
     if torch.linalg.eigvalsh(M64).min() < -1e-8 * scale:
-        raise ValueError("metric must be positive semi-definite (it has a negative eigenvalue)")
+        raise InputError("metric must be positive semi-definite (it has a negative eigenvalue)")
     return M

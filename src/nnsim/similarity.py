@@ -200,7 +200,7 @@ class Similarity:
                                                           algorithm, same))
         if method == "soft" and algorithm != "tiles":
             return self._soft_linear(src, ref, normalized, include_self, comm)
-        return self._density_tiles(src, ref, same, method, threshold, power, include_self, comm)
+        return self._density_tiles(src, ref, same, method, threshold, power, include_self, comm, normalized)
 
     def neighbors(
         self, queries: Any, data: Any = None, k: int = 10, exclude_self: bool = False, *, group: Any = None
@@ -281,14 +281,17 @@ class Similarity:
                 raise InputError(f"predictions must be a [N, d] tensor with N = {len(src)} rows")
             if not torch.isfinite(predictions).all():
                 raise InputError("predictions contain NaN or Inf")
+            if self.d is None:  # the output dimension is known after one sample's factors
+                self._prepare(src.first(), 0, "data", None, "kernel", "raw")
+            if predictions.shape[1] != self.d:
+                raise InputError(f"predictions have {predictions.shape[1]} columns but the analysed output has "
+                                 f"d = {self.d}: pass a [N, {self.d}] tensor")
         comm = self._comm(group, "denoising", (src,), (
             None if predictions is None else dist_mod.params_checksum({"predictions": predictions}),
             noise_std, approximate, dim, seed))
         sums = self._denoising_sums_approx(src, predictions, dim, seed, comm) if approximate else \
             self._denoising_sums_tiles(src, predictions, comm)
         R, Q, Y, yhat = sums
-        if yhat.shape[1] != R.shape[-1]:
-            raise InputError(f"predictions have {yhat.shape[1]} columns but the analysed output has d = {R.shape[-1]}")
         report = denoising_from_sums(R, Q, Y, yhat, noise_std, self.rtol, approximate)
         if bool(report.ill_conditioned.any()):
             idx = torch.nonzero(report.ill_conditioned).flatten().tolist()
@@ -648,15 +651,17 @@ class Similarity:
         return out
 
     def _density_tiles(self, src: Source, ref: Source, same: bool, method: str, threshold: float | None,
-                       power: float | None, include_self: bool, comm: Comm | None = None) -> Tensor:
+                       power: float | None, include_self: bool, comm: Comm | None = None, normalized: bool = True
+                       ) -> Tensor:
         report = self._report("density")
         out = torch.zeros(len(src), dtype=torch.float64, device=self.device)
         zero_rows = []
+        kind = "similarity" if normalized else "kernel"  # only method="soft" allows normalized=False
         with dist_mod.together(comm):
-            for ca, cb, tiles in self._sweep(src, ref, same, "similarity", "trace", None, report, ("data", "reference"),
+            for ca, cb, tiles in self._sweep(src, ref, same, kind, "trace", None, report, ("data", "reference"),
                                              comm):
-                t = tiles[_ALL]
-                if cb.start == 0 or (same and cb.start == ca.start):
+                t = tiles[_ALL] if normalized else tiles[_ALL] / self._d_eff
+                if normalized and (cb.start == 0 or (same and cb.start == ca.start)):
                     zero_rows.append(torch.nonzero(ca.rank[_ALL] == 0).flatten() + ca.start)
                 if same and not include_self and ca.start == cb.start:
                     t.fill_diagonal_(float("nan"))
