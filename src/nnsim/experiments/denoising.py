@@ -338,9 +338,6 @@ def run(out: Path, quick: bool, log=print) -> dict:
                             else scale_check(10_000, 3000, (250, 500, 1000)))
         scale_path.write_text(json.dumps(results["scale"]))
     log(f"scale: {results['scale']}")
-    for c in results["cases"].values():  # Spearman-Brown: the reliability of the full-draws actual error, and
-        r = c["split_half_spearman"]  # its square root, the highest correlation any predictor can reach with it
-        c["ranking_ceiling"] = math.sqrt(2 * r / (1 + r)) if r > 0 else float("nan")
     bulky = ("x", "neighbors_ridge", "neighbors_paper", "cancellation", "f_draws", "f_clean")
     summary = {n: {k: v for k, v in c.items() if not k.startswith("per_sample") and k not in bulky}
                for n, c in results["cases"].items()}
