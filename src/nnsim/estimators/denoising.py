@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-CANCELLATION_THRESHOLD = 0.1  # ||sum_j K_ij|| / sum_j ||K_ij|| below this: the row sum nearly cancels
+CANCELLATION_THRESHOLD = 0.5  # ||sum_j K_ij|| / sum_j ||K_ij|| below this: most of the row's kernel cancels
 
 
 @dataclass
