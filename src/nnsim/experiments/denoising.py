@@ -329,11 +329,12 @@ def _figures(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def run(out: Path, quick: bool, log=print, only: list[str] | None = None) -> dict:
+def run(out: Path, quick: bool, log=print, only: list[str] | None = None, assemble: bool = False) -> dict:
     """Run (or reuse) every case, then the scale check, results.json and the figures.
 
     ``only``: run just these cases (``"scale"``: the scale check) and stop, e.g. to spread the grid over
-    several processes; a final run without ``only`` reuses them all.
+    several processes; a final run without ``only`` reuses them all. ``assemble``: compute nothing, write
+    results.json and the figures from the finished cases (the missing ones are listed in ``missing``).
     """
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
@@ -345,8 +346,12 @@ def run(out: Path, quick: bool, log=print, only: list[str] | None = None) -> dic
         if unknown:
             raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {[c.name for c in grid]} or scale")
         grid = tuple(c for c in grid if c.name in only)
+    results["missing"] = []
     for case in grid:
         path = out / "cases" / f"{case.name}.json"
+        if assemble and not path.exists():
+            results["missing"].append(case.name)
+            continue
         if path.exists():
             saved = json.loads(path.read_text())
             if saved["case"] == asdict(case):
@@ -363,6 +368,9 @@ def run(out: Path, quick: bool, log=print, only: list[str] | None = None) -> dic
         return results
     if scale_path.exists():
         results["scale"] = json.loads(scale_path.read_text())
+    elif assemble:
+        results["scale"] = {}
+        results["missing"].append("scale")
     else:
         results["scale"] = (scale_check(1000, 200, (50, 100), steps=300) if quick
                             else scale_check(10_000, 2000, (250, 500, 1000)))
@@ -385,8 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output folder (cases/, results.json, figures)")
     ap.add_argument("--quick", action="store_true", help="two small cases and a small scale check (smoke test)")
     ap.add_argument("--cases", nargs="+", metavar="NAME", help="run only these cases (and 'scale'), then stop")
+    ap.add_argument("--assemble", action="store_true", help="compute nothing: results.json and figures from the "
+                    "finished cases")
     args = ap.parse_args(argv)
-    run(Path(args.out), args.quick, log=lambda m: print(m, flush=True), only=args.cases)
+    run(Path(args.out), args.quick, log=lambda m: print(m, flush=True), only=args.cases, assemble=args.assemble)
 
 
 if __name__ == "__main__":
