@@ -292,8 +292,8 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-VALIDATION_NOTE = ("validated on 1-D/2-D tanh-MLP regressions against a clean-label twin and 6 noise draws "
-                   "(docs/experiments/denoising.md)")
+VALIDATION_NOTE = ("validated on 1-D/2-D tanh-MLP regressions against a clean-label twin and 6 noise draws: "
+                   "predicted/actual RMS error 0.65-1.00, see docs/experiments/denoising.md")
 
 
 def _noisy_targets(args: argparse.Namespace, n: int) -> torch.Tensor | None:
