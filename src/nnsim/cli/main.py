@@ -371,7 +371,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     extra = ""
     if report.predicted_error is not None:
         extra = (f"; predicted error sigma sqrt(tr D / d): median {report.predicted_error.median():.4g} "
-                 "(paper factor, sigma given; not validated: in docs/experiments/denoising.md it was 2-6x too "
+                 "(paper factor, sigma given; not validated: in docs/experiments/denoising.md it was 1.7-8x too "
                  "optimistic; pass --noisy-targets for the validated estimate)")
     say(f"effective neighbours: median {eff.median():.2f} (min {eff.min():.2f}, max {eff.max():.2f}); {flagged} of "
         f"{len(eff)} samples flagged untrusted{extra}; wrote {args.out}")
