@@ -308,7 +308,7 @@ def _denoising_note(summary: dict[str, Any]) -> str:
                  "prediction there by more than 2\u03c3\u0302; column predicted_error_untrusted). How well this "
                  "was validated: on 1-D/2-D tanh-MLP regressions, against a clean-label twin and 6 noise draws, "
                  "the predicted RMS error was 0.83-1.00 of the actual one and \u03c3\u0302 within 6 % of \u03c3 "
-                 "in 1-D, but 0.65 and 18 % low on a 2-D case where the network had fitted much of the noise; "
+                 "in 1-D, but only 0.65-0.69 of it in 2-D (\u03c3\u0302 4-18 % low); "
                  "its per-sample ranking is moderate (Spearman 0.3-0.8); see docs/experiments/denoising.md in the "
                  "nnsim repository. Not validated on classifiers or other architectures.")
     return note
