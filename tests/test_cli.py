@@ -262,7 +262,7 @@ def test_denoise_and_index_commands(demo_dir, tmp_path, capsys):
 
 
 def test_reproduce_lists_the_papers_experiments(capsys):
-    """The four experiment modules shipped with the package are what `nnsim reproduce` offers."""
+    """The experiment modules shipped with the package are what `nnsim reproduce` offers."""
     assert main(["reproduce", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "available: label_noise, mnist_criterion, registration, toy1d" in err
+    assert "available: denoising, label_noise, mnist_criterion, registration, toy1d" in err

@@ -76,6 +76,10 @@ def _cases(group) -> dict:
     out["denoise"] = sim.denoising(x, noise_std=0.1, group=group).to_dict()
     out["denoise_pred"] = sim.denoising(x, predictions=torch.sin(x[:, :3]), group=group).to_dict()
     out["denoise_approx"] = sim.denoising(x, approximate=True, dim=DIM, group=group).to_dict()
+    noisy = _mlp()(x).detach() + 0.01 * torch.cos(7 * x[:, :3])  # targets the network fits (fit error < 0.5)
+    out["denoise_lin"] = sim.denoising(x, targets=noisy, method="linearized", group=group).to_dict()
+    out["denoise_lin_nystroem"] = sim.denoising(x, targets=noisy, method="linearized", approximate=True, landmarks=11,
+                                                group=group).to_dict()
     # More ranks than chunks or tiles: 4 samples in one chunk (one tile), and the automatic chunk size.
     tiny = x[:4]
     out["tiny_soft"] = sim.density(tiny, group=group)

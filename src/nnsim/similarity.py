@@ -18,9 +18,9 @@ from . import algebra, backends
 from . import distributed as dist_mod
 from . import outputs as outputs_mod
 from ._model import ParamSelection, analysis_mode, check_model, input_failure, select_params
-from .backends.base import Problem
+from .backends.base import Problem, checked_output
 from .errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
-from .estimators import DenoisingReport, TopK, denoising_from_sums, row_statistic
+from .estimators import DenoisingReport, TopK, denoising_from_sums, linearized, row_statistic
 from .factors import Factor, batch_sum, compact, gram, inner, prepare, project, self_gram
 from .inputs import Batch, Source, as_source, check_finite, sample_signature
 
@@ -253,9 +253,24 @@ class Similarity:
         dim: int = 1024,
         seed: int = 0,
         *,
+        targets: Tensor | None = None,
+        method: Literal["paper", "linearized"] = "paper",
+        smoother: Literal["ridge", "flow"] = "ridge",
+        landmarks: int = 1024,
         group: Any = None,
     ) -> DenoisingReport:
         """Self-denoising statistics of each sample of ``data`` with respect to ``data`` (spec §10).
+
+        ``method="linearized"`` (needs the noisy training ``targets`` [N, d]; see
+        :mod:`nnsim.estimators.linearized` and docs/experiments/denoising.md): the trained network is modelled
+        as a spectral smoother S of its unnormalised kernel (``smoother="ridge"``: K (K + lam I)^-1; ``"flow"``:
+        I - exp(-K / lam)), lam fitted so that S y reproduces the network's predictions; sigma is estimated
+        from the residuals (``noise_std=None``) and ``predicted_error_i = sigma sqrt(tr D_i / d)`` with
+        D_i = sum_j S_ij S_ij^T. Exact (eigendecomposition of the [N d, N d] kernel) up to N d = 6000; with
+        ``approximate=True`` a Nystroem kernel on ``landmarks`` seeded random samples (error measured in the
+        docs). Returns ``noise_std`` (given or estimated), ``lam``, ``dof`` = tr S, ``fit_error``.
+
+        The default, ``method="paper"``, is the rest of this docstring.
 
         Uses the unnormalised kernel: W_ij = (sum_l K_il)^-1 K_ij, D_i = sum_j W_ij W_ij^T. Exact by tiles
         (O(N^2) time, O(tile) memory). ``approximate=True`` replaces sum_j K_ij K_ij^T by G_i^T C G_i with
@@ -273,6 +288,14 @@ class Similarity:
         if noise_std is not None and not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std)
                                           and noise_std >= 0):
             raise InputError(f"noise_std must be a non-negative number, got {noise_std!r}")
+        if method not in ("paper", "linearized"):
+            raise InputError(f"method must be 'paper' or 'linearized', got {method!r}")
+        if method == "linearized":
+            return self._denoising_linearized(data, predictions, targets, noise_std, approximate, landmarks, seed,
+                                              smoother, group)
+        if targets is not None:
+            raise InputError("targets are used by method='linearized' only; the paper's factor is label-free "
+                             "(pass method='linearized' to estimate sigma from the targets)")
         if approximate and not (isinstance(dim, int) and dim >= 1):
             raise InputError(f"dim must be a positive integer (the projection size of approximate=True), got {dim!r}")
         src, _ = self._sources(data, None, ("data", "data"))
@@ -291,10 +314,11 @@ class Similarity:
             noise_std, approximate, dim, seed))
         sums = self._denoising_sums_approx(src, predictions, dim, seed, comm) if approximate else \
             self._denoising_sums_tiles(src, predictions, comm)
-        R, Q, Y, yhat = sums
-        report = denoising_from_sums(R, Q, Y, yhat, noise_std, self.rtol, approximate)
-        if bool(report.ill_conditioned.any()):
-            idx = torch.nonzero(report.ill_conditioned).flatten().tolist()
+        R, Q, Y, yhat, norm_sum = sums if len(sums) == 5 else (*sums, None)
+        report = denoising_from_sums(R, Q, Y, yhat, noise_std, self.rtol, approximate, norm_sum)
+        assert report.singular is not None
+        if bool(report.singular.any()):
+            idx = torch.nonzero(report.singular).flatten().tolist()
             warnings.warn(f"{len(idx)} sample(s) have a (near-)singular kernel row sum sum_j K_ij: pseudo-inverted, "
                           f"their denoising statistics are unreliable. Samples: {idx[:20]}", RankDeficiencyWarning,
                           stacklevel=2)
@@ -682,9 +706,9 @@ class Similarity:
 
     def _denoising_sums_tiles(self, src: Source, predictions: Tensor | None, comm: Comm | None = None
                               ) -> tuple[Tensor, ...]:
-        """R = sum_j K_ij, Q = sum_j K_ij K_ij^T, Y = sum_j K_ij yhat_j from exact tiles, and yhat."""
+        """R = sum_j K_ij, Q = sum_j K_ij K_ij^T, Y = sum_j K_ij yhat_j, yhat and A = sum_j ||K_ij||_F (exact tiles)."""
         report = self._report("kernel")
-        R = Q = Y = yhat = None
+        R = Q = Y = yhat = A = None
         with dist_mod.together(comm):
             for ca, cb, tiles in self._sweep(src, src, True, "kernel", "full", None, report, ("data", "data"), comm):
                 t = tiles[_ALL]  # [Ra, Cb, d, d], t[i, j] = K(a_i, b_j)
@@ -692,6 +716,7 @@ class Similarity:
                     N, d = len(src), t.shape[-1]
                     R, Q = (t.new_zeros(N, d, d, dtype=torch.float64) for _ in range(2))
                     Y, yhat = t.new_zeros(N, d, dtype=torch.float64), t.new_zeros(N, d)
+                    A = t.new_zeros(N, dtype=torch.float64)
                 ia, ib = slice(ca.start, ca.start + ca.size), slice(cb.start, cb.start + cb.size)
                 ya = ca.y if predictions is None else predictions[ia].to(t)
                 yb = cb.y if predictions is None else predictions[ib].to(t)
@@ -699,10 +724,13 @@ class Similarity:
                     yhat[ia] = ya
                 t64 = t.double()
                 R[ia] += t64.sum(1)
+                norms = t64.flatten(2).norm(dim=2)  # [Ra, Cb] ||K_ij||_F (= ||K_ji||_F)
+                A[ia] += norms.sum(1)
                 Q[ia] += torch.einsum("ijce,ijfe->icf", t64, t64)
                 Y[ia] += torch.einsum("ijce,je->ic", t64, yb.double())
                 if cb.start != ca.start:  # K(b_j, a_i) = K(a_i, b_j)^T
                     R[ib] += t64.sum(0).transpose(-1, -2)
+                    A[ib] += norms.sum(0)
                     Q[ib] += torch.einsum("ijec,ijef->jcf", t64, t64)
                     Y[ib] += torch.einsum("ijec,ie->jc", t64, ya.double())
         if comm is not None:
@@ -712,10 +740,11 @@ class Similarity:
                 R, Q = (torch.zeros(N, d, d, dtype=torch.float64, device=self.device) for _ in range(2))
                 Y, yhat = torch.zeros(N, d, dtype=torch.float64, device=self.device), torch.zeros(
                     N, d, dtype=self.dtype, device=self.device)
-            sums = dist_mod.all_reduce_dict(comm, {"R": R, "Q": Q, "Y": Y, "yhat": yhat})
-            R, Q, Y, yhat = sums["R"], sums["Q"], sums["Y"], sums["yhat"]
+                A = torch.zeros(N, dtype=torch.float64, device=self.device)
+            sums = dist_mod.all_reduce_dict(comm, {"R": R, "Q": Q, "Y": Y, "yhat": yhat, "A": A})
+            R, Q, Y, yhat, A = sums["R"], sums["Q"], sums["Y"], sums["yhat"], sums["A"]
             report.merge(comm)
-        return R, Q, Y, yhat
+        return R, Q, Y, yhat, A
 
     def _denoising_sums_approx(self, src: Source, predictions: Tensor | None, dim: int, seed: int,
                                comm: Comm | None = None) -> tuple[Tensor, ...]:
@@ -785,6 +814,117 @@ class Similarity:
                                                                                    device=self.device))
         local = [torch.cat(p) if p else e for p, e in zip((R, Q, Y, yhat), empty)]
         return tuple(dist_mod.gather_rows(comm, t, a0, len(src)) for t in local)
+
+
+    # ------------------------------------------------------------------ linearized denoising
+    _LINEARIZED_EXACT_MAX = 6000  # rows N d of the exact eigendecomposition (~0.3 GB in float64, a minute on a core)
+    _FIT_WARN = 0.5  # ||S y - f|| / ||f - mean f|| above this: the smoother does not describe the network
+
+    def _denoising_linearized(self, data: Any, predictions: Tensor | None, targets: Tensor | None,
+                              noise_std: float | None, approximate: bool, landmarks: int, seed: int, smoother: str,
+                              group: Any) -> DenoisingReport:
+        """``method="linearized"`` of :meth:`denoising` (see :mod:`nnsim.estimators.linearized`)."""
+        if smoother not in linearized.SMOOTHERS:
+            raise InputError(f"smoother must be one of {linearized.SMOOTHERS}, got {smoother!r}")
+        if not isinstance(landmarks, int) or isinstance(landmarks, bool) or landmarks < 1:
+            raise InputError(f"landmarks must be a positive integer, got {landmarks!r}")
+        src = as_source(data, "data")
+        N = len(src)
+        arrays = {"targets": targets, "predictions": predictions}
+        for name, t in arrays.items():
+            if t is None:
+                continue
+            if not isinstance(t, Tensor) or t.dim() not in (1, 2) or t.shape[0] != N:
+                raise InputError(f"{name} must be a [N, d] tensor with N = {N} rows, got "
+                                 f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            if not torch.isfinite(t).all():
+                raise InputError(f"{name} contain NaN or Inf")
+        if targets is None:
+            raise InputError("method='linearized' needs the noisy training targets: denoising(data, targets=y, "
+                             "method='linearized'), y [N, d] the labels the network was trained on")
+        comm = self._comm(group, "denoising", (src,), (
+            dist_mod.params_checksum({k: v for k, v in arrays.items() if v is not None}), noise_std, approximate,
+            landmarks, seed, smoother, "linearized"))
+        f = (self._forward(src) if predictions is None else predictions.reshape(N, -1)).double()
+        y = targets.reshape(N, -1).double().to(f.device)
+        d = f.shape[1]
+        if y.shape[1] != d:
+            raise InputError(f"targets have {y.shape[1]} columns but the analysed output has d = {d}")
+        if not approximate:
+            if N * d > self._LINEARIZED_EXACT_MAX:
+                raise InputError(f"method='linearized' exact needs the eigendecomposition of an [N d, N d] = "
+                                 f"[{N * d}, {N * d}] kernel (limit {self._LINEARIZED_EXACT_MAX}); pass "
+                                 "approximate=True for the Nystroem version (landmarks=...)")
+            spec = linearized.exact_spectrum(self._kernel_matrix(src, src, comm))
+        else:
+            m = min(landmarks, N)
+            idx = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:m].sort().values
+            K_nm = self._kernel_matrix(src, as_source(self._gather(src, idx), "landmarks"), comm)
+            K_mm = K_nm.reshape(N, d, m * d)[idx].reshape(m * d, m * d)
+            spec = linearized.nystroem_spectrum(K_nm, K_mm)
+        fit = linearized.linearized_fit(spec, y, f, smoother, noise_std)
+        dtype = self.dtype
+        factor = fit.factor_matrix.diagonal(dim1=-2, dim2=-1).sum(-1) / d
+        gap = f - fit.smoothed.to(f.device)
+        consistency = gap.norm(dim=-1)
+        # Where the smoother misses the network's own prediction by more than twice the noise level, the
+        # linear model of this sample is not what the network did: do not trust its predicted error.
+        untrusted = consistency / math.sqrt(d) > 2 * fit.noise_std
+        if fit.fit_error > self._FIT_WARN:
+            warnings.warn(f"the {smoother} smoother of the network's kernel reproduces its training predictions only "
+                          f"to a relative error of {fit.fit_error:.2f} (> {self._FIT_WARN}): the linearized "
+                          "predicted errors are unreliable for this network", RankDeficiencyWarning, stacklevel=3)
+        return DenoisingReport(
+            fit.factor_matrix.to(dtype), factor.to(dtype), (1.0 / factor).to(dtype), consistency.to(dtype),
+            (fit.noise_std * factor.clamp_min(0).sqrt()).to(dtype), untrusted.cpu(), approximate,
+            method="linearized", noise_std=fit.noise_std, noise_std_estimated=fit.noise_std_estimated,
+            smoother=smoother, lam=fit.lam, dof=fit.trace, fit_error=fit.fit_error)
+
+    def _forward(self, src: Source) -> Tensor:
+        """The analysed outputs [N, d] of every sample (no gradients)."""
+        parts = []
+        for start, batch in src.chunks(self.chunk_size or 1024):
+            batch = self._to_device(batch, start, "data")
+            with analysis_mode(self.model, self.params), torch.no_grad():
+                parts.append(checked_output(self._problem, self.model(*batch), batch, start))
+        return torch.cat(parts)
+
+    @staticmethod
+    def _gather(src: Source, idx: Tensor) -> Batch:
+        """The samples ``idx`` (sorted) of a source, as a tuple of tensors."""
+        picked: list[Batch] = []
+        for start, batch in src.chunks(1024):
+            local = idx[(idx >= start) & (idx < start + batch[0].shape[0])] - start
+            if len(local):
+                picked.append(tuple(t[local] for t in batch))
+        return tuple(torch.cat([p[k] for p in picked]) for k in range(len(picked[0])))
+
+    def _kernel_matrix(self, src_a: Source, src_b: Source, comm: Comm | None) -> Tensor:
+        """The unnormalised kernel as a float64 [Na d, Nb d] matrix, row (i, c), column (j, e); summed over ranks."""
+        symmetric = src_b is src_a
+        report = self._report("kernel")
+        M: Tensor | None = None
+        with dist_mod.together(comm):
+            for ca, cb, tiles in self._sweep(src_a, src_b, symmetric, "kernel", "full", None, report,
+                                             ("data", "landmarks"), comm):
+                t = tiles[_ALL].double()  # [Ra, Cb, d, d]
+                d = t.shape[-1]
+                if M is None:
+                    M = t.new_zeros(len(src_a) * d, len(src_b) * d)
+                ia = slice(ca.start * d, (ca.start + ca.size) * d)
+                ib = slice(cb.start * d, (cb.start + cb.size) * d)
+                block = t.permute(0, 2, 1, 3).reshape(ca.size * d, cb.size * d)
+                M[ia, ib] = block
+                if symmetric and cb.start != ca.start:
+                    M[ib, ia] = block.T
+        if comm is not None:
+            if M is None:
+                assert self.d is not None
+                M = torch.zeros(len(src_a) * self.d, len(src_b) * self.d, dtype=torch.float64, device=self.device)
+            M = dist_mod.all_reduce_dict(comm, {"K": M})["K"]
+            report.merge(comm)
+        assert M is not None
+        return M
 
 
 class _RankReport:

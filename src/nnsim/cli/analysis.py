@@ -46,8 +46,12 @@ def predict(model: nn.Module, x: Tensor, device: str, batch: int = 1024) -> Tens
 
 def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None, *, k: int = 10,
                  exact_denoising: bool = False, dim: int = 256, device: str = "cpu",
-                 log: Callable[[str], None] = print) -> Analysis:
-    """Density, neighbours, denoising and label consistency of ``x [N, ...]`` (labels ``y [N]`` optional)."""
+                 log: Callable[[str], None] = print, noisy_targets: Tensor | None = None) -> Analysis:
+    """Density, neighbours, denoising and label consistency of ``x [N, ...]`` (labels ``y [N]`` optional).
+
+    ``noisy_targets`` [N, d]: the regression targets the network was trained on; adds the label-free sigma
+    estimate and the predicted noise-induced error (``method="linearized"``, Nystroem above N d = 6000).
+    """
     n = len(x)
     if n < 2 or not 1 <= k < n:
         raise InputError(f"the analysis needs at least 2 samples and 1 <= k < N, got N = {n}, k = {k}")
@@ -99,9 +103,27 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
                 "model: prediction_consistency (of the model's outputs) is computed instead of label_consistency")
     report = step("denoising", lambda: sim.denoising(x, predictions=label_targets, approximate=not exact_denoising,
                                                      dim=dim))
+    lin = None
+    if noisy_targets is not None:
+        rows = n * noisy_targets.reshape(n, -1).shape[1]
+        lin = step("denoising (linearized)", lambda: sim.denoising(
+            x, targets=noisy_targets.to(x.dtype), method="linearized", approximate=rows > 6000))
     with nd.together(comm):
-        return _finish(cols, report, label_targets is not None, nn_idx, nn_sim, y, n, d, k, exact_denoising, dim,
-                       timings)
+        result = _finish(cols, report, label_targets is not None, nn_idx, nn_sim, y, n, d, k, exact_denoising, dim,
+                         timings)
+        if lin is not None:
+            _add_linearized(result, lin)
+        return result
+
+
+def _add_linearized(result: Analysis, lin: Any) -> None:
+    """The label-free sigma estimate and predicted error (columns and summary)."""
+    result.columns["predicted_error"] = lin.predicted_error.double().numpy()
+    result.columns["predicted_error_untrusted"] = lin.ill_conditioned.numpy()
+    result.summary["label_noise"] = {
+        "sigma_hat": float(lin.noise_std), "predicted_error": _stats(result.columns["predicted_error"]),
+        "untrusted_samples": int(lin.ill_conditioned.sum()), "smoother_fit_error": float(lin.fit_error),
+        "method": "linearized" + (" (Nystroem)" if lin.approximate else " (exact)")}
 
 
 def self_confidence(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray | None:

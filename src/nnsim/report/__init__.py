@@ -396,7 +396,21 @@ def _summary_table(summary: dict[str, Any]) -> str:
 
 def _denoising_note(summary: dict[str, Any]) -> str:
     mode = summary.get("denoising", "")
-    return ("Left: effective number of neighbours 1 / (tr D / d), the number of labels the trained network "
+    note = ("Left: effective number of neighbours 1 / (tr D / d), the number of labels the trained network "
             "averages at each sample (D = \u03a3\u2c7c W\u1d62\u2c7c W\u1d62\u2c7c\u1d40 with "
             "W\u1d62\u2c7c = (\u03a3\u2097 K\u1d62\u2097)\u207b\u00b9 K\u1d62\u2c7c). Middle: how far each "
             f"sample's label is from its neighbours'. Denoising: {mode}.")
+    noise = summary.get("label_noise")
+    if noise:
+        pe = noise.get("predicted_error", {})
+        note += (f" Label noise, estimated without true labels (linearized smoother of the network's kernel): "
+                 f"\u03c3\u0302 = {noise['sigma_hat']:.4g}; predicted noise-induced error median "
+                 f"{pe.get('median', float('nan')):.4g} (max {pe.get('max', float('nan')):.4g}); "
+                 f"{noise['untrusted_samples']} sample(s) flagged untrusted (the smoother misses the network's "
+                 "prediction there by more than 2\u03c3\u0302; column predicted_error_untrusted). How well this "
+                 "was validated: on 1-D/2-D tanh-MLP regressions, against a clean-label twin and 6 noise draws, "
+                 "the predicted RMS error was 0.83-1.00 of the actual one and \u03c3\u0302 within 6 % of \u03c3 "
+                 "in 1-D, but only 0.65-0.69 of it in 2-D (\u03c3\u0302 4-18 % low); "
+                 "its per-sample ranking is moderate (Spearman 0.3-0.8); see docs/experiments/denoising.md in the "
+                 "nnsim repository. Not validated on classifiers or other architectures.")
+    return note

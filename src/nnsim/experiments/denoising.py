@@ -1,0 +1,403 @@
+"""Self-denoising validated against the truth: how well do nnsim's label-free predictions match the network?
+
+Regressions a small network learns (tanh MLP in -> 64 -> 64 -> 1, full-batch Adam on the squared loss), on
+1-D and 2-D inputs, uniform or non-uniform (skewed) designs, several sizes N, noise levels sigma and
+frequencies. Protocol, for every case:
+
+* a clean-label twin trained from the same initialisation (full batch: the same "batches") on the true
+  targets y~ gives f_clean;
+* ``draws`` independent noise draws eps_k ~ N(0, sigma^2), a network trained from the same initialisation on
+  y~ + eps_k gives f_k; the **actual noise-induced error** of sample i is RMS_k (f_k,i - f_clean,i);
+* every f_k is analysed on its own training set with ``Similarity.denoising`` (no true label enters):
+  ``method="paper"`` (sigma sqrt(tr D_i / d), given the true sigma, and given the linearized estimate
+  sigma_hat), ``method="linearized"`` (ridge and gradient-flow smoothers, sigma estimated), and a ridge
+  smoother on the kernel averaged over four checkpoints of training (the estimator module on
+  ``Similarity.kernel``); predictions are RMS over draws;
+* reported: calibration ratio RMS_i(pred) / RMS_i(actual), Spearman(pred_i, actual_i), sigma_hat / sigma, the
+  error against the truth RMS(f_k - y~) / sigma (the denoising effect), and the same restricted to the rows
+  not flagged ``ill_conditioned``.
+
+A scale section times the Nystroem version at N = 10 000 and measures its error against the exact one.
+
+Writes to ``--out``: ``cases/<name>.json`` (one per case; a rerun skips finished cases, so an interrupted
+run resumes), ``results.json`` (every number the docs quote) and the figures ``denoising_calibration.png``,
+``denoising_effect.png``, ``denoising_summary.png``.
+
+    python -m nnsim.experiments.denoising --out runs/denoising            # full grid, ~15 min of one core
+    python -m nnsim.experiments.denoising --quick --out /tmp/denoising    # smoke test, ~10 s of one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import nnsim
+from nnsim.estimators import linearized
+from nnsim.estimators.denoising import CANCELLATION_THRESHOLD
+
+METHODS = ("paper_true_sigma", "paper_sigma_hat", "linearized_ridge", "linearized_flow", "ridge_checkpoints")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    dim: int = 1  # input dimension: 1 or 2
+    n: int = 400
+    sigma: float = 0.3
+    freq: float = 1.0
+    design: str = "uniform"  # "uniform" or "skewed" (x = 2 u^2 - 1 per coordinate: dense near -1)
+    width: int = 64
+    steps: int = 3000
+    lr: float = 3e-3
+    draws: int = 6
+    seed: int = 0
+    checkpoints: bool = True  # also the ridge smoother of the kernel averaged over 4 checkpoints
+
+
+BASE = Case("base")
+GRID = (
+    BASE,
+    replace(BASE, name="n100", n=100),
+    replace(BASE, name="n800", n=800),
+    replace(BASE, name="sigma0.1", sigma=0.1),
+    replace(BASE, name="sigma1.0", sigma=1.0),
+    replace(BASE, name="freq4", freq=4.0),
+    replace(BASE, name="skewed", design="skewed"),
+    replace(BASE, name="2d", dim=2),
+    replace(BASE, name="2d_n800", dim=2, n=800, checkpoints=False),
+    # The per-sample ranking needs a precise actual error: 24 draws instead of 6 (see split_half_spearman).
+    replace(BASE, name="n200_draws24", n=200, draws=24, checkpoints=False),
+)
+QUICK_GRID = (replace(BASE, name="quick_1d", n=120, width=32, steps=800, checkpoints=False),)
+
+
+def make_data(case: Case) -> tuple[Tensor, Tensor]:
+    """Inputs x [N, dim] in [-1, 1]^dim and true targets y~ [N, 1] (float64), seeded by ``case.seed``."""
+    g = torch.Generator().manual_seed(case.seed)
+    u = torch.rand(case.n, case.dim, generator=g, dtype=torch.float64)
+    x = 2 * u - 1 if case.design == "uniform" else 2 * u**2 - 1
+    w = math.pi * case.freq
+    clean = torch.sin(w * x[:, 0]) if case.dim == 1 else torch.sin(w * x[:, 0]) * torch.cos(0.5 * w * x[:, 1])
+    return x, clean.unsqueeze(1)
+
+
+def make_model(case: Case) -> nn.Module:
+    torch.manual_seed(case.seed)
+    return nn.Sequential(nn.Linear(case.dim, case.width), nn.Tanh(), nn.Linear(case.width, case.width), nn.Tanh(),
+                         nn.Linear(case.width, 1)).double()
+
+
+def train(case: Case, x: Tensor, y: Tensor, checkpoints: int = 4) -> list[dict[str, Tensor]]:
+    """Full-batch Adam from the case's fixed initialisation; the weights at ``checkpoints`` evenly spaced steps."""
+    model = make_model(case)
+    opt = torch.optim.Adam(model.parameters(), lr=case.lr)
+    saved = []
+    marks = {round(case.steps * (k + 1) / checkpoints) for k in range(checkpoints)}
+    for step in range(1, case.steps + 1):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        if step in marks:
+            saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return saved
+
+
+def _model_at(case: Case, state: dict[str, Tensor]) -> nn.Module:
+    model = make_model(case)
+    model.load_state_dict(state)
+    return model
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def analyse_draw(case: Case, x: Tensor, y: Tensor, states: list[dict[str, Tensor]]) -> dict[str, np.ndarray | float]:
+    """Every label-free prediction for one trained network (its final weights: states[-1])."""
+    sim = nnsim.Similarity(_model_at(case, states[-1]), progress=False)
+    ridge = sim.denoising(x, targets=y, method="linearized", smoother="ridge")
+    flow = sim.denoising(x, targets=y, method="linearized", smoother="flow")
+    paper = sim.denoising(x, noise_std=case.sigma)
+    assert ridge.noise_std is not None and paper.predicted_error is not None
+    with torch.no_grad():
+        f = sim.model(x)
+    if case.checkpoints:  # ridge smoother of the kernel averaged over the checkpoints (TracIn-like)
+        K = sum(nnsim.Similarity(_model_at(case, s), progress=False).kernel(x)[..., 0, 0] for s in states) / len(
+            states)
+        ckpt = linearized.linearized_fit(linearized.exact_spectrum(K), y, f)
+        ckpt_pred, ckpt_sigma, ckpt_fit = (ckpt.noise_std * ckpt.factor_matrix[:, 0, 0].sqrt()).numpy(), \
+            ckpt.noise_std, ckpt.fit_error
+    else:
+        ckpt_pred, ckpt_sigma, ckpt_fit = np.full(len(x), np.nan), float("nan"), float("nan")
+    return {
+        "f": f[:, 0].numpy(),
+        "paper_true_sigma": paper.predicted_error.numpy(),
+        "paper_sigma_hat": (ridge.noise_std * paper.factor.clamp_min(0).sqrt()).numpy(),
+        "linearized_ridge": ridge.predicted_error.numpy(),
+        "linearized_flow": flow.predicted_error.numpy(),
+        "ridge_checkpoints": ckpt_pred,
+        "flag_paper": paper.ill_conditioned.numpy(), "flag_ridge": ridge.ill_conditioned.numpy(),
+        "neighbors_ridge": ridge.effective_neighbors.numpy(), "neighbors_paper": paper.effective_neighbors.numpy(),
+        "cancellation": paper.cancellation.numpy() if paper.cancellation is not None else np.full(len(x), np.nan),
+        "sigma_ridge": ridge.noise_std, "sigma_flow": float(flow.noise_std or 0.0),
+        "sigma_ckpt": ckpt_sigma, "fit_ridge": float(ridge.fit_error or 0.0),
+        "fit_flow": float(flow.fit_error or 0.0), "fit_ckpt": ckpt_fit,
+        "dof_ridge": float(ridge.dof or 0.0),
+    }
+
+
+def run_case(case: Case) -> dict:
+    """Train the clean twin and ``draws`` noisy networks, analyse each, and compare with the actual error."""
+    t0 = time.time()
+    x, clean = make_data(case)
+    f_clean = _model_at(case, train(case, x, clean)[-1])(x).detach()[:, 0].numpy()
+    g = torch.Generator().manual_seed(10_000 + case.seed)
+    draws = []
+    for _ in range(case.draws):
+        y = clean + case.sigma * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+        draws.append(analyse_draw(case, x, y, train(case, x, y)))
+    f = np.stack([d["f"] for d in draws])  # [draws, N]
+    actual = np.sqrt(((f - f_clean) ** 2).mean(0))
+    truth = clean[:, 0].numpy()
+    res: dict = {"case": asdict(case), "seconds": None,
+                 "error_vs_truth_over_sigma": float(np.sqrt(((f - truth) ** 2).mean()) / case.sigma),
+                 "clean_twin_error_over_sigma": float(np.sqrt(((f_clean - truth) ** 2).mean()) / case.sigma),
+                 "actual_rms_over_sigma": float(np.sqrt((actual**2).mean()) / case.sigma),
+                 "sigma_hat_over_sigma": {k: float(np.mean([d[f"sigma_{k}"] for d in draws]) / case.sigma)
+                                          for k in ("ridge", "flow", "ckpt")},
+                 "fit_error": {k: float(np.mean([d[f"fit_{k}"] for d in draws])) for k in ("ridge", "flow", "ckpt")},
+                 "dof_ridge": float(np.mean([d["dof_ridge"] for d in draws])), "methods": {}}
+    flags = {"paper": np.stack([d["flag_paper"] for d in draws]).any(0),
+             "ridge": np.stack([d["flag_ridge"] for d in draws]).any(0)}
+    # How well can *any* predictor rank samples against an actual error estimated from only ``draws`` draws?
+    # The split-half reliability: Spearman between the actual error from the first and from the second half.
+    half = case.draws // 2
+    res["split_half_spearman"] = spearman(np.sqrt(((f[:half] - f_clean) ** 2).mean(0)),
+                                          np.sqrt(((f[half:] - f_clean) ** 2).mean(0)))
+    for m in METHODS:
+        if m == "ridge_checkpoints" and not case.checkpoints:
+            continue
+        pred = np.sqrt((np.stack([d[m] for d in draws]) ** 2).mean(0))
+        ok = ~flags["paper" if m.startswith("paper") else "ridge"]
+        res["methods"][m] = {
+            "calibration": float(np.sqrt((pred**2).mean() / (actual**2).mean())),
+            "spearman": spearman(pred, actual),
+            "calibration_trusted": float(np.sqrt((pred[ok] ** 2).mean() / (actual[ok] ** 2).mean())) if ok.any()
+            else float("nan"),
+            "spearman_trusted": spearman(pred[ok], actual[ok]) if ok.sum() > 2 else float("nan"),
+            "flagged": int((~ok).sum()),
+        }
+        res[f"per_sample_{m}"] = pred.tolist()
+    res["per_sample_actual"] = actual.tolist()
+    res["f_draws"] = f.tolist()
+    res["f_clean"] = f_clean.tolist()
+    res["x"] = x.numpy().tolist()
+    res["neighbors_ridge"] = np.mean([d["neighbors_ridge"] for d in draws], 0).tolist()
+    res["neighbors_paper"] = np.median([d["neighbors_paper"] for d in draws], 0).tolist()
+    res["cancellation"] = np.median([d["cancellation"] for d in draws], 0).tolist()
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def _paper_trusted(c: dict) -> None:
+    """The paper factor's statistics on the rows it does not flag, with the library's current thresholds applied
+    to the per-sample medians over draws (cancellation ratio, effective neighbours)."""
+    ok = (np.array(c["cancellation"]) >= CANCELLATION_THRESHOLD) & (np.array(c["neighbors_paper"]) >= 1)
+    actual = np.array(c["per_sample_actual"])
+    for m in ("paper_true_sigma", "paper_sigma_hat"):
+        pred = np.array(c[f"per_sample_{m}"])
+        c["methods"][m].update(
+            flagged=int((~ok).sum()), spearman_trusted=spearman(pred[ok], actual[ok]) if ok.sum() > 2 else float("nan"),
+            calibration_trusted=float(np.sqrt((pred[ok] ** 2).mean() / (actual[ok] ** 2).mean())) if ok.any()
+            else float("nan"))
+
+
+def scale_check(n_big: int, n_exact: int, landmarks: tuple[int, ...], seed: int = 0, steps: int = 1500) -> dict:
+    """Nystroem vs exact at ``n_exact`` (relative errors of sigma_hat, lam and the per-sample prediction), and
+    the wall time of the Nystroem version at ``n_big``."""
+    out: dict = {"n_exact": n_exact, "n_big": n_big, "nystroem_vs_exact": []}
+    case = replace(BASE, name="scale", n=n_exact, steps=steps, seed=seed)
+    x, clean = make_data(case)
+    y = clean + case.sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed),
+                                         dtype=torch.float64)
+    sim = nnsim.Similarity(_model_at(case, train(case, x, y, 1)[-1]), progress=False)
+    t = time.time()
+    exact = sim.denoising(x, targets=y, method="linearized")
+    out["exact_seconds"] = round(time.time() - t, 2)
+    assert exact.predicted_error is not None and exact.noise_std is not None
+    for m in landmarks:
+        t = time.time()
+        ny = sim.denoising(x, targets=y, method="linearized", approximate=True, landmarks=m, seed=seed)
+        assert ny.predicted_error is not None and ny.noise_std is not None
+        rel = (ny.predicted_error - exact.predicted_error).abs() / exact.predicted_error
+        out["nystroem_vs_exact"].append({
+            "landmarks": m, "seconds": round(time.time() - t, 2),
+            "sigma_rel_error": abs(ny.noise_std / exact.noise_std - 1),
+            "pred_rel_error_max": float(rel.max()), "pred_rel_error_rms": float(rel.square().mean().sqrt()),
+            "spearman_with_exact": spearman(ny.predicted_error.numpy(), exact.predicted_error.numpy())})
+    big = replace(case, n=n_big)
+    x, clean = make_data(big)
+    y = clean + big.sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed),
+                                        dtype=torch.float64)
+    sim = nnsim.Similarity(_model_at(big, train(big, x, y, 1)[-1]), progress=False)
+    t = time.time()
+    rep = sim.denoising(x, targets=y, method="linearized", approximate=True, landmarks=max(landmarks), seed=seed)
+    out["big_seconds"] = round(time.time() - t, 2)
+    out["big_sigma_hat_over_sigma"] = float((rep.noise_std or 0.0) / big.sigma)
+    out["big_landmarks"] = max(landmarks)
+    return out
+
+
+def _figures(results: dict, out: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = results["cases"]
+    show = [c for c in ("base", "skewed", "2d_n800", "quick_1d") if c in cases][:3]
+    fig, axes = plt.subplots(len(show), 3, figsize=(12, 3.6 * len(show)), squeeze=False)
+    for row, name in zip(axes, show):
+        c = cases[name]
+        a = np.array(c["per_sample_actual"])
+        for ax, m in zip(row, ("paper_true_sigma", "linearized_ridge", "linearized_flow")):
+            p = np.array(c[f"per_sample_{m}"])
+            ax.loglog(a, p, ".", ms=3, alpha=0.6)
+            lo, hi = min(a.min(), p.min()), max(a.max(), p.max())
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+            s = c["methods"][m]
+            ax.set_title(f"{name}: {m}\nRMS ratio {s['calibration']:.2f}, Spearman {s['spearman']:.2f}", fontsize=9)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("actual noise-induced error (RMS over draws)")
+            ax.set_ylabel("predicted (label-free)")
+    fig.tight_layout()
+    fig.savefig(out / "denoising_calibration.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in cases.items():
+        a = np.array(c["per_sample_actual"]) / c["case"]["sigma"]
+        axes[0].loglog(np.array(c["neighbors_ridge"]), a, ".", ms=2, alpha=0.4, label=name)
+    nn_ = np.logspace(0, 3, 20)
+    axes[0].loglog(nn_, 1 / np.sqrt(nn_), "k--", label="1/sqrt(n)")
+    axes[0].set_xlabel("effective neighbours 1 / sum_j S_ij^2 (linearized, ridge)")
+    axes[0].set_ylabel("actual noise-induced error / sigma")
+    axes[0].legend(fontsize=6, markerscale=3)
+    ns = [(c["case"]["n"], c["actual_rms_over_sigma"], c["case"]["dim"]) for c in cases.values()
+          if c["case"]["sigma"] == BASE.sigma and c["case"]["freq"] == 1.0 and c["case"]["design"] == "uniform"]
+    for dim in (1, 2):
+        pts = sorted((n, v) for n, v, dd in ns if dd == dim)
+        if pts:
+            axes[1].loglog(*zip(*pts), "o-", label=f"{dim}-D, uniform")
+    axes[1].set_xlabel("training-set size N")
+    axes[1].set_ylabel("RMS actual noise-induced error / sigma")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "denoising_effect.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(cases)
+    w = 0.8 / len(METHODS)
+    nan = {"calibration": np.nan, "spearman": np.nan}
+    for k, m in enumerate(METHODS):
+        for ax, key in zip(axes, ("calibration", "spearman")):
+            ax.bar(np.arange(len(names)) + k * w, [cases[n]["methods"].get(m, nan)[key] for n in names], w, label=m)
+    axes[1].plot(np.arange(len(names)) + 0.4, [cases[n]["split_half_spearman"] for n in names], "k*",
+                 label="split-half reliability of the actual error")
+    for ax, title in zip(axes, ("calibration RMS(pred) / RMS(actual)", "Spearman(pred, actual)")):
+        ax.set_xticks(np.arange(len(names)) + 0.4, names, rotation=60, fontsize=7)
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[0].axhline(1, color="k", lw=1)
+    axes[1].axhline(0.5, color="k", lw=1, ls="--")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "denoising_summary.png", dpi=110)
+    plt.close(fig)
+
+
+def run(out: Path, quick: bool, log=print, only: list[str] | None = None, assemble: bool = False) -> dict:
+    """Run (or reuse) every case, then the scale check, results.json and the figures.
+
+    ``only``: run just these cases (``"scale"``: the scale check) and stop, e.g. to spread the grid over
+    several processes; a final run without ``only`` reuses them all. ``assemble``: compute nothing, write
+    results.json and the figures from the finished cases (the missing ones are listed in ``missing``).
+    """
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cases").mkdir(exist_ok=True)
+    results: dict = {"quick": quick, "torch": torch.__version__, "python": platform.python_version(), "cases": {}}
+    grid = QUICK_GRID if quick else GRID
+    if only is not None:
+        unknown = set(only) - {c.name for c in grid} - {"scale"}
+        if unknown:
+            raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {[c.name for c in grid]} or scale")
+        grid = tuple(c for c in grid if c.name in only)
+    results["missing"] = []
+    for case in grid:
+        path = out / "cases" / f"{case.name}.json"
+        if assemble and not path.exists():
+            results["missing"].append(case.name)
+            continue
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved["case"] == asdict(case):
+                results["cases"][case.name] = saved
+                log(f"{case.name}: reused {path}")
+                continue
+        res = run_case(case)
+        path.write_text(json.dumps(res))
+        results["cases"][case.name] = res
+        log(f"{case.name}: {res['seconds']} s, actual/sigma {res['actual_rms_over_sigma']:.3f}, " + ", ".join(
+            f"{m} {v['calibration']:.2f}/{v['spearman']:.2f}" for m, v in res["methods"].items()))
+    scale_path = out / "scale.json"
+    if only is not None and "scale" not in only:
+        return results
+    if scale_path.exists():
+        results["scale"] = json.loads(scale_path.read_text())
+    elif assemble:
+        results["scale"] = {}
+        results["missing"].append("scale")
+    else:
+        results["scale"] = (scale_check(1000, 200, (50, 100), steps=300) if quick
+                            else scale_check(10_000, 2000, (250, 500, 1000)))
+        scale_path.write_text(json.dumps(results["scale"]))
+    log(f"scale: {results['scale']}")
+    if only is not None:
+        return results
+    for c in results["cases"].values():
+        _paper_trusted(c)
+    bulky = ("x", "neighbors_ridge", "neighbors_paper", "cancellation", "f_draws", "f_clean")
+    summary = {n: {k: v for k, v in c.items() if not k.startswith("per_sample") and k not in bulky}
+               for n, c in results["cases"].items()}
+    (out / "results.json").write_text(json.dumps({**results, "cases": summary}, indent=1))
+    _figures(results, out)
+    return {**results, "cases": summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m nnsim.experiments.denoising", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (cases/, results.json, figures)")
+    ap.add_argument("--quick", action="store_true", help="two small cases and a small scale check (smoke test)")
+    ap.add_argument("--cases", nargs="+", metavar="NAME", help="run only these cases (and 'scale'), then stop")
+    ap.add_argument("--assemble", action="store_true", help="compute nothing: results.json and figures from the "
+                    "finished cases")
+    args = ap.parse_args(argv)
+    run(Path(args.out), args.quick, log=lambda m: print(m, flush=True), only=args.cases, assemble=args.assemble)
+
+
+if __name__ == "__main__":
+    main()
