@@ -238,8 +238,9 @@ def test_denoising_csv_without_noise_level_has_no_predicted_error_column(tmp_pat
     assert rep.predicted_error is None
     rep.to_csv(tmp_path / "d.csv")
     rows = (tmp_path / "d.csv").read_text().splitlines()
-    assert rows[0] == "index,factor,effective_neighbors,consistency,ill_conditioned,D_00,D_01,D_10,D_11"
+    assert rows[0] == "index,factor,effective_neighbors,consistency,ill_conditioned,cancellation,D_00,D_01,D_10,D_11"
     assert len(rows) == 7 and float(rows[1].split(",")[1]) == float(rep.factor[0])
     cells = rows[2].split(",")
     assert cells[4] == "False"  # booleans as words
-    assert [float(c) for c in cells[5:]] == rep.factor_matrix[1].flatten().tolist()
+    assert float(cells[5]) == float(rep.cancellation[1])
+    assert [float(c) for c in cells[6:]] == rep.factor_matrix[1].flatten().tolist()
