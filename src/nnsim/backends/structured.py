@@ -23,7 +23,7 @@ from .._model import layer_of
 from ..factors import Dense, Factor
 from . import functorch
 from .base import Problem, checked_output, dense_by_layer
-from .rules import Call, Rule, find_rule
+from .rules import CLAIMS_CHILDREN, Call, Rule, find_rule
 from .rules.fallback import fallback
 
 
@@ -81,7 +81,7 @@ class Structured:
                 count[full_name[id(p)]] = count.get(full_name[id(p)], 0) + 1
         plan = Plan(tied={n for n, c in count.items() if c > 1})
         for m, names in owned.items():
-            rule = find_rule(m) if all("." not in k for k in names) else None
+            rule = find_rule(m) if all("." not in k for k in names) or isinstance(m, tuple(CLAIMS_CHILDREN)) else None
             plan.hooked[m] = (names_of[m], rule or fallback, names)
         self.plan = plan
         plan.residual = self._verify(probe)

@@ -39,12 +39,17 @@ class Call:
 # rule(module, layer name, calls, {local param name: full name}) -> factors
 Rule = Callable[[nn.Module, str, list[Call], dict[str, str]], list[Factor]]
 RULES: dict[type, Rule] = {}
+# Classes whose rule also receives the parameters of their never-called children, by dotted local name
+# (e.g. "out_proj.weight" of nn.MultiheadAttention, whose out_proj is used through F.linear).
+CLAIMS_CHILDREN: set[type] = set()
 
 
-def register(*classes: type) -> Callable[[Rule], Rule]:
+def register(*classes: type, children: bool = False) -> Callable[[Rule], Rule]:
     def deco(fn: Rule) -> Rule:
         for cls in classes:
             RULES[cls] = fn
+            if children:
+                CLAIMS_CHILDREN.add(cls)
         return fn
 
     return deco
@@ -68,4 +73,4 @@ def outer(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[s
     return Outer(layer, a, delta, weight, bias)
 
 
-from . import activation, conv, embedding, linear, norm  # noqa: E402,F401  (registration side effects)
+from . import activation, attention, conv, embedding, linear, norm, recurrent  # noqa: E402,F401  (registration side effects)
