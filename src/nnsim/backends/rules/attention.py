@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from ..._model import layer_of
 from ...errors import ModelError
-from ...factors import Dense, Factor, Outer
+from ...factors import Dense, Factor
 from . import Call, register
-from .recurrent import batched_vjp, check_recomputed
+from .recurrent import check_recomputed, outer_factor
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -47,13 +47,12 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
-def _attention(module: nn.MultiheadAttention, q_in: Tensor, k_in: Tensor, v_in: Tensor, opts: dict, graph: bool):
-    """Recompute on batch-major q_in [B, L, E], k_in / v_in [B, S, .].
-
-    Returns ([out [B, L, E], weights or nothing], taps {q, k, v, (bias token)}, c [B, L, E]).
-    """
-    p = {n: (t if graph or t is None else t.detach()) for n, t in module.named_parameters()}
-    p.setdefault("in_proj_bias", None)
+def _attention(module: nn.MultiheadAttention, q_in: Tensor, k_in: Tensor, v_in: Tensor, opts: dict,
+               graph: bool) -> dict[str, Tensor]:
+    """Recompute on batch-major q_in [B, L, E], k_in / v_in [B, S, .]: the tensors the factors and the
+    signals need: heads qh (scaled), kh, vh [B, h, ., dh], attention weights w [B, h, L, S'], merged heads
+    c [B, L, E], output out [B, L, E], returned weights (or None), out_proj weight."""
+    p = {n: (t if graph else t.detach()) for n, t in module.named_parameters()}
     B, L, E = q_in.shape
     h = module.num_heads
     dh = E // h
@@ -61,13 +60,9 @@ def _attention(module: nn.MultiheadAttention, q_in: Tensor, k_in: Tensor, v_in: 
         w_q, w_k, w_v = p["in_proj_weight"].chunk(3)
     else:
         w_q, w_k, w_v = p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
-    b_q, b_k, b_v = (None, None, None) if p["in_proj_bias"] is None else p["in_proj_bias"].chunk(3)
+    b_q, b_k, b_v = p["in_proj_bias"].chunk(3) if "in_proj_bias" in p else (None, None, None)
     S = k_in.shape[1]
-    taps = {n: torch.zeros(B, T, E, dtype=q_in.dtype, device=q_in.device, requires_grad=True)
-            for n, T in (("q", L), ("k", S), ("v", S))}
-    q = F.linear(q_in, w_q, b_q) + taps["q"]
-    k = F.linear(k_in, w_k, b_k) + taps["k"]
-    v = F.linear(v_in, w_v, b_v) + taps["v"]
+    q, k, v = F.linear(q_in, w_q, b_q), F.linear(k_in, w_k, b_k), F.linear(v_in, w_v, b_v)
 
     kpm = _additive(opts["key_padding_mask"], q.dtype)
     need_weights, is_causal = opts["need_weights"], opts["is_causal"]
@@ -80,33 +75,58 @@ def _attention(module: nn.MultiheadAttention, q_in: Tensor, k_in: Tensor, v_in: 
         mask = _additive(opts["attn_mask"], q.dtype)
         if mask is not None:
             mask = mask[None, None] if mask.dim() == 2 else mask.view(B, h, L, S)
-    if p.get("bias_k") is not None:
-        taps["bias_k"] = torch.zeros(B, 1, E, dtype=q.dtype, device=q.device, requires_grad=True)
-        taps["bias_v"] = torch.zeros(B, 1, E, dtype=q.dtype, device=q.device, requires_grad=True)
-        k = torch.cat([k, p["bias_k"].reshape(1, 1, E).expand(B, 1, E) + taps["bias_k"]], dim=1)
-        v = torch.cat([v, p["bias_v"].reshape(1, 1, E).expand(B, 1, E) + taps["bias_v"]], dim=1)
-        mask = None if mask is None else F.pad(mask, (0, 1))
-        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+    extra = []  # appended key / value tokens: bias_k / bias_v, then add_zero_attn's zeros
+    if "bias_k" in p:
+        extra.append((p["bias_k"].reshape(1, 1, E).expand(B, 1, E), p["bias_v"].reshape(1, 1, E).expand(B, 1, E)))
     if module.add_zero_attn:
-        k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
-        mask = None if mask is None else F.pad(mask, (0, 1))
-        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+        extra.append((k.new_zeros(B, 1, E), v.new_zeros(B, 1, E)))
+    if extra:
+        k = torch.cat([k] + [e[0] for e in extra], dim=1)
+        v = torch.cat([v] + [e[1] for e in extra], dim=1)
+        mask = None if mask is None else F.pad(mask, (0, len(extra)))
+        kpm = None if kpm is None else F.pad(kpm, (0, len(extra)))
     if kpm is not None:
         kpm = kpm[:, None, None, :]
         mask = kpm if mask is None else mask + kpm
     qh, kh, vh = (t.reshape(B, -1, h, dh).transpose(1, 2) for t in (q, k, v))  # [B, h, ., dh]
-    scores = (qh * math.sqrt(1.0 / dh)) @ kh.transpose(-1, -2)
+    qh = qh * math.sqrt(1.0 / dh)
+    scores = qh @ kh.transpose(-1, -2)
     if mask is not None:
         scores = scores + mask
     w = torch.softmax(scores, dim=-1)
-    if not need_weights:  # scaled_dot_product_attention gives fully masked rows zero weights (torch >= 2.5)
-        w = w.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0) if mask is not None else w
+    if not need_weights and mask is not None:  # scaled_dot_product_attention: fully masked rows get zero weights
+        w = w.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
     c = (w @ vh).transpose(1, 2).reshape(B, L, E)
     out = F.linear(c, p["out_proj.weight"], p.get("out_proj.bias"))
-    results = [out]
-    if need_weights:
-        results.append(w.mean(1) if opts["average_attn_weights"] else w)
-    return results, taps, c
+    weights = (w.mean(1) if opts["average_attn_weights"] else w) if need_weights else None
+    return {"qh": qh, "kh": kh, "vh": vh, "w": w, "c": c, "out": out, "weights": weights,
+            "w_o": p["out_proj.weight"]}
+
+
+def _signals(r: dict[str, Tensor], d_out: Tensor, d_weights: Tensor | None, average: bool) -> dict[str, Tensor]:
+    """The attention's backward written out, for all d outputs at once (no autograd, one batched pass).
+
+    d_out [d, B, L, E] and the signal of the returned weights ([d, B, (h,) L, S'] or None) ->
+    {"q": [B, d, L, E], "k": [B, d, S', E], "v": [B, d, S', E]}: signals of the projected q, k, v (the key /
+    value tokens appended by bias_k / add_zero_attn come last). The d outputs are folded into the rows of
+    the per-head matrix products, so each is one plain batched GEMM over (sample, head).
+    """
+    d, B, L, E = d_out.shape
+    qh, kh, vh, w = r["qh"], r["kh"], r["vh"], r["w"]
+    h, dh, S = qh.shape[1], qh.shape[-1], kh.shape[2]
+    dc = (d_out @ r["w_o"]).reshape(d, B, L, h, dh).permute(1, 3, 0, 2, 4)  # [B, h, d, L, dh]
+    dw = (dc.reshape(B, h, d * L, dh) @ vh.transpose(-1, -2)).view(B, h, d, L, S)
+    if d_weights is not None:  # [d, B, (h,) L, S] -> [B, h | 1, d, L, S]
+        dwt = d_weights.permute(1, 0, 2, 3)[:, None] / h if average else d_weights.permute(1, 2, 0, 3, 4)
+        dw = dw + dwt
+    dv = w.transpose(-1, -2) @ dc.transpose(2, 3).reshape(B, h, L, d * dh)  # [B, h, S, d * dh]
+    ds = dw * w[:, :, None]
+    ds = ds - w[:, :, None] * ds.sum(-1, keepdim=True)  # softmax backward; masked entries have w = 0
+    dq = (ds.reshape(B, h, d * L, S) @ kh) * math.sqrt(1.0 / dh)  # [B, h, d * L, dh]
+    dk = ds.transpose(-1, -2).reshape(B, h, d * S, L) @ qh  # qh is already scaled
+    return {"q": dq.view(B, h, d, L, dh).permute(0, 2, 3, 1, 4).reshape(B, d, L, E),
+            "k": dk.view(B, h, d, S, dh).permute(0, 2, 3, 1, 4).reshape(B, d, S, E),
+            "v": dv.view(B, h, S, d, dh).permute(0, 3, 2, 1, 4).reshape(B, d, S, E)}
 
 
 @register(nn.MultiheadAttention, children=True)
@@ -128,17 +148,21 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
         if not bf:
             q_in, k_in, v_in = (t.transpose(0, 1) for t in (q_in, k_in, v_in))
         graph = call.graph
-        with torch.enable_grad():
-            results, taps, c = _attention(module, q_in, k_in, v_in, opts, graph)
-            with torch.no_grad():
-                out, weights = module(*call.args, **call.kwargs)
-            theirs = [out.transpose(0, 1) if not bf else out] + ([] if weights is None else [weights])
-            check_recomputed(f"{layer} (MultiheadAttention)", results, theirs)
-            # signals: output [B, d, L, E] (or [L, d, B, E]), weights [B, d, ...] -> [d, B, ...]
-            d_out = call.deltas[0].permute(1, 0, 2, 3) if bf else call.deltas[0].permute(1, 2, 0, 3)
-            deltas = [d_out] + [g.transpose(0, 1) for g in call.deltas[1:]]
-            grads = dict(zip(taps, batched_vjp(results, list(taps.values()), deltas, graph), strict=True))
-        sig = {n: g.transpose(0, 1) for n, g in grads.items()}  # [B, d, T, E]
+        r = _attention(module, q_in, k_in, v_in, opts, graph)
+        with torch.no_grad():
+            out, weights = module(*call.args, **call.kwargs)
+        mine = [r["out"]] + ([] if r["weights"] is None else [r["weights"]])
+        theirs = [out if bf else out.transpose(0, 1)] + ([] if weights is None else [weights])
+        check_recomputed(f"{layer} (MultiheadAttention)", mine, theirs)
+        # signals: output [B, d, L, E] (or [L, d, B, E]) -> [d, B, L, E]; weights [B, d, ...] -> [d, B, ...]
+        d_out = call.deltas[0].transpose(0, 1) if bf else call.deltas[0].permute(1, 2, 0, 3)
+        d_weights = call.deltas[1].transpose(0, 1) if len(call.deltas) > 1 else None
+        sig = _signals(r, d_out, d_weights, opts["average_attn_weights"])  # [B, d, T, E]
+        c = r["c"]
+        S = k_in.shape[1]
+        if "bias_k" in names or "bias_v" in names:
+            sig["bias_k"], sig["bias_v"] = sig["k"][:, :, S], sig["v"][:, :, S]
+        sig["k"], sig["v"] = sig["k"][:, :, :S], sig["v"][:, :, :S]
         if not graph:
             c, q_in, k_in, v_in = c.detach(), q_in.detach(), k_in.detach(), v_in.detach()
         outer_parts.setdefault("out_proj", []).append((c[:, None], d_out.transpose(0, 1)[:, :, None]))
@@ -154,7 +178,7 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
             dense_parts["in_proj_bias"] = dense_parts.get("in_proj_bias", 0) + g
         for n in ("bias_k", "bias_v"):
             if n in sig:
-                dense_parts[n] = dense_parts.get(n, 0) + sig[n][:, :, 0]
+                dense_parts[n] = dense_parts.get(n, 0) + sig[n]
     specs = {  # factor key -> (weight local name, bias local name)
         "out_proj": ("out_proj.weight", "out_proj.bias"),
         "in_proj": ("in_proj_weight", "in_proj_bias"),
@@ -169,11 +193,7 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
             continue
         a = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
         delta = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=3)
-        if weight is None:
-            a = a[..., :0]
-        if bias is not None:
-            a = F.pad(a, (0, 1), value=1.0)
-        factors.append(Outer(layer_of((weight or bias)[0]), a, delta, weight, bias))
+        factors.append(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias))
     for n, g in dense_parts.items():
         if n in names:
             factors.append(Dense(layer_of(names[n]), g, [(names[n], module.get_parameter(n).shape)]))

@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..._model import layer_of
 from ...errors import ModelError
-from ...factors import Factor, Outer
+from ...factors import Factor, Outer, ParamSpec
 from . import Call, register
 
 
@@ -53,6 +53,20 @@ def check_recomputed(name: str, mine: list[Tensor], theirs: list[Tensor]) -> Non
             raise ModelError(f"{name}: the recomputed output differs from the module's by {err:.3g} "
                              f"(tolerance {tol * (1 + scale):.3g}); the layer rule does not apply to this module "
                              "(a variant it does not know, or dropout in training mode)")
+
+
+def outer_factor(layer: str, a: Tensor, delta: Tensor, weight: ParamSpec | None, bias: ParamSpec | None) -> Factor:
+    """The Outer factor of a weight [G*n, m] (inputs a [B, G, T, m]) and bias [G*n], signals delta [B, d, G, T, n].
+
+    Materialised right away when the cost model would pick the explicit gradient for every Gram mode: the
+    pipeline would otherwise build it twice (once for K(x, x), once for the tiles).
+    """
+    if weight is None:
+        a = a[..., :0]
+    if bias is not None:
+        a = F.pad(a, (0, 1), value=1.0)
+    f = Outer(layer, a, delta, weight, bias)
+    return f.dense() if f.prefers_dense("trace") and f.prefers_dense("full") else f
 
 
 def batched_vjp(outputs: list[Tensor], leaves: list[Tensor], deltas: list[Tensor], graph: bool) -> list[Tensor]:
@@ -196,9 +210,5 @@ def recurrent(module: nn.LSTM | nn.GRU, layer: str, calls: list[Call], names: di
             continue
         a = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
         delta = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=3)
-        if weight is None:
-            a = a[..., :0]
-        if bias is not None:
-            a = F.pad(a, (0, 1), value=1.0)
-        factors.append(Outer(layer_of((weight or bias)[0]), a, delta, weight, bias))
+        factors.append(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias))
     return factors
