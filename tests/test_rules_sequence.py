@@ -373,3 +373,24 @@ def test_short_wide_sequences_keep_position_factors(kind):
         factors, _ = sim._factor_fn((x,), 0)
     assert any(isinstance(f, Outer) and f.layer.startswith("seq") for f in factors)
     torch.testing.assert_close(sim.similarity(x), _oracle_similarity(model, x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("model_fn", [lambda: TextClassifier(nn.LSTM), lambda: TextClassifier(nn.GRU),
+                                      lambda: Attention(2, mask="padding", batch_first=True,
+                                                        add_bias_kv=True)], ids=["LSTM", "GRU", "attention"])
+def test_similarity_loss_double_backward_through_the_rules(model_fn):
+    from test_training import assert_close_grads, grads, oracle_loss
+
+    torch.manual_seed(6)
+    model = model_fn().double()
+    tokens = torch.randint(1, 11, (5, 4))
+    pairs = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    out = lambda o, _: o[:, :2]  # noqa: E731
+    reg = nnsim.SimilarityLoss(model, output=out, variant="one_minus")
+    loss = reg(tokens, pairs)
+    ref = oracle_loss(model, tokens, pairs, "one_minus", out)
+    assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-10
+    assert_close_grads(grads(loss, model), grads(ref, model))
+    desc = reg._factor_fn.__self__.plan.describe()  # the rules ran in the graph, no fallback
+    assert "recurrent" in desc.values() or "multihead_attention" in desc.values(), desc
+    assert not any(v == "fallback" or "functorch" in v for v in desc.values()), desc

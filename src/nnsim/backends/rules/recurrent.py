@@ -56,16 +56,15 @@ def check_recomputed(name: str, mine: list[Tensor], theirs: list[Tensor]) -> Non
 
 
 def outer_factor(layer: str, a: Tensor, delta: Tensor, weight: ParamSpec | None, bias: ParamSpec | None) -> Factor:
-    """The Outer factor of a weight [G*n, m] (inputs a [B, G, T, m]) and bias [G*n], signals delta [B, d, G, T, n].
+    """The factor of a weight [G*n, m] (inputs a [B, G, T, m]) and a bias [G*n], signals delta [B, d, G, T, n].
 
-    Materialised right away when the cost model would pick the explicit gradient for every Gram mode: the
-    pipeline would otherwise build it twice (once for K(x, x), once for the tiles).
+    An Outer factor, materialised right away when the cost model would pick the explicit gradient for every
+    Gram mode (long sequences): the pipeline would otherwise build it twice (for K(x, x), then for the tiles).
     """
-    if weight is None:
-        a = a[..., :0]
+    a_ones = a if weight is not None else a[..., :0]
     if bias is not None:
-        a = F.pad(a, (0, 1), value=1.0)
-    f = Outer(layer, a, delta, weight, bias)
+        a_ones = F.pad(a_ones, (0, 1), value=1.0)
+    f = Outer(layer, a_ones, delta, weight, bias)
     return f.dense() if f.prefers_dense("trace") and f.prefers_dense("full") else f
 
 
