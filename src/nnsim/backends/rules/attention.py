@@ -193,7 +193,7 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
             continue
         a = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
         delta = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=3)
-        factors.append(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias))
+        factors.append(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias, calls[0].graph))
     for n, g in dense_parts.items():
         if n in names:
             factors.append(Dense(layer_of(names[n]), g, [(names[n], module.get_parameter(n).shape)]))
