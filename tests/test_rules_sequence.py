@@ -155,6 +155,36 @@ def test_text_classifier_against_bruteforce_oracle(cell):
     assert torch.equal(idx, S.topk(3, dim=1).indices)
 
 
+class PackedClassifier(nn.Module):
+    """Embedding -> pack_padded_sequence (lengths from the padding token 0, unsorted) -> LSTM | GRU -> head."""
+
+    def __init__(self, cell: type, **options) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(13, 5, padding_idx=0)
+        self.rnn = cell(5, 6, batch_first=True, **options)
+        D = 2 if options.get("bidirectional") else 1
+        self.head = nn.Linear(D * (options.get("proj_size") or 6), 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        lengths = (tokens != 0).sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(tokens), lengths, batch_first=True, enforce_sorted=False)
+        out, state = self.rnn(packed)
+        h = state[0] if isinstance(state, tuple) else state
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        return self.head(padded.sum(1)) + h.sum(0).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize(("cell", "options"), [(nn.LSTM, dict(num_layers=2, bidirectional=True)),
+                                               (nn.GRU, dict(bidirectional=True)), (nn.LSTM, dict(proj_size=2))])
+def test_packed_sequences(cell, options):
+    torch.manual_seed(7)
+    model = PackedClassifier(cell, **options).double()
+    tokens = torch.randint(1, 13, (5, 6))
+    for b, n in enumerate([6, 2, 4, 1, 4]):  # unsorted lengths with a tie
+        tokens[b, n:] = 0
+    check_exact(model, (tokens,), {"rnn": "recurrent", "emb": "embedding", "head": "linear"})
+
+
 def _call_of(module: nn.Module, *args, **kwargs) -> Call:
     """A Call as the structured backend captures it, with random output signals (d = 2)."""
     out = module(*args, **kwargs)
@@ -171,9 +201,6 @@ def test_rules_refuse_what_they_cannot_reproduce():
         call = _call_of(lstm, x)
     with pytest.raises(ModelError, match="differs from the module's"):
         recurrent(lstm, "rnn", [call], names)
-    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]))
-    with pytest.raises(ModelError, match="PackedSequence"):
-        recurrent(lstm, "rnn", [Call((packed,), {}, deltas=[])], names)
     with pytest.raises(ModelError, match="unbatched"):
         recurrent(lstm, "rnn", [Call((x[:, 0],), {}, deltas=[])], names)
     mha = nn.MultiheadAttention(4, 2).double()

@@ -15,7 +15,8 @@ captured inputs with the module's own weights (an explicit per-step cell with ze
 the projected h) and back-propagating the captured output signals (output, h_n, c_n) through it, all d
 outputs at once. The recomputed outputs are compared with the module's own; a mismatch (an unknown variant,
 dropout in training mode) raises, so that the module is computed by an exact fallback instead.
-PackedSequence inputs are refused with a clear error (the framework then falls back).
+PackedSequence inputs are supported: the recurrence is recomputed on the padded sequences with each
+sample's state held past its length, and the output is compared and back-propagated as packed data.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..._model import layer_of
 from ...errors import ModelError
@@ -103,8 +104,12 @@ class _Direction:
         self.suffix, self.x, self.h_prev, self.u, self.taps = suffix, x, h_prev, u, taps
 
 
-def _run(module: nn.LSTM | nn.GRU, x: Tensor, hx: object, graph: bool) -> tuple[list[Tensor], list[_Direction]]:
-    """Recompute the module on time-major x [T, B, I]: ([output, h_n(, c_n)], per-direction records)."""
+def _run(module: nn.LSTM | nn.GRU, x: Tensor, hx: object, graph: bool,
+         lengths: Tensor | None = None) -> tuple[list[Tensor], list[_Direction]]:
+    """Recompute the module on time-major x [T, B, I]: ([output, h_n(, c_n)], per-direction records).
+
+    ``lengths`` [B] (packed sequences): a sample's state is held past its last step, so each direction
+    sees exactly its own steps (the reverse one starts from h0 at the sample's last step)."""
     lstm = isinstance(module, nn.LSTM)
     T, B, _ = x.shape
     L, D, H = module.num_layers, 2 if module.bidirectional else 1, module.hidden_size
@@ -118,6 +123,7 @@ def _run(module: nn.LSTM | nn.GRU, x: Tensor, hx: object, graph: bool) -> tuple[
         h0, c0 = hx, None
     records: list[_Direction] = []
     h_n, c_n = [], []
+    keep = None if lengths is None else [(t < lengths.to(x.device))[:, None] for t in range(T)]
     for layer in range(L):
         outs = []
         for k in range(D):
@@ -140,17 +146,18 @@ def _run(module: nn.LSTM | nn.GRU, x: Tensor, hx: object, graph: bool) -> tuple[
                 gh = F.linear(h, w_hh, b_hh)
                 if lstm:
                     i, f, g, o = (gis[t] + gh).chunk(4, -1)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    h = us[t] = torch.sigmoid(o) * torch.tanh(c)
+                    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h_new = us[t] = torch.sigmoid(o) * torch.tanh(c_new)
                     if w_hr is not None:
-                        h = F.linear(h, w_hr) + hz[t]
+                        h_new = F.linear(h_new, w_hr) + hz[t]
+                    c = c_new if keep is None else torch.where(keep[t], c_new, c)
                 else:
                     gh = gh + ghz[t]
                     ir, iz, i_n = gis[t].chunk(3, -1)
                     hr, hzz, hn = gh.chunk(3, -1)
                     r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hzz)
-                    h = (1 - z) * torch.tanh(i_n + r * hn) + z * h
-                hs[t] = h
+                    h_new = (1 - z) * torch.tanh(i_n + r * hn) + z * h
+                h = hs[t] = h_new if keep is None else torch.where(keep[t], h_new, h)
             records.append(_Direction(sfx, x, torch.stack(prev), torch.stack(us) if w_hr is not None else None,
                                       taps))
             outs.append(torch.stack(hs))
@@ -161,6 +168,16 @@ def _run(module: nn.LSTM | nn.GRU, x: Tensor, hx: object, graph: bool) -> tuple[
     if lstm:
         results.append(torch.stack(c_n))
     return results, records
+
+
+def _packed_rows(x: PackedSequence) -> tuple[Tensor, Tensor]:
+    """(time step, sample) of each row of a packed sequence's data, samples in their original order."""
+    sizes = x.batch_sizes.tolist()
+    order = torch.arange(sizes[0]) if x.sorted_indices is None else x.sorted_indices.cpu()
+    t = torch.repeat_interleave(torch.arange(len(sizes)), x.batch_sizes.cpu())
+    b = torch.cat([order[:n] for n in sizes])
+    dev = x.data.device
+    return t.to(dev), b.to(dev)
 
 
 def _to_time_major(t: Tensor, batch_first: bool) -> Tensor:
@@ -188,22 +205,27 @@ def recurrent(module: nn.LSTM | nn.GRU, layer: str, calls: list[Call], names: di
     for call in calls:
         x = call.input()
         hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
-        if isinstance(x, PackedSequence):
-            raise ModelError(f"{layer} ({kind}): PackedSequence inputs are not supported by the {kind} rule")
-        if x.dim() != 3:
+        lengths = rows = None
+        if isinstance(x, PackedSequence):  # padded time-major, original sample order; rows of the packed data
+            rows = _packed_rows(x)
+            x, lengths = pad_packed_sequence(x)
+        elif x.dim() != 3:
             raise ModelError(f"{layer} ({kind}): unbatched input of shape {tuple(x.shape)}: the {kind} rule needs "
                              "a batch axis")
         graph = call.graph
-        x_tm = x.transpose(0, 1) if module.batch_first else x
+        x_tm = x.transpose(0, 1) if module.batch_first and rows is None else x
         with torch.enable_grad():
-            results, records = _run(module, x_tm, hx, graph)
+            results, records = _run(module, x_tm, hx, graph, lengths)
             with torch.no_grad():
                 out, state = module(*call.args, **call.kwargs)
-            theirs = [out.transpose(0, 1) if module.batch_first else out]
+            if rows is not None:  # the packed output data [sum of lengths, D*P]
+                results[0], out = results[0][rows], out.data
+            theirs = [out.transpose(0, 1) if module.batch_first and rows is None else out]
             theirs += list(state) if lstm else [state]
             check_recomputed(f"{layer} ({kind})", results, theirs)
             # Output signals: [d, T, B, D*P], then h_n / c_n [L*D, d, B, .] -> [d, L*D, B, .].
-            deltas = [_to_time_major(call.deltas[0], module.batch_first)]
+            deltas = [call.deltas[0].transpose(0, 1) if rows is not None else
+                      _to_time_major(call.deltas[0], module.batch_first)]
             deltas += [g.transpose(0, 1) for g in call.deltas[1:]]
             leaves = [z for r in records for z in r.taps.values()]
             grads = iter(batched_vjp(results, leaves, deltas, graph))
