@@ -20,6 +20,7 @@ Each method gets a warm-up call on 4 samples, then ``--repeats`` timed runs (a n
 included); the best time is reported. Ratios are method time / rule time (> 1: the rule is faster).
 
 Usage: python benchmarks/bench_sequence_rules.py [--n 256] [--t 32] [--hidden 64] [--repeats 1] [--loop-n 32]
+       [--params rule all] [--modules LSTM GRU MultiheadAttention]
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--loop-n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--params", nargs="+", default=["rule", "all"], choices=["rule", "all"])
+    ap.add_argument("--modules", nargs="+", default=["LSTM", "GRU", "MultiheadAttention"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # torch.func's "performance drop" notices on the fallback paths
@@ -127,7 +130,9 @@ def main() -> None:
     print("| module | params | d | rule | no-rule | functorch | loop | no-rule/rule | functorch/rule | loop/rule |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (model, cls) in models.items():
-        for params in ("rule", "all"):
+        if name not in args.modules:
+            continue
+        for params in args.params:
             for d in (1, 10):
                 print(row(name, model, cls, x, d, params, args), flush=True)
 
