@@ -421,3 +421,26 @@ def test_similarity_loss_double_backward_through_the_rules(model_fn):
     desc = reg._factor_fn.__self__.plan.describe()  # the rules ran in the graph, no fallback
     assert "recurrent" in desc.values() or "multihead_attention" in desc.values(), desc
     assert not any(v == "fallback" or "functorch" in v for v in desc.values()), desc
+
+
+@pytest.mark.parametrize("which", ["lstm", "attention"])
+def test_signals_with_the_batch_axis_moved_to_the_front(which):
+    """A backend may hand the signals with each output's batch axis moved to the front (``call.out_batched``,
+    {output index: axis}): the rules give the same factors in both layouts."""
+    torch.manual_seed(8)
+    if which == "lstm":
+        module = nn.LSTM(3, 4, num_layers=2).double()  # output [T, B, H], h_n / c_n [L, B, H]: batch on axis 1
+        args = (torch.randn(5, 2, 3, dtype=torch.float64),)
+        rule, axes = recurrent, {0: 1, 1: 1, 2: 1}
+    else:
+        module = nn.MultiheadAttention(4, 2).double()  # output [L, B, E], weights [B, L, S]
+        q = torch.randn(3, 2, 4, dtype=torch.float64)
+        args, rule, axes = (q, q, q), multihead_attention, {0: 1, 1: 0}
+    names = {n: n for n, _ in module.named_parameters()}
+    with torch.no_grad():
+        plain = _call_of(module, *args)
+    moved = Call(args, {}, deltas=[g.movedim(1, 0).movedim(axes[j] + 1, 1).movedim(0, 1)
+                                   for j, g in enumerate(plain.deltas)])
+    moved.out_batched = axes
+    for f, g in zip(rule(module, "m", [plain], names), rule(module, "m", [moved], names), strict=True):
+        torch.testing.assert_close(f.dense().g, g.dense().g, rtol=1e-12, atol=1e-12)

@@ -31,7 +31,7 @@ from ..._model import layer_of
 from ...errors import ModelError
 from ...factors import Dense, Factor
 from . import Call, register
-from .recurrent import check_recomputed, outer_factor
+from .recurrent import check_recomputed, outer_factor, output_signal
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -154,9 +154,9 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
         mine = [r["out"]] + ([] if r["weights"] is None else [r["weights"]])
         theirs = [out if bf else out.transpose(0, 1)] + ([] if weights is None else [weights])
         check_recomputed(f"{layer} (MultiheadAttention)", mine, theirs)
-        # signals: output [B, d, L, E] (or [L, d, B, E]) -> [d, B, L, E]; weights [B, d, ...] -> [d, B, ...]
-        d_out = call.deltas[0].transpose(0, 1) if bf else call.deltas[0].permute(1, 2, 0, 3)
-        d_weights = call.deltas[1].transpose(0, 1) if len(call.deltas) > 1 else None
+        # signals of the output -> [d, B, L, E], of the returned weights -> [d, B, (h,) L, S]
+        d_out = output_signal(call, 0) if bf else output_signal(call, 0).transpose(1, 2)  # [d, B, L, E]
+        d_weights = output_signal(call, 1) if len(call.deltas) > 1 else None
         sig = _signals(r, d_out, d_weights, opts["average_attn_weights"])  # [B, d, T, E]
         c = r["c"]
         S = k_in.shape[1]
