@@ -144,7 +144,8 @@ def outer(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[s
     return Outer(layer, a, delta, weight, bias, weight_transposed=weight_transposed)
 
 
-from . import activation, conv, embedding, linear, norm  # noqa: E402,F401  (registration side effects)
+# Registration side effects: each family module registers its rules.
+from . import activation, attention, conv, embedding, linear, norm, recurrent  # noqa: E402,F401
 
 
 def register_rule(module_type: type, rule: Rule, *, children: bool = False) -> Rule:
