@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import nnsim
-import nnsim.index.feature_index as fi
+import nnsim.index.features as fi
 from nnsim import distributed as nd
 
 torch.set_num_threads(1)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import nnsim
 from nnsim import distributed as nd
 from nnsim.index import FeatureIndex
-from nnsim.index import feature_index as fi
+from nnsim.index import features as fi
 
 torch.set_num_threads(1)
 
@@ -298,6 +298,9 @@ def test_same_results_as_one_process(reference, runs, world):
     assert want["nn_self"][1][3, :2].tolist() == [20, 30] and want["nn_self"][1][30, :2].tolist() == [3, 20]
     # One store, byte for byte the single-process one, with no leftover published entries.
     np.testing.assert_array_equal(_stored(out / "store"), _stored(reference["store"]))
+    # The data digest (per shard, combined in order) does not depend on the number of processes.
+    digests = [json.loads((p / "manifest.json").read_text())["data"] for p in (out / "store", reference["store"])]
+    assert digests[0] == digests[1] and len(digests[0]["sha256"]) == 64
     assert [p.name for p in (out / "store").iterdir() if not p.name.endswith(".npy")] == ["manifest.json"]
 
 
