@@ -179,9 +179,11 @@ def build_store(sim: Similarity, src: Source, folder: Path, dim: int, seed: int,
         if comm is not None:
             dist_mod.agree(comm, "the index build (model, data, settings, path)",
                            (config, shard_size, overwrite, str(folder)))
+            # Every rank computes the same centre from the same rows (it is needed to fill rows).
+            proj = dist_mod.run_together(comm, lambda: ft.make_projection(sim, src, dim, seed))
 
             def start() -> dict[str, Any] | None:
-                return _start(sim, folder, config, shard_size, probe, overwrite, first, src, lock) \
+                return _start(sim, folder, config, shard_size, probe, overwrite, proj, src, lock) \
                     if comm.rank == 0 else None
 
             manifest = dist_mod.broadcast_object(comm, dist_mod.run_together(comm, start))
@@ -193,15 +195,16 @@ def build_store(sim: Similarity, src: Source, folder: Path, dim: int, seed: int,
 
             dist_mod.run_together(comm, visible)
         else:
-            manifest = _start(sim, folder, config, shard_size, probe, overwrite, first, src, lock)
-        _fill(sim, src, folder, manifest, comm)
+            proj = ft.make_projection(sim, src, dim, seed)
+            manifest = _start(sim, folder, config, shard_size, probe, overwrite, proj, src, lock)
+        _fill(sim, src, folder, manifest, proj, comm)
     finally:
         lock.release()  # rank 0's; _fill ends with a barrier, so every rank is done writing
     return manifest
 
 
 def _start(sim: Similarity, folder: Path, config: dict[str, Any], shard_size: int | None, probe: list[float],
-           overwrite: bool, first: Batch, src: Source, lock: BuildLock) -> dict[str, Any]:
+           overwrite: bool, proj: ft.Projection, src: Source, lock: BuildLock) -> dict[str, Any]:
     """Take the folder's lock; the manifest of the compatible store there, or a new empty one written there."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} exists and is not a folder; choose a folder path for the store")
@@ -209,16 +212,20 @@ def _start(sim: Similarity, folder: Path, config: dict[str, Any], shard_size: in
     folder.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     manifest = None if fresh else _existing(folder, config, shard_size, probe, overwrite)
+    centre = None if proj.centre_projected is None else proj.centre_projected.tolist()
+    if manifest is not None and not _same_centre(manifest["layout"].get("centre"), centre):
+        raise st.StoreError(f"{folder}: the centre recomputed from the data's reference rows differs from the "
+                            "stored one: the data changed. Pass the same data in the same order, or rebuild the "
+                            "store (overwrite=True)")
     if manifest is None:
-        dim, seed, dtype = config["dim"], config["seed"], config["dtype"]
-        feats, _ = ft.chunk_features(sim, first, 0, dim, seed, "data")  # one sample: the row width
-        width = feats.shape[1]
-        itemsize = np.dtype(st.DTYPES[dtype]).itemsize
+        width = proj.width + 1  # the sketch, then <u, c>
+        itemsize = np.dtype(st.DTYPES[config["dtype"]]).itemsize
         size = shard_size or max(1, min(len(src), _SHARD_BYTES // (width * itemsize)))
         manifest = {
             "format": st.FORMAT, "version": st.VERSION, "complete": False,
             "config": {**config, "shard_size": size},
-            "layout": {"width": width, "d": sim.d, "d_eff": sim.d_eff},
+            "layout": {"width": width, "d": sim.d, "d_eff": sim.d_eff, "sketch": proj.width, "exact": proj.exact,
+                       "centre_rows": proj.centre_rows, "centre": centre},
             "projection_probe": probe, "shards": [],
             "info": {"nnsim": _nnsim_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
@@ -254,7 +261,7 @@ def _existing(folder: Path, config: dict[str, Any], shard_size: int | None, prob
     return manifest
 
 
-def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any],
+def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], proj: ft.Projection,
           comm: dist_mod.Comm | None = None) -> None:
     """Compute every shard not yet finished (verifying the finished ones), then mark the store complete.
 
@@ -320,7 +327,7 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any],
                     filled = start
                     for s, batch in pieces:
                         digest.update(batch)
-                        feats, rank = ft.chunk_features(sim, batch, s, cfg["dim"], cfg["seed"], "data", report)
+                        feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
                         _write_rows(array, s - start, feats, width)
                         zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
                         filled = s + feats.shape[0]
@@ -359,6 +366,13 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any],
     manifest["complete"], manifest["data"] = True, data
     if comm is not None:
         dist_mod.barrier(comm.group)  # every rank returns once the manifest is complete on disk
+
+
+def _same_centre(stored: Any, now: list[float] | None) -> bool:
+    if stored is None or now is None:
+        return stored is None and now is None
+    a, b = np.asarray(stored, dtype=np.float64), np.asarray(now, dtype=np.float64)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-5, atol=1e-7 * max(1.0, float(np.abs(b).max()))))
 
 
 def _write_rows(array: np.ndarray, row: int, feats: Tensor, width: int) -> None:

@@ -213,7 +213,9 @@ class FeatureIndex:
         if data is not None:
             dsrc = as_source(data, "data")
             self._check_data(dsrc)
-        sim, cfg = self.sim, self.manifest["config"]
+        sim, cfg, layout = self.sim, self.manifest["config"], self.manifest["layout"]
+        sketch, exact = layout["sketch"], layout["exact"]
+        centre = None if layout.get("centre") is None else torch.tensor(layout["centre"], dtype=torch.float64)
         chunk = ft.compute_chunk(sim, qsrc, self.width)
         block = max(1, min(len(qsrc), ft._FEATURE_BYTES // (4 * self.width), 4096))
         out_v = torch.full((len(qsrc), k), float("nan"), dtype=sim.dtype)
@@ -224,8 +226,8 @@ class FeatureIndex:
             for q0, qbatch in qsrc.chunks(block):
                 feats, rank = [], []
                 for s in range(0, qbatch[0].shape[0], chunk):
-                    f, r = ft.chunk_features(sim, tuple(t[s : s + chunk] for t in qbatch), q0 + s, cfg["dim"],
-                                             cfg["seed"], "queries", report)
+                    f, r = ft.query_rows(sim, tuple(t[s : s + chunk] for t in qbatch), q0 + s, sketch, cfg["seed"],
+                                         exact, centre, report)
                     feats.append(f.float())
                     rank.append(r)
                 fq, qrank = torch.cat(feats), torch.cat(rank)

@@ -15,13 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, Subset
 
 from ..errors import RankDeficiencyWarning
 from ..inputs import Batch, Source
 from ..similarity import Similarity
 from . import store as st
-from .features import _FEATURE_BYTES
+from .features import _FEATURE_BYTES, fetch_rows, loader_random_access
 
 _SCORE_ELEMS = 2**25  # elements of one [queries, rows] score block
 _RERANK_ROWS = 4096  # candidate rows re-ranked in one exact tile
@@ -32,35 +31,6 @@ def faiss_module() -> Any:
         return importlib.import_module("faiss")
     except ImportError:
         return None
-
-
-def loader_random_access(loader: DataLoader) -> bool:
-    bs = loader.batch_sampler
-    return (not isinstance(loader.dataset, IterableDataset) and type(bs) is BatchSampler
-            and isinstance(bs.sampler, SequentialSampler))
-
-
-def fetch_rows(src: Source, idx: list[int], chunk: int) -> Any:
-    """The samples ``idx`` (sorted, unique) of ``src`` as something ``Similarity`` accepts."""
-    if src.kind == "tensors":
-        where = torch.tensor(idx, dtype=torch.long)
-        return tuple(t[where.to(t.device)] for t in src.data)
-    if src.kind == "dataset":
-        return Subset(src.data, idx)
-    loader = src.data
-    if loader_random_access(loader):
-        return DataLoader(Subset(loader.dataset, idx), batch_size=loader.batch_size, shuffle=False,
-                          collate_fn=loader.collate_fn)
-    # Custom sampler or iterable dataset: one streaming pass picks the rows.
-    want = torch.tensor(idx, dtype=torch.long)
-    parts: list[Batch] = []
-    for s, batch in src.chunks(chunk):
-        n = batch[0].shape[0]
-        lo, hi = torch.searchsorted(want, torch.tensor([s, s + n])).tolist()
-        if hi > lo:
-            local = want[lo:hi] - s
-            parts.append(tuple(t[local.to(t.device)] for t in batch))
-    return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
 
 
 class Top:

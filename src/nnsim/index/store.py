@@ -85,7 +85,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 _REQUIRED = {"format": str, "version": int, "complete": bool, "config": dict, "layout": dict, "shards": list}
 _REQUIRED_CONFIG = ("model_fingerprint", "params", "seed", "dim", "dtype", "n", "shard_size")
-_REQUIRED_LAYOUT = ("width", "d", "d_eff")
+_REQUIRED_LAYOUT = ("width", "d", "d_eff", "sketch")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
