@@ -179,11 +179,13 @@ def build_store(sim: Similarity, src: Source, folder: Path, dim: int, seed: int,
         if comm is not None:
             dist_mod.agree(comm, "the index build (model, data, settings, path)",
                            (config, shard_size, overwrite, str(folder)))
+            fresh = dist_mod.broadcast_object(comm, dist_mod.run_together(
+                comm, lambda: _take(folder, lock) if comm.rank == 0 else None))
             # Every rank computes the same centre from the same rows (it is needed to fill rows).
             proj = dist_mod.run_together(comm, lambda: ft.make_projection(sim, src, dim, seed))
 
             def start() -> dict[str, Any] | None:
-                return _start(sim, folder, config, shard_size, probe, overwrite, proj, src, lock) \
+                return _start(sim, folder, config, shard_size, probe, overwrite, proj, src, fresh) \
                     if comm.rank == 0 else None
 
             manifest = dist_mod.broadcast_object(comm, dist_mod.run_together(comm, start))
@@ -195,22 +197,28 @@ def build_store(sim: Similarity, src: Source, folder: Path, dim: int, seed: int,
 
             dist_mod.run_together(comm, visible)
         else:
+            fresh = _take(folder, lock)
             proj = ft.make_projection(sim, src, dim, seed)
-            manifest = _start(sim, folder, config, shard_size, probe, overwrite, proj, src, lock)
+            manifest = _start(sim, folder, config, shard_size, probe, overwrite, proj, src, fresh)
         _fill(sim, src, folder, manifest, proj, comm)
     finally:
         lock.release()  # rank 0's; _fill ends with a barrier, so every rank is done writing
     return manifest
 
 
-def _start(sim: Similarity, folder: Path, config: dict[str, Any], shard_size: int | None, probe: list[float],
-           overwrite: bool, proj: ft.Projection, src: Source, lock: BuildLock) -> dict[str, Any]:
-    """Take the folder's lock; the manifest of the compatible store there, or a new empty one written there."""
+def _take(folder: Path, lock: BuildLock) -> bool:
+    """Create the folder if needed and take its build lock, before anything is read; whether it is new."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} exists and is not a folder; choose a folder path for the store")
     fresh = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock.acquire()
+    return fresh
+
+
+def _start(sim: Similarity, folder: Path, config: dict[str, Any], shard_size: int | None, probe: list[float],
+           overwrite: bool, proj: ft.Projection, src: Source, fresh: bool) -> dict[str, Any]:
+    """The manifest of the compatible store at ``folder`` (locked), or a new empty one written there."""
     manifest = None if fresh else _existing(folder, config, shard_size, probe, overwrite)
     centre = None if proj.centre_projected is None else proj.centre_projected.tolist()
     if manifest is not None and not _same_centre(manifest["layout"].get("centre"), centre):
