@@ -6,13 +6,13 @@ dense Gaussian projection of the same width (CountSketch, Charikar et al. 2002; 
 Unlike a per-layer Kronecker projection (whose estimate of a rank-one layer gradient is the product of two
 sqrt(dim)-dimensional estimates), nothing is lost to structure. A layer is sketched
 
-* from its explicit per-sample gradient (a scatter-add, O(d n m) per sample) when it is small
-  (``n m <= EXPLICIT_FACTOR x width``), or
-* without building it, for a sum over positions of outer products delta_t (x) a_t (``Outer``): the hash of
-  weight entry (i, j) is h1(i) + h2(j), so the sketch is the circular convolution of the sketches of delta_t
-  and a_t, computed by FFT (TensorSketch, Pham & Pagh 2013): O(T (n + m + d width log width)) per sample.
+* a layer given as a sum over positions of outer products delta_t (x) a_t (``Outer``): weight entry (g, i, j)
+  goes to bucket h1(g, i) + h2(j), so the sketch is the circular convolution of the sketches of delta_t and
+  a_t, computed by FFT (TensorSketch, Pham & Pagh 2013), O(d T width log width) per sample, or, the same
+  numbers when n m is small, by a scatter-add of the explicit blocks sum_t delta_t a_t^T (O(d T n m));
+* any other layer (explicit gradient ``Dense``): a scatter-add with a flat hash over its parameters.
 
-The choice depends only on the layer's shape and ``width``, so queries and data always agree.
+Both ways of sketching an outer-product layer give the same sketch, so the cheaper one is chosen freely.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..factors import Factor, Outer
 
-EXPLICIT_FACTOR = 2  # layers with n m <= 2 width are sketched from their explicit gradient
+EXPLICIT_FACTOR = 1.0  # outer-product layers with n m <= width log2(width) go through their explicit blocks
 _BLOCK_ELEMS = 2**23  # elements of one intermediate block (explicit gradients, per-position sketches)
 
 
@@ -48,42 +48,60 @@ def _hash(n: int, width: int, seed: int, layer: str, role: str, like: Tensor) ->
     return bucket.to(like.device), sign.to(device=like.device, dtype=like.dtype)
 
 
-def _explicit(f: Factor, width: int, seed: int, h0: Tensor, s0: Tensor, out: Tensor) -> None:
-    """Add the CountSketch of the factor's explicit gradient into ``out`` [B, width]."""
-    B = f.batch_size
-    probe = f.select(torch.arange(min(B, 1)))
-    n = probe.dense().g.shape[-1]
-    d = h0.shape[0]
-    h, s = _hash(n, width, seed, f.layer, "param", out)
+def _explicit_dense(g: Tensor, layer: str, width: int, seed: int, h0: Tensor, s0: Tensor, out: Tensor) -> None:
+    """Add the CountSketch of explicit gradients g [B, d, n] into ``out`` [B, width] (flat hash over n)."""
+    B, d, n = g.shape
+    h, s = _hash(n, width, seed, layer, "param", out)
     bucket = ((h0[:, None] + h[None, :]) % width).reshape(1, -1)  # [1, d n]
-    sign = (s0.to(out.dtype)[:, None] * s[None, :]).reshape(1, -1)
+    sign = (s0[:, None] * s[None, :]).reshape(1, -1)
     rows = max(1, _BLOCK_ELEMS // max(1, d * n))
     for a in range(0, B, rows):
-        part = f if rows >= B else f.select(torch.arange(a, min(B, a + rows)))
-        g = part.dense().g.reshape(-1, d * n).to(out.dtype)
-        out[a : a + g.shape[0]].scatter_add_(1, bucket.expand(g.shape[0], -1), g * sign)
+        part = g[a : a + rows].reshape(-1, d * n).to(out.dtype)
+        out[a : a + part.shape[0]].scatter_add_(1, bucket.expand(part.shape[0], -1), part * sign)
+
+
+def _outer_hashes(f: Outer, width: int, seed: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Buckets and signs of the output side (g, i) [G n] and of the input side j [m] of an outer-product layer."""
+    G, n = f.delta.shape[2], f.delta.shape[-1]
+    h1, s1 = _hash(G * n, width, seed, f.layer, "out", like)
+    h2, s2 = _hash(f.m, width, seed, f.layer, "in", like)
+    return h1, s1, h2, s2
+
+
+def _explicit_outer(f: Outer, width: int, seed: int, h0: Tensor, s0: Tensor, out: Tensor) -> None:
+    """The same sketch as :func:`_tensor` (entry (c, g, i, j) to bucket h0(c) + h1(g, i) + h2(j)), from the
+    explicit gradient blocks sum_t delta_t a_t^T: cheaper when n m is small next to width log width."""
+    B, d, G, T, n = f.delta.shape
+    m = f.m
+    h1, s1, h2, s2 = _outer_hashes(f, width, seed, out)
+    bucket = (h0.view(d, 1, 1, 1) + h1.view(1, G, n, 1) + h2.view(1, 1, 1, m)) % width  # [d, G, n, m]
+    sign = s0.view(d, 1, 1, 1) * s1.view(1, G, n, 1) * s2.view(1, 1, 1, m)
+    bucket, sign = bucket.reshape(1, -1), sign.reshape(1, -1)
+    rows = max(1, _BLOCK_ELEMS // max(1, d * G * n * max(m, T)))
+    for a in range(0, B, rows):
+        delta, x = f.delta[a : a + rows].to(out.dtype), f.a[a : a + rows].to(out.dtype)
+        blocks = torch.einsum("bcgtn,bgtm->bcgnm", delta, x).reshape(delta.shape[0], -1)
+        out[a : a + delta.shape[0]].scatter_add_(1, bucket.expand(delta.shape[0], -1), blocks * sign)
 
 
 def _tensor(f: Outer, width: int, seed: int, phase: Tensor, out_hat: Tensor) -> None:
     """Add the FFT of the TensorSketch of sum_t delta_t (x) a_t into ``out_hat`` [B, width // 2 + 1] (complex)."""
     B, d, G, T, n = f.delta.shape
     m = f.m
-    dtype = out_hat.real.dtype
-    h1, s1 = _hash(G * n, width, seed, f.layer, "out", out_hat.real)
-    h2, s2 = _hash(m, width, seed, f.layer, "in", out_hat.real)
+    real = out_hat.real
+    h1, s1, h2, s2 = _outer_hashes(f, width, seed, real)
     h1, s1 = h1.view(1, 1, G, 1, n), s1.view(1, 1, G, 1, n)
-    per_sample = d * G * T * width
-    rows = max(1, _BLOCK_ELEMS // max(1, per_sample))
+    rows = max(1, _BLOCK_ELEMS // max(1, d * G * T * width))
     for a in range(0, B, rows):
         b = min(B, a + rows)
-        delta = f.delta[a:b].to(dtype)
+        delta = f.delta[a:b].to(real.dtype)
         cs_d = delta.new_zeros(b - a, d, G, T, width)
         cs_d.scatter_add_(-1, h1.expand(b - a, d, G, T, n), delta * s1)
         if f.indexed:
             idx = f.a[a:b]  # [b, G, T] one-hot rows
             cs_a = delta.new_zeros(b - a, G, T, width).scatter_(-1, h2[idx][..., None], s2[idx][..., None])
         else:
-            x = f.a[a:b].to(dtype)
+            x = f.a[a:b].to(real.dtype)
             cs_a = x.new_zeros(b - a, G, T, width)
             cs_a.scatter_add_(-1, h2.view(1, 1, 1, m).expand(b - a, G, T, m), x * s2.view(1, 1, 1, m))
         prod = torch.einsum("bcgtf,bgtf->bcf", torch.fft.rfft(cs_d, dim=-1), torch.fft.rfft(cs_a, dim=-1))
@@ -91,11 +109,13 @@ def _tensor(f: Outer, width: int, seed: int, phase: Tensor, out_hat: Tensor) -> 
 
 
 def explicit_sketched(f: Factor, width: int) -> bool:
-    """Whether a layer is sketched from its explicit gradient (else by FFT): by shape only."""
+    """Whether an outer-product layer is sketched through its explicit gradient blocks (both ways give the
+    same sketch; this one costs d T n m, the FFT one about d T width log2(width) per sample)."""
     if not isinstance(f, Outer):
         return True
-    G, n = f.delta.shape[2], f.delta.shape[-1]
-    return G * n * f.m <= EXPLICIT_FACTOR * width
+    if f.indexed:
+        return False
+    return f.delta.shape[-1] * f.m <= EXPLICIT_FACTOR * width * math.log2(max(2, width))
 
 
 def sketch(factors: list[Factor], width: int, seed: int) -> Tensor:
@@ -109,8 +129,10 @@ def sketch(factors: list[Factor], width: int, seed: int) -> Tensor:
     h0, s0 = _hash(d, width, seed, "", "column", out)
     fft = [f for f in factors if not explicit_sketched(f, width)]
     for f in factors:
-        if explicit_sketched(f, width):
-            _explicit(f, width, seed, h0, s0, out)
+        if isinstance(f, Outer) and explicit_sketched(f, width):
+            _explicit_outer(f, width, seed, h0, s0, out)
+        elif not isinstance(f, Outer):
+            _explicit_dense(f.g, f.layer, width, seed, h0, s0, out)
     if fft:
         freq = torch.arange(width // 2 + 1, device=out.device, dtype=dtype)
         angle = -2 * math.pi * (h0.to(dtype)[:, None] * freq[None, :]) / width
