@@ -93,7 +93,7 @@ class Stream(IterableDataset):
 # ---------------------------------------------------------------------------------------------- the store
 def test_manifest_shards_and_checksums(tmp_path):
     sim, x = _sim(), _data()
-    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=PROJ_DIM, seed=3, shard_size=16)
+    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=PROJ_DIM, seed=3, shard_size=16, dtype="float32")
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert m["format"] == "nnsim.FeatureIndex" and m["version"] == 2 and m["complete"] is True
     cfg = m["config"]
@@ -115,7 +115,7 @@ def test_manifest_shards_and_checksums(tmp_path):
     # The stored centre is the mean sketch row.
     np.testing.assert_allclose(m["layout"]["centre"], stored[:, :-1].mean(0), rtol=1e-5, atol=1e-6)
     # With d P <= dim the rows are the kernel-corrected gradients: their Gram is the exact similarity.
-    exact = FeatureIndex.build(sim, x, tmp_path / "e", dim=EXACT_DIM, shard_size=16)
+    exact = FeatureIndex.build(sim, x, tmp_path / "e", dim=EXACT_DIM, shard_size=16, dtype="float32")
     assert exact.manifest["layout"]["exact"] and exact.width == 3 * 155 + 1
     u = _stored(tmp_path / "e")[:, :-1].astype(np.float64)
     np.testing.assert_allclose(u @ u.T, sim.similarity(x).numpy(), rtol=0, atol=1e-6)
@@ -138,8 +138,9 @@ def test_fingerprint_covers_parameters_and_buffers():
 
 def test_float16_store_halves_the_size(tmp_path):
     sim, x = _sim(), _data()
-    full = FeatureIndex.build(sim, x, tmp_path / "f32", dim=EXACT_DIM)
-    half = FeatureIndex.build(sim, x, tmp_path / "f16", dim=EXACT_DIM, dtype="float16")
+    full = FeatureIndex.build(sim, x, tmp_path / "f32", dim=EXACT_DIM, dtype="float32")
+    half = FeatureIndex.build(sim, x, tmp_path / "f16", dim=EXACT_DIM)  # the default
+    assert half.dtype == "float16"
     size = {p: sum(f.stat().st_size for f in (tmp_path / p).glob("shard-*.npy")) for p in ("f32", "f16")}
     assert size["f16"] < 0.55 * size["f32"]
     a, b = _stored(tmp_path / "f32"), _stored(tmp_path / "f16")
@@ -241,7 +242,7 @@ def _other_model_sim():
 def test_build_refuses_a_store_built_differently(tmp_path, change, expected):
     x = _data()
     path = tmp_path / "s"
-    FeatureIndex.build(_sim(), x, path, dim=PROJ_DIM, shard_size=16)
+    FeatureIndex.build(_sim(), x, path, dim=PROJ_DIM, shard_size=16, dtype="float32")
     sim = change["sim"]() if "sim" in change else _sim()
     data = x[: change.get("n", 40)].clone()
     if change.get("first"):
@@ -322,7 +323,7 @@ def test_projection_change_is_detected(tmp_path):
 def test_search_equals_exact_neighbours_when_the_projection_is_exact(tmp_path, metric):
     sim, x = _sim(metric=metric), _data()
     q = _data(7, seed=5)
-    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=EXACT_DIM, shard_size=16)
+    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=EXACT_DIM, shard_size=16, dtype="float32")
     ev, ei = sim.neighbors(q, x, 6)
     v, i = index.search(q, k=6, backend="torch")  # projected estimates = exact here (float32 store)
     assert torch.equal(i, ei) and v.dtype == torch.float64

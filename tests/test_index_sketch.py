@@ -71,14 +71,14 @@ def test_centre_scores_are_exact_mean_similarities_to_the_reference_rows(tmp_pat
     x = torch.cat([x, torch.randn(14, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))])
     sim = nnsim.Similarity(model, progress=False)
     monkeypatch.setattr(ft, "CENTRE_ROWS", 5)
-    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=16, shard_size=8)
+    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=16, shard_size=8, dtype="float32")
     assert index.manifest["layout"]["centre_rows"] == 5
     ref = [0, 5, 10, 14, 19]  # evenly spaced over the 20 samples
     rows = np.concatenate([np.load(tmp_path / "s" / e["file"]) for e in index.manifest["shards"]])
     np.testing.assert_allclose(rows[:, -1], sim.similarity(x, x[ref]).mean(1).numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(index.manifest["layout"]["centre"], rows[ref, :-1].mean(0), rtol=1e-5, atol=1e-7)
     # Centring changes no exact score: an exact store (d P <= dim) returns exact similarities.
-    exact = FeatureIndex.build(sim, x, tmp_path / "e", dim=10_000)
+    exact = FeatureIndex.build(sim, x, tmp_path / "e", dim=10_000, dtype="float32")
     assert exact.manifest["layout"]["exact"]
     v, i = exact.search(x[:4], k=6)
     torch.testing.assert_close(v, sim.similarity(x[:4], x).gather(1, i), atol=1e-6, rtol=0)

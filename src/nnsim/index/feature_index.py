@@ -90,7 +90,7 @@ class FeatureIndex:
     # ------------------------------------------------------------------ build / open
     @classmethod
     def build(cls, sim: Similarity, data: Any, path: str | Path, dim: int | None = None, *, seed: int = 0,
-              shard_size: int | None = None, dtype: Literal["float32", "float16"] = "float32",
+              shard_size: int | None = None, dtype: Literal["float32", "float16"] = "float16",
               overwrite: bool = False, group: Any = None) -> FeatureIndex:
         """Compute the projected features of ``data`` into the store folder ``path`` and open it.
 
