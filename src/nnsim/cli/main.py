@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(b)
     _add_data_options(b, labels=False)
     b.add_argument("--index", required=True, metavar="DIR", help="index folder")
-    b.add_argument("--dim", type=int, help="projection dimension per layer (default 1024)")
+    b.add_argument("--dim", type=int, help="numbers per stored row: the sketch width (default 1024)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true", help="replace an index of another configuration")
     _add_common(b)

@@ -30,23 +30,12 @@ from .features import model_fingerprint
 
 __all__ = ["DEFAULT_DIM", "FeatureIndex", "default_candidates", "model_fingerprint"]
 
-# Defaults: projection dimension per layer (``dim=None``) and candidates per query (``candidates=None``).
-# Measured (projection of commit 9a9fde7: narrow layer sides exact): recall@10 of ``search`` against exact
-# ``Similarity.neighbors``, 200 held-out digits queries against the other 1597 digits, models trained 30
-# epochs (test accuracy 0.985-1.0), projection seeds 0 / 1, "projected only / re-ranked 50 / re-ranked 100":
-#                                      dim=512                  dim=1024                 dim=2048
-#   MLP 64-64-10    flatten  (d=10)   .60/.99/1.0 .52/.95/.99  .62/.98/1.0 .66/.99/1.0  .69/.99/1.0 .68/.99/1.0
-#   MLP 64-64-10    logits   (d=1)    .48/.96/1.0 .45/.91/.99  .52/.97/1.0 .52/.95/1.0  .60/.98/1.0 .55/.97/1.0
-#   MLP 64-256-10   flatten  (d=10)   .56/.97/1.0 .53/.95/1.0  .56/.97/1.0 .60/.98/1.0  .64/.99/1.0 .65/.99/1.0
-#   MLP 64-256-10   logits   (d=1)    .51/.95/1.0 .47/.94/1.0  .50/.95/1.0 .53/.97/1.0  .59/.98/1.0 .58/.99/1.0
-#   CNN 8-16 ch.    flatten  (d=10)   .17/.53/.74 .44/.87/.96  .98/1.0/1.0 .98/1.0/1.0
-#   CNN 8-16 ch.    logits   (d=1)    .30/.84/.99 .52/.93/1.0  .93/1.0/1.0 .94/1.0/1.0
-#   CNN 16-32 ch.   flatten  (d=10)                            .54/.96/1.0 .43/.87/.96  .97/1.0/1.0 .98/1.0/1.0
-#   CNN 16-32 ch.   logits   (d=1)                             .59/.98/1.0 .49/.94/1.0  .98/1.0/1.0 .98/1.0/1.0
-# ("logits" = outputs.logits("predicted"); exact worst cases at dim=1024 with 100 candidates: 0.961 for CNN
-# 16-32 flatten seed 1, >= 0.996 elsewhere; with 50 candidates 0.874.) Re-ranking more candidates is far cheaper
-# than a wider projection (disk and scan time grow with dim; re-ranking costs one gradient per candidate), so
-# the defaults are dim=1024 with max(10k, 100) candidates: recall@10 >= 0.96 on every model and seed above.
+# Defaults: numbers per row (``dim=None``) and candidates per query (``candidates=None``). Measured with
+# benchmarks/bench_index.py (docs/benchmarks.md, "FeatureIndex recall"): with dim = 1024, centred CountSketch
+# rows, the exact top-10 is among the top-100 candidates for >= 0.999 of the neighbours on the demo (trained
+# digits CNN, d = 10) and the untrained benchmark MLP (Fashion-MNIST, d = 10), and among the top-50 for
+# >= 0.997; the benchmark CNN: see the table. Re-ranking more candidates is cheaper than a wider row (disk
+# and scan time grow with dim; re-ranking costs one gradient per candidate).
 DEFAULT_DIM = 1024
 
 
@@ -62,8 +51,9 @@ class FeatureIndex:
     """Projected similarity features of a data set in an on-disk store, searchable by inner product.
 
     Build with :meth:`build`, reopen with :meth:`open`, query with :meth:`search`, measure with :meth:`recall`.
-    ``dim`` is the projection dimension per layer (layers with at most ``dim`` parameters are kept exact),
-    so a row holds ``width`` = d x (sum over layers of about min(dim, layer size)) numbers.
+    A row holds ``width`` = ``dim`` + 1 numbers: a CountSketch of the sample's kernel-corrected gradient (all
+    layers and outputs together) and its exact inner product with the centre (:mod:`nnsim.index.features`);
+    when d x P <= ``dim`` the gradient itself is stored (width d P + 1) and estimates are exact.
     """
 
     def __init__(self, path: Path, sim: Similarity, manifest: dict[str, Any]) -> None:
@@ -105,11 +95,13 @@ class FeatureIndex:
         Args:
             sim: the :class:`~nnsim.Similarity` defining model, output, parameters and metric.
             data: tensor, tuple of tensors, Dataset or DataLoader (``shuffle=False``), in a fixed order.
-            dim: projection dimension per layer; ``None`` = :data:`DEFAULT_DIM` (1024: with the default
-                candidates, recall@10 after re-ranking >= 0.96 on the measured digits MLPs and CNNs).
+            dim: sketch width, the numbers per row whatever d and the layers; ``None`` = :data:`DEFAULT_DIM`
+                (1024: with the default candidates, recall@10 after re-ranking >= 0.99 on the measured
+                models, docs/index.md). When d x P <= ``dim`` the rows are exact.
             seed: projection seed (same seed, same projection, in any process).
             shard_size: rows per shard file (default: about 64 MiB per shard).
-            dtype: ``"float32"`` or ``"float16"`` (half the disk; estimates lose ~3 decimal digits).
+            dtype: ``"float16"`` (default) or ``"float32"`` (twice the disk; estimates without re-ranking
+                keep ~6 instead of ~3 decimal digits; re-ranked similarities are exact either way).
             overwrite: delete an existing store at ``path`` first.
             group: a ``torch.distributed`` process group (default: the initialised default group, if any;
                 ``False``: this process alone). Every rank passes the same arguments (``path`` on a filesystem
@@ -188,8 +180,8 @@ class FeatureIndex:
         * With ``data`` (the data the index was built from, same order; checked against the store's data
           digest, one read of the data): the candidates are re-ranked by the exact similarity
           ``Similarity.similarity``, and the returned similarities are exact.
-        * Without ``data``: the returned similarities are the projected *estimates* phi(q) . phi(x) of
-          tr K~ / d (exact only when every layer is within ``dim``), and the order is the estimated one.
+        * Without ``data``: the returned similarities are the unbiased projected *estimates* of tr K~ / d
+          (exact only when d x P <= ``dim``, up to the storage precision), and the order is the estimated one.
 
         Queries with a zero gradient get NaN and index -1 (with a warning); samples with a zero gradient are
         never returned.
