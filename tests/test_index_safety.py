@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -186,3 +187,24 @@ def test_public_hooks_of_similarity(metric):
     torch.testing.assert_close(oracle, sim.similarity(x), atol=1e-10, rtol=0)
     assert nnsim.Similarity(_mlp(), chunk_size=5).chunk_size_for(x) == 5
     assert 1 <= sim.chunk_size_for(TensorDataset(x)) <= 256
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def test_cli_index_query_refuses_changed_data_even_without_reranking(tmp_path, capsys):
+    from nnsim.cli.demo import digits_cnn
+    from nnsim.cli.main import main
+
+    torch.manual_seed(0)
+    torch.save(digits_cnn().state_dict(), tmp_path / "w.pt")
+    x = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    np.savez(tmp_path / "data.npz", x=x.numpy())
+    common = ["--model", "nnsim.cli.demo:digits_cnn", "--weights", str(tmp_path / "w.pt"), "--quiet"]
+    idx = str(tmp_path / "idx")
+    assert main(["index", "build", *common, "--data", str(tmp_path / "data.npz"), "--index", idx, "--dim", "64"]) == 0
+    x[17] = 1.0 - x[17]  # the same first sample, the same length
+    np.savez(tmp_path / "changed.npz", x=x.numpy())
+    for extra in ([], ["--no-rerank"]):
+        code = main(["index", "query", *common, "--data", str(tmp_path / "changed.npz"), "--index", idx, "--query",
+                     "0", "-k", "3", "--out", str(tmp_path / "q.csv"), *extra])
+        assert code != 0 and not (tmp_path / "q.csv").exists()
+        assert "rows [0, 30) (30 samples in 1 shard(s)) changed" in capsys.readouterr().err

@@ -334,6 +334,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
         if len(index) != len(data):
             raise CLIError(f"{args.index} indexes {len(index)} samples but --data has {len(data)}; pass the data the "
                            "index was built from (same --limit)")
+        index.check_data(data.x)  # the data digests, also with --no-rerank
         q, qidx = _queries(args.query, data, args)
         vals, idx = index.search(q, k=args.k, data=None if args.no_rerank else data.x)
         rows = []

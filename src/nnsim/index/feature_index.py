@@ -164,7 +164,7 @@ class FeatureIndex:
                                     "only failing shards)")
         index = cls(folder, sim, manifest)
         if data is not None:
-            index._check_data(as_source(data, "data"))
+            index.check_data(data)
         return index
 
     # ------------------------------------------------------------------ search
@@ -204,7 +204,7 @@ class FeatureIndex:
         dsrc = None
         if data is not None:
             dsrc = as_source(data, "data")
-            self._check_data(dsrc)
+            self.check_data(dsrc)
         sim, cfg, layout = self.sim, self.manifest["config"], self.manifest["layout"]
         sketch, exact = layout["sketch"], layout["exact"]
         centre = None if layout.get("centre") is None else torch.tensor(layout["centre"], dtype=torch.float64)
@@ -253,9 +253,12 @@ class FeatureIndex:
             raise InputError(f"{name} samples have (shape, dtype) {sig}, but the index was built on samples "
                              f"{stored}")
 
-    def _check_data(self, src: Source) -> None:
-        """Refuse data other than those the store was built from: length, sample shapes, then the digest of
-        every shard's rows (one read of the data; tensors already checked unchanged are not read again)."""
+    def check_data(self, data: Any) -> None:
+        """Refuse (:class:`~nnsim.InputError`) data other than those the store was built from: the length,
+        the sample shapes, then the sha256 of every shard's samples (one read of the data, nothing computed;
+        tensors already checked and not written to since are not read again). ``search(data=...)``,
+        ``open(data=...)`` and ``recall`` call it."""
+        src = data if isinstance(data, Source) else as_source(data, "data")
         if len(src) != self.n:
             raise InputError(f"data has {len(src)} samples but the index was built on {self.n}: pass the data "
                              "the index was built from, in the same order")
@@ -280,7 +283,7 @@ class FeatureIndex:
         The mean, over queries with a defined neighbourhood, of |found ∩ exact| / |exact|. ``rerank=True``
         measures the full search (candidates re-ranked exactly); ``rerank=False`` the projection alone.
         """
-        self._check_data(as_source(data, "data"))
+        self.check_data(as_source(data, "data"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RankDeficiencyWarning)
             _, exact = self.sim.neighbors(queries, data, k, group=False)  # local, like search
