@@ -1,11 +1,13 @@
-"""What a store row is: the projected kernel-corrected gradient of a sample, and what ties rows to a model.
+"""What a store row is: the centred CountSketch of a sample's kernel-corrected gradient, and what ties rows
+to a model.
 
-phi(x) = vec(P U(x)) / sqrt(d_eff), with U(x) the kernel-corrected per-sample gradient (its Gram is the
-normalised kernel K~, :meth:`nnsim.Similarity.corrected_factors`) and P a seeded random projection generated
-on the fly and never stored; E[phi(x) . phi(x')] = tr K~(x, x') / d_eff, the scalar similarity.
+With u(x) = vec U(x) / sqrt(d_eff), U(x) the kernel-corrected per-sample gradient (its Gram is the normalised
+kernel K~, :meth:`nnsim.Similarity.corrected_factors`), sim(x, x') = <u(x), u(x')>. A data row is
+[S u(x), <u(x), c>] and a query row [S u(q) - S c, 1] (:class:`Projection`; S: :mod:`nnsim.index.sketch`),
+so the plain inner product of the two is an unbiased estimate of the similarity.
 
-Also here: the fingerprints that tie a store to a model and its settings (checked on open and resume), and
-the one-warning-per-kind report of zero-gradient and rank-deficient samples.
+Also here: the fingerprints that tie a store to a model and its settings (checked on open and resume), the
+one-warning-per-kind report of zero-gradient and rank-deficient samples, and row access to a data source.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ _CENTRE_BYTES = 2**30  # no centring when d P numbers exceed this (c has the siz
 
 def make_projection(sim: Similarity, src: Source, dim: int, seed: int) -> Projection:
     """The projection of a store: its width, and the centre computed from evenly spaced reference rows."""
-    first, _ = sim.corrected_factors(src.first(), 0, "data")
+    sim.corrected_factors(src.first(), 0, "data")  # measures d
     n_params = sum(p.numel() for p in sim.params.values())
     d = sim.d or 1
     exact = d * n_params <= dim
