@@ -110,7 +110,7 @@ def projection_probe(dim: int, seed: int) -> list[float]:
     """Summary numbers of the sketch of fixed synthetic gradients (both the explicit and the FFT path, two
     output columns): they change exactly when the projection (hashes, seeding, path choice) changes, so a
     store is never searched with a different projection."""
-    r = math.isqrt(int(sk.EXPLICIT_FACTOR * dim * math.log2(max(2, dim)))) + 2  # r^2 > dim log2(dim): the FFT path
+    r = math.isqrt(int(sk.STRUCTURED_FACTOR * dim * math.log2(max(2, dim)))) + 2  # r^2 > dim log2(dim): the FFT path
     f64 = torch.float64
     a = torch.cos(torch.arange(2 * r, dtype=f64)).reshape(1, 1, 2, r)
     delta = torch.sin(torch.arange(4 * r, dtype=f64) + 0.5).reshape(1, 2, 1, 2, r)

@@ -6,13 +6,14 @@ dense Gaussian projection of the same width (CountSketch, Charikar et al. 2002; 
 Unlike a per-layer Kronecker projection (whose estimate of a rank-one layer gradient is the product of two
 sqrt(dim)-dimensional estimates), nothing is lost to structure. A layer is sketched
 
-* a layer given as a sum over positions of outer products delta_t (x) a_t (``Outer``): weight entry (g, i, j)
-  goes to bucket h1(g, i) + h2(j), so the sketch is the circular convolution of the sketches of delta_t and
-  a_t, computed by FFT (TensorSketch, Pham & Pagh 2013), O(d T width log width) per sample, or, the same
-  numbers when n m is small, by a scatter-add of the explicit blocks sum_t delta_t a_t^T (O(d T n m));
-* any other layer (explicit gradient ``Dense``): a scatter-add with a flat hash over its parameters.
+* from its explicit gradient (``Dense``, or ``Outer.dense()``): a scatter-add, O(d T n m) per sample;
+* a large layer given as a sum over positions of outer products delta_t (x) a_t (``Outer``), without
+  building it: the hash of weight entry (i, j) is hA(i) + hB(j) (:func:`_param_hash`), so the sketch is the
+  circular convolution of the sketches of delta_t and a_t, computed by FFT (TensorSketch, Pham & Pagh 2013),
+  O(d T width log width) per sample.
 
-Both ways of sketching an outer-product layer give the same sketch, so the cheaper one is chosen freely.
+The hash is defined on the parameters' layout only, so both ways give the same sketch (tested), whatever
+representation a layer arrives in (``compact`` materialises small layers depending on the positions T).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from torch import Tensor
 
 from ..factors import Factor, Outer
 
-EXPLICIT_FACTOR = 1.0  # outer-product layers with n m <= width log2(width) go through their explicit blocks
+# Layers with more than width log2(width) parameters get the structured hash (and, as outer-product factors,
+# the FFT); smaller ones a flat hash and their explicit gradient.
+STRUCTURED_FACTOR = 1.0
+USE_FFT = True  # False: every layer from its explicit gradient (the same sketch; tests compare the two)
 _BLOCK_ELEMS = 2**23  # elements of one intermediate block (explicit gradients, per-position sketches)
 
 
@@ -48,40 +52,72 @@ def _hash(n: int, width: int, seed: int, layer: str, role: str, like: Tensor) ->
     return bucket.to(like.device), sign.to(device=like.device, dtype=like.dtype)
 
 
-def _explicit_dense(g: Tensor, layer: str, width: int, seed: int, h0: Tensor, s0: Tensor, out: Tensor) -> None:
-    """Add the CountSketch of explicit gradients g [B, d, n] into ``out`` [B, width] (flat hash over n)."""
-    B, d, n = g.shape
-    h, s = _hash(n, width, seed, layer, "param", out)
+def structured(params: list[tuple[str, torch.Size]], width: int) -> bool:
+    """Whether a layer's hash is the structured one (a large weight [R, ...], with its bias of R entries):
+    from the parameters' shapes only, so it is the same whatever representation the layer arrives in."""
+    if not params or len(params[0][1]) < 2 or len(params) > 2:
+        return False
+    rows = params[0][1][0]
+    if len(params) == 2 and tuple(params[1][1]) != (rows,):
+        return False
+    return sum(math.prod(shape) for _, shape in params) > STRUCTURED_FACTOR * width * math.log2(max(2, width))
+
+
+def _param_hash(params: list[tuple[str, torch.Size]], layer: str, width: int, seed: int, like: Tensor
+                ) -> tuple[Tensor, Tensor]:
+    """Buckets and signs [n] of a layer's flat parameter layout (its params concatenated, each flattened).
+
+    The one definition of the sketch's hash. A :func:`structured` layer (weight [R, ...], optional bias [R]):
+    weight entry (r, q) (q the flat index of the rest) goes to hA(r) + hB(q) and bias entry r to
+    hA(r) + hB(last), as if the bias were one more column (the ones column of the layer input); any other
+    layer: one flat hash over its parameters."""
+    n = sum(math.prod(shape) for _, shape in params)
+    if not structured(params, width):
+        return _hash(n, width, seed, layer, "param", like)
+    rows = params[0][1][0]
+    cols = n // rows  # the weight's columns, plus one for the bias
+    hA, sA = _hash(rows, width, seed, layer, "out", like)
+    hB, sB = _hash(cols, width, seed, layer, "in", like)
+    w = n - (rows if len(params) == 2 else 0)
+    bucket = (hA[:, None] + hB[None, :]) % width  # [R, cols]: the weight, then the bias column
+    sign = sA[:, None] * sB[None, :]
+    wc = w // rows
+    parts_b, parts_s = [bucket[:, :wc].reshape(-1)], [sign[:, :wc].reshape(-1)]
+    if len(params) == 2:
+        parts_b.append(bucket[:, wc])
+        parts_s.append(sign[:, wc])
+    return torch.cat(parts_b), torch.cat(parts_s)
+
+
+def _explicit(f: Factor, width: int, seed: int, h0: Tensor, s0: Tensor, out: Tensor) -> None:
+    """Add the CountSketch of the factor's explicit gradient [B, d, n] into ``out`` [B, width]."""
+    d = h0.shape[0]
+    h, s = _param_hash(list(f.params), f.layer, width, seed, out)
+    n = h.shape[0]
     bucket = ((h0[:, None] + h[None, :]) % width).reshape(1, -1)  # [1, d n]
     sign = (s0[:, None] * s[None, :]).reshape(1, -1)
-    rows = max(1, _BLOCK_ELEMS // max(1, d * n))
+    B = f.batch_size
+    rows = max(1, _BLOCK_ELEMS // max(1, d * n * (f.delta.shape[3] if isinstance(f, Outer) else 1)))
     for a in range(0, B, rows):
-        part = g[a : a + rows].reshape(-1, d * n).to(out.dtype)
-        out[a : a + part.shape[0]].scatter_add_(1, bucket.expand(part.shape[0], -1), part * sign)
+        part = f if rows >= B else f.select(torch.arange(a, min(B, a + rows), device=_device(f)))
+        g = part.dense().g.reshape(-1, d * n).to(out.dtype)
+        out[a : a + g.shape[0]].scatter_add_(1, bucket.expand(g.shape[0], -1), g * sign)
+
+
+def _device(f: Factor) -> torch.device:
+    return f.delta.device if isinstance(f, Outer) else f.g.device
 
 
 def _outer_hashes(f: Outer, width: int, seed: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Buckets and signs of the output side (g, i) [G n] and of the input side j [m] of an outer-product layer."""
-    G, n = f.delta.shape[2], f.delta.shape[-1]
-    h1, s1 = _hash(G * n, width, seed, f.layer, "out", like)
-    h2, s2 = _hash(f.m, width, seed, f.layer, "in", like)
-    return h1, s1, h2, s2
-
-
-def _explicit_outer(f: Outer, width: int, seed: int, h0: Tensor, s0: Tensor, out: Tensor) -> None:
-    """The same sketch as :func:`_tensor` (entry (c, g, i, j) to bucket h0(c) + h1(g, i) + h2(j)), from the
-    explicit gradient blocks sum_t delta_t a_t^T: cheaper when n m is small next to width log width."""
-    B, d, G, T, n = f.delta.shape
-    m = f.m
-    h1, s1, h2, s2 = _outer_hashes(f, width, seed, out)
-    bucket = (h0.view(d, 1, 1, 1) + h1.view(1, G, n, 1) + h2.view(1, 1, 1, m)) % width  # [d, G, n, m]
-    sign = s0.view(d, 1, 1, 1) * s1.view(1, G, n, 1) * s2.view(1, 1, 1, m)
-    bucket, sign = bucket.reshape(1, -1), sign.reshape(1, -1)
-    rows = max(1, _BLOCK_ELEMS // max(1, d * G * n * max(m, T)))
-    for a in range(0, B, rows):
-        delta, x = f.delta[a : a + rows].to(out.dtype), f.a[a : a + rows].to(out.dtype)
-        blocks = torch.einsum("bcgtn,bgtm->bcgnm", delta, x).reshape(delta.shape[0], -1)
-        out[a : a + delta.shape[0]].scatter_add_(1, bucket.expand(delta.shape[0], -1), blocks * sign)
+    """The hash of :func:`_param_hash` split into its output side (g, i) [G n] and input side j [m] (the
+    a-columns, the bias one last), for an outer-product layer that :func:`fft_sketched` accepts."""
+    rows = f.params[0][1][0]
+    cols = sum(math.prod(shape) for _, shape in f.params) // rows
+    hA, sA = _hash(rows, width, seed, f.layer, "out", like)
+    hB, sB = _hash(cols, width, seed, f.layer, "in", like)
+    if f.weight_transposed:  # [m, n]: the rows are the input side
+        return hB, sB, hA, sA
+    return hA, sA, hB, sB
 
 
 def _tensor(f: Outer, width: int, seed: int, phase: Tensor, out_hat: Tensor) -> None:
@@ -108,14 +144,18 @@ def _tensor(f: Outer, width: int, seed: int, phase: Tensor, out_hat: Tensor) -> 
         out_hat[a:b] += torch.einsum("bcf,cf->bf", prod, phase)
 
 
-def explicit_sketched(f: Factor, width: int) -> bool:
-    """Whether an outer-product layer is sketched through its explicit gradient blocks (both ways give the
-    same sketch; this one costs d T n m, the FFT one about d T width log2(width) per sample)."""
-    if not isinstance(f, Outer):
-        return True
-    if f.indexed:
+def fft_sketched(f: Factor, width: int) -> bool:
+    """Whether a layer is sketched by FFT (else from its explicit gradient; both give the same sketch): an
+    outer-product layer with a :func:`structured` hash whose layout the FFT reproduces, [G n, m] weights
+    (with an optional bias) or transposed [m, n] ones without bias (embeddings). The FFT costs about
+    d T width log2(width) per sample, the explicit gradient d T n m."""
+    if not USE_FFT or not isinstance(f, Outer) or f.weight is None or not structured(list(f.params), width):
         return False
-    return f.delta.shape[-1] * f.m <= EXPLICIT_FACTOR * width * math.log2(max(2, width))
+    G, n = f.delta.shape[2], f.delta.shape[-1]
+    wshape = f.weight[1]
+    if f.weight_transposed:
+        return f.bias is None and G == 1 and tuple(wshape) == (f.m, n)
+    return wshape[0] == G * n and math.prod(wshape) == G * n * (f.m - (f.bias is not None))
 
 
 def sketch(factors: list[Factor], width: int, seed: int) -> Tensor:
@@ -127,12 +167,10 @@ def sketch(factors: list[Factor], width: int, seed: int) -> Tensor:
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     out = torch.zeros(B, width, dtype=dtype, device=like.device)
     h0, s0 = _hash(d, width, seed, "", "column", out)
-    fft = [f for f in factors if not explicit_sketched(f, width)]
+    fft = [f for f in factors if fft_sketched(f, width)]
     for f in factors:
-        if isinstance(f, Outer) and explicit_sketched(f, width):
-            _explicit_outer(f, width, seed, h0, s0, out)
-        elif not isinstance(f, Outer):
-            _explicit_dense(f.g, f.layer, width, seed, h0, s0, out)
+        if not fft_sketched(f, width):
+            _explicit(f, width, seed, h0, s0, out)
     if fft:
         freq = torch.arange(width // 2 + 1, device=out.device, dtype=dtype)
         angle = -2 * math.pi * (h0.to(dtype)[:, None] * freq[None, :]) / width
