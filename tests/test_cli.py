@@ -47,8 +47,12 @@ def test_demo_writes_everything_and_finds_the_flipped_labels(demo_dir):
     assert flipped.sum() == 180 and (data["y"][flipped] != data["y_true"][flipped]).all()
     score = np.array([float(r["mislabel_score"]) for r in rows])
     top = np.argsort(-score)[:180]
-    assert flipped[top].mean() > 0.85
-    assert summary["demo"]["mislabel_score_auroc_for_flipped"] > 0.95
+    assert flipped[top].mean() > 0.65  # 0.72 measured (docs/cli.md)
+    auroc = summary["demo"]["auroc_for_flipped"]
+    assert auroc["mislabel_score"] == summary["demo"]["mislabel_score_auroc_for_flipped"] > 0.95
+    # The demo's point: with shifts, contrast and noise, input-space neighbours miss flips the network's find.
+    assert auroc["mislabel_score"] > auroc["input_knn_disagreement"] + 0.05
+    assert [r["known_mislabelled"] == "True" for r in rows] == flipped.tolist()
     # The demo's labels are the noisy ones, and the CSV carries them.
     assert [int(r["label"]) for r in rows[:50]] == data["y"][:50].tolist()
 

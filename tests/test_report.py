@@ -120,3 +120,100 @@ def test_tabular_report_shows_values(browser, tmp_path, monkeypatch):
     assert wine.target_names[int(y[i])] in page.locator("#neighbor-title").inner_text()
     assert problems == []
     page.close()
+
+
+def test_report_explore_baselines_and_class_matrix(browser, tmp_path):
+    """The interactive parts, clicked as a user would: sort the score table both ways, filter by class (table
+    and galleries), jump to a sample by index, Escape closes the panel; the baselines and the class matrix are
+    checked against independent computations (sklearn's AUROC and k-NN, the softmax written out)."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.neighbors import NearestNeighbors
+
+    wine = load_wine()
+    x = torch.tensor((wine.data - wine.data.mean(0)) / wine.data.std(0), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    flip = torch.randperm(len(x), generator=g)[:15]
+    y = torch.tensor(wine.target)
+    y[flip] = (y[flip] + torch.randint(1, 3, (15,), generator=g)) % 3
+    flipped = np.zeros(len(x), bool)
+    flipped[flip.numpy()] = True
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    k = 5
+    result = run_analysis(nnsim.Similarity(model, progress=False), model, x, y, k=k, log=lambda s: None)
+    cols = result.columns
+    # Baselines against their definitions.
+    with torch.no_grad():
+        p_label = model(x).softmax(1)[torch.arange(len(x)), y].double().numpy()
+    np.testing.assert_allclose(cols["self_confidence"], p_label, rtol=1e-5)
+    nbrs = NearestNeighbors(n_neighbors=k + 1).fit(x.numpy()).kneighbors(x.numpy(), return_distance=False)[:, 1:]
+    np.testing.assert_allclose(cols["input_knn_disagreement"], (y.numpy()[nbrs] != y.numpy()[:, None]).mean(1))
+    cols["known_mislabelled"] = flipped
+    names = [str(n) for n in wine.target_names]
+    path = write_report(tmp_path / "r.html", x=x.numpy(), columns=cols, neighbor_index=result.neighbor_index,
+                        neighbor_similarity=result.neighbor_similarity, summary=result.summary, class_names=names)
+    page, problems, _ = open_page(browser, path)
+
+    # Baseline table: AUROC of each score against the known flips, as sklearn computes it.
+    for key, sign in (("loss", 1), ("input_knn_disagreement", 1), ("self_confidence", -1), ("mislabel_score", 1)):
+        cell = page.locator(f'#baseline-table tr[data-score="{key}"] td.num').first.inner_text()
+        assert abs(float(cell) - roc_auc_score(flipped, sign * cols[key])) < 1e-4, key
+
+    # Sort by loss: descending on the first click, ascending on the second.
+    def first_rows(n=3):
+        return [int(page.locator("#scores tbody tr").nth(r).get_attribute("data-index")) for r in range(n)]
+
+    order = np.argsort(-cols["loss"], kind="stable")
+    page.locator('#scores th[data-column="loss"]').click()
+    assert first_rows() == order[:3].tolist()
+    page.locator('#scores th[data-column="loss"]').click()
+    assert first_rows() == np.argsort(cols["loss"], kind="stable")[:3].tolist()
+    assert page.locator("#scores tbody tr").count() == len(x)
+
+    # Filter by class 1: only its rows in the table, only its tiles in the galleries.
+    page.select_option("#class-filter", "1")
+    rows = page.locator("#scores tbody tr")
+    assert rows.count() == int((y == 1).sum())
+    labels = page.eval_on_selector_all("#scores tbody tr", "rs => rs.map(r => r.children[1].textContent)")
+    assert set(labels) == {names[1]}
+    tiles = page.locator("#isolated .sample")
+    shown = [int(tiles.nth(t).get_attribute("data-index")) for t in range(tiles.count()) if tiles.nth(t).is_visible()]
+    hidden = [int(tiles.nth(t).get_attribute("data-index")) for t in range(tiles.count())
+              if not tiles.nth(t).is_visible()]
+    assert shown and hidden and all(int(y[i]) == 1 for i in shown) and all(int(y[i]) != 1 for i in hidden)
+    page.select_option("#class-filter", "")
+    assert page.locator("#scores tbody tr").count() == len(x) and all(
+        tiles.nth(t).is_visible() for t in range(tiles.count()))
+
+    # Jump to a sample by index (Enter), Escape closes the panel; a row click opens it too.
+    panel = page.locator("#neighbor-panel")
+    page.fill("#jump-index", "7")
+    page.press("#jump-index", "Enter")
+    assert panel.is_visible() and "Sample #7" in page.locator("#neighbor-title").inner_text()
+    got = [int(panel.locator(".sample").nth(t).get_attribute("data-index")) for t in range(k + 1)]
+    assert got == [7] + result.neighbor_index[7].tolist()
+    page.keyboard.press("Escape")
+    assert panel.is_hidden()
+    page.fill("#jump-index", "9999")
+    page.click("#jump-go")
+    assert panel.is_hidden() and "not in the report" in page.locator("#jump-message").inner_text()
+    page.locator("#scores tbody tr").nth(2).click()
+    assert f"Sample #{first_rows()[2]}" in page.locator("#neighbor-title").inner_text()
+
+    # Class x class matrix: the share of each class's network neighbours in each class, counted here.
+    share = np.zeros((3, 3))
+    for i in range(len(x)):
+        for j in result.neighbor_index[i]:
+            share[int(y[i]), int(y[j])] += 1
+    share /= share.sum(1, keepdims=True)
+    cells = page.eval_on_selector_all("#class-matrix tr", "rs => rs.slice(1).map(r => [...r.querySelectorAll('td')]"
+                                      ".map(c => Number(c.textContent)))")
+    np.testing.assert_allclose(cells, share, atol=0.006)
+    assert problems == []
+    page.close()

@@ -78,7 +78,7 @@ def analysis_mode(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in params.values()]
     try:
-        model.eval()
+        _eval(model)
         for p in params.values():
             p.requires_grad_(True)
         with torch.enable_grad():
@@ -88,3 +88,63 @@ def analysis_mode(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator
             m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _eval(model: nn.Module) -> None:
+    """``model.eval()``, also for a ``torch.export`` program's ``module()``, whose ``eval()`` raises
+    NotImplementedError because its graph's mode was fixed at export time: there the flags change nothing, so
+    they are set directly, after checking that the graph was exported in eval mode (else dropout / batch
+    statistics would be active and the similarity would silently differ from the model's inference)."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        graph = getattr(model, "graph", None)
+        if graph is None:
+            raise
+        op = exported_training_op(model)
+        if op is not None:
+            raise ModelError(f"the torch.export program was exported in training mode ({op} with training=True): "
+                             "call model.eval() before torch.export.export and export it again") from None
+        for m in model.modules():
+            m.training = False
+
+
+def exported_training_op(model: nn.Module) -> str | None:
+    """The first operation of an exported graph that runs in training mode (dropout active, batch norm on batch
+    statistics), or None."""
+    for node in model.graph.nodes:  # type: ignore[union-attr]
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if ("dropout" in name and len(node.args) > 2 and node.args[2] is True) or (
+                "batch_norm" in name and "no_training" not in name and len(node.args) > 5 and node.args[5] is True):
+            return name
+    return None
+
+
+def input_failure(err: Exception, batch: tuple, name: str, dtype: torch.dtype) -> InputError:
+    """The :class:`InputError` for a model that failed on its first inputs: what was passed and the likely fix.
+
+    Integer inputs are not refused up front (they are right for a model that starts with an Embedding); only
+    when the model fails on them does the message suggest converting them."""
+    shapes = ", ".join(f"{list(t.shape)} ({t.dtype})" for t in batch)
+    what = f"{name}: the model failed on inputs of shape {shapes}: {type(err).__name__}: {_first_line(err)}"
+    hints = []
+    if any(not (t.is_floating_point() or t.is_complex()) for t in batch) and dtype.is_floating_point:
+        hints.append(f"the inputs are integers but the model's parameters are {dtype}: convert them, e.g. "
+                     f"x.to({dtype}) (integer inputs fit only models that start with an Embedding)")
+    if any(t.dim() == 1 for t in batch):
+        hints.append("a 1-D tensor is read as N samples of one value each (the first axis is always the sample "
+                     "axis): pass x[None] for one sample, or x.reshape(N, -1)")
+    if len(batch) > 1 and isinstance(err, TypeError):
+        hints.append(f"a tuple or list of {len(batch)} tensors is read as the model's {len(batch)} inputs; for a "
+                     "list of samples, stack them first: torch.stack(samples)")
+    if not hints:
+        hints.append("check that each sample has the shape the model expects (the first axis is the sample axis, "
+                     "the model gets batches [B, ...]) and the dtype of its parameters")
+    return InputError(f"{what}; {'; '.join(hints)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

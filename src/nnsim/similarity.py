@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import algebra, backends
 from . import distributed as dist_mod
 from . import outputs as outputs_mod
-from ._model import ParamSelection, analysis_mode, check_model, select_params
+from ._model import ParamSelection, analysis_mode, check_model, input_failure, select_params
 from .backends.base import Problem
 from .errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
 from .estimators import DenoisingReport, TopK, denoising_from_sums, row_statistic
@@ -268,8 +268,11 @@ class Similarity:
         """
         if isinstance(self.metric, Tensor) or self._fisher:
             raise InputError("denoising is derived for a squared loss on the outputs: use metric='euclidean'")
-        if noise_std is not None and not (isinstance(noise_std, (int, float)) and noise_std >= 0):
+        if noise_std is not None and not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std)
+                                          and noise_std >= 0):
             raise InputError(f"noise_std must be a non-negative number, got {noise_std!r}")
+        if approximate and not (isinstance(dim, int) and dim >= 1):
+            raise InputError(f"dim must be a positive integer (the projection size of approximate=True), got {dim!r}")
         src, _ = self._sources(data, None, ("data", "data"))
         if predictions is not None:
             if not isinstance(predictions, Tensor) or predictions.dim() != 2 or predictions.shape[0] != len(src):
@@ -387,7 +390,13 @@ class Similarity:
 
     def _prepare(self, batch: Batch, start: int, name: str, by: By, kind: str, mode: str) -> _Chunk:
         batch = self._to_device(batch, start, name)
-        groups, y = self._factor_groups(batch, start, by)
+        try:
+            groups, y = self._factor_groups(batch, start, by)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            # Before the model has run once, a failure is most likely the inputs: say which and how to fix.
+            if self.d is not None or isinstance(e, (InputError, ModelError)):
+                raise
+            raise input_failure(e, batch, name, self.dtype) from e
         with torch.no_grad():
             chunk = self._normalise_chunk(groups, start, batch[0].shape[0], name, kind, mode)
         chunk.y = y
@@ -599,9 +608,10 @@ class Similarity:
             raise InputError(f"method must be 'soft', 'hard' or 'less_soft', got {method!r}")
         if algorithm not in ("auto", "linear", "tiles"):
             raise InputError(f"algorithm must be 'auto', 'linear' or 'tiles', got {algorithm!r}")
-        if method == "hard" and not isinstance(threshold, (int, float)):
-            raise InputError("method='hard' needs a numeric threshold (count of similarities strictly above it)")
-        if method == "less_soft" and not (isinstance(power, (int, float)) and power > 0):
+        if method == "hard" and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+            raise InputError(f"method='hard' needs a finite numeric threshold (count of similarities strictly above "
+                             f"it), got {threshold!r}")
+        if method == "less_soft" and not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
             raise InputError("method='less_soft' needs a positive power n (sum of max(sim, 0)^n)")
         if method != "hard" and threshold is not None:
             raise InputError(f"threshold applies to method='hard' only, not {method!r}")

@@ -13,6 +13,7 @@ rank is raised on all of them instead of leaving the others waiting in the next 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as nd
+from ..errors import InputError, ModelError
 from ..similarity import Similarity
 
 
@@ -47,9 +49,8 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
                  log: Callable[[str], None] = print) -> Analysis:
     """Density, neighbours, denoising and label consistency of ``x [N, ...]`` (labels ``y [N]`` optional)."""
     n = len(x)
-    k = min(k, n - 1)
-    if k < 1:
-        raise ValueError("the analysis needs at least 2 samples")
+    if n < 2 or not 1 <= k < n:
+        raise InputError(f"the analysis needs at least 2 samples and 1 <= k < N, got N = {n}, k = {k}")
     timings: dict[str, float] = {}
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
@@ -71,11 +72,19 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
             cols["confidence"] = prob.max(1).values.numpy()
         if y is not None:
             cols["label"] = y.numpy()
-            if classifier and int(y.max()) < logits.shape[1]:
+            if classifier and int(y.max()) >= logits.shape[1]:
+                raise InputError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs: "
+                                 "labels must be the model's class indices")
+            if classifier:
                 cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
                 cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+                confidence = self_confidence(y.numpy(), prob.double().numpy())
+                if confidence is not None:
+                    cols["self_confidence"] = confidence
+            # Baseline: the same neighbour vote with plain input-space (Euclidean) neighbours.
+            cols["input_knn_disagreement"] = input_knn_disagreement(x, y, k)
 
-    density = step("density", lambda: sim.density(x))
+    density = step("density", lambda: nonzero_gradients(lambda: sim.density(x)))
     cols["density"] = density.double().numpy()
     vals, idx = step("neighbors", lambda: sim.neighbors(x, k=k, exclude_self=True))
     nn_idx, nn_sim = idx.numpy(), vals.double().numpy()
@@ -85,11 +94,57 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
         label_targets = None
         if y is not None and d == logits.shape[1] and classifier and int(y.max()) < d:
             label_targets = torch.nn.functional.one_hot(y, d).to(logits.dtype)
+        elif y is not None:  # said, not silent: which consistency the columns hold, and why
+            log(f"the analysed output has {d} value(s) per sample, not one per class of the {logits.shape[1]}-output "
+                "model: prediction_consistency (of the model's outputs) is computed instead of label_consistency")
     report = step("denoising", lambda: sim.denoising(x, predictions=label_targets, approximate=not exact_denoising,
                                                      dim=dim))
     with nd.together(comm):
         return _finish(cols, report, label_targets is not None, nn_idx, nn_sim, y, n, d, k, exact_denoising, dim,
                        timings)
+
+
+def self_confidence(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray | None:
+    """cleanlab's label quality score ``method="self_confidence"`` (the predicted probability of the given
+    label; low: likely mislabelled), or None when cleanlab is not installed. Here the model's own predictions on
+    its training data, not cleanlab's recommended out-of-sample ones: a baseline, as the training loss is."""
+    try:
+        from cleanlab.rank import get_label_quality_scores
+    except ImportError:
+        return None
+    return np.asarray(get_label_quality_scores(labels, pred_probs, method="self_confidence"), dtype=float)
+
+
+@torch.no_grad()
+def input_knn_disagreement(x: Tensor, y: Tensor, k: int) -> np.ndarray:
+    """[N] share of the k nearest neighbours in input space (Euclidean on the flattened inputs, the sample
+    itself excluded) whose label differs from the sample's: the label-noise baseline that needs no network."""
+    flat = x.flatten(1).double()
+    sq = (flat * flat).sum(1)
+    out = np.empty(len(x))
+    chunk = max(16, min(512, 2**23 // len(x)))  # rows of squared distances per step: at most ~64 MB
+    for s in range(0, len(x), chunk):
+        d2 = sq[s:s + chunk, None] - 2 * flat[s:s + chunk] @ flat.T + sq[None]
+        d2[torch.arange(d2.shape[0]), torch.arange(s, s + d2.shape[0])] = float("inf")  # not its own neighbour
+        idx = d2.topk(k, dim=1, largest=False).indices
+        out[s:s + chunk] = (y[idx] != y[s:s + chunk, None]).double().mean(1).numpy()
+    return out
+
+
+def nonzero_gradients(compute: Callable[[], Tensor]) -> Tensor:
+    """``compute()`` (per-sample values that are NaN where a sample's gradient is zero), refused with a
+    :class:`ModelError` when every value is NaN: all gradients are zero and nothing can be compared. The
+    library's per-sample warnings are held meanwhile, and shown when only some samples are affected."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = compute()
+    if len(values) and not bool(torch.isfinite(values).any()):
+        raise ModelError("the model's gradients are zero for every sample, so their similarity is undefined: a "
+                         "constant output (e.g. a dead ReLU before the output), or parameters the output does not "
+                         "depend on (check --params / params=)")
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return values
 
 
 def _finish(cols: dict[str, np.ndarray], report: Any, one_hot_labels: bool, nn_idx: np.ndarray, nn_sim: np.ndarray,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import datasets
+from .._model import exported_training_op
 
 #: Exit codes of the ``nnsim`` command (documented in docs/cli.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -84,15 +85,20 @@ def _import_factory(spec: str, what: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def load_model(spec: str, weights: str | None = None, device: str = "cpu") -> nn.Module:
+def load_model(spec: str, weights: str | None = None, device: str = "cpu", random_init: bool = False) -> nn.Module:
     """A ``torch.export`` program file (``.pt2``), or ``package.module:factory`` plus a state-dict file.
 
     The ``.pt2`` route gives back ``torch.export.load(path).module()``: a graph of aten operations, analysed
     by nnsim's generic per-module path (no Linear/Conv layer rules apply to it). The factory route rebuilds
     the original ``nn.Module`` classes, so the structured layer rules apply: the fast path for large data.
+    A factory without ``weights`` is refused unless ``random_init`` (its model would be an untrained one).
     """
     if _is_factory_spec(spec):
         factory = _import_factory(spec, "model factory")
+        if weights is None and not random_init:
+            raise CLIError(f"--model {spec} builds a model at its random initialisation: pass its trained weights "
+                           "with --weights FILE (a state dict), or --random-init to analyse the untrained model on "
+                           "purpose", EXIT_USAGE)
         try:
             model = factory()
         except Exception as e:
@@ -111,6 +117,9 @@ def load_model(spec: str, weights: str | None = None, device: str = "cpu") -> nn
                 state = state["state_dict"]
             if not isinstance(state, dict):
                 raise CLIError(f"{weights}: expected a state dict (name -> tensor), got {type(state).__name__}")
+            mismatch = _state_dict_mismatch(model, state)
+            if mismatch:
+                raise CLIError(f"{weights} does not fit the model from {spec!r}: {mismatch}", EXIT_MODEL)
             try:
                 model.load_state_dict(state)
             except RuntimeError as e:
@@ -151,17 +160,40 @@ def load_model(spec: str, weights: str | None = None, device: str = "cpu") -> nn
     return model.eval()
 
 
+def _state_dict_mismatch(model: nn.Module, state: dict[str, Any], show: int = 4) -> str:
+    """What differs between the model's state dict and ``state`` (missing / unexpected keys, shapes), named: the
+    first few of each and their count, plus a hint when the keys differ by a prefix only; '' when they fit."""
+    own = model.state_dict()
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:show]) + (f", ... ({len(keys)} in all)" if len(keys) > show else "")
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in state and isinstance(state[k], Tensor) and state[k].shape != own[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {names(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {names(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) (file vs model): {names(shapes)}")
+    if missing and unexpected:
+        prefix = os.path.commonprefix(unexpected)
+        prefix = prefix[: prefix.rfind(".") + 1]
+        if prefix and all(k.removeprefix(prefix) in own for k in unexpected):
+            parts.append(f"the file's keys carry the prefix {prefix!r} (a wrapper such as DataParallel): save "
+                         "the inner model's state_dict()")
+    return "; ".join(parts)
+
+
 def _check_exported_eval_mode(model: nn.Module, spec: str) -> None:
     """Refuse a program exported in training mode (dropout active, batch norm on batch statistics)."""
-    for node in model.graph.nodes:  # type: ignore[union-attr]
-        if node.op != "call_function":
-            continue
-        name = str(node.target)
-        training = ("dropout" in name and len(node.args) > 2 and node.args[2] is True) or (
-            "batch_norm" in name and "no_training" not in name and len(node.args) > 5 and node.args[5] is True)
-        if training:
-            raise CLIError(f"{spec} was exported in training mode ({name} with training=True): call model.eval() "
-                           "before torch.export.export and export it again", EXIT_MODEL)
+    name = exported_training_op(model)
+    if name is not None:
+        raise CLIError(f"{spec} was exported in training mode ({name} with training=True): call model.eval() "
+                       "before torch.export.export and export it again", EXIT_MODEL)
 
 
 def check_model_accepts(model: nn.Module, x: Tensor, device: str) -> Tensor:

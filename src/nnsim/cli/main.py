@@ -13,6 +13,7 @@ import pkgutil
 import re
 import runpy
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -26,9 +27,11 @@ from torch import nn
 
 from .. import distributed as nd
 from .. import outputs
+from .._files import atomic_path, write_atomic
 from ..errors import InputError, ModelError, ResultTooLargeError
 from ..index import FeatureIndex
 from ..similarity import Similarity
+from .analysis import nonzero_gradients
 from .loading import (
     EXIT_INPUT,
     EXIT_INTERNAL,
@@ -38,6 +41,7 @@ from .loading import (
     EXIT_USAGE,
     CLIError,
     Data,
+    _is_factory_spec,
     check_model_accepts,
     load_data,
     load_model,
@@ -78,11 +82,11 @@ def error(message: str, every_rank: bool = False) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Every file the command writes (besides the library's own writers) goes through here: rank 0 only."""
+    """Every file the command writes (besides the library's own writers) goes through here: rank 0 only,
+    atomically (a temporary file renamed onto ``path``, so an interrupted run never leaves half a file)."""
     if not _main_process():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, text)
 
 
 def _together() -> nd.together:
@@ -103,6 +107,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, metavar="M",
                    help="a torch.export program file (.pt2), or package.module:factory (with --weights)")
     g.add_argument("--weights", metavar="FILE", help="state-dict file (torch.save) for a model factory")
+    g.add_argument("--random-init", action="store_true",
+                   help="analyse a model factory's model at its random initialisation, on purpose (no --weights)")
     g.add_argument("--output", default="flatten", metavar="SPEC",
                    help="what is analysed: flatten (default: the model output), logits[:CLASS|:predicted], "
                         "posnegflat[:CLASS] (the authors' scalar log-softmax score; default class: predicted), "
@@ -155,11 +161,81 @@ def _parse_output(spec: str) -> Any:
 
 def _model_and_sim(args: argparse.Namespace, data: Data) -> tuple[nn.Module, Similarity]:
     say(f"loading model {args.model}")
-    model = load_model(args.model, args.weights, args.device)
-    check_model_accepts(model, data.x, args.device)
-    sim = Similarity(model, output=_parse_output(args.output), params=args.params, metric=args.metric,
+    model = load_model(args.model, args.weights, args.device, random_init=args.random_init)
+    probe = check_model_accepts(model, data.x, args.device)
+    args.model_outputs = int(probe[0].numel())  # values per sample of the model's output (classes of a classifier)
+    output = _parse_output(args.output)
+    _, _, target = args.output.partition(":")
+    if target.isdigit() and int(target) >= args.model_outputs:
+        raise CLIError(f"--output {args.output}: the model has {args.model_outputs} outputs per sample (classes 0.."
+                       f"{args.model_outputs - 1})", EXIT_USAGE)
+    sim = Similarity(model, output=output, params=args.params, metric=args.metric,
                      backend=args.backend, chunk_size=args.chunk_size, progress=not _QUIET and _main_process())
     return model, sim
+
+
+def _check_labels(args: argparse.Namespace, data: Data) -> None:
+    """Labels must be class indices of the model's output: refused, not silently analysed otherwise."""
+    c = args.model_outputs
+    if data.y is not None and c > 1 and int(data.y.max()) >= c:
+        top = int(data.y.max())
+        bad = torch.nonzero(data.y >= c).flatten().tolist()
+        raise CLIError(f"{args.data}: labels go up to {top} but the model has {c} outputs (classes 0..{c - 1}); "
+                       f"{len(bad)} samples (e.g. {bad[:5]}) have a label outside them. Pass the model's class "
+                       "indices as labels (check --labels / --y-key, and that an IDX label file is the one of these "
+                       "images)")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The options on their own, before any file is read: one line and exit 2 for each nonsense value, and the
+    output path checked for writing (before the work, not after it)."""
+    positive = {"k": "-k", "dim": "--dim", "chunk_size": "--chunk-size"}
+    for key, flag in positive.items():
+        v = getattr(args, key, None)
+        if v is not None and v < 1:
+            raise CLIError(f"{flag} must be a positive integer, got {v}", EXIT_USAGE)
+    numbers = (("threshold", "--threshold", "a finite number", lambda v: True),
+               ("power", "--power", "a positive number", lambda v: v > 0),
+               ("noise_std", "--noise-std", "a number >= 0", lambda v: v >= 0))
+    for key, flag, need, ok in numbers:
+        v = getattr(args, key, None)
+        if v is not None and not (np.isfinite(v) and ok(v)):
+            raise CLIError(f"{flag} must be {need}, got {v}", EXIT_USAGE)
+    if getattr(args, "metric", None) == "fisher" and args.command in ("analyze", "denoise"):
+        raise CLIError(f"nnsim {args.command} computes the denoising statistics, which are derived for a squared "
+                       "loss on the outputs: use --metric euclidean (density, neighbors and index take --metric "
+                       "fisher)", EXIT_USAGE)
+    if getattr(args, "model", None) is not None:
+        factory = _is_factory_spec(args.model)
+        if args.random_init and (args.weights is not None or not factory):
+            raise CLIError("--random-init goes with a model factory 'package.module:factory' and no --weights",
+                           EXIT_USAGE)
+    out = getattr(args, "out", None)
+    if out is not None and args.command in ("analyze", "demo"):
+        check_writable(Path(out), folder=True)
+    elif out is not None:
+        check_writable(Path(out), folder=False)
+
+
+def check_writable(path: Path, folder: bool) -> None:
+    """``--out`` can be written: a folder (``analyze``, ``demo``) or a file, its nearest existing parent a
+    writable folder (tried by creating a temporary file in it). Raises :class:`CLIError` (exit 2)."""
+    if folder and path.exists() and not path.is_dir():
+        raise CLIError(f"--out {path} is a file; this command writes a folder of results: name a new or existing "
+                       "folder", EXIT_USAGE)
+    if not folder and path.is_dir():
+        raise CLIError(f"--out {path} is a folder; name the file to write, e.g. {path / 'out.csv'}", EXIT_USAGE)
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"--out {path}: {parent} is a file, not a folder", EXIT_USAGE)
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise CLIError(f"--out {path}: cannot write in {parent} ({e.strerror or type(e).__name__}); choose a "
+                       "writable place", EXIT_USAGE) from e
 
 
 def _data(args: argparse.Namespace) -> Data:
@@ -193,8 +269,7 @@ def _queries(spec: str, data: Data, args: argparse.Namespace) -> tuple[torch.Ten
 def _csv(path: Path, header: Sequence[str], rows: Any) -> None:
     if not _main_process():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         w.writerows(rows)
@@ -214,7 +289,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     with _together():
         data = _data(args)
+        if len(data) < 2:
+            raise CLIError(f"{args.data}: analyze needs at least 2 samples (neighbours of each sample among the "
+                           f"others), the data has {len(data)}")
+        if args.k > len(data) - 1:
+            raise CLIError(f"-k {args.k} is more than the {len(data) - 1} other samples of the {len(data)}; use -k "
+                           f"{len(data) - 1} or fewer", EXIT_USAGE)
         model, sim = _model_and_sim(args, data)
+        _check_labels(args, data)
+        _check_class_names(args, data)
     t0 = time.perf_counter()
     result = run_analysis(sim, model, data.x, data.y, k=args.k, exact_denoising=args.exact_denoising,
                           dim=args.dim, device=args.device, log=say)
@@ -229,6 +312,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_class_names(args: argparse.Namespace, data: Data) -> None:
+    if not getattr(args, "class_names", None):
+        return
+    names = args.class_names.split(",")
+    classes = args.model_outputs if args.model_outputs > 1 else (None if data.y is None else int(data.y.max()) + 1)
+    if classes is not None and len(names) != classes:
+        raise CLIError(f"--class-names has {len(names)} names but there are {classes} classes; give one name per "
+                       "class, in class order, separated by commas", EXIT_USAGE)
+
+
 def _write_outputs(out: Path, data: Data, result: Any, args: argparse.Namespace, title: str, subtitle: str) -> None:
     """The files of ``analyze`` / ``demo`` (on rank 0 only under torchrun; call it inside :func:`_together`)."""
     from ..report import write_report
@@ -236,6 +329,9 @@ def _write_outputs(out: Path, data: Data, result: Any, args: argparse.Namespace,
     if not _main_process():
         return
     out.mkdir(parents=True, exist_ok=True)
+    # summary.json is the completion marker: removed first, written last with "complete": true, so a folder
+    # with an old summary.json next to half-rewritten files cannot pass for a finished analysis.
+    (out / "summary.json").unlink(missing_ok=True)
     cols = result.columns
     names = list(cols)
     k = result.neighbor_index.shape[1]
@@ -246,12 +342,12 @@ def _write_outputs(out: Path, data: Data, result: Any, args: argparse.Namespace,
          ([i, r + 1, int(result.neighbor_index[i, r]), repr(float(result.neighbor_similarity[i, r]))]
           for i in range(len(data)) for r in range(k)))
     summary = {**result.summary, "timings_s": result.timings}
-    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     class_names = args.class_names.split(",") if getattr(args, "class_names", None) else None
     say("writing the report")
     write_report(out / "report.html", x=data.x.numpy(), columns=cols, neighbor_index=result.neighbor_index,
                  neighbor_similarity=result.neighbor_similarity, summary=summary, title=title, subtitle=subtitle,
                  class_names=class_names, figures_dir=out / "figures")
+    write_text(out / "summary.json", json.dumps({**summary, "complete": True}, indent=2) + "\n")
 
 
 def cmd_density(args: argparse.Namespace) -> int:
@@ -259,8 +355,9 @@ def cmd_density(args: argparse.Namespace) -> int:
         data = _data(args)
         _, sim = _model_and_sim(args, data)
         ref = None if args.reference is None else load_data(args.reference, None, None, args.x_key, None).x
-    dens = sim.density(data.x, ref, method=args.method, normalized=not args.unnormalized, threshold=args.threshold,
-                       power=args.power, include_self=not args.exclude_self)
+    dens = nonzero_gradients(lambda: sim.density(data.x, ref, method=args.method, normalized=not args.unnormalized,
+                                                 threshold=args.threshold, power=args.power,
+                                                 include_self=not args.exclude_self))
     with _together():
         _csv(Path(args.out), ["index", "density"], ([i, repr(float(v))] for i, v in enumerate(dens)))
     say(f"density: min {dens.min():.3f}, median {dens.median():.3f}, max {dens.max():.3f}; wrote {args.out}")
@@ -275,7 +372,14 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         k = args.k + (1 if args.exclude_self and qidx is not None else 0)
         if k > len(data):
             raise CLIError(f"-k {args.k} is more than the {len(data)} samples")
-    vals, idx = sim.neighbors(q, data.x, k=k)
+    found: dict[str, torch.Tensor] = {}
+
+    def search() -> torch.Tensor:
+        found["vals"], found["idx"] = sim.neighbors(q, data.x, k=k)
+        return found["vals"].flatten()  # all NaN: every gradient (queries or data) is zero
+
+    nonzero_gradients(search)
+    vals, idx = found["vals"], found["idx"]
     with _together():
         rows = []
         for r in range(len(q)):
@@ -298,17 +402,28 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         if args.targets == "labels":
             if data.y is None:
                 raise CLIError("--targets labels needs labels (an .npz with y, or --labels)", EXIT_USAGE)
+            _check_labels(args, data)
             targets = torch.nn.functional.one_hot(data.y).float()
-    try:
-        report = sim.denoising(data.x, predictions=targets, noise_std=args.noise_std, approximate=args.approximate,
-                               dim=args.dim)
-    except InputError as e:
-        if targets is not None and "columns" in str(e):
-            raise CLIError(f"--targets labels: {e} (one-hot labels need an output with one value per class)") from e
-        raise
+    # The library's per-sample warnings are held until it is known that not every gradient is zero.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = sim.denoising(data.x, predictions=targets, noise_std=args.noise_std,
+                                   approximate=args.approximate, dim=args.dim)
+        except InputError as e:
+            if targets is not None and "columns" in str(e):
+                raise CLIError(f"--targets labels: {e} (one-hot labels need an output with one value per "
+                               "class)") from e
+            raise
+    if bool(report.ill_conditioned.all()) and not bool(report.factor.abs().gt(0).any()):
+        # R_i = sum_j K_ij is zero for every sample: all gradients are zero (the factors would be written as inf)
+        nonzero_gradients(lambda: torch.full((len(report.factor),), float("nan")))
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with _together():
         if _main_process():
-            report.to_csv(args.out)
+            with atomic_path(Path(args.out)) as tmp:
+                report.to_csv(tmp)
     eff = report.effective_neighbors
     say(f"effective neighbours: median {eff.median():.2f} (min {eff.min():.2f}, max {eff.max():.2f}); "
         f"wrote {args.out}")
@@ -544,6 +659,24 @@ def _exit_code(e: Exception) -> tuple[int, str]:
     return EXIT_INTERNAL, f"{type(e).__name__}: {e}"
 
 
+def _in_cli_terms(message: str) -> str:
+    """The index's Python-API advice ("overwrite=True", "nnsim.FeatureIndex.build(...)") in command-line terms."""
+    message = re.sub(r"(nnsim\.)?FeatureIndex\.build\([^)]*\)",
+                     "nnsim index build (with the same --model, --data, --index, --dim and --seed)", message)
+    message = re.sub(r"(nnsim\.)?FeatureIndex\.open\([^)]*\)", "nnsim index query", message)
+    message = re.sub(r"\boverwrite=True\b", "--overwrite", message)
+    for python, cli in _API_TO_CLI:
+        message = message.replace(python, cli)
+    return message
+
+
+#: Library advice (Python arguments) -> the command line's flags, for errors shown by the CLI.
+_API_TO_CLI = [("use metric='euclidean'", "use --metric euclidean"), ("pass params=...", "pass --params PATTERN"),
+               ("use normalized=True", "drop --unnormalized"), ("include_self=False needs reference=None",
+                                                                 "--exclude-self needs no --reference"),
+               ("check --params / params=", "check --params")]
+
+
 #: nnsim.distributed.together's message on the ranks that did not fail themselves.
 _OTHER_RANK_FAILED = re.compile(r"rank \d+ failed: ")
 
@@ -551,6 +684,9 @@ _OTHER_RANK_FAILED = re.compile(r"rank \d+ failed: ")
 def _run(args: argparse.Namespace, debug: bool) -> int:
     own = True
     try:
+        if args.command != "reproduce":
+            with _together():  # under torchrun: a failure on one rank fails every rank, before any collective
+                _check_args(args)
         code, message = int(args.func(args)), ""
     except KeyboardInterrupt:
         # Not negotiated: the launcher stops every rank (torchrun forwards the signal).
@@ -562,6 +698,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
                 print(f"nnsim: rank {_COMM.rank}:", file=sys.stderr, flush=True)
             traceback.print_exc()
         code, message = _exit_code(e)
+        message = _in_cli_terms(message)
         if not debug and code == EXIT_INTERNAL:
             message += " (rerun with --debug for the traceback)"
         # A rank that only learnt that another rank failed defers to that rank's own error and exit code.

@@ -39,6 +39,19 @@ class DenoisingReport:
     ill_conditioned: Tensor
     approximate: bool = False
 
+    def __repr__(self) -> str:
+        """Shapes and medians, not the tensors (N can be large)."""
+        n, d = len(self.factor), self.factor_matrix.shape[-1]
+
+        def med(t: Tensor) -> str:
+            finite = t[torch.isfinite(t)]
+            return f"{float(finite.double().median()):.4g}" if len(finite) else "nan"
+
+        noise = "" if self.predicted_error is None else f", predicted_error median {med(self.predicted_error)}"
+        return (f"DenoisingReport(N={n}, d={d}, approximate={self.approximate}, factor_matrix [{n}, {d}, {d}], "
+                f"effective_neighbors median {med(self.effective_neighbors)}, consistency median "
+                f"{med(self.consistency)}{noise}, ill_conditioned {int(self.ill_conditioned.sum())})")
+
     def to_dict(self) -> dict[str, Tensor]:
         """A plain dict of tensors (no pandas)."""
         return {f.name: getattr(self, f.name) for f in fields(self)

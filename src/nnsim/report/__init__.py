@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .._files import write_atomic
+
 __all__ = ["write_report", "is_image_data"]
 
 GALLERY = 16  # samples per gallery
@@ -25,6 +27,22 @@ SELECTED = 3  # neighbour rows per group (isolated, crowded, mislabelled)
 BINS = 8  # density bins with examples
 PER_BIN = 6
 MAX_EMBEDDED = 5000  # embed every sample (clickable everywhere) up to this many
+
+#: Per-sample scores side by side in the report: (column, what it is, sign: +1 when higher = more likely
+#: mislabelled, -1 when lower = more likely). nnsim's own first, then the baselines that need no eNTK.
+SCORES = [
+    ("mislabel_score", "nnsim: (1 − neighbour label agreement) + label consistency / √2", 1),
+    ("neighbor_label_agreement", "nnsim: share of the k nearest neighbours (network's similarity) with the same "
+                                 "label", -1),
+    ("label_consistency", "nnsim: distance of the label to the kernel-weighted average of all labels", 1),
+    ("loss", "baseline: the model's cross-entropy loss on the given label", 1),
+    ("input_knn_disagreement", "baseline: share of the k nearest neighbours in input space (Euclidean) with "
+                               "another label", 1),
+    ("self_confidence", "baseline: cleanlab's self-confidence, the predicted probability of the given label", -1),
+]
+TABLE_COLUMNS = ["index", "label", "prediction", "density", "effective_neighbors", "label_consistency",
+                 "prediction_consistency", "neighbor_label_agreement", "mislabel_score", "loss",
+                 "input_knn_disagreement", "self_confidence"]
 
 
 def _matplotlib() -> Any:
@@ -189,7 +207,7 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
         fdir = Path(figures_dir)
         fdir.mkdir(parents=True, exist_ok=True)
         for name, png in figs.items():
-            (fdir / f"{name}.png").write_bytes(png)
+            write_atomic(fdir / f"{name}.png", png)
 
     # Density bins with examples (evenly spaced through each bin's samples).
     bin_edges = np.quantile(density[finite], np.linspace(0, 1, BINS + 1)) if len(finite) else np.zeros(BINS + 1)
@@ -223,19 +241,24 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
         "MISLABELLED": "".join(tile(int(i), f"score {columns['mislabel_score'][i]:.2f}") for i in mis)
         if mis is not None else "",
     }
+    baselines, differ = _baselines(columns, summary, tile)
     # Embedded data: every sample when the data set is small, else those drawn and their neighbours.
     if n <= MAX_EMBEDDED:
         embed = set(range(n))
     else:
         embed = set(drawn) | {int(j) for i in drawn for j in neighbor_index[i] if j >= 0}
     data = {
-        "class_names": list(class_names) if class_names is not None else None,
+        "n": n, "class_names": list(class_names) if class_names is not None else None,
         "samples": {str(i): sample_info(i) for i in sorted(embed)},
         "neighbors": {str(i): {"index": [int(j) for j in neighbor_index[i] if j >= 0],
                                "similarity": [float(s) for j, s in zip(neighbor_index[i], neighbor_similarity[i])
                                               if j >= 0]}
                       for i in sorted(embed)},
     }
+    table = {"columns": [c for c in TABLE_COLUMNS if c in columns]}
+    table["rows"] = [[_num(columns[c][i]) for c in table["columns"]] for i in sorted(embed)]
+    data["table"] = table
+    data["class_matrix"] = _class_matrix(label, neighbor_index)
     mis_note = ("Ranked by the mislabel score: (1 \u2212 share of the nearest neighbours with the same label) + "
                 "label consistency / \u221a2, where label consistency is |onehot(y\u1d62) \u2212 \u03a3\u2c7c "
                 "W\u1d62\u2c7c onehot(y\u2c7c)|, the distance between a sample's label and the kernel-weighted "
@@ -245,16 +268,95 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
         "DENSITY_FIG": _data_uri(figs["density"]), "DENSITY_BINS": "".join(rows),
         **galleries, "K": str(neighbor_index.shape[1]), "NEIGHBOR_ROWS": "".join(nn_rows),
         "DENOISING_NOTE": html.escape(_denoising_note(summary)), "DENOISING_FIG": _data_uri(figs["denoising"]),
-        "MISLABEL_NOTE": html.escape(mis_note),
+        "MISLABEL_NOTE": html.escape(mis_note), "BASELINES": baselines, "DIFFER": differ,
+        "CLASS_OPTIONS": _class_options(label if label is not None else pred, class_names),
         "DATA": json.dumps(data, separators=(",", ":")).replace("</", "<\\/"),
     }
     page = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
     for key, value in fill.items():
         page = page.replace("{{" + key + "}}", value)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_atomic(path, page)
+
+
+def _num(v: Any) -> float | int | bool | None:
+    """A table cell: ints and bools as they are, floats to 4 significant digits, NaN as None (JSON null)."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    v = float(v)
+    return float(f"{v:.4g}") if np.isfinite(v) else None
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for ``positive`` (ties count one half): Mann-Whitney U / (n+ n-)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _baselines(columns: dict[str, np.ndarray], summary: dict[str, Any], tile: Any) -> tuple[str, str]:
+    """The table of nnsim's scores next to the baselines (AUROC against known mislabels when the summary has
+    them, overlap of each one's top list with nnsim's), and the gallery of samples the network flags while
+    their input-space neighbours agree with their label."""
+    if "mislabel_score" not in columns:
+        return "<p class=\"note\">No labels were given: no mislabel scores to compare.</p>", ""
+    n = len(columns["mislabel_score"])
+    truth = columns.get("known_mislabelled")
+    top = min(n, int(truth.sum()) if truth is not None and truth.any() else 32)
+
+    def ranked(key: str, sign: int) -> np.ndarray:
+        v = sign * np.asarray(columns[key], dtype=float)
+        return np.argsort(-np.where(np.isfinite(v), v, -np.inf), kind="stable")
+
+    ours = set(ranked("mislabel_score", 1)[:top].tolist())
+    head = ("<tr><th>score</th><th>what it is</th>" + (f"<th>AUROC for the {int(truth.sum())} known mislabels</th>"
+                                                         if truth is not None else "")
+            + f"<th>top {top}: shared with nnsim's mislabel score</th></tr>")
+    body = []
+    for key, text, sign in SCORES:
+        if key not in columns:
+            continue
+        cells = f"<td><code>{key}</code></td><td>{html.escape(text)}</td>"
+        if truth is not None:
+            v = sign * np.asarray(columns[key], dtype=float)
+            cells += f"<td class=\"num\">{_auroc(np.nan_to_num(v, nan=-np.inf), truth.astype(bool)):.4f}</td>"
+        cells += f"<td class=\"num\">{len(ours & set(ranked(key, sign)[:top].tolist()))} / {top}</td>"
+        body.append(f'<tr data-score="{key}">{cells}</tr>')
+    table = f'<table id="baseline-table">{head}{"".join(body)}</table>'
+    differ = ""
+    if "input_knn_disagreement" in columns:
+        knn = np.asarray(columns["input_knn_disagreement"], dtype=float)
+        picked = [i for i in ranked("mislabel_score", 1)[: max(2 * top, 64)] if knn[i] <= 0.5][:GALLERY]
+        differ = "".join(tile(int(i), f"input kNN {knn[i]:.1f}") for i in picked)
+    return table, differ
+
+
+def _class_matrix(label: np.ndarray | None, neighbor_index: np.ndarray) -> dict[str, Any] | None:
+    """[C, C] share of the network's k nearest neighbours of the samples labelled a (row) that are labelled b."""
+    if label is None:
+        return None
+    lab = np.asarray(label, dtype=int)
+    c = int(lab.max()) + 1
+    counts = np.zeros((c, c))
+    valid = neighbor_index >= 0
+    rows = np.repeat(lab, neighbor_index.shape[1]).reshape(neighbor_index.shape)[valid]
+    np.add.at(counts, (rows, lab[neighbor_index[valid]]), 1)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    return {"share": [[round(float(v), 4) for v in row] for row in share], "samples": np.bincount(lab, minlength=c)
+            .tolist()}
+
+
+def _class_options(classes: np.ndarray | None, class_names: Sequence[str] | None) -> str:
+    if classes is None:
+        return ""
+    present = sorted({int(c) for c in np.asarray(classes)})
+    def name(c: int) -> str:
+        return class_names[c] if class_names is not None and c < len(class_names) else str(c)
+
+    return "".join(f'<option value="{c}">{html.escape(name(c))}</option>' for c in present)
 
 
 def _label_text(info: dict[str, Any], class_names: Sequence[str] | None) -> tuple[str, bool]:
