@@ -191,12 +191,12 @@ def test_public_hooks_of_similarity(metric):
 
 # ---------------------------------------------------------------------------------------------- the CLI
 def test_cli_index_query_refuses_changed_data_even_without_reranking(tmp_path, capsys):
-    from nnsim.cli.demo import digits_cnn
+    from nnsim.cli.demo import CANVAS, digits_cnn
     from nnsim.cli.main import main
 
     torch.manual_seed(0)
     torch.save(digits_cnn().state_dict(), tmp_path / "w.pt")
-    x = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(30, 1, CANVAS, CANVAS, generator=torch.Generator().manual_seed(0))
     np.savez(tmp_path / "data.npz", x=x.numpy())
     common = ["--model", "nnsim.cli.demo:digits_cnn", "--weights", str(tmp_path / "w.pt"), "--quiet"]
     idx = str(tmp_path / "idx")
