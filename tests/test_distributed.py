@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import nnsim
 from nnsim import distributed as nd
 from nnsim.index import FeatureIndex
-from nnsim.index import feature_index as fi
+from nnsim.index import features as fi
 
 torch.set_num_threads(1)
 
@@ -163,17 +163,20 @@ def _checks(rank: int, world: int, path: str) -> dict:
 
 
 class _Dying(Dataset):
-    """The data, except that rank 1 of a build dies (os._exit) when it starts reading the row ``die_at``."""
+    """The data, except that rank 1 of a build dies (os._exit) when it starts computing the row ``die_at``
+    (its second read: every rank first reads the centre's reference rows)."""
 
     def __init__(self, x: torch.Tensor, die_at: int | None) -> None:
-        self.x, self.die_at = x, die_at
+        self.x, self.die_at, self.reads = x, die_at, 0
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if i == self.die_at and dist.is_initialized() and dist.get_rank() == 1:
-            os._exit(17)
+            self.reads += 1
+            if self.reads == 2:
+                os._exit(17)
         return self.x[i]
 
 
@@ -302,6 +305,9 @@ def test_same_results_as_one_process(reference, runs, world):
     assert want["nn_self"][1][3, :2].tolist() == [20, 30] and want["nn_self"][1][30, :2].tolist() == [3, 20]
     # One store, byte for byte the single-process one, with no leftover published entries.
     np.testing.assert_array_equal(_stored(out / "store"), _stored(reference["store"]))
+    # The data digest (per shard, combined in order) does not depend on the number of processes.
+    digests = [json.loads((p / "manifest.json").read_text())["data"] for p in (out / "store", reference["store"])]
+    assert digests[0] == digests[1] and len(digests[0]["sha256"]) == 64
     assert [p.name for p in (out / "store").iterdir() if not p.name.endswith(".npy")] == ["manifest.json"]
 
 

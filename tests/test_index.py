@@ -13,12 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 import nnsim
-from nnsim.index import DEFAULT_DIM, FeatureIndex, StoreError, model_fingerprint
-from nnsim.index import feature_index as fi
+from nnsim.index import DEFAULT_DIM, FeatureIndex, StoreError, model_fingerprint, sketch
+from nnsim.index import features as fi
 
 torch.set_num_threads(1)
 
-EXACT_DIM = 128  # every layer of _mlp() has at most 72 parameters per output: features are exact
+EXACT_DIM = 512  # d P = 3 x 155 = 465 <= 512: the rows are the kernel-corrected gradients themselves
 PROJ_DIM = 32  # the 8x8 layer (72 parameters) and the 6->8 layer (56) are projected
 
 
@@ -60,16 +60,19 @@ def _flip_byte(path, offset: int = -5) -> None:
 
 
 class Flaky(Dataset):
-    """A dataset that fails when reading sample ``fail_at`` while armed (an interrupted build)."""
+    """A dataset that fails when reading sample ``fail_at`` while armed (an interrupted build), after letting
+    ``passes`` reads of it through (the build reads its centre's reference rows first)."""
 
-    def __init__(self, x: torch.Tensor, fail_at: int | None) -> None:
-        self.x, self.fail_at = x, fail_at
+    def __init__(self, x: torch.Tensor, fail_at: int | None, passes: int = 1) -> None:
+        self.x, self.fail_at, self.passes = x, fail_at, passes
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.fail_at is not None and i == self.fail_at:
+            self.passes -= 1
+        if self.fail_at is not None and i == self.fail_at and self.passes < 0:
             raise RuntimeError("interrupted")
         return self.x[i]
 
@@ -90,26 +93,32 @@ class Stream(IterableDataset):
 # ---------------------------------------------------------------------------------------------- the store
 def test_manifest_shards_and_checksums(tmp_path):
     sim, x = _sim(), _data()
-    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=PROJ_DIM, seed=3, shard_size=16)
+    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=PROJ_DIM, seed=3, shard_size=16, dtype="float32")
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert m["format"] == "nnsim.FeatureIndex" and m["version"] == 1 and m["complete"] is True
+    assert m["format"] == "nnsim.FeatureIndex" and m["version"] == 2 and m["complete"] is True
     cfg = m["config"]
     assert cfg["model_fingerprint"] == model_fingerprint(sim)
     assert cfg["params"] == list(sim.params) and cfg["output"] == "nnsim.outputs.flatten"
     assert (cfg["metric"], cfg["seed"], cfg["dim"], cfg["dtype"], cfg["n"], cfg["shard_size"]) == (
         "euclidean", 3, PROJ_DIM, "float32", 40, 16)
-    feats = sim.features(x, PROJ_DIM, seed=3)  # [N, d, k]
-    assert m["layout"] == {"width": feats.shape[1] * feats.shape[2], "d": 3, "d_eff": 3}
-    assert [(e["start"], e["stop"]) for e in m["shards"]] == [(0, 16), (16, 32), (32, 40)]
+    assert {k: m["layout"][k] for k in ("width", "d", "d_eff", "sketch", "exact", "centre_rows")} == {
+        "width": PROJ_DIM + 1, "d": 3, "d_eff": 3, "sketch": PROJ_DIM, "exact": False, "centre_rows": 40}
     for e in m["shards"]:
         path = tmp_path / "s" / e["file"]
         assert e["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert np.load(path).shape == (e["stop"] - e["start"], m["layout"]["width"])
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
         "manifest.json", "shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]  # no temporary files left
-    # Pre-divided by sqrt(d): a plain dot product is the similarity estimate.
-    expected = (feats.flatten(1) / 3**0.5).numpy()
-    np.testing.assert_allclose(_stored(tmp_path / "s"), expected, rtol=1e-6, atol=1e-7)
+    # The last column is <u(x), c>, c the mean of the reference rows (here all 40): the mean similarity.
+    stored = _stored(tmp_path / "s")
+    np.testing.assert_allclose(stored[:, -1], sim.similarity(x).mean(1).numpy(), rtol=1e-6, atol=1e-7)
+    # The stored centre is the mean sketch row.
+    np.testing.assert_allclose(m["layout"]["centre"], stored[:, :-1].mean(0), rtol=1e-5, atol=1e-6)
+    # With d P <= dim the rows are the kernel-corrected gradients: their Gram is the exact similarity.
+    exact = FeatureIndex.build(sim, x, tmp_path / "e", dim=EXACT_DIM, shard_size=16, dtype="float32")
+    assert exact.manifest["layout"]["exact"] and exact.width == 3 * 155 + 1
+    u = _stored(tmp_path / "e")[:, :-1].astype(np.float64)
+    np.testing.assert_allclose(u @ u.T, sim.similarity(x).numpy(), rtol=0, atol=1e-6)
     assert len(index) == 40 and index.width == m["layout"]["width"]
 
 
@@ -129,8 +138,9 @@ def test_fingerprint_covers_parameters_and_buffers():
 
 def test_float16_store_halves_the_size(tmp_path):
     sim, x = _sim(), _data()
-    full = FeatureIndex.build(sim, x, tmp_path / "f32", dim=EXACT_DIM)
-    half = FeatureIndex.build(sim, x, tmp_path / "f16", dim=EXACT_DIM, dtype="float16")
+    full = FeatureIndex.build(sim, x, tmp_path / "f32", dim=EXACT_DIM, dtype="float32")
+    half = FeatureIndex.build(sim, x, tmp_path / "f16", dim=EXACT_DIM)  # the default
+    assert half.dtype == "float16"
     size = {p: sum(f.stat().st_size for f in (tmp_path / p).glob("shard-*.npy")) for p in ("f32", "f16")}
     assert size["f16"] < 0.55 * size["f32"]
     a, b = _stored(tmp_path / "f32"), _stored(tmp_path / "f16")
@@ -232,7 +242,7 @@ def _other_model_sim():
 def test_build_refuses_a_store_built_differently(tmp_path, change, expected):
     x = _data()
     path = tmp_path / "s"
-    FeatureIndex.build(_sim(), x, path, dim=PROJ_DIM, shard_size=16)
+    FeatureIndex.build(_sim(), x, path, dim=PROJ_DIM, shard_size=16, dtype="float32")
     sim = change["sim"]() if "sim" in change else _sim()
     data = x[: change.get("n", 40)].clone()
     if change.get("first"):
@@ -313,7 +323,7 @@ def test_projection_change_is_detected(tmp_path):
 def test_search_equals_exact_neighbours_when_the_projection_is_exact(tmp_path, metric):
     sim, x = _sim(metric=metric), _data()
     q = _data(7, seed=5)
-    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=EXACT_DIM, shard_size=16)
+    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=EXACT_DIM, shard_size=16, dtype="float32")
     ev, ei = sim.neighbors(q, x, 6)
     v, i = index.search(q, k=6, backend="torch")  # projected estimates = exact here (float32 store)
     assert torch.equal(i, ei) and v.dtype == torch.float64
@@ -351,10 +361,15 @@ def test_projected_search_returns_estimates_and_reranking_returns_exact_values(t
     v, i = index.search(q, k=5, candidates=12, data=x)
     torch.testing.assert_close(v, exact.gather(1, i), atol=1e-12, rtol=0)
     assert (v[:, :-1] >= v[:, 1:]).all()
-    fq = sim.features(q, PROJ_DIM).flatten(1) / 3**0.5
+    # Estimates: [S u(q) - S c, 1] . [S u(x), <u(x), c>], with the store's sketch S and centre S c.
+    factors, _ = sim.corrected_factors((q,))
+    centre = torch.tensor(index.manifest["layout"]["centre"], dtype=torch.float64)
+    fq = torch.cat([sketch.sketch(factors, PROJ_DIM, 0) / 3**0.5 - centre, torch.ones(10, 1)], 1)
     fx = torch.from_numpy(_stored(tmp_path / "s")).double()
     pv, pi = index.search(q, k=5)
-    torch.testing.assert_close(pv, (fq.float().double() @ fx.T).gather(1, pi), atol=1e-5, rtol=0)
+    scores = fq.float().double() @ fx.T
+    torch.testing.assert_close(pv, scores.gather(1, pi), atol=1e-5, rtol=0)
+    assert torch.equal(pi, scores.topk(5, dim=1).indices)
     with_rerank = index.recall(q, x, k=5, candidates=12)
     without = index.recall(q, x, k=5, rerank=False)
     assert 0 <= without <= with_rerank <= 1
@@ -383,7 +398,7 @@ def test_zero_gradient_samples(tmp_path):
 def test_faiss_backend_matches_torch(tmp_path):
     sim, x = _sim(), _data()
     index = FeatureIndex.build(sim, x, tmp_path / "s", dim=PROJ_DIM, shard_size=16)
-    if fi._faiss() is None:
+    if nnsim.index.search.faiss_module() is None:
         with pytest.raises(nnsim.InputError, match="pip install faiss-cpu"):
             index.search(x[:3], k=3, backend="faiss")
         pytest.skip("faiss is not installed")
@@ -399,7 +414,7 @@ def test_search_argument_errors(tmp_path):
     index = FeatureIndex.build(sim, x, tmp_path / "s", dim=PROJ_DIM)
     for kw, msg in [({"k": 0}, "k must be"), ({"k": 41}, "k must be"), ({"candidates": 3, "k": 5}, "candidates"),
                     ({"backend": "annoy"}, "backend"), ({"data": x[:30]}, "30 samples"),
-                    ({"data": x + 1}, "first sample differs")]:
+                    ({"data": x + 1}, r"data differ .* rows \[0, 40\)")]:
         with pytest.raises(nnsim.InputError, match=msg):
             index.search(x[:2], **kw)
     with pytest.raises(nnsim.InputError, match="queries samples have"):

@@ -341,6 +341,33 @@ class Similarity:
                 parts.append(project(c.groups[_ALL], dim, seed))
         return torch.cat(parts)
 
+    # Three small public hooks for code that streams its own chunks (nnsim.FeatureIndex): one chunk's
+    # kernel-corrected factors, the chunk size the library would use, and the trace normaliser.
+    def corrected_factors(self, batch: Batch, start: int = 0, name: str = "x") -> tuple[list[Factor], Tensor]:
+        """The kernel-corrected per-sample gradients U(x) = G(x)^T K(x, x)^-1/2 of one chunk, as factors.
+
+        ``batch`` is a tuple of tensors [B, ...] (one chunk; ``start`` its first sample's index, ``name``
+        the argument named in errors). Returns (factors, rank [B]): the factors (``nnsim.factors.Factor``:
+        ``project``, ``dense``, ``batch_grad``, ``inner``) hold U with d columns, so that the Gram of two
+        samples' U is the normalised kernel K~ and tr(K~) / :attr:`d_eff` is their similarity; ``rank`` is
+        the rank of each K(x, x) (0: a zero gradient, U = 0; below :attr:`d_eff`: normalised on its range).
+        """
+        chunk = self._prepare(batch, start, name, None, "similarity", "raw")
+        return chunk.groups[_ALL], chunk.rank[_ALL]
+
+    def chunk_size_for(self, x: Any) -> int:
+        """Samples per chunk for the per-sample factors of ``x`` (``chunk_size`` when set, else measured)."""
+        return self._auto_chunk(as_source(x, "x"), "x", None, "similarity", "raw")
+
+    @property
+    def d_eff(self) -> int:
+        """The rank of a full-rank normalised kernel: d (outputs), or d - 1 with ``metric="fisher"``.
+
+        The scalar similarity is tr(K~) / d_eff. Known after a first computation (raises before)."""
+        if self.d is None:
+            raise InputError("d_eff is known after a first computation (the output dimension is measured)")
+        return self._d_eff
+
     def describe(self) -> dict[str, str]:
         """How each layer is computed by the structured backend (after a first call)."""
         fn = self._factor_fn

@@ -513,6 +513,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
         if len(index) != len(data):
             raise CLIError(f"{args.index} indexes {len(index)} samples but --data has {len(data)}; pass the data the "
                            "index was built from (same --limit)")
+        index.check_data(data.x)  # the data digests, also with --no-rerank
         q, qidx = _queries(args.query, data, args)
         vals, idx = index.search(q, k=args.k, data=None if args.no_rerank else data.x)
         rows = []
@@ -650,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(b)
     _add_data_options(b, labels=False)
     b.add_argument("--index", required=True, metavar="DIR", help="index folder")
-    b.add_argument("--dim", type=int, help="projection dimension per layer (default 1024)")
+    b.add_argument("--dim", type=int, help="numbers per stored row: the sketch width (default 1024)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true", help="replace an index of another configuration")
     _add_common(b)

@@ -16,7 +16,7 @@ listed in the manifest is complete, and its checksum says whether it was altered
 build the ranks do not share the manifest: each publishes a finished shard's entry next to it (atomically,
 after the shard), so that a crashed build leaves every finished shard recorded; a resumed build adopts them.
 
-Nothing here knows about models: :mod:`nnsim.index.feature_index` fills and reads the store.
+Nothing here knows about models: :mod:`nnsim.index.build` fills the store, :mod:`nnsim.index.search` reads it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import numpy as np
 from ..errors import InputError
 
 FORMAT = "nnsim.FeatureIndex"
-VERSION = 1
+VERSION = 2  # 2: per-shard data digests, centred rows (one extra column), sketch projection
 MANIFEST = "manifest.json"
+LOCK = ".nnsim-build.lock"  # see nnsim.index.lock
 _SHARD_RE = re.compile(r"^\.?shard-\d{5,}\.npy(\.tmp)?$")
 _ENTRY_RE = re.compile(r"^\.?shard-(\d{5,})\.json(\.tmp)?$")
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -84,7 +85,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 _REQUIRED = {"format": str, "version": int, "complete": bool, "config": dict, "layout": dict, "shards": list}
 _REQUIRED_CONFIG = ("model_fingerprint", "params", "seed", "dim", "dtype", "n", "shard_size")
-_REQUIRED_LAYOUT = ("width", "d", "d_eff")
+_REQUIRED_LAYOUT = ("width", "d", "d_eff", "sketch")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -104,7 +105,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                          "use another path, or overwrite=True to replace it")
     if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
         raise StoreError(f"{path} has format version {manifest.get('version')!r}; this nnsim reads version "
-                         f"{VERSION} and older: upgrade nnsim or rebuild the store")
+                         f"{VERSION}: upgrade nnsim or rebuild the store")
+    if manifest["version"] < VERSION:
+        raise StoreError(f"{path} has format version {manifest['version']}, written by an older nnsim (it lacks "
+                         f"the data digests and the centred rows of version {VERSION}); rebuild the store with "
+                         "this nnsim (overwrite=True, or `nnsim index build --overwrite`)")
     for key, kind in _REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
             raise StoreError(f"{path} is corrupted: field {key!r} is missing or not a {kind.__name__}; "
@@ -178,7 +183,7 @@ def load_shard(folder: Path, entry: dict[str, Any]) -> np.ndarray:
 
 def is_store_file(name: str) -> bool:
     """Whether a file name is one the store writes (manifest, shards, and their temporary forms)."""
-    return (name in (MANIFEST, MANIFEST + ".tmp") or _SHARD_RE.match(name) is not None
+    return (name in (MANIFEST, MANIFEST + ".tmp", LOCK) or _SHARD_RE.match(name) is not None
             or _ENTRY_RE.match(name) is not None)
 
 
@@ -221,9 +226,10 @@ def remove_entries(folder: Path) -> None:
 
 
 def clear(folder: Path) -> None:
-    """Remove the store's own files (manifest and shards, also temporary ones); leave anything else alone."""
+    """Remove the store's own files (manifest and shards, also temporary ones; not the build lock, which the
+    caller holds); leave anything else alone."""
     for p in folder.iterdir():
-        if p.is_file() and is_store_file(p.name):
+        if p.is_file() and is_store_file(p.name) and p.name != LOCK:
             p.unlink()
 
 
