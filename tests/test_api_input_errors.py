@@ -87,3 +87,21 @@ def test_denoising_report_repr_is_a_summary():
     text = repr(report)
     assert len(text) < 300 and "N=60" in text and "d=3" in text and "tensor(" not in text
     assert f"{float(report.effective_neighbors.median()):.4g}" in text
+
+
+def test_backend_failure_is_not_blamed_on_good_inputs():
+    # torch.func cannot vmap through nn.LSTM's fused kernel; the integer tokens are right for this model, so the
+    # error must name the backend, not tell the user to convert the inputs.
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.rnn, self.head = nn.Embedding(20, 8), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(self.emb(x))[0][:, -1])
+
+    x = torch.randint(0, 20, (4, 5))
+    with pytest.raises(ModelError, match="'functorch' backend failed") as info:
+        nnsim.Similarity(Tagger(), backend="functorch").kernel(x)
+    assert "convert" not in str(info.value)
+    assert torch.isfinite(nnsim.Similarity(Tagger()).kernel(x)).all()  # the default backend handles it

@@ -425,11 +425,23 @@ class Similarity:
             # Before the model has run once, a failure is most likely the inputs: say which and how to fix.
             if self.d is not None or isinstance(e, (InputError, ModelError)):
                 raise
+            if self._forward_runs(batch):  # the inputs suit the model: the gradient computation failed
+                raise ModelError(f"the {self.backend!r} backend failed on this model, whose forward pass runs on "
+                                 f"these inputs: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
+                                 "try backend='structured' (the default) or backend='loop'") from e
             raise input_failure(e, batch, name, self.dtype) from e
         with torch.no_grad():
             chunk = self._normalise_chunk(groups, start, batch[0].shape[0], name, kind, mode)
         chunk.y = y
         return chunk
+
+    def _forward_runs(self, batch: Batch) -> bool:
+        try:
+            with torch.no_grad():
+                self._problem.call(batch)
+        except Exception:
+            return False
+        return True
 
     def _normalise_chunk(self, groups: dict[str, list[Factor]], start: int, size: int, name: str, kind: str,
                          mode: str) -> _Chunk:
