@@ -43,6 +43,7 @@ bench: $(STAMP)
 MUTANTS ?= nnsim.algebra* nnsim.estimators* nnsim.outputs*
 JOBS ?= 1
 mutants: $(STAMP)
+	$(PY) -m pip install -q "mutmut>=3.3"
 	env -u PYTHONPATH nice -n 10 $(VENV)/bin/mutmut run --max-children $(JOBS) $(foreach m,$(MUTANTS),'$(m)')
 	$(VENV)/bin/mutmut results
 
