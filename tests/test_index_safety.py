@@ -208,3 +208,21 @@ def test_cli_index_query_refuses_changed_data_even_without_reranking(tmp_path, c
                      "0", "-k", "3", "--out", str(tmp_path / "q.csv"), *extra])
         assert code != 0 and not (tmp_path / "q.csv").exists()
         assert "rows [0, 30) (30 samples in 1 shard(s)) changed" in capsys.readouterr().err
+
+
+def test_a_freed_tensors_check_is_not_reused_by_new_data(tmp_path, monkeypatch):
+    # CPython reuses ids and the allocator reuses addresses: new data can carry the (id, address, version, shape)
+    # of checked data that were freed. Simulate that reuse: the new data must still be checked.
+    import nnsim.index.feature_index as fi
+
+    monkeypatch.setattr(fi, "_tensor_key", lambda src: ("same identity",) if src.kind == "tensors" else None)
+    sim, x = _sim(), _data()
+    index = FeatureIndex.build(sim, x, tmp_path / "s", dim=DIM, shard_size=16)
+    q = _data(3, seed=7)
+    index.search(q, k=5, data=x)  # checked, remembered
+    changed = x.clone()
+    changed[5] += 1.0
+    index.search(q, k=5, data=x)  # still alive and unchanged: accepted
+    del x
+    with pytest.raises(nnsim.InputError, match=r"rows \[0, 16\)"):
+        index.search(q, k=5, data=changed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,7 +69,9 @@ class FeatureIndex:
         self.zero_rows = sorted(r for e in manifest["shards"] for r in e.get("zero_rows", []))
         sig = cfg.get("input_signature") or []
         self._sample_bytes = sum(math.prod(shape) * _itemsize(dtype) for shape, dtype in sig)
-        self._verified: set[tuple[Any, ...]] = set()  # tensor data already checked against the digests
+        # Tensor data already checked against the digests -> weak references to those very tensors: an entry counts
+        # only while they are alive (a freed tensor's id and address can be reused by other data).
+        self._verified: dict[tuple[Any, ...], tuple[weakref.ref, ...]] = {}
 
     def __len__(self) -> int:
         return self.n
@@ -264,7 +267,8 @@ class FeatureIndex:
                              "the index was built from, in the same order")
         self._check_inputs(src, "data")
         key = _tensor_key(src)
-        if key is not None and key in self._verified:
+        refs = self._verified.get(key) if key is not None else None
+        if refs is not None and all(r() is t for r, t in zip(refs, src.data, strict=True)):
             return
         changed = bd.differing_rows(src, self.manifest, ft.compute_chunk(self.sim, src, None))
         if changed:
@@ -273,7 +277,7 @@ class FeatureIndex:
                              "transforms). Pass the same data in the same order, or rebuild the index on these "
                              "data (`nnsim index build --overwrite`, or FeatureIndex.build(..., overwrite=True))")
         if key is not None:
-            self._verified.add(key)
+            self._verified[key] = tuple(weakref.ref(t) for t in src.data)
 
     # ------------------------------------------------------------------ quality
     def recall(self, queries: Any, data: Any, k: int = 10, *, rerank: bool = True, candidates: int | None = None,
