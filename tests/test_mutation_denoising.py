@@ -1,0 +1,200 @@
+"""nnsim.estimators.denoising_from_sums and DenoisingReport against the formulas written out (mutation testing).
+
+The oracle inverts R_i with torch.linalg.inv (full-rank cases) and forms D_i = R_i^-1 Q_i R_i^-T, tr D_i / d,
+e_i = R_i^-1 Y_i entry by entry; boundaries (factor exactly 1, cancellation exactly 1/2, a singular value
+exactly at rtol) are built so that the strict and non-strict comparisons differ.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from nnsim.estimators import DenoisingReport, denoising_from_sums
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def _sums(N: int, d: int, M: int, seed: int, dtype=F64):
+    """R, Q, Y, yhat and sum_j ||K_ij||_F from random non-symmetric kernel blocks K_ij [N, M, d, d]."""
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(N, M, d, d, dtype=F64, generator=g) + 0.8 * torch.eye(d, dtype=F64)
+    yref = torch.randn(M, d, dtype=F64, generator=g)
+    R = K.sum(1)
+    Q = torch.einsum("njab,njcb->nac", K, K)
+    Y = torch.einsum("njab,jb->na", K, yref)
+    yhat = torch.randn(N, d, dtype=F64, generator=g)
+    norm_sum = K.flatten(2).norm(dim=2).sum(1)
+    return [t.to(dtype) for t in (R, Q, Y, yhat, norm_sum)], K
+
+
+def _oracle(R, Q, Y, yhat, d):
+    D, fac, cons = [], [], []
+    for i in range(R.shape[0]):
+        Ri = torch.linalg.inv(R[i].double())
+        Di = Ri @ Q[i].double() @ Ri.T
+        D.append(Di)
+        fac.append(sum(float(Di[a, a]) for a in range(d)) / d)
+        e = Ri @ Y[i].double()
+        cons.append(math.sqrt(sum((float(yhat[i, a]) - float(e[a])) ** 2 for a in range(d))))
+    return torch.stack(D), torch.tensor(fac, dtype=F64), torch.tensor(cons, dtype=F64)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("d", [2, 3])
+def test_denoising_from_sums_is_the_formula(dtype, d):
+    N = 4
+    (R, Q, Y, yhat, norm_sum), K = _sums(N, d, 5, seed=d, dtype=dtype)
+    rep = denoising_from_sums(R, Q, Y, yhat, noise_std=0.3, norm_sum=norm_sum)
+    D, fac, cons = _oracle(R, Q, Y, yhat, d)
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=2e-4, atol=1e-6)
+    for name, t, shape in [("factor_matrix", rep.factor_matrix, (N, d, d)), ("factor", rep.factor, (N,)),
+                           ("effective_neighbors", rep.effective_neighbors, (N,)),
+                           ("consistency", rep.consistency, (N,)), ("predicted_error", rep.predicted_error, (N,)),
+                           ("cancellation", rep.cancellation, (N,))]:
+        assert t.dtype == dtype and t.shape == shape, name
+    torch.testing.assert_close(rep.factor_matrix.double(), 0.5 * (D + D.transpose(1, 2)), **tol)
+    torch.testing.assert_close(rep.factor.double(), fac, **tol)
+    torch.testing.assert_close(rep.effective_neighbors.double(), 1 / fac, **tol)
+    torch.testing.assert_close(rep.consistency.double(), cons, **tol)
+    torch.testing.assert_close(rep.predicted_error.double(), 0.3 * fac.sqrt(), **tol)
+    canc = torch.tensor([float(R[i].double().norm()) / float(norm_sum[i]) for i in range(N)], dtype=F64)
+    torch.testing.assert_close(rep.cancellation.double(), canc, **tol)
+    assert rep.noise_std == pytest.approx(0.3) and isinstance(rep.noise_std, float)
+    assert rep.approximate is False and rep.method == "paper"
+    assert rep.singular.dtype == torch.bool and not rep.singular.any()
+    # the factor matrix is exactly symmetric (symmetrised, not only up to rounding)
+    assert torch.equal(rep.factor_matrix, rep.factor_matrix.transpose(1, 2))
+
+
+def test_optional_fields_absent_without_noise_or_norms():
+    (R, Q, Y, yhat, _), _ = _sums(3, 2, 4, seed=7)
+    rep = denoising_from_sums(R, Q, Y, yhat, approximate=True)
+    assert rep.predicted_error is None and rep.noise_std is None and rep.cancellation is None
+    assert rep.approximate is True
+
+
+def _diag(*rows):
+    return torch.stack([torch.diag(torch.tensor(r, dtype=F64)) for r in rows])
+
+
+def test_untrusted_rows_factor_above_one_strictly():
+    # R = I; Q = diag: factor = tr Q / 2 = 1 exactly (one effective neighbour: trusted), 1.5 and 0.25
+    R = _diag([1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
+    Q = _diag([1.0, 1.0], [2.0, 1.0], [0.25, 0.25])
+    z = torch.zeros(3, 2, dtype=F64)
+    rep = denoising_from_sums(R, Q, z, z, noise_std=2.0)
+    assert rep.factor.tolist() == [1.0, 1.5, 0.25]
+    assert rep.ill_conditioned.tolist() == [False, True, False]
+    assert rep.singular.tolist() == [False, False, False]
+    # predicted error sigma sqrt(factor): 2, 2 sqrt(1.5), 1
+    torch.testing.assert_close(rep.predicted_error, torch.tensor([2.0, 2 * math.sqrt(1.5), 1.0], dtype=F64))
+
+
+def test_negative_rounding_factor_gives_zero_predicted_error():
+    # a (slightly) indefinite Q, as rounding can make it: tr D < 0 must not give NaN
+    R = _diag([1.0, 1.0])
+    Q = _diag([-1e-3, -1e-3])
+    z = torch.zeros(1, 2, dtype=F64)
+    rep = denoising_from_sums(R, Q, z, z, noise_std=1.0)
+    assert rep.predicted_error.tolist() == [0.0]
+
+
+def test_cancellation_threshold_is_strict_at_one_half():
+    R = _diag([1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0])  # ||R||_F = sqrt 2 (last: zero sum)
+    Q = _diag([0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.0, 0.0])
+    z = torch.zeros(4, 2, dtype=F64)
+    s2 = math.sqrt(2.0)
+    norm_sum = torch.tensor([2 * s2, 2 * s2 * 1.01, s2, 0.0], dtype=F64)  # ratios 1/2, < 1/2, 1, 0/0
+    rep = denoising_from_sums(R, Q, z, z, norm_sum=norm_sum)
+    torch.testing.assert_close(rep.cancellation[:3], torch.tensor([0.5, 0.5 / 1.01, 1.0], dtype=F64))
+    assert rep.cancellation[3].item() == 0.0  # 0 / 0 is read as full cancellation, not NaN
+    assert rep.ill_conditioned.tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize("dtype,flagged", [(F64, False), (torch.float32, True)])
+def test_singular_threshold_follows_the_dtype(dtype, flagged):
+    # singular-value ratio 1e-7: singular for float32 sums (rtol 1e-5), regular for float64 (rtol 1e-10)
+    R = _diag([1.0, 1e-7]).to(dtype)
+    Q = _diag([1.0, 1e-14]).to(dtype)
+    Y = torch.tensor([[1.0, 1e-7]], dtype=dtype)
+    rep = denoising_from_sums(R, Q, Y, torch.zeros(1, 2, dtype=dtype))
+    assert rep.singular.tolist() == [flagged] and rep.ill_conditioned.tolist() == [flagged]
+    # pinv on the range when singular: e = (1, 0); else e = R^-1 Y = (1, 1)
+    want = [1.0, 0.0] if flagged else [1.0, 1.0]
+    torch.testing.assert_close(rep.consistency.double(), torch.tensor([math.hypot(*want)], dtype=F64),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_explicit_rtol_singular_value_exactly_at_the_threshold_counts_as_singular():
+    R = _diag([1.0, 1e-3], [1.0, 1e-2])
+    Q = _diag([1.0, 1e-6], [1.0, 1e-4])
+    Y = torch.tensor([[1.0, 1e-3], [1.0, 1e-2]], dtype=F64)
+    rep = denoising_from_sums(R, Q, Y, torch.zeros(2, 2, dtype=F64), rtol=1e-3)
+    assert rep.singular.tolist() == [True, False]
+    # row 0: R pseudo-inverted on its range: D = diag(1, 0), e = (1, 0)
+    torch.testing.assert_close(rep.factor_matrix[0], torch.diag(torch.tensor([1.0, 0.0], dtype=F64)))
+    torch.testing.assert_close(rep.consistency, torch.tensor([1.0, math.sqrt(2.0)], dtype=F64))
+
+
+def _report(with_optional: bool) -> DenoisingReport:
+    (R, Q, Y, yhat, norm_sum), _ = _sums(3, 2, 4, seed=11)
+    R[1] = 0.0  # a singular row, flagged
+    kw = dict(noise_std=0.5, norm_sum=norm_sum) if with_optional else {}
+    return denoising_from_sums(R, Q, Y, yhat, **kw)
+
+
+@pytest.mark.parametrize("with_optional", [True, False])
+def test_to_csv_rows_are_the_report_fields(tmp_path, with_optional):
+    rep = _report(with_optional)
+    path = tmp_path / "r.csv"
+    rep.to_csv(path)
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    cols = ["factor", "effective_neighbors", "consistency"] + (["predicted_error"] if with_optional else []) + [
+        "ill_conditioned"] + (["cancellation"] if with_optional else [])
+    assert rows[0] == ["index"] + cols + ["D_00", "D_01", "D_10", "D_11"]
+    assert len(rows) == 4
+    for i, row in enumerate(rows[1:]):
+        assert row[0] == str(i)
+        cells = dict(zip(rows[0], row))
+        assert cells["ill_conditioned"] == str(bool(rep.ill_conditioned[i]))
+        for c in cols:
+            if c != "ill_conditioned":
+                want = float(getattr(rep, c)[i])
+                got = float(cells[c])
+                assert got == want or (math.isnan(got) and math.isnan(want)), (c, i)
+        for a in range(2):
+            for b in range(2):
+                assert float(cells[f"D_{a}{b}"]) == float(rep.factor_matrix[i, a, b])
+    assert rows[2][1 + cols.index("ill_conditioned")] == "True"
+
+
+def test_to_dict_has_exactly_the_tensor_fields():
+    rep = _report(True)
+    dct = rep.to_dict()
+    assert set(dct) == {"factor_matrix", "factor", "effective_neighbors", "consistency", "predicted_error",
+                        "ill_conditioned", "singular", "cancellation"}
+    for name, t in dct.items():
+        assert t is getattr(rep, name)
+    assert "predicted_error" not in _report(False).to_dict()
+
+
+def test_repr_shows_shapes_and_medians_not_tensors():
+    f = torch.tensor([0.5, float("nan"), 0.25, 2.0], dtype=F64)
+    rep = DenoisingReport(factor_matrix=torch.zeros(4, 3, 3, dtype=F64), factor=f, effective_neighbors=1 / f,
+                          consistency=torch.tensor([1.0, 3.0, 2.0, float("inf")], dtype=F64),
+                          predicted_error=torch.full((4,), float("nan"), dtype=F64),
+                          ill_conditioned=torch.tensor([True, False, True, False]))
+    text = repr(rep)
+    # medians of the finite entries (torch's lower median for an even count)
+    assert text == ("DenoisingReport(N=4, d=3, approximate=False, factor_matrix [4, 3, 3], effective_neighbors "
+                    "median 2, consistency median 2, predicted_error median nan, ill_conditioned 2)")
+    rep.predicted_error = None
+    rep.approximate = True
+    assert repr(rep) == ("DenoisingReport(N=4, d=3, approximate=True, factor_matrix [4, 3, 3], effective_neighbors "
+                         "median 2, consistency median 2, ill_conditioned 2)")

@@ -1,0 +1,139 @@
+"""nnsim.estimators.linearized against the formulas written out (mutation testing, docs/testing.md).
+
+Oracles: the smoother as an explicit [M, M] matrix S = U diag(s) U^T, its objective ||S y - f|| evaluated on a
+fine grid, the Nystroem approximation as K_nm pinv(K_mm) K_nm^T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nnsim.estimators import linearized as lin
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def _psd(M: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(M, rank, dtype=F64, generator=g) * torch.logspace(0, -2, rank, dtype=F64)
+    return A @ A.T
+
+
+def _S(spec: lin.Spectrum, lam: float, smoother: str) -> torch.Tensor:
+    ev = spec.ev
+    s = ev / (ev + lam) if smoother == "ridge" else 1 - torch.exp(-ev / lam)
+    return spec.U @ torch.diag(s) @ spec.U.T
+
+
+def test_exact_spectrum_reconstructs_the_symmetrised_kernel_in_float64():
+    K = _psd(6, 3, 0)
+    A = torch.randn(6, 6, dtype=F64, generator=torch.Generator().manual_seed(1))
+    asym = (K + 1e-3 * (A - A.T)).float()  # rounding-level asymmetry, float32 in
+    spec = lin.exact_spectrum(asym)
+    assert spec.ev.dtype == F64 and spec.U.dtype == F64 and spec.ev.shape == (6,) and spec.U.shape == (6, 6)
+    assert (spec.ev >= 0).all()  # the (numerically) zero eigenvalues clipped, not negative
+    sym = 0.5 * (asym.double() + asym.double().T)
+    torch.testing.assert_close(spec.U @ torch.diag(spec.ev) @ spec.U.T, sym, rtol=0, atol=1e-6)
+    torch.testing.assert_close(spec.U.T @ spec.U, torch.eye(6, dtype=F64), rtol=0, atol=1e-10)
+    # a negative rounding eigenvalue becomes exactly 0
+    neg = torch.diag(torch.tensor([2.0, -1e-12], dtype=F64))
+    assert lin.exact_spectrum(neg).ev.tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_nystroem_is_knm_kmm_pinv_kmn(duplicate):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(7, 4, dtype=F64, generator=g)
+    K = X @ X.T + 0.1 * torch.tanh(X @ X.T)  # PSD? not needed: only K_nm and K_mm are read
+    land = [0, 2, 5, 2] if duplicate else [0, 2, 5]  # a duplicated landmark: K_mm singular
+    K_nm, K_mm = K[:, land].float(), K[land][:, land].float()
+    spec = lin.nystroem_spectrum(K_nm, K_mm)
+    assert spec.ev.dtype == F64 and spec.U.dtype == F64
+    want = K_nm.double() @ torch.linalg.pinv(K_mm.double(), hermitian=True, rtol=1e-8) @ K_nm.double().T
+    torch.testing.assert_close(spec.U @ torch.diag(spec.ev) @ spec.U.T, want, rtol=1e-6, atol=1e-6)
+    assert spec.U.shape == (7, 3)
+    torch.testing.assert_close(spec.U.T @ spec.U, torch.eye(3, dtype=F64), rtol=0, atol=1e-10)
+
+
+def test_nystroem_rtol_drops_small_landmark_directions():
+    # K_mm = diag(1, 1e-6): with rtol 1e-5 only the first landmark direction is kept
+    K_mm = torch.diag(torch.tensor([1.0, 1e-6], dtype=F64))
+    K_nm = torch.tensor([[1.0, 0.0], [0.0, 1e-6], [2.0, 1e-6]], dtype=F64)
+    keep_one = lin.nystroem_spectrum(K_nm, K_mm, rtol=1e-5)
+    u = K_nm[:, 0]
+    torch.testing.assert_close(keep_one.U @ torch.diag(keep_one.ev) @ keep_one.U.T, torch.outer(u, u),
+                               rtol=0, atol=1e-12)
+    keep_both = lin.nystroem_spectrum(K_nm, K_mm)  # default rtol 1e-10 keeps 1e-6
+    want = K_nm @ torch.linalg.inv(K_mm) @ K_nm.T
+    torch.testing.assert_close(keep_both.U @ torch.diag(keep_both.ev) @ keep_both.U.T, want, rtol=0, atol=1e-12)
+
+
+def test_filter_values_are_the_written_out_filters():
+    ev = torch.tensor([0.0, 0.5, 2.0, 30.0], dtype=F64)
+    torch.testing.assert_close(lin.filter_values(ev, 0.5, "ridge"), torch.tensor([0.0, 0.5, 0.8, 30 / 30.5],
+                                                                                 dtype=F64))
+    torch.testing.assert_close(lin.filter_values(ev, 0.5, "flow"),
+                               torch.tensor([1 - math.exp(-x / 0.5) for x in ev.tolist()], dtype=F64))
+    with pytest.raises(ValueError, match=r"unknown smoother 'lasso'; choose one of \('ridge', 'flow'\)"):
+        lin.filter_values(ev, 1.0, "lasso")
+
+
+@pytest.mark.parametrize("smoother", ["ridge", "flow"])
+@pytest.mark.parametrize("lam0", [3e-3, 0.7])
+def test_fit_lambda_recovers_the_smoother_that_made_the_predictions(smoother, lam0):
+    spec = lin.exact_spectrum(_psd(8, 8, 5))
+    y = torch.randn(8, dtype=F64, generator=torch.Generator().manual_seed(6))
+    f = _S(spec, lam0, smoother) @ y
+    lam, err = lin.fit_lambda(spec, y.float(), f.float(), smoother)  # float32 in: computed in float64
+    assert lam == pytest.approx(lam0, rel=1e-3)
+    assert err < 1e-6
+    lam, err = lin.fit_lambda(spec, y, f, smoother)
+    assert lam == pytest.approx(lam0, rel=1e-6) and err < 1e-10
+
+
+@pytest.mark.parametrize("smoother", ["ridge", "flow"])
+def test_fit_lambda_minimises_the_full_objective_on_a_low_rank_spectrum(smoother):
+    # rank 3 spectrum of 8 rows: the part of f outside span(U) is part of the reported residual
+    spec = lin.nystroem_spectrum(*(lambda K: (K[:, :3], K[:3, :3]))(_psd(8, 8, 9)))
+    g = torch.Generator().manual_seed(10)
+    y, f = torch.randn(8, dtype=F64, generator=g), torch.randn(8, dtype=F64, generator=g)
+    lam, err = lin.fit_lambda(spec, y, f, smoother)
+    scale = float((f - f.mean()).norm())
+
+    def rel(lam_: float) -> float:
+        return float((_S(spec, lam_, smoother) @ y - f).norm()) / scale
+
+    assert err == pytest.approx(rel(lam), rel=1e-9)
+    top = float(spec.ev.max())
+    grid = torch.logspace(math.log10(top * 1e-9), math.log10(top * 1e3), 4001, dtype=F64).tolist()
+    best = min(rel(v) for v in grid)
+    assert err <= best * (1 + 1e-9)
+    assert err > best * (1 - 1e-4)  # a real minimum, not below the objective
+
+
+@pytest.mark.parametrize("smoother", ["ridge", "flow"])
+@pytest.mark.parametrize("noise_std", [None, 0.25])
+def test_linearized_fit_is_the_explicit_smoother(smoother, noise_std):
+    N, d = 5, 2
+    spec = lin.exact_spectrum(_psd(N * d, N * d, 12))
+    g = torch.Generator().manual_seed(13)
+    y = torch.randn(N, d, dtype=F64, generator=g)
+    f = (_S(spec, 0.05, smoother) @ y.reshape(-1)).reshape(N, d) + 0.01 * torch.randn(N, d, dtype=F64, generator=g)
+    fit = lin.linearized_fit(spec, y, f, smoother, noise_std=noise_std)
+    lam, err = lin.fit_lambda(spec, y.reshape(-1), f.reshape(-1), smoother)
+    assert fit.lam == lam and fit.fit_error == err
+    S = _S(spec, fit.lam, smoother)
+    assert fit.trace == pytest.approx(float(torch.trace(S)), rel=1e-10)
+    dof = N * d - 2 * float(torch.trace(S)) + float(torch.trace(S @ S.T))
+    assert fit.residual_dof == pytest.approx(dof, rel=1e-10)
+    sigma = math.sqrt(float((y - f).square().sum()) / dof)
+    assert fit.noise_std_estimated == pytest.approx(sigma, rel=1e-10)
+    assert fit.noise_std == pytest.approx(sigma if noise_std is None else noise_std, rel=1e-10)
+    SS = S @ S.T
+    D = torch.stack([SS[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(N)])
+    torch.testing.assert_close(fit.factor_matrix, D, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fit.smoothed, (S @ y.reshape(-1)).reshape(N, d), rtol=1e-9, atol=1e-12)

@@ -1,0 +1,128 @@
+"""nnsim.estimators.reducers against written-out oracles (mutation testing, docs/testing.md).
+
+The oracles are plain Python loops: a neighbour count entry by entry, and a top-k by sorting (value desc, index
+asc) with NaN scores left out.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from nnsim.estimators import TopK, row_statistic
+
+torch.set_num_threads(1)
+
+
+def _count_oracle(tile: list[list[float]], method: str, threshold=None, power=None) -> list[list[float]]:
+    out = []
+    for row in tile:
+        r = []
+        for s in row:
+            if math.isnan(s):
+                r.append(0.0)
+            elif method == "soft":
+                r.append(s)
+            elif method == "hard":
+                r.append(1.0 if s > threshold else 0.0)
+            else:
+                r.append(max(s, 0.0) ** power)
+        out.append(r)
+    return out
+
+
+TILE = [[0.5, -0.25, float("nan"), 0.75], [1.0, 0.5, -1.0, 0.0], [float("nan"), 0.25, 0.5, 2.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method,threshold,power", [
+    ("soft", None, None), ("hard", 0.5, None), ("hard", -0.25, None), ("less_soft", None, 3.0),
+    ("less_soft", None, 0.5)])
+def test_row_statistic_is_the_entrywise_count(dtype, method, threshold, power):
+    tile = torch.tensor(TILE, dtype=dtype)
+    got = row_statistic(tile, method, threshold=threshold, power=power)
+    assert got.dtype == dtype and got.shape == tile.shape
+    want = torch.tensor(_count_oracle(TILE, method, threshold, power), dtype=dtype)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_row_statistic_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'cosine'"):
+        row_statistic(torch.zeros(2, 2), "cosine")
+
+
+def _topk_oracle(scores: list[list[float]], k: int) -> tuple[list[list[float]], list[list[int]]]:
+    values, indices = [], []
+    for row in scores:
+        ranked = sorted(((-s, j) for j, s in enumerate(row) if not math.isnan(s)))[:k]
+        v = [-a for a, _ in ranked] + [float("nan")] * (k - len(ranked))
+        i = [j for _, j in ranked] + [-1] * (k - len(ranked))
+        values.append(v)
+        indices.append(i)
+    return values, indices
+
+
+def _feed(scores: torch.Tensor, k: int, row_blocks: list[int], col_blocks: list[int]) -> TopK:
+    Q, M = scores.shape
+    top = TopK(Q, k, scores.dtype, scores.device)
+    r0 = 0
+    for nr in row_blocks:
+        c0 = 0
+        for nc in col_blocks:
+            top.update(slice(r0, r0 + nr), scores[r0:r0 + nr, c0:c0 + nc], c0)
+            c0 += nc
+        assert c0 == M
+        r0 += nr
+    assert r0 == Q
+    return top
+
+
+def _split(n: int, rng: random.Random) -> list[int]:
+    parts = []
+    while n:
+        p = rng.randint(1, n)
+        parts.append(p)
+        n -= p
+    return parts
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_topk_over_tiles_is_the_sorted_rows_with_lowest_index_ties(seed):
+    rng = random.Random(seed)
+    Q, M = rng.randint(1, 6), rng.randint(1, 9)
+    k = rng.randint(1, M + 3)  # also more neighbours than columns: NaN / -1 padding
+    # few distinct values: many ties, inside a tile and across tiles; NaN = excluded pair
+    scores = [[rng.choice([-1.5, -0.5, 0.0, 0.5, 0.5, 1.0, float("nan")]) for _ in range(M)] for _ in range(Q)]
+    t = torch.tensor(scores, dtype=torch.float64)
+    top = _feed(t, k, _split(Q, rng), _split(M, rng))
+    values, indices = top.result()
+    want_v, want_i = _topk_oracle(scores, k)
+    assert values.shape == (Q, k) and indices.shape == (Q, k) and indices.dtype == torch.long
+    torch.testing.assert_close(values, torch.tensor(want_v, dtype=torch.float64), equal_nan=True)
+    assert indices.tolist() == want_i
+
+
+def test_topk_ties_within_one_wide_tile_and_rectangular_tiles():
+    # one row block, columns fed as [3] then [5]: the second tile's columns start at 3; ties 0.5 at 1, 4, 6
+    scores = [[0.1, 0.5, 0.2, 0.9, 0.5, 0.3, 0.5, 0.0], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]
+    t = torch.tensor(scores, dtype=torch.float32)
+    for k in (1, 2, 3, 4, 8):
+        top = _feed(t, k, [2], [3, 5])
+        values, indices = top.result()
+        want_v, want_i = _topk_oracle(scores, k)
+        assert indices.tolist() == want_i, k
+        torch.testing.assert_close(values, torch.tensor(want_v, dtype=torch.float32))
+        assert values.dtype == torch.float32
+
+
+def test_topk_untouched_rows_report_no_neighbours():
+    top = TopK(3, 2, torch.float64, torch.device("cpu"))
+    top.update(slice(1, 2), torch.tensor([[0.5, 0.75]], dtype=torch.float64), 0)
+    values, indices = top.result()
+    assert indices.tolist() == [[-1, -1], [1, 0], [-1, -1]]
+    assert values[1].tolist() == [0.75, 0.5]
+    assert torch.isnan(values[0]).all() and torch.isnan(values[2]).all()
+    assert top.k == 2
