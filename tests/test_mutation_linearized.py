@@ -60,16 +60,21 @@ def test_nystroem_is_knm_kmm_pinv_kmn(duplicate):
 
 
 def test_nystroem_rtol_drops_small_landmark_directions():
-    # K_mm = diag(1, 1e-6): with rtol 1e-5 only the first landmark direction is kept
-    K_mm = torch.diag(torch.tensor([1.0, 1e-6], dtype=F64))
+    # K_mm = 100 diag(1, 1e-6): the threshold is relative (rtol * max eigenvalue), with rtol 1e-5 only the first
+    # landmark direction is kept
+    K_mm = 100 * torch.diag(torch.tensor([1.0, 1e-6], dtype=F64))
     K_nm = torch.tensor([[1.0, 0.0], [0.0, 1e-6], [2.0, 1e-6]], dtype=F64)
     keep_one = lin.nystroem_spectrum(K_nm, K_mm, rtol=1e-5)
     u = K_nm[:, 0]
-    torch.testing.assert_close(keep_one.U @ torch.diag(keep_one.ev) @ keep_one.U.T, torch.outer(u, u),
+    torch.testing.assert_close(keep_one.U @ torch.diag(keep_one.ev) @ keep_one.U.T, torch.outer(u, u) / 100,
                                rtol=0, atol=1e-12)
     keep_both = lin.nystroem_spectrum(K_nm, K_mm)  # default rtol 1e-10 keeps 1e-6
     want = K_nm @ torch.linalg.inv(K_mm) @ K_nm.T
     torch.testing.assert_close(keep_both.U @ torch.diag(keep_both.ev) @ keep_both.U.T, want, rtol=0, atol=1e-12)
+    # an eigenvalue exactly at rtol * max is dropped ("<= rtol * max")
+    at = lin.nystroem_spectrum(K_nm, torch.diag(torch.tensor([1.0, 1e-5], dtype=F64)), rtol=1e-5)
+    assert at.U.shape == (3, 1)
+    torch.testing.assert_close(at.U @ torch.diag(at.ev) @ at.U.T, torch.outer(u, u), rtol=0, atol=1e-12)
 
 
 def test_filter_values_are_the_written_out_filters():
@@ -137,3 +142,34 @@ def test_linearized_fit_is_the_explicit_smoother(smoother, noise_std):
     D = torch.stack([SS[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(N)])
     torch.testing.assert_close(fit.factor_matrix, D, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fit.smoothed, (S @ y.reshape(-1)).reshape(N, d), rtol=1e-9, atol=1e-12)
+
+
+def test_linearized_fit_defaults_to_the_ridge_smoother():
+    N, d = 4, 1
+    spec = lin.exact_spectrum(_psd(N, N, 14))
+    g = torch.Generator().manual_seed(15)
+    y = torch.randn(N, d, dtype=F64, generator=g)
+    f = (_S(spec, 0.01, "ridge") @ y.reshape(-1)).reshape(N, d)
+    fit = lin.linearized_fit(spec, y, f)
+    assert fit.lam == pytest.approx(0.01, rel=1e-6)  # the flow filter cannot reproduce a ridge fit
+    S = _S(spec, fit.lam, "ridge")
+    assert fit.trace == pytest.approx(float(torch.trace(S)), rel=1e-10)
+
+
+def test_noise_estimate_with_few_or_no_residual_degrees_of_freedom():
+    # dof = sum_k (1 - s_k)^2 over all N d directions.  An interpolating flow smoother (s = 1 exactly in
+    # float64) leaves none: sigma cannot be estimated and is NaN, not a division error.
+    spec = lin.Spectrum(torch.tensor([0.5, 1.0, 2.0], dtype=F64), torch.eye(3, dtype=F64))
+    y = torch.tensor([[1.0], [-2.0], [0.5]], dtype=F64)
+    fit = lin.linearized_fit(spec, y, y.clone(), "flow")
+    assert fit.residual_dof == 0.0
+    assert math.isnan(fit.noise_std_estimated) and math.isnan(fit.noise_std)
+    # a ridge fit with 0 < dof < 1 still gives the estimate ||y - f||^2 / dof
+    spec2 = lin.Spectrum(torch.tensor([1.0, 1.0], dtype=F64), torch.eye(2, dtype=F64))
+    y2 = torch.tensor([[1.0], [2.0]], dtype=F64)
+    f2 = y2 / 1.1 + torch.tensor([[1e-3], [-1e-3]], dtype=F64)  # s = 1 / 1.1 (lam = 0.1) plus a little noise
+    fit2 = lin.linearized_fit(spec2, y2, f2, "ridge")
+    s = 1.0 / (1.0 + fit2.lam)
+    dof = 2 * (1 - s) ** 2
+    assert 0 < fit2.residual_dof < 1 and fit2.residual_dof == pytest.approx(dof, rel=1e-9)
+    assert fit2.noise_std_estimated == pytest.approx(math.sqrt(float((y2 - f2).square().sum()) / dof), rel=1e-9)

@@ -1,0 +1,54 @@
+"""nnsim.algebra at its boundaries (mutation testing, docs/testing.md): thresholds hit exactly, batch shapes whose
+axis 1 is not d, full error messages."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from nnsim import algebra
+from nnsim.errors import InputError
+
+torch.set_num_threads(1)
+F64 = torch.float64
+EPS64 = torch.finfo(F64).eps
+
+
+def test_sqrt_psd_rounding_threshold_scales_with_d_not_the_batch_axes():
+    # eigenvalue ratio 5e-15 lies between d eps = 4.4e-16 and 50 eps = 1.1e-14: kept (d = 2), whatever the batch
+    M = torch.diag(torch.tensor([1.0, 5e-15], dtype=F64)).expand(1, 50, 2, 2)
+    root = algebra.sqrt_psd(M)
+    assert root.shape == (1, 50, 2, 2)
+    torch.testing.assert_close(root[0, :, 1, 1], torch.full((50,), 5e-15**0.5, dtype=F64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(root[0, :, 0, 0], torch.ones(50, dtype=F64))
+
+
+def test_sqrt_psd_eigenvalue_exactly_at_the_rounding_threshold_counts_as_zero():
+    lam = torch.tensor([1.0, 2 * EPS64], dtype=F64)  # tau = d eps lam_max = 2 eps exactly
+    root = algebra.sqrt_psd(torch.diag(lam))
+    assert root[1, 1].item() == 0.0 and root[0, 0].item() == 1.0
+
+
+def _full(msg: str) -> str:
+    return "^" + re.escape(msg) + "$"
+
+
+def test_metric_error_messages_in_full():
+    with pytest.raises(InputError, match=_full("metric contains NaN or Inf")):
+        algebra.check_metric(torch.tensor([[1.0, float("inf")], [float("inf"), 1.0]]), 2)
+    with pytest.raises(InputError, match=_full("metric must be symmetric (M == M.T)")):
+        algebra.check_metric(torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=F64), 2)
+    with pytest.raises(InputError, match=_full("metric must be positive semi-definite (it has a negative eigenvalue)")):
+        algebra.check_metric(torch.diag(torch.tensor([1.0, -0.5], dtype=F64)), 2)
+
+
+def test_metric_tolerances_are_inclusive_at_the_boundary():
+    # asymmetry exactly 1e-6 * max|M| and a smallest eigenvalue exactly -1e-8 * max|M| are still accepted
+    M = torch.tensor([[1.0, 1e-6], [0.0, 1.0]], dtype=F64)
+    assert (M - M.T).abs().max().item() == 1e-6
+    assert algebra.check_metric(M, 2) is M
+    N = torch.diag(torch.tensor([1.0, -1e-8], dtype=F64))
+    assert torch.linalg.eigvalsh(N).min().item() == -1e-8  # the boundary is hit exactly
+    assert algebra.check_metric(N, 2) is N
