@@ -52,3 +52,39 @@ def test_metric_tolerances_are_inclusive_at_the_boundary():
     N = torch.diag(torch.tensor([1.0, -1e-8], dtype=F64))
     assert torch.linalg.eigvalsh(N).min().item() == -1e-8  # the boundary is hit exactly
     assert algebra.check_metric(N, 2) is N
+
+
+def _rotated(lam: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """V diag(lam) V^T with a fixed orthogonal V (from a QR), and V."""
+    V, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), dtype=F64, generator=torch.Generator().manual_seed(3)))
+    return V @ torch.diag(torch.tensor(lam, dtype=F64)) @ V.T, V
+
+
+@pytest.mark.parametrize("fn,power", [(algebra.pinv_psd, -1.0), (algebra.inv_sqrt_psd, -0.5)])
+def test_spectral_functions_pass_every_argument_through(fn, power):
+    K, V = _rotated([4.0, 1e-6, 0.0])
+
+    def spectral(values):
+        return V @ torch.diag(torch.tensor(values, dtype=F64)) @ V.T
+
+    # default rtol (float64: 1e-10) keeps 1e-6
+    out, rank = fn(K)
+    torch.testing.assert_close(out, spectral([4.0**power, 1e-6**power, 0.0]), rtol=1e-6, atol=1e-9)
+    assert rank.item() == 2
+    # rtol = 1e-5: 1e-6 <= 1e-5 * 4 is dropped
+    out, rank = fn(K, rtol=1e-5)
+    torch.testing.assert_close(out, spectral([4.0**power, 0.0, 0.0]), rtol=1e-9, atol=1e-9)
+    assert rank.item() == 1
+    # atol above 1e-6 drops it too, whatever rtol
+    out, rank = fn(K, rtol=0.0, atol=1e-5)
+    assert rank.item() == 1
+    torch.testing.assert_close(out, spectral([4.0**power, 0.0, 0.0]), rtol=1e-9, atol=1e-9)
+    # ridge with its default 1e-6: (lam + 1e-6)^power on every eigenvalue, full rank
+    out, rank = fn(K, singular="ridge")
+    torch.testing.assert_close(out, spectral([(4.0 + 1e-6) ** power, (2e-6) ** power, (1e-6) ** power]),
+                               rtol=1e-6, atol=0)
+    assert rank.item() == 3
+    out, _ = fn(K, singular="ridge", ridge=0.5)
+    torch.testing.assert_close(out, spectral([4.5**power, (0.5 + 1e-6) ** power, 0.5**power]), rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match=r"rank-deficient for batch entries \[0\] \(flat indices; ranks \[2\]\)"):
+        fn(K[None], singular="raise")

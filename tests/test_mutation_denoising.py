@@ -198,3 +198,12 @@ def test_repr_shows_shapes_and_medians_not_tensors():
     rep.approximate = True
     assert repr(rep) == ("DenoisingReport(N=4, d=3, approximate=True, factor_matrix [4, 3, 3], effective_neighbors "
                          "median 2, consistency median 2, ill_conditioned 2)")
+
+
+def test_singular_threshold_is_relative_to_the_largest_singular_value():
+    # R = 100 diag(1, 1e-4): ratio 1e-4 <= rtol 1e-3, singular although its smallest value 1e-2 exceeds rtol
+    R = 100 * _diag([1.0, 1e-4])
+    rep = denoising_from_sums(R, _diag([1.0, 1.0]), torch.zeros(1, 2, dtype=F64), torch.zeros(1, 2, dtype=F64),
+                              rtol=1e-3)
+    assert rep.singular.tolist() == [True]
+    torch.testing.assert_close(rep.factor_matrix[0], torch.diag(torch.tensor([1e-4, 0.0], dtype=F64)))

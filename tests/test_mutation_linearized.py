@@ -173,3 +173,19 @@ def test_noise_estimate_with_few_or_no_residual_degrees_of_freedom():
     dof = 2 * (1 - s) ** 2
     assert 0 < fit2.residual_dof < 1 and fit2.residual_dof == pytest.approx(dof, rel=1e-9)
     assert fit2.noise_std_estimated == pytest.approx(math.sqrt(float((y2 - f2).square().sum()) / dof), rel=1e-9)
+
+
+@pytest.mark.parametrize("smoother", ["ridge", "flow"])
+def test_fit_lambda_search_range_is_1e_minus_9_to_1e3_times_the_top_eigenvalue(smoother):
+    # The objective is monotone when the network interpolates (f = y: best at the smallest lam) or predicts
+    # almost nothing (f = 1e-12 y: best at the largest): the fit returns the ends of the documented range.
+    spec = lin.exact_spectrum(_psd(6, 6, 16))
+    top = float(spec.ev.max())
+    y = torch.randn(6, dtype=F64, generator=torch.Generator().manual_seed(17))
+    lam_hi, _ = lin.fit_lambda(spec, y, 1e-12 * y, smoother)
+    assert lam_hi == pytest.approx(1e3 * top, rel=1e-9)
+    if smoother == "ridge":  # (flow: s = 1 exactly below some lam, the minimum is a flat interval)
+        lam_lo, err = lin.fit_lambda(spec, y, y, smoother)
+        assert lam_lo == pytest.approx(1e-9 * top, rel=1e-9)
+        assert err == pytest.approx(float((_S(spec, lam_lo, smoother) @ y - y).norm() / (y - y.mean()).norm()),
+                                    rel=1e-6)
