@@ -126,3 +126,20 @@ def test_topk_untouched_rows_report_no_neighbours():
     assert values[1].tolist() == [0.75, 0.5]
     assert torch.isnan(values[0]).all() and torch.isnan(values[2]).all()
     assert top.k == 2
+
+
+def test_topk_state_lives_on_the_requested_device():
+    top = TopK(2, 3, torch.float32, torch.device("meta"))  # meta: any device that is not the CPU
+    assert top.values.device.type == "meta" and top.indices.device.type == "meta"
+    assert top.values.dtype == torch.float32 and top.indices.dtype == torch.long
+
+
+def test_topk_ties_resolved_by_a_stable_sort_on_long_rows():
+    # torch's unstable CPU sort reorders equal keys from ~64 entries on: the lowest-index rule needs the stable one
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (3, 100), generator=g).double() / 2
+    top = _feed(scores, 70, [3], [40, 60])
+    values, indices = top.result()
+    want_v, want_i = _topk_oracle(scores.tolist(), 70)
+    assert indices.tolist() == want_i
+    torch.testing.assert_close(values, torch.tensor(want_v, dtype=torch.float64))
