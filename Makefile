@@ -40,12 +40,15 @@ bench: $(STAMP)
 
 # Mutation testing of the math core (docs/testing.md); slow, never part of `make test`.
 # MUTANTS selects mutant names (fnmatch), e.g. MUTANTS='nnsim.algebra*'; JOBS the parallel workers.
-MUTANTS ?= nnsim.algebra* nnsim.estimators* nnsim.outputs*
+# The default is the run recorded in docs/testing.md (the math core and the influence / density-argument paths).
+MUTANTS ?= nnsim.algebra* nnsim.estimators* nnsim.outputs* nnsim.similarity.xǁSimilarityǁinfluence* \
+	nnsim.similarity.xǁSimilarityǁ_check_density_args*
 JOBS ?= 1
 mutants: $(STAMP)
 	$(PY) -m pip install -q "mutmut>=3.3"
 	env -u PYTHONPATH nice -n 10 $(VENV)/bin/mutmut run --max-children $(JOBS) $(foreach m,$(MUTANTS),'$(m)')
 	$(VENV)/bin/mutmut results
+	$(PY) benchmarks/mutation_score.py $(foreach m,$(MUTANTS),'$(m)')
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis mutants

@@ -88,3 +88,24 @@ def test_spectral_functions_pass_every_argument_through(fn, power):
     torch.testing.assert_close(out, spectral([4.5**power, (0.5 + 1e-6) ** power, 0.5**power]), rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match=r"rank-deficient for batch entries \[0\] \(flat indices; ranks \[2\]\)"):
         fn(K[None], singular="raise")
+
+
+@pytest.mark.parametrize("fn,power", [(algebra.pinv_psd, -1.0), (algebra.inv_sqrt_psd, -0.5)])
+def test_rank_guard_is_relative_to_each_matrix_of_a_batch(fn, power):
+    # a tiny and a huge matrix in one batch: each keeps its own eigenvalues (threshold rtol * its own lambda_max)
+    lam = torch.tensor([[1.0, 1e-6], [1e12, 1e12]], dtype=F64)
+    out, rank = fn(torch.diag_embed(lam))
+    assert rank.tolist() == [2, 2]
+    torch.testing.assert_close(out, torch.diag_embed(lam**power), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fn", [algebra.pinv_psd, algebra.inv_sqrt_psd])
+def test_raise_names_only_the_rank_deficient_entries_of_any_batch_shape(fn):
+    full = torch.eye(2, dtype=F64)
+    rank1 = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)
+    # [1, 5, 2, 2], all full rank: no error (the rank is compared with d, not with a batch axis)
+    out, rank = fn(full.expand(1, 5, 2, 2), singular="raise")
+    assert rank.tolist() == [[2] * 5]
+    with pytest.raises(ValueError, match=re.escape("rank-deficient for batch entries [1, 3] (flat indices; ranks "
+                                                   "[1, 1])")):
+        fn(torch.stack([full, rank1, full, rank1]).reshape(2, 2, 2, 2), singular="raise")
