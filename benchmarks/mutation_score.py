@@ -24,7 +24,9 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 2: "interrupte
 
 def equivalents() -> set[str]:
     text = (ROOT / "docs" / "testing.md").read_text()
-    section = text.split("### Equivalent mutants", 1)[1].split("\n## ", 1)[0] if "### Equivalent mutants" in text else ""
+    if "### Equivalent mutants" not in text:
+        return set()
+    section = text.split("### Equivalent mutants", 1)[1].split("\n## ", 1)[0]
     return set(re.findall(r"nnsim\.[^`\s]*__mutmut_\d+", section))
 
 
