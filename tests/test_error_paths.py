@@ -6,6 +6,8 @@ check fired (not some later torch error on the same bad input).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -244,3 +246,62 @@ def test_denoising_csv_without_noise_level_has_no_predicted_error_column(tmp_pat
     assert cells[4] == "False"  # booleans as words
     assert float(cells[5]) == float(rep.cancellation[1])
     assert [float(c) for c in cells[6:]] == rep.factor_matrix[1].flatten().tolist()
+
+
+# ---------------------------------------------------------------- density arguments in full (mutation testing)
+# Every refusal of Similarity.density with its full message, and the accepted numeric types next to each refused
+# one, so that a loosened or tightened check fails (docs/testing.md, mutation testing).
+
+@pytest.fixture(scope="module")
+def density_sim_x():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    return nnsim.Similarity(model, progress=False), torch.randn(5, 3, dtype=torch.float64)
+
+
+DENSITY_REFUSED = [
+    (dict(method="bogus"), "method must be 'soft', 'hard' or 'less_soft', got 'bogus'"),
+    (dict(algorithm="fast"), "algorithm must be 'auto', 'linear' or 'tiles', got 'fast'"),
+    (dict(method="hard"), "method='hard' needs a finite numeric threshold (count of similarities strictly above it), "
+                          "got None"),
+    (dict(method="hard", threshold=float("inf")), "method='hard' needs a finite numeric threshold (count of "
+                                                  "similarities strictly above it), got inf"),
+    (dict(method="hard", threshold="0.5"), "method='hard' needs a finite numeric threshold (count of similarities "
+                                           "strictly above it), got '0.5'"),
+    (dict(method="less_soft"), "method='less_soft' needs a positive power n (sum of max(sim, 0)^n)"),
+    (dict(method="less_soft", power=0), "method='less_soft' needs a positive power n (sum of max(sim, 0)^n)"),
+    (dict(method="less_soft", power=float("nan")), "method='less_soft' needs a positive power n (sum of max(sim, "
+                                                   "0)^n)"),
+    (dict(method="less_soft", power="2"), "method='less_soft' needs a positive power n (sum of max(sim, 0)^n)"),
+    (dict(method="soft", threshold=0.5), "threshold applies to method='hard' only, not 'soft'"),
+    (dict(method="less_soft", power=2, threshold=0.5), "threshold applies to method='hard' only, not 'less_soft'"),
+    (dict(method="soft", power=2), "power applies to method='less_soft' only, not 'soft'"),
+    (dict(method="hard", threshold=0.5, power=2), "power applies to method='less_soft' only, not 'hard'"),
+    (dict(method="hard", threshold=0.5, normalized=False), "method='hard' is defined on the normalised similarity: "
+                                                           "use normalized=True"),
+    (dict(method="less_soft", power=2, normalized=False), "method='less_soft' is defined on the normalised "
+                                                          "similarity: use normalized=True"),
+    (dict(method="hard", threshold=0.5, algorithm="linear"), "method='hard' has no linear-time algorithm; it is "
+                                                             "exact by tiles"),
+    (dict(method="less_soft", power=1, algorithm="linear"), "method='less_soft' has no linear-time algorithm; it is "
+                                                            "exact by tiles"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", DENSITY_REFUSED)
+def test_density_refuses_with_the_full_message(density_sim_x, kwargs, message):
+    sim, x = density_sim_x
+    with pytest.raises(InputError, match="^" + re.escape(message) + "$"):
+        sim.density(x, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="hard", threshold=0), dict(method="hard", threshold=0.25), dict(method="hard", threshold=-1),
+    dict(method="less_soft", power=2), dict(method="less_soft", power=0.5), dict(method="soft", normalized=False),
+    dict(method="soft", algorithm="linear"), dict(method="soft", algorithm="tiles"),
+    dict(method="hard", threshold=0.5, algorithm="tiles"), dict(method="hard", threshold=0.5, algorithm="auto"),
+])
+def test_density_accepts_every_valid_combination(density_sim_x, kwargs):
+    sim, x = density_sim_x
+    out = sim.density(x, **kwargs)
+    assert out.shape == (5,) and torch.isfinite(out).all()
