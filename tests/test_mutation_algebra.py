@@ -103,9 +103,9 @@ def test_rank_guard_is_relative_to_each_matrix_of_a_batch(fn, power):
 def test_raise_names_only_the_rank_deficient_entries_of_any_batch_shape(fn):
     full = torch.eye(2, dtype=F64)
     rank1 = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)
-    # [1, 5, 2, 2], all full rank: no error (the rank is compared with d, not with a batch axis)
+    # [1, 5, 2, 2], all full rank: no error (the rank is compared with d, not with a batch axis; below, 4 != d)
     out, rank = fn(full.expand(1, 5, 2, 2), singular="raise")
     assert rank.tolist() == [[2] * 5]
     with pytest.raises(ValueError, match=re.escape("rank-deficient for batch entries [1, 3] (flat indices; ranks "
                                                    "[1, 1])")):
-        fn(torch.stack([full, rank1, full, rank1]).reshape(2, 2, 2, 2), singular="raise")
+        fn(torch.stack([full, rank1, full, rank1]).reshape(1, 4, 2, 2), singular="raise")
