@@ -40,16 +40,16 @@ def test_every_helper_reads_the_logits_of_a_model_output(wrap):
 
 @pytest.mark.parametrize("bad", [SimpleNamespace(logits=[1.0]), {"logits": "z"}, {"scores": Z}, (Z,), 3.0])
 def test_an_output_without_tensor_logits_is_refused_with_the_fix(bad):
-    with pytest.raises(TypeError, match=rf"the model returned {type(bad).__name__}, not a tensor nor an output with "
+    with pytest.raises(TypeError, match=rf"^the model returned {type(bad).__name__}, not a tensor nor an output with "
                                         r"\.logits; pass output=callable\(model_output, inputs\) that returns a "
-                                        r"\[B, d\] tensor"):
+                                        r"\[B, d\] tensor$"):
         outputs.tensor(bad)
 
 
 def test_pixel_names_itself_and_checks_the_spatial_rank():
     sel = outputs.pixel(1, 2)
     assert sel.__name__ == "pixel(1, 2)"
-    with pytest.raises(ValueError, match=r"pixel\(1, 2\) needs an output \[B, C, 2 spatial dims\], got \(2, 6\)"):
+    with pytest.raises(ValueError, match=r"^pixel\(1, 2\) needs an output \[B, C, 2 spatial dims\], got \(2, 6\)$"):
         sel(Z, ())
 
 
@@ -61,11 +61,11 @@ def test_posnegflat_mask_defaults_to_float32_and_sums_to_zero():
 
 
 def test_target_errors_name_the_valid_range():
-    with pytest.raises(ValueError, match=r"target must be a class index in \[0, 6\) or 'predicted', got 6"):
+    with pytest.raises(ValueError, match=r"^target must be a class index in \[0, 6\) or 'predicted', got 6$"):
         outputs.logits(6)(Z, ())
-    with pytest.raises(ValueError, match=r"got 'first'"):
+    with pytest.raises(ValueError, match=r"^target must be a class index in \[0, 6\) or 'predicted', got 'first'$"):
         outputs.logits("first")(Z, ())
-    with pytest.raises(ValueError, match=r"unknown mask 'flat'; supported: 'posnegflat'"):
+    with pytest.raises(ValueError, match=r"^unknown mask 'flat'; supported: 'posnegflat'$"):
         outputs.log_softmax_mask(mask="flat")
     with pytest.raises(ValueError, match="^log_softmax_mask needs at least two classes$"):
         outputs.log_softmax_mask()(Z[:, :1], ())
