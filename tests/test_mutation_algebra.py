@@ -109,3 +109,11 @@ def test_raise_names_only_the_rank_deficient_entries_of_any_batch_shape(fn):
     with pytest.raises(ValueError, match=re.escape("rank-deficient for batch entries [1, 3] (flat indices; ranks "
                                                    "[1, 1])")):
         fn(torch.stack([full, rank1, full, rank1]).reshape(1, 4, 2, 2), singular="raise")
+
+
+def test_raise_message_in_full_lists_at_most_twenty_entries():
+    zeros = torch.zeros(25, 2, 2, dtype=F64)  # 25 rank-0 entries: the first 20 are named
+    message = (f"K(x, x) is rank-deficient for batch entries {list(range(20))} (flat indices; ranks {[0] * 20}); "
+               "use singular='pinv' to normalise on its range or singular='ridge' to regularise")
+    with pytest.raises(ValueError, match=_full(message)):
+        algebra.inv_sqrt_psd(zeros, singular="raise")
