@@ -26,7 +26,7 @@ from ._model import ParamSelection, analysis_mode, check_model, select_params
 from .backends import functorch as functorch_backend
 from .backends.base import Problem
 from .errors import InputError, ModelError
-from .factors import Dense, Factor, Outer
+from .factors import pair_gram, prepare, self_gram
 
 Variant = Literal["one_minus", "authors", "distance"]
 BatchMode = Literal["per_pair", "mean_gradient"]
@@ -198,15 +198,15 @@ class SimilarityLoss:
         with analysis_mode(self.model, self.params):
             factors, y = self._factor_fn(batch)
             # Layers whose explicit per-sample gradient is the cheaper form (e.g. early convolutions) get it once.
-            factors = [f.dense() if isinstance(f, Outer) and f.prefers_dense("full") else f for f in factors]
+            factors = prepare(factors, "full")
             n = I.numel()
             if self.batch_mode == "per_pair":
-                self_K = _self_blocks(factors)
-                return _pair_blocks(factors, I, J), self_K[I], self_K[J]
+                self_K = self_gram(factors)
+                return pair_gram(factors, I, J), self_K[I], self_K[J]
             # Mean gradients: <mean_p g_Ip, mean_q g_Jq> = mean over (p, q) of K(I_p, J_q), and the norms alike.
             P1, P2 = I.repeat_interleave(n), I.repeat(n)
             Q1, Q2 = J.repeat_interleave(n), J.repeat(n)
-            K = _pair_blocks(factors, torch.cat([P1, P1, Q1]), torch.cat([Q2, P2, Q2]))
+            K = pair_gram(factors, torch.cat([P1, P1, Q1]), torch.cat([Q2, P2, Q2]))
             blocks = K.view(3, n * n, *K.shape[1:]).mean(1, keepdim=True)
             return blocks[0], blocks[1], blocks[2]
 
@@ -272,54 +272,6 @@ def _check_targets(targets: Any, B: int, device: torch.device) -> Tensor:
     if bool((targets < 0).any()):
         raise InputError("targets must be class indices >= 0")
     return targets.to(device=device, dtype=torch.long)
-
-
-# ---------------------------------------------------------------------- pair blocks from factors
-def _pair_blocks(factors: list[Factor], I: Tensor, J: Tensor) -> Tensor:
-    """K(x_I[p], x_J[p]) = G_I[p] G_J[p]^T for each index pair, [n, d, d], summed over factors (in the graph)."""
-    out = None
-    for f in factors:
-        t = _factor_pairs(f, I, J)
-        out = t if out is None else out + t
-    return out
-
-
-def _self_blocks(factors: list[Factor]) -> Tensor:
-    """K(x_b, x_b) for every sample, [B, d, d] (in the graph)."""
-    out = None
-    for f in factors:
-        if isinstance(f, Dense):
-            t = torch.einsum("bcn,ben->bce", f.g, f.g)
-        elif not f.indexed and f.a.shape[2] == 1:  # one position: |a|^2 (delta delta^T)
-            t = torch.einsum("bg,bcgn,begn->bce", (f.a[:, :, 0] ** 2).sum(-1), f.delta[:, :, :, 0], f.delta[:, :, :, 0])
-        else:
-            idx = torch.arange(f.batch_size, device=f.delta.device)
-            t = _factor_pairs(f, idx, idx)
-        out = t if out is None else out + t
-    return out
-
-
-def _factor_pairs(f: Factor, I: Tensor, J: Tensor) -> Tensor:
-    if isinstance(f, Dense):
-        return torch.einsum("pcn,pen->pce", f.g[I], f.g[J])
-    _, d, G, T, n = f.delta.shape
-    out = None
-    for g in range(G):
-        dI, dJ = f.delta[I, :, g], f.delta[J, :, g]  # [n, d, T, n_out]
-        if f.indexed:
-            pp = (f.a[I, g][:, :, None] == f.a[J, g][:, None, :]).to(f.delta.dtype)
-        elif T == 1:
-            aa = (f.a[I, g, 0] * f.a[J, g, 0]).sum(-1)
-            t = aa[:, None, None] * torch.einsum("pcn,pen->pce", dI[:, :, 0], dJ[:, :, 0])
-            out = t if out is None else out + t
-            continue
-        else:
-            pp = torch.einsum("ptm,psm->pts", f.a[I, g], f.a[J, g])
-        # sum_{t,s} (a_It . a_Js)(delta_It . delta_Js), contracted over s first.
-        y = torch.einsum("pts,pesn->petn", pp, dJ)
-        t = torch.einsum("pctn,petn->pce", dI, y)
-        out = t if out is None else out + t
-    return out
 
 
 # ---------------------------------------------------------------------- similarity of blocks
