@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import datasets
-from .. import distributed as nd
+from .. import datasets, distributed
 from .._files import atomic_path
 
 NOISE_FRACTION = 0.10
@@ -119,15 +118,15 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
     """
     from sklearn.metrics import roc_auc_score
 
+    from .. import Similarity
     from ..report import SCORES
-    from ..similarity import Similarity
     from .analysis import run_analysis
     from .loading import Data
 
     t0 = time.perf_counter()
-    comm = nd.resolve(None)
-    main = nd.is_main_process()
-    with nd.together(comm):
+    comm = distributed.resolve(None)
+    main = distributed.is_main_process()
+    with distributed.together(comm):
         data = noisy_digits()  # seeded: the same samples on every rank
         if main:
             out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +136,8 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
             model = train_demo_model(data, progress=progress)
         else:
             model = digits_cnn().eval()  # rank 0's weights arrive below
-    nd.broadcast_module(model)
-    with nd.together(comm):
+    distributed.broadcast_module(model)
+    with distributed.together(comm):
         with torch.no_grad():
             pred = model(data.x).argmax(1)
         acc_noisy = float((pred == data.y).float().mean())
@@ -158,7 +157,7 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
 
     sim = Similarity(model, progress=progress and main)
     result = run_analysis(sim, model, data.x, data.y, log=log)
-    with nd.together(comm):
+    with distributed.together(comm):
         flipped = data.flipped.numpy()
         score = result.columns["mislabel_score"]
         top = np.argsort(-score, kind="stable")[: int(flipped.sum())]
