@@ -1,4 +1,4 @@
-"""Per-sample gradient factors and their exact Gram products (method spec §7).
+"""Per-sample gradient factors and their exact Gram products (docs/method.md, "Layer-wise structure").
 
 A *factor* describes the per-sample Jacobian of the analysed outputs with respect to one group of
 parameters, for a batch of B samples and d outputs, without necessarily materialising it:
@@ -80,9 +80,15 @@ _PAIR_BLOCK_ELEMS = 2**24
 _PROJ_BLOCK = 2**14
 
 
-def _seed(seed: int, layer: str, role: str) -> int:
+# A projection's generator seed mixes the user seed with a layer and a role: a prime multiplier keeps the streams
+# of nearby user seeds apart, and the result stays in the int64 range of torch.Generator.manual_seed.
+_SEED_PRIME = 1_000_003
+_SEED_RANGE = 2**63
+
+
+def layer_seed(seed: int, layer: str, role: str) -> int:
     """A projection's generator seed from (user seed, layer, role): reproducible across processes."""
-    return (seed * 1_000_003 + zlib.crc32(f"{layer}/{role}".encode())) % 2**63
+    return (seed * _SEED_PRIME + zlib.crc32(f"{layer}/{role}".encode())) % _SEED_RANGE
 
 
 def _gaussian(rows: int, cols: int, seed: int, like: Tensor) -> Tensor:
@@ -169,7 +175,7 @@ class Dense:
         B, d, n = self.g.shape
         if n <= k:
             return self.g
-        gen = torch.Generator().manual_seed(_seed(seed, self.layer, "dense"))
+        gen = torch.Generator().manual_seed(layer_seed(seed, self.layer, "dense"))
         out = self.g.new_zeros(B, d, k)
         for s0 in range(0, n, _PROJ_BLOCK):  # the [k, n] matrix is generated block by block, never stored
             R = torch.randn(k, min(_PROJ_BLOCK, n - s0), generator=gen, dtype=torch.float64)
@@ -241,8 +247,8 @@ class Outer:
         return _explicit_cost(self, mode, partners), _pairwise_cost(self, mode, partners)
 
     def prefers_dense(self, mode: str, partners: int = _NOMINAL_PARTNERS) -> bool:
-        """Whether the explicit gradient makes this layer's Gram tiles cheaper (spec §7.3). Both paths are
-        exact; the choice only changes speed (and float rounding). Explicit gradients above
+        """Whether the explicit gradient makes this layer's Gram tiles cheaper (docs/method.md, "How the kernel is
+        computed"). Both paths are exact; the choice only changes speed (and float rounding). Explicit gradients above
         ``_DENSE_SAMPLE_BYTES`` per sample are never chosen: a chunk of them would not fit in memory."""
         _, d, G, _, n = self.delta.shape
         if d * G * n * self.m * self.delta.element_size() > _DENSE_SAMPLE_BYTES:
@@ -347,12 +353,12 @@ class Outer:
         if k1 == m:
             pa = torch.nn.functional.one_hot(self.a, m).to(self.delta) if self.indexed else self.a
         else:
-            P_in = _gaussian(k1, m, _seed(seed, self.layer, "in"), self.delta)
+            P_in = _gaussian(k1, m, layer_seed(seed, self.layer, "in"), self.delta)
             pa = P_in.T[self.a] if self.indexed else self.a @ P_in.T  # [B, G, T, k1]
         if k2 == n:
             pd = self.delta
         else:
-            pd = self.delta @ _gaussian(k2, n, _seed(seed, self.layer, "out"), self.delta).T  # [B, d, G, T, k2]
+            pd = self.delta @ _gaussian(k2, n, layer_seed(seed, self.layer, "out"), self.delta).T  # [B, d, G, T, k2]
         return torch.einsum("bcgtk,bgtl->bcgkl", pd, pa).reshape(B, d, -1)
 
     def _position_products(self, other: Outer, g: int, rows: slice) -> Tensor:
@@ -478,7 +484,8 @@ def compact(factors: list[Factor]) -> list[Factor]:
 
 
 def prepare(factors: list[Factor], mode: str) -> list[Factor]:
-    """Convert each factor to the representation that makes its Gram tiles cheapest (spec §7.3)."""
+    """Convert each factor to the representation that makes its Gram tiles cheapest (docs/method.md, "How the
+    kernel is computed")."""
     return [f.dense() if f.prefers_dense(mode) else f for f in factors]
 
 

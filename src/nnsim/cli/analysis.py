@@ -71,27 +71,8 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
 
     comm = distributed.resolve(None)  # the group of the nnsim calls below (None in a plain run)
     with distributed.together(comm):
-        logits = predict(model, x, device)
-        cols: dict[str, np.ndarray] = {"index": np.arange(n)}
+        logits, cols = _prediction_columns(model, x, y, k, device)
         classifier = logits.shape[1] > 1
-        if classifier:
-            prob = logits.softmax(1)
-            cols["prediction"] = logits.argmax(1).numpy()
-            cols["confidence"] = prob.max(1).values.numpy()
-        if y is not None:
-            cols["label"] = y.numpy()
-            if classifier and int(y.max()) >= logits.shape[1]:
-                raise InputError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs: "
-                                 "labels must be the model's class indices")
-            if classifier:
-                cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
-                cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
-                confidence = self_confidence(y.numpy(), prob.double().numpy())
-                if confidence is not None:
-                    cols["self_confidence"] = confidence
-            # Baseline: the same neighbour vote with plain input-space (Euclidean) neighbours.
-            cols["input_knn_disagreement"] = input_knn_disagreement(x, y, k)
-
     density = step("density", lambda: nonzero_gradients(lambda: sim.density(x)))
     cols["density"] = density.double().numpy()
     vals, idx = step("neighbors", lambda: sim.neighbors(x, k=k, exclude_self=True))
@@ -118,6 +99,33 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
         if lin is not None:
             _add_linearized(result, lin)
         return result
+
+
+def _prediction_columns(model: nn.Module, x: Tensor, y: Tensor | None, k: int, device: str
+                        ) -> tuple[Tensor, dict[str, np.ndarray]]:
+    """The model's logits [N, C] and the per-sample columns that need no eNTK: prediction and confidence (a
+    classifier), and with labels the loss, cleanlab's self-confidence and the input-space kNN baseline."""
+    logits = predict(model, x, device)
+    cols: dict[str, np.ndarray] = {"index": np.arange(len(x))}
+    classifier = logits.shape[1] > 1
+    if classifier:
+        prob = logits.softmax(1)
+        cols["prediction"] = logits.argmax(1).numpy()
+        cols["confidence"] = prob.max(1).values.numpy()
+    if y is not None:
+        cols["label"] = y.numpy()
+        if classifier and int(y.max()) >= logits.shape[1]:
+            raise InputError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs: "
+                             "labels must be the model's class indices")
+        if classifier:
+            cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
+            cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+            confidence = self_confidence(y.numpy(), prob.double().numpy())
+            if confidence is not None:
+                cols["self_confidence"] = confidence
+        # Baseline: the same neighbour vote with plain input-space (Euclidean) neighbours.
+        cols["input_knn_disagreement"] = input_knn_disagreement(x, y, k)
+    return logits, cols
 
 
 def _add_linearized(result: Analysis, lin: Any) -> None:

@@ -79,8 +79,14 @@ def _check_labels(args: argparse.Namespace, data: Data) -> None:
 def _data(args: argparse.Namespace, rt: Runtime) -> Data:
     data = load_data(args.data, getattr(args, "labels", None), args.limit, args.x_key, args.y_key)
     rt.say(f"loaded {len(data)} samples of shape {list(data.x.shape[1:])} from {args.data}"
-        + ("" if data.y is None else f" with labels ({int(data.y.max()) + 1} classes)"))
+           + ("" if data.y is None else f" with labels ({int(data.y.max()) + 1} classes)"))
     return data
+
+
+def _data_and_sim(args: argparse.Namespace, rt: Runtime) -> tuple[Data, Similarity]:
+    """--data, then the model and its Similarity (call it inside ``rt.together()``)."""
+    data = _data(args, rt)
+    return data, _model_and_sim(args, data, rt)[1]
 
 
 def _queries(spec: str, data: Data, args: argparse.Namespace) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -138,7 +144,7 @@ def cmd_analyze(args: argparse.Namespace, rt: Runtime) -> int:
                        title=args.title or f"nnsim report: {Path(args.data).name}",
                        subtitle=f"model {args.model}, data {args.data} ({len(data)} samples)", rt=rt)
     rt.say(f"analysis done in {time.perf_counter() - t0:.1f} s; wrote {args.out}/report.html, samples.csv, "
-        "summary.json, figures/")
+           "summary.json, figures/")
     return EXIT_OK
 
 
@@ -183,8 +189,7 @@ def _write_outputs(out: Path, data: Data, result: Any, args: argparse.Namespace,
 
 def cmd_density(args: argparse.Namespace, rt: Runtime) -> int:
     with rt.together():
-        data = _data(args, rt)
-        _, sim = _model_and_sim(args, data, rt)
+        data, sim = _data_and_sim(args, rt)
         ref = None if args.reference is None else load_data(args.reference, None, None, args.x_key, None).x
     dens = nonzero_gradients(lambda: sim.density(data.x, ref, method=args.method, normalized=not args.unnormalized,
                                                  threshold=args.threshold, power=args.power,
@@ -197,8 +202,7 @@ def cmd_density(args: argparse.Namespace, rt: Runtime) -> int:
 
 def cmd_neighbors(args: argparse.Namespace, rt: Runtime) -> int:
     with rt.together():
-        data = _data(args, rt)
-        _, sim = _model_and_sim(args, data, rt)
+        data, sim = _data_and_sim(args, rt)
         q, qidx = _queries(args.query, data, args)
         k = args.k + (1 if args.exclude_self and qidx is not None else 0)
         if k > len(data):
@@ -267,8 +271,7 @@ def _noisy_targets(args: argparse.Namespace, n: int) -> torch.Tensor | None:
 
 def cmd_denoise(args: argparse.Namespace, rt: Runtime) -> int:
     with rt.together():
-        data = _data(args, rt)
-        _, sim = _model_and_sim(args, data, rt)
+        data, sim = _data_and_sim(args, rt)
         noisy = _noisy_targets(args, len(data))
         method = args.method or ("linearized" if noisy is not None else "paper")
         if method == "linearized" and noisy is None:
@@ -343,8 +346,7 @@ def _write_report_csv(path: Path, report: Any, rt: Runtime) -> None:
 
 def cmd_index_build(args: argparse.Namespace, rt: Runtime) -> int:
     with rt.together():
-        data = _data(args, rt)
-        _, sim = _model_and_sim(args, data, rt)
+        data, sim = _data_and_sim(args, rt)
     index = FeatureIndex.build(sim, data.x, args.index, dim=args.dim, seed=args.seed, overwrite=args.overwrite)
     rt.say(f"built {index!r}")
     return EXIT_OK
@@ -354,8 +356,7 @@ def cmd_index_query(args: argparse.Namespace, rt: Runtime) -> int:
     # FeatureIndex.search is local (no collective call): under torchrun every rank runs the query in full (a
     # rank-0-only search would leave the others waiting in a collective, past NCCL's timeout on long searches).
     with rt.together():
-        data = _data(args, rt)
-        _, sim = _model_and_sim(args, data, rt)
+        data, sim = _data_and_sim(args, rt)
         index = FeatureIndex.open(args.index, sim)
         if len(index) != len(data):
             raise CLIError(f"{args.index} indexes {len(index)} samples but --data has {len(data)}; pass the data the "
@@ -403,8 +404,8 @@ def cmd_demo(args: argparse.Namespace, rt: Runtime) -> int:
     run_demo(Path(args.out), log=rt.say, progress=not rt.quiet, write_outputs=functools.partial(_write_outputs, rt=rt),
              args=args)
     rt.say(f"open {Path(args.out) / 'report.html'} in a browser; rerun any command on {args.out}/model.pt2 and "
-        f"{args.out}/data.npz, e.g. nnsim analyze --model {args.out}/model.pt2 --data {args.out}/data.npz --out "
-        "my-report")
+           f"{args.out}/data.npz, e.g. nnsim analyze --model {args.out}/model.pt2 --data {args.out}/data.npz --out "
+           "my-report")
     return EXIT_OK
 
 

@@ -133,9 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap.add_argument("--version", action="version", version=f"nnsim {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_demo, _add_analyze, _add_density, _add_neighbors, _add_denoise, _add_index, _add_reproduce):
-        add(sub)
+    _add_demo(sub)
+    _model_command(sub, "analyze", "the full analysis: samples.csv, summary.json, figures, report.html",
+                   commands.cmd_analyze, _analyze_options)
+    _model_command(sub, "density", "neighbour count of every sample (Similarity.density)", commands.cmd_density,
+                   _density_options)
+    _model_command(sub, "neighbors", "the k most similar samples of --data for each query", commands.cmd_neighbors,
+                   _neighbors_options)
+    _model_command(sub, "denoise", "self-denoising statistics (Similarity.denoising)", commands.cmd_denoise,
+                   _denoise_options)
+    p = sub.add_parser("index", help="an on-disk feature index for fast neighbour search (FeatureIndex)")
+    isub = p.add_subparsers(dest="index_command", metavar="build|query", required=True)
+    _model_command(isub, "build", "project the data's similarity features into an index folder",
+                   commands.cmd_index_build, _index_build_options, labels=False)
+    _model_command(isub, "query", "search an index (re-ranked exactly with --data)", commands.cmd_index_query,
+                   _index_query_options, labels=False)
+    _add_reproduce(sub)
     return ap
+
+
+def _model_command(sub: Any, name: str, help_text: str, func: Any, own_options: Any, labels: bool = True) -> None:
+    """A subcommand analysing a model on data: the model and data options, its own options, the common ones."""
+    p = sub.add_parser(name, help=help_text)
+    _add_model_options(p)
+    _add_data_options(p, labels=labels)
+    own_options(p)
+    _add_common(p)
+    p.set_defaults(func=func)
 
 
 def _add_demo(sub: Any) -> None:
@@ -147,10 +171,7 @@ def _add_demo(sub: Any) -> None:
     p.set_defaults(func=commands.cmd_demo)
 
 
-def _add_analyze(sub: Any) -> None:
-    p = sub.add_parser("analyze", help="the full analysis: samples.csv, summary.json, figures, report.html")
-    _add_model_options(p)
-    _add_data_options(p)
+def _analyze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("-k", type=int, default=10, help="neighbours per sample (default 10)")
     p.add_argument("--exact-denoising", action="store_true",
@@ -162,14 +183,9 @@ def _add_analyze(sub: Any) -> None:
                    "error (Similarity.denoising method linearized)")
     p.add_argument("--class-names", metavar="A,B,...", help="comma-separated class names for the report")
     p.add_argument("--title", help="report title")
-    _add_common(p)
-    p.set_defaults(func=commands.cmd_analyze)
 
 
-def _add_density(sub: Any) -> None:
-    p = sub.add_parser("density", help="neighbour count of every sample (Similarity.density)")
-    _add_model_options(p)
-    _add_data_options(p)
+def _density_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", metavar="R", help="count neighbours among these samples instead")
     p.add_argument("--method", default="soft", choices=["soft", "hard", "less_soft"])
     p.add_argument("--threshold", type=float, help="similarity threshold of method hard")
@@ -177,27 +193,17 @@ def _add_density(sub: Any) -> None:
     p.add_argument("--unnormalized", action="store_true", help="sum the unnormalised kernel trace instead")
     p.add_argument("--exclude-self", action="store_true", help="do not count each sample as its own neighbour")
     p.add_argument("--out", default="density.csv", metavar="FILE", help="CSV output (default density.csv)")
-    _add_common(p)
-    p.set_defaults(func=commands.cmd_density)
 
 
-def _add_neighbors(sub: Any) -> None:
-    p = sub.add_parser("neighbors", help="the k most similar samples of --data for each query")
-    _add_model_options(p)
-    _add_data_options(p)
+def _neighbors_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query", required=True, metavar="Q",
                    help="indices into --data (0,5,9 or 0:10) or a file of query samples")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--exclude-self", action="store_true", help="with index queries: skip the query itself")
     p.add_argument("--out", default="neighbors.csv", metavar="FILE", help="CSV output (default neighbors.csv)")
-    _add_common(p)
-    p.set_defaults(func=commands.cmd_neighbors)
 
 
-def _add_denoise(sub: Any) -> None:
-    p = sub.add_parser("denoise", help="self-denoising statistics (Similarity.denoising)")
-    _add_model_options(p)
-    _add_data_options(p)
+def _denoise_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="predictions", choices=["predictions", "labels"],
                    help="what the consistency compares: the model's outputs or one-hot labels")
     p.add_argument("--noise-std", type=float, help="label-noise level sigma: adds predicted_error (with "
@@ -214,32 +220,21 @@ def _add_denoise(sub: Any) -> None:
                    "Nystroem; needed above N d = 6000)")
     p.add_argument("--dim", type=int, default=1024, help="projection size with --approximate (default 1024)")
     p.add_argument("--out", default="denoising.csv", metavar="FILE", help="CSV output (default denoising.csv)")
-    _add_common(p)
-    p.set_defaults(func=commands.cmd_denoise)
 
 
-def _add_index(sub: Any) -> None:
-    p = sub.add_parser("index", help="an on-disk feature index for fast neighbour search (FeatureIndex)")
-    isub = p.add_subparsers(dest="index_command", metavar="build|query", required=True)
-    b = isub.add_parser("build", help="project the data's similarity features into an index folder")
-    _add_model_options(b)
-    _add_data_options(b, labels=False)
-    b.add_argument("--index", required=True, metavar="DIR", help="index folder")
-    b.add_argument("--dim", type=int, help="numbers per stored row: the sketch width (default 1024)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--overwrite", action="store_true", help="replace an index of another configuration")
-    _add_common(b)
-    b.set_defaults(func=commands.cmd_index_build)
-    q = isub.add_parser("query", help="search an index (re-ranked exactly with --data)")
-    _add_model_options(q)
-    _add_data_options(q, labels=False)
-    q.add_argument("--index", required=True, metavar="DIR", help="index folder")
-    q.add_argument("--query", required=True, metavar="Q", help="indices into --data or a file of query samples")
-    q.add_argument("-k", type=int, default=10)
-    q.add_argument("--no-rerank", action="store_true", help="return the projected estimates without re-ranking")
-    q.add_argument("--out", default="neighbors.csv", metavar="FILE")
-    _add_common(q)
-    q.set_defaults(func=commands.cmd_index_query)
+def _index_build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, metavar="DIR", help="index folder")
+    p.add_argument("--dim", type=int, help="numbers per stored row: the sketch width (default 1024)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an index of another configuration")
+
+
+def _index_query_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, metavar="DIR", help="index folder")
+    p.add_argument("--query", required=True, metavar="Q", help="indices into --data or a file of query samples")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--no-rerank", action="store_true", help="return the projected estimates without re-ranking")
+    p.add_argument("--out", default="neighbors.csv", metavar="FILE")
 
 
 def _add_reproduce(sub: Any) -> None:

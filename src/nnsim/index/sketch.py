@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 
 import torch
 from torch import Tensor
 
-from ..factors import Factor, Outer
+from ..factors import Factor, Outer, layer_seed
 
 # Layers with more than width log2(width) parameters get the structured hash (and, as outer-product factors,
 # the FFT); smaller ones a flat hash and their explicit gradient.
@@ -34,13 +33,9 @@ USE_FFT = True  # False: every layer from its explicit gradient (the same sketch
 _BLOCK_ELEMS = 2**23  # elements of one intermediate block (explicit gradients, per-position sketches)
 
 
-def _seed(seed: int, layer: str, role: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(f"nnsim-sketch/{layer}/{role}".encode())) % 2**63
-
-
 @functools.lru_cache(maxsize=64)
 def _hash_cpu(n: int, width: int, seed: int, layer: str, role: str) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(_seed(seed, layer, role))
+    gen = torch.Generator().manual_seed(layer_seed(seed, f"nnsim-sketch/{layer}", role))  # not the projections' streams
     bucket = torch.randint(width, (n,), generator=gen)
     sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1
     return bucket, sign
