@@ -105,8 +105,30 @@ def _dense_gram(ga: Tensor, gb: Tensor, mode: str) -> Tensor:
     return (ga.reshape(B1 * d, n) @ gb.reshape(B2 * d, n).T).view(B1, d, B2, d)
 
 
+class _Batched:
+    """B, d, device and dtype of a factor, read off its per-sample tensor ``_per_sample`` [B, d, ...]."""
+
+    _per_sample: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self._per_sample.shape[0]
+
+    @property
+    def outputs(self) -> int:
+        return self._per_sample.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self._per_sample.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._per_sample.dtype
+
+
 @dataclass
-class Dense:
+class Dense(_Batched):
     """Explicit per-sample Jacobian ``g [B, d, n]`` of the parameters ``params`` (concatenated)."""
 
     layer: str
@@ -116,20 +138,8 @@ class Dense:
     positions = 1
 
     @property
-    def batch_size(self) -> int:
-        return self.g.shape[0]
-
-    @property
-    def outputs(self) -> int:
-        return self.g.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.g.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.g.dtype
+    def _per_sample(self) -> Tensor:
+        return self.g
 
     def mix(self, M: Tensor) -> Dense:
         """Replace output columns by ``G M``: M [B, d, e]."""
@@ -184,7 +194,7 @@ class Dense:
 
 
 @dataclass
-class Outer:
+class Outer(_Batched):
     """Per-sample Jacobian as a sum of outer products over positions, for G independent groups.
 
     Attributes:
@@ -209,24 +219,12 @@ class Outer:
         self.params = [p for p in (self.weight, self.bias) if p is not None]
 
     @property
-    def batch_size(self) -> int:
-        return self.delta.shape[0]
-
-    @property
-    def outputs(self) -> int:
-        return self.delta.shape[1]
+    def _per_sample(self) -> Tensor:
+        return self.delta
 
     @property
     def positions(self) -> int:
         return self.delta.shape[3]
-
-    @property
-    def device(self) -> torch.device:
-        return self.delta.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.delta.dtype
 
     @property
     def indexed(self) -> bool:

@@ -25,7 +25,7 @@ __all__ = ["write_report", "is_image_data"]
 GALLERY = 16  # samples per gallery
 SELECTED = 3  # neighbour rows per group (isolated, crowded, mislabelled)
 BINS = 8  # density bins with examples
-PER_BIN = 6
+PER_BIN = 6  # examples shown per density bin
 MAX_EMBEDDED = 5000  # embed every sample (clickable everywhere) up to this many
 
 #: Per-sample scores side by side in the report: (column, what it is, sign: +1 when higher = more likely
@@ -74,51 +74,45 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-class _Thumbs:
-    """PNG data URIs of samples, scaled to [0, 1] with the data set's global range (per channel)."""
+class _Tiles:
+    """The clickable sample tiles of the page (image or values, label, caption), remembering which were drawn.
+    Images are PNG data URIs scaled to [0, 1] with the data set's global range (per channel)."""
 
-    def __init__(self, x: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, columns: dict[str, np.ndarray], class_names: Sequence[str] | None) -> None:
         self.x = x
         self.image = is_image_data(x)
         if self.image:
             axes = (0,) + tuple(range(2, x.ndim)) if x.ndim == 4 else None
             self.lo = x.min(axis=axes, keepdims=True)[0] if axes else x.min()
             self.hi = x.max(axis=axes, keepdims=True)[0] if axes else x.max()
-        self._cache: dict[int, str] = {}
+        self._uris: dict[int, str] = {}
+        self.density = np.asarray(columns["density"], dtype=float)
+        self.label, self.pred = columns.get("label"), columns.get("prediction")
+        self.class_names = class_names
+        self.drawn: set[int] = set()
 
     def uri(self, i: int) -> str | None:
         if not self.image:
             return None
-        if i not in self._cache:
+        if i not in self._uris:
             import matplotlib.image as mpimg
 
-            a = (self.x[i] - self.lo) / np.maximum(self.hi - self.lo, 1e-12)
+            a = (self.x[i] - self.lo) / np.maximum(self.hi - self.lo, 1e-12)  # a constant image: no division by 0
             a = np.clip(a, 0, 1)
             buf = io.BytesIO()
             if a.ndim == 3 and a.shape[0] == 3:
                 mpimg.imsave(buf, np.ascontiguousarray(a.transpose(1, 2, 0)), format="png")
             else:
                 mpimg.imsave(buf, a.reshape(a.shape[-2:]), cmap="gray_r", vmin=0, vmax=1, format="png")
-            self._cache[i] = _data_uri(buf.getvalue())
-        return self._cache[i]
+            self._uris[i] = _data_uri(buf.getvalue())
+        return self._uris[i]
 
     def values(self, i: int, limit: int = 12) -> list[float] | None:
         return None if self.image else [float(v) for v in self.x[i].reshape(-1)[:limit]]
 
-
-class _Tiles:
-    """The clickable sample tiles of the page (image or values, label, caption), remembering which were drawn."""
-
-    def __init__(self, x: np.ndarray, columns: dict[str, np.ndarray], class_names: Sequence[str] | None) -> None:
-        self.thumbs = _Thumbs(x)
-        self.density = np.asarray(columns["density"], dtype=float)
-        self.label, self.pred = columns.get("label"), columns.get("prediction")
-        self.class_names = class_names
-        self.drawn: set[int] = set()
-
     def info(self, i: int) -> dict[str, Any]:
         """What the page's script knows of sample i (embedded as JSON)."""
-        return {"img": self.thumbs.uri(i), "values": self.thumbs.values(i),
+        return {"img": self.uri(i), "values": self.values(i),
                 "label": None if self.label is None else int(self.label[i]),
                 "pred": None if self.pred is None else int(self.pred[i]), "density": float(self.density[i])}
 
