@@ -117,3 +117,24 @@ def test_raise_message_in_full_lists_at_most_twenty_entries():
                "use singular='pinv' to normalise on its range or singular='ridge' to regularise")
     with pytest.raises(ValueError, match=_full(message)):
         algebra.inv_sqrt_psd(zeros, singular="raise")
+
+
+def test_float32_matrices_are_decomposed_in_float64():
+    # eigenvalue ratio 3e-6: a float32 eigendecomposition loses ~eps32 / 3e-6 ~ 4e-2 on the small direction
+    K, _ = _rotated([1.0, 3e-6, 0.5])
+    K32 = K.float()
+    want = algebra.inv_sqrt_psd(K32.double(), rtol=1e-8)[0].float()  # the same float32 matrix, in float64
+    got, rank = algebra.inv_sqrt_psd(K32, rtol=1e-8)
+    assert got.dtype == torch.float32 and rank.item() == 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_antisymmetric_part_is_ignored():
+    K, _ = _rotated([2.0, 0.5, 0.25])
+    E = torch.tensor([[0.0, 1e-3, -2e-3], [-1e-3, 0.0, 5e-4], [2e-3, -5e-4, 0.0]], dtype=F64)
+    torch.testing.assert_close(algebra.inv_sqrt_psd(K + E)[0], algebra.inv_sqrt_psd(K)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_ridge_reports_full_rank_d_for_any_batch_shape():
+    _, rank = algebra.inv_sqrt_psd(torch.zeros(1, 3, 2, 2, dtype=F64), singular="ridge")
+    assert rank.tolist() == [[2, 2, 2]]
