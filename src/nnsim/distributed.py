@@ -337,11 +337,78 @@ def chunk_range(n_samples: int, size: int, comm: Comm | None) -> tuple[int, int]
     return (0, n_chunks) if comm is None else split(n_chunks, comm.rank, comm.world)
 
 
-def segments_columns(segments: list[tuple[int, int, int]]) -> tuple[int, int]:
-    """The column chunks [lo, hi) touched by row segments ((0, 0) when there are none)."""
-    if not segments:
-        return 0, 0
-    return min(s[1] for s in segments), max(s[2] for s in segments)
+class Ranks:
+    """How one dataset-scale operation is spread over the processes of ``comm`` (None: this process alone).
+
+    The estimators work on this rank's share (:meth:`tiles`, :meth:`samples`) and combine shares with the
+    reductions below; each of them handles a rank that got no work (an empty dict, no rows), and each is the
+    identity in a single process."""
+
+    def __init__(self, comm: Comm | None, device: torch.device) -> None:
+        self.comm, self.device = comm, device
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 (or a single process): the one that shows progress bars."""
+        return self.comm is None or self.comm.rank == 0
+
+    def tiles(self, n_a: int, n_b: int, symmetric: bool) -> list[tuple[int, int, int]]:
+        """This rank's tiles of an n_a x n_b chunk grid (:func:`tile_segments`)."""
+        return tile_segments(n_a, n_b, symmetric, *((0, 1) if self.comm is None else (self.comm.rank, self.comm.world)))
+
+    def samples(self, n: int, size: int) -> tuple[int, int]:
+        """This rank's samples [a, b) when n samples are cut into chunks of ``size``."""
+        c0, c1 = chunk_range(n, size, self.comm)
+        return min(n, c0 * size), min(n, c1 * size)
+
+    def together(self) -> together:
+        return together(self.comm)
+
+    def sum(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum over ranks of a dict of tensors; a rank may lack keys (it had no work: zeros stand in)."""
+        if self.comm is None:
+            return sums
+        spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for part in all_gather_object(self.comm, {k: (tuple(v.shape), v.dtype) for k, v in sums.items()}):
+            spec.update(part)
+        return all_reduce_dict(self.comm, {k: sums[k] if k in sums else torch.zeros(shape, dtype=dtype,
+                                                                                    device=self.device)
+                                           for k, (shape, dtype) in spec.items()})
+
+    def rows(self, parts: list[Tensor], start: int, n: int) -> Tensor:
+        """The [n, ...] tensor in dataset order from each rank's rows [start, start + rows of ``parts``)."""
+        if self.comm is None:
+            return torch.cat(parts)
+        like = [(t.shape[1:], t.dtype) for t in parts[:1]]
+        shape, dtype = next(p for part in all_gather_object(self.comm, like) for p in part)
+        local = torch.cat(parts) if parts else torch.zeros(0, *shape, dtype=dtype, device=self.device)
+        return gather_rows(self.comm, local, start, n)
+
+    def topk(self, values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The exact top-k over every rank's lists (:func:`merge_topk`)."""
+        return (values, indices) if self.comm is None else merge_topk(self.comm, values, indices, k)
+
+    def union(self, ids: list[int]) -> list[int]:
+        """The sorted union of every rank's sample indices."""
+        parts = [ids] if self.comm is None else all_gather_object(self.comm, ids)
+        return sorted(set().union(*parts))
+
+    def merge(self, report: Any) -> None:
+        """Every rank's notes of a :class:`nnsim.engine.RankReport` merged into ``report`` (on every rank)."""
+        if self.comm is not None:
+            report.merge(all_gather_object(self.comm, report.notes()))
+
+
+def for_call(group: Any, op: str, sources: tuple[Any, ...], params: dict[str, Tensor], args: Any,
+             device: torch.device) -> Ranks:
+    """The :class:`Ranks` of a dataset-scale operation, after checking that every rank called it alike
+    (sample counts, first-sample digests, model parameters, arguments)."""
+    comm = resolve(group)
+    if comm is not None:
+        seen = [(len(s), batch_digest(s.first())) for s in sources]
+        agree(comm, f"the {op} call (sample counts and first-sample digests, model parameters, arguments)",
+              (op, seen, params_checksum(params), repr(args)))
+    return Ranks(comm, device)
 
 
 def batch_digest(batch: tuple[Tensor, ...]) -> str:

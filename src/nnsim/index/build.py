@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_mod
@@ -74,27 +73,16 @@ def _slice(batch: Batch, a: int, b: int) -> Batch:
     return tuple(t[a:b] for t in batch)
 
 
-def _sub_source(src: Source, start: int, stop: int) -> Source | None:
-    """Random access to rows [start, stop) when the source allows it (tensors, map-style datasets)."""
-    if src.kind == "tensors":
-        return Source(_slice(src.data, start, stop), stop - start, "tensors", src.keys)
-    if src.kind == "dataset":
-        return Source(Subset(src.data, range(start, stop)), stop - start, "dataset")
-    return None
-
-
 def shard_pieces(src: Source, ranges: list[tuple[int, int]], todo: list[int], chunk: int
                  ) -> Iterator[tuple[int, Iterator[tuple[int, Batch]]]]:
     """For each shard of ``todo`` (sorted): (shard id, iterator of (global start, batch) pieces covering it).
 
     Tensors and map-style datasets are read only where needed; a DataLoader is streamed from the start
     (the samples of the shards not wanted are read and dropped)."""
-    if src.kind in ("tensors", "dataset"):
+    if src.sliceable:
         for i in todo:
             a, b = ranges[i]
-            sub = _sub_source(src, a, b)
-            assert sub is not None
-            yield i, ((a + s, batch) for s, batch in sub.chunks(chunk))
+            yield i, ((a + s, batch) for s, batch in src.rows(a, b).chunks(chunk))
         return
     size = ranges[0][1] - ranges[0][0]
     wanted = set(todo)
@@ -317,7 +305,7 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
     todo = [i for i in range(len(ranges)) if i not in done]
     a, b = dist_mod.split(len(todo), rank, world)
     mine = todo[a:b]
-    report = ft.RankNotes("data")
+    report = ft.rank_notes("data")
 
     def compute() -> list[dict[str, Any]]:
         written: list[dict[str, Any]] = []
@@ -360,9 +348,7 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
         written = dist_mod.run_together(comm, compute)
         new = [e for part in dist_mod.all_gather_object(comm, written) for e in part]
         manifest["shards"] = sorted([*manifest["shards"], *new], key=lambda e: e["start"])
-        notes = dist_mod.all_gather_object(comm, (report.zero, report.deficient))
-        report.zero = sorted({r for z, _ in notes for r in z})
-        report.deficient = sorted({r for _, low in notes for r in low})
+        report.merge(dist_mod.all_gather_object(comm, report.notes()))
     report.emit()
     if len(manifest["shards"]) != len(ranges):
         raise InputError(f"data yielded fewer samples than its length {cfg['n']}")

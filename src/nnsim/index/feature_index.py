@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import InputError, RankDeficiencyWarning
-from ..inputs import Source, as_source
+from ..inputs import Source, TensorSource, as_source
 from ..similarity import Similarity
 from . import build as bd
 from . import features as ft
@@ -215,7 +215,7 @@ class FeatureIndex:
         block = max(1, min(len(qsrc), ft._FEATURE_BYTES // (4 * self.width), 4096))
         out_v = torch.full((len(qsrc), k), float("nan"), dtype=sim.dtype)
         out_i = torch.full((len(qsrc), k), -1, dtype=torch.long)
-        report = ft.RankNotes("queries")
+        report = ft.rank_notes("queries")
         n_blocks = math.ceil(len(qsrc) / block)
         with tqdm(total=n_blocks, disable=not sim.progress or n_blocks < 2, desc="nnsim search", unit="block") as bar:
             for q0, qbatch in qsrc.chunks(block):
@@ -303,7 +303,7 @@ class FeatureIndex:
 
 def _tensor_key(src: Source) -> tuple[Any, ...] | None:
     """Identity and version counters of in-memory tensor data (changed by any in-place write), else None."""
-    if src.kind != "tensors":
+    if not isinstance(src, TensorSource):
         return None
     return tuple((id(t), t.data_ptr(), t._version, tuple(t.shape)) for t in src.data)
 

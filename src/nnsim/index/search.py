@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from ..errors import RankDeficiencyWarning
-from ..inputs import Batch, Source
+from ..inputs import Batch, Source, as_source
 from ..similarity import Similarity
 from . import store as st
-from .features import _FEATURE_BYTES, fetch_rows, loader_random_access
+from .features import _FEATURE_BYTES
 
 _SCORE_ELEMS = 2**25  # elements of one [queries, rows] score block
 _RERANK_ROWS = 4096  # candidate rows re-ranked in one exact tile
@@ -109,11 +109,10 @@ def rerank(sim: Similarity, n: int, sample_bytes: int, qbatch: Batch, cand: Tens
     # re-ranked together against the union of their candidates, up to ``cap`` rows (also bounded in bytes).
     cap = max(C, min(_RERANK_ROWS, _FEATURE_BYTES // max(1, sample_bytes)))
     source = dsrc
-    if dsrc.kind == "loader" and not loader_random_access(dsrc.data):
+    if not dsrc.random_access:
         # One streaming pass fetches the candidates of the whole block, then tensors are indexed.
         union = sorted(set(cand[cand >= 0].tolist()))
-        rows = fetch_rows(dsrc, union, chunk)
-        source = Source(rows, len(union), "tensors")
+        source = as_source(dsrc.take(union, chunk), "data")
         remap = torch.full((n,), -1, dtype=torch.long)
         remap[torch.tensor(union, dtype=torch.long)] = torch.arange(len(union))
     else:
@@ -122,7 +121,7 @@ def rerank(sim: Similarity, n: int, sample_bytes: int, qbatch: Batch, cand: Tens
     def flush(group: list[int], union: set[int]) -> None:
         ids = sorted(union)
         where = torch.tensor(ids, dtype=torch.long)
-        rows = fetch_rows(source, ids if remap is None else remap[where].tolist(), chunk)
+        rows = source.take(ids if remap is None else remap[where].tolist(), chunk)
         qs = torch.tensor(group, dtype=torch.long)
         qinput = tuple(t[qs.to(t.device)] for t in qbatch)
         progress = sim.progress
