@@ -67,7 +67,7 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
         "src/nnsim/estimators/density.py", 'quantity = Quantity.SIMILARITY if normalized else Quantity.KERNEL  # only',
         'quantity = Quantity.SIMILARITY  # only', T),
     "denoising: no check of the predictions' columns": (
-        "src/nnsim/similarity.py", "if predictions.shape[1] != self.d:", "if False:", T),
+        "src/nnsim/estimators/denoising.py", "if predictions.shape[1] != chunker.d:", "if False:", T),
     "metric check raises ValueError": (
         "src/nnsim/algebra.py", "from .errors import InputError", "InputError = ValueError", T),
 }

@@ -259,35 +259,25 @@ class Similarity:
         if method not in ("paper", "linearized"):
             raise InputError(f"method must be 'paper' or 'linearized', got {method!r}")
         if method == "linearized":
-            arrays = {"targets": targets, "predictions": predictions}
-            src = denoising.check_linearized(data, smoother, landmarks, arrays)
-            ranks = self._ranks(group, "denoising", (src,), (
-                distributed.params_checksum({k: v for k, v in arrays.items() if v is not None}), noise_std,
-                approximate, landmarks, seed, smoother, "linearized"))
-            assert targets is not None
-            return denoising.linearized_report(self._chunker, src, predictions, targets, noise_std, approximate,
-                                               landmarks, seed, smoother, ranks=ranks, progress=self._shows(ranks))
-        if targets is not None:
-            raise InputError("targets are used by method='linearized' only; the paper's factor is label-free "
-                             "(pass method='linearized' to estimate sigma from the targets)")
-        if approximate and not (isinstance(dim, int) and dim >= 1):
-            raise InputError(f"dim must be a positive integer (the projection size of approximate=True), got {dim!r}")
-        src, _ = self._sources(data, None, ("data", "data"))
-        if predictions is not None:
-            if not isinstance(predictions, Tensor) or predictions.dim() != 2 or predictions.shape[0] != len(src):
-                raise InputError(f"predictions must be a [N, d] tensor with N = {len(src)} rows")
-            if not torch.isfinite(predictions).all():
-                raise InputError("predictions contain NaN or Inf")
-            if self.d is None:  # the output dimension is known after one sample's factors
-                self._chunker.prepare(src.first(), 0, "data", Request(Quantity.KERNEL, Form.RAW))
-            if predictions.shape[1] != self.d:
-                raise InputError(f"predictions have {predictions.shape[1]} columns but the analysed output has "
-                                 f"d = {self.d}: pass a [N, {self.d}] tensor")
+            return self._linearized(data, predictions, targets, noise_std, approximate, landmarks, seed, smoother,
+                                    group)
+        src = denoising.check_paper(self._chunker, data, predictions, targets, approximate, dim)
         ranks = self._ranks(group, "denoising", (src,), (
             None if predictions is None else distributed.params_checksum({"predictions": predictions}),
             noise_std, approximate, dim, seed))
         return denoising.paper(self._chunker, src, predictions, noise_std, approximate, dim, seed, ranks=ranks,
                                progress=self._shows(ranks))
+
+    def _linearized(self, data: Any, predictions: Tensor | None, targets: Tensor | None, noise_std: float | None,
+                    approximate: bool, landmarks: int, seed: int, smoother: str, group: Any) -> DenoisingReport:
+        arrays = {"targets": targets, "predictions": predictions}
+        src = denoising.check_linearized(data, smoother, landmarks, arrays)
+        ranks = self._ranks(group, "denoising", (src,), (
+            distributed.params_checksum({k: v for k, v in arrays.items() if v is not None}), noise_std, approximate,
+            landmarks, seed, smoother, "linearized"))
+        assert targets is not None
+        return denoising.linearized_report(self._chunker, src, predictions, targets, noise_std, approximate,
+                                           landmarks, seed, smoother, ranks=ranks, progress=self._shows(ranks))
 
     def features(self, x: Any, dim: int = 1024, seed: int = 0, normalized: bool = True) -> Tensor:
         """Seeded random projections of the per-sample (kernel-corrected if ``normalized``) gradients.

@@ -167,6 +167,29 @@ def paper(chunker: Chunker, src: Source, predictions: Tensor | None, noise_std: 
     return report
 
 
+def check_paper(chunker: Chunker, data: object, predictions: Tensor | None, targets: Tensor | None,
+                approximate: bool, dim: int) -> Source:
+    """The data's source, after refusing arguments the paper's method does not take or cannot use (measures
+    d when needed)."""
+    if targets is not None:
+        raise InputError("targets are used by method='linearized' only; the paper's factor is label-free "
+                         "(pass method='linearized' to estimate sigma from the targets)")
+    if approximate and not (isinstance(dim, int) and dim >= 1):
+        raise InputError(f"dim must be a positive integer (the projection size of approximate=True), got {dim!r}")
+    src = as_source(data, "data")
+    if predictions is not None:
+        if not isinstance(predictions, Tensor) or predictions.dim() != 2 or predictions.shape[0] != len(src):
+            raise InputError(f"predictions must be a [N, d] tensor with N = {len(src)} rows")
+        if not torch.isfinite(predictions).all():
+            raise InputError("predictions contain NaN or Inf")
+        if chunker.d is None:  # the output dimension is known after one sample's factors
+            chunker.prepare(src.first(), 0, "data", Request(Quantity.KERNEL, Form.RAW))
+        if predictions.shape[1] != chunker.d:
+            raise InputError(f"predictions have {predictions.shape[1]} columns but the analysed output has "
+                             f"d = {chunker.d}: pass a [N, {chunker.d}] tensor")
+    return src
+
+
 def exact_sums(chunker: Chunker, src: Source, predictions: Tensor | None, ranks: Ranks, progress: bool
                ) -> tuple[Tensor, ...]:
     """R = sum_j K_ij, Q = sum_j K_ij K_ij^T, Y = sum_j K_ij yhat_j, yhat and A = sum_j ||K_ij||_F (exact tiles)."""
