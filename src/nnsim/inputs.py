@@ -124,7 +124,8 @@ class TensorSource(Source):
 
 
 class _Streamed(Source):
-    """Sources read by a DataLoader: their keyword names come from their first item."""
+    """Sources read by a DataLoader (subclasses give ``_first_item()`` and ``_batches(size)``): their keyword
+    names come from their first item."""
 
     _probed = False
     _where = "dataset item"
@@ -132,14 +133,8 @@ class _Streamed(Source):
     @property
     def keys(self) -> tuple[str, ...] | None:
         if not self._probed:
-            self.names, self._probed = _keyed_input(self._first_item(), self._where)[1], True
+            self.names, self._probed = _keyed_input(self._first_item(), self._where)[1], True  # type: ignore
         return self.names
-
-    def _first_item(self) -> Any:
-        raise NotImplementedError
-
-    def _batches(self, size: int) -> Iterator[Batch]:
-        raise NotImplementedError
 
     def chunks(self, size: int) -> Iterator[tuple[int, Batch]]:
         # Re-chunk loader batches of any size into chunks of ``size``.

@@ -8,8 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import algebra, backends, distributed
-from . import outputs as outputs_mod
+from . import algebra, backends, distributed, outputs
 from ._model import ParamSelection, check_model, select_params
 from .backends.base import Problem
 from .engine import ALL, Chunker, Form, Quantity, RankReport, Request, pairwise
@@ -58,7 +57,7 @@ class Similarity:
     def __init__(
         self,
         model: nn.Module,
-        output: outputs_mod.OutputFn | None = None,
+        output: outputs.OutputFn | None = None,
         params: ParamSelection = None,
         metric: Metric = "euclidean",
         backend: str = "auto",
@@ -83,7 +82,7 @@ class Similarity:
         if backend not in backends.BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {backends.BACKENDS}")
         self.model = model
-        self.output = outputs_mod.flatten if output is None else output
+        self.output = outputs.flatten if output is None else output
         self.params = select_params(model, params)
         self.metric, self.backend, self.progress, self.max_result_bytes = metric, backend, progress, max_result_bytes
         self._problem = Problem(model, self.params, self.output)
