@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..engine import RankReport
 from ..errors import InputError
 from ..inputs import Batch, Source
 from ..similarity import Similarity
@@ -257,6 +258,70 @@ def _existing(folder: Path, config: dict[str, Any], shard_size: int | None, prob
     return manifest
 
 
+def _finished(folder: Path, manifest: dict[str, Any], ranges: list[tuple[int, int]]
+              ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """The finished shards by id (those of the manifest, then those a crashed multi-process build published
+    next to them), and the published entries."""
+    shard_size = manifest["config"]["shard_size"]
+    finished: dict[int, dict[str, Any]] = {}
+    published = store.read_entries(folder)
+    for entry in [*manifest["shards"], *published.values()]:
+        i = entry["start"] // shard_size
+        if i >= len(ranges) or (entry["start"], entry["stop"]) != ranges[i]:
+            if entry in published.values():
+                continue  # a stray published entry (another layout): its shard is computed again
+            raise store.StoreError(f"{folder / store.MANIFEST} is corrupted: shard {entry['file']} covers rows "
+                                   f"[{entry['start']}, {entry['stop']}), not a shard of this layout; rebuild it "
+                                   "(overwrite=True)")
+        finished.setdefault(i, entry)
+    return finished, published
+
+
+def _verified(src: Source, folder: Path, manifest: dict[str, Any], ranges: list[tuple[int, int]],
+              finished: dict[int, dict[str, Any]], chunk: int, comm: distributed.Comm | None
+              ) -> dict[int, dict[str, Any]]:
+    """The finished shards whose file checks out (the others are recomputed, with a warning); refuses data
+    that differ from those they were computed from. One read of every finished shard and of its data, each
+    rank checking its share."""
+    cfg, width = manifest["config"], manifest["layout"]["width"]
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
+    ids = sorted(finished)
+    share = ids[rank::world]
+    problems = {i: store.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share}
+    seen = data_digests(src, ranges, share, chunk)
+    if comm is not None:
+        problems = {i: p for part in distributed.all_gather_object(comm, problems) for i, p in part.items()}
+        seen = {i: d for part in distributed.all_gather_object(comm, seen) for i, d in part.items()}
+    changed = [ranges[i] for i in ids if seen[i] != finished[i].get("data_sha256")]
+    if changed:
+        raise store.StoreError(f"{folder}: the data differ from those its finished shards were computed from "
+                               f"({describe_rows(changed)}): other data, another order, or random transforms. "
+                               "Pass the same data in the same order, or rebuild the store (overwrite=True)")
+    for i in ids:
+        if problems[i] is not None:
+            warnings.warn(f"{folder}: {problems[i]}; recomputing that shard", UserWarning, stacklevel=5)
+    return {i: finished[i] for i in ids if problems[i] is None}
+
+
+def _fill_shard(sim: Similarity, proj: ft.Projection, report: RankReport, array: np.ndarray,
+                pieces: Iterator[tuple[int, Batch]], span: tuple[int, int], width: int, n: int) -> dict[str, Any]:
+    """Write the rows of the shard [start, stop) into ``array``; its manifest entry."""
+    start, stop = span
+    zero: list[int] = []
+    digest = DataDigest()
+    filled = start
+    for s, batch in pieces:
+        digest.update(batch)
+        feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
+        _write_rows(array, s - start, feats, width)
+        zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
+        filled = s + feats.shape[0]
+    if filled != stop:
+        raise InputError(f"data yielded {filled} samples, but its length is {n}: a sized data set must yield "
+                         "exactly len(data) samples")
+    return {"start": start, "stop": stop, "zero_rows": zero, "data_sha256": digest.hexdigest()}
+
+
 def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], proj: ft.Projection,
           comm: distributed.Comm | None = None) -> None:
     """Compute every shard not yet finished (verifying the finished ones), then mark the store complete.
@@ -268,35 +333,9 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
     ranges = store.shard_ranges(cfg["n"], cfg["shard_size"])
     main = comm is None or comm.rank == 0
     rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
-    finished: dict[int, dict[str, Any]] = {}
-    published = store.read_entries(folder)
-    for entry in [*manifest["shards"], *published.values()]:
-        i = entry["start"] // cfg["shard_size"]
-        if i >= len(ranges) or (entry["start"], entry["stop"]) != ranges[i]:
-            if entry in published.values():
-                continue  # a stray published entry (another layout): its shard is computed again
-            raise store.StoreError(f"{folder / store.MANIFEST} is corrupted: shard {entry['file']} covers rows "
-                                f"[{entry['start']}, {entry['stop']}), not a shard of this layout; rebuild it "
-                                "(overwrite=True)")
-        finished.setdefault(i, entry)
+    finished, published = _finished(folder, manifest, ranges)
     chunk = ft.compute_chunk(sim, src, width)
-    # Verifying is one read of every finished shard and of its data: each rank checks its share.
-    ids = sorted(finished)
-    share = ids[rank::world]
-    problems = {i: store.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share}
-    seen = data_digests(src, ranges, share, chunk)
-    if comm is not None:
-        problems = {i: p for part in distributed.all_gather_object(comm, problems) for i, p in part.items()}
-        seen = {i: d for part in distributed.all_gather_object(comm, seen) for i, d in part.items()}
-    changed = [ranges[i] for i in ids if seen[i] != finished[i].get("data_sha256")]
-    if changed:
-        raise store.StoreError(f"{folder}: the data differ from those its finished shards were computed from "
-                            f"({describe_rows(changed)}): other data, another order, or random transforms. "
-                            "Pass the same data in the same order, or rebuild the store (overwrite=True)")
-    done = {i: finished[i] for i in ids if problems[i] is None}
-    for i in ids:
-        if problems[i] is not None:
-            warnings.warn(f"{folder}: {problems[i]}; recomputing that shard", UserWarning, stacklevel=4)
+    done = _verified(src, folder, manifest, ranges, finished, chunk, comm)
     if main and [e["start"] for e in manifest["shards"]] != [done[i]["start"] for i in sorted(done)]:
         manifest["shards"] = [done[i] for i in sorted(done)]
         manifest["complete"] = False
@@ -318,19 +357,7 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
 
                 def fill(array: np.ndarray, pieces: Iterator[tuple[int, Batch]] = pieces,
                          start: int = start, stop: int = stop) -> dict[str, Any]:
-                    zero: list[int] = []
-                    digest = DataDigest()
-                    filled = start
-                    for s, batch in pieces:
-                        digest.update(batch)
-                        feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
-                        _write_rows(array, s - start, feats, width)
-                        zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
-                        filled = s + feats.shape[0]
-                    if filled != stop:
-                        raise InputError(f"data yielded {filled} samples, but its length is {cfg['n']}: a "
-                                         "sized data set must yield exactly len(data) samples")
-                    return {"start": start, "stop": stop, "zero_rows": zero, "data_sha256": digest.hexdigest()}
+                    return _fill_shard(sim, proj, report, array, pieces, (start, stop), width, cfg["n"])
 
                 entry = store.write_shard(folder, i, stop - start, width, cfg["dtype"], fill)
                 written.append(entry)
@@ -350,9 +377,16 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
         manifest["shards"] = sorted([*manifest["shards"], *new], key=lambda e: e["start"])
         report.merge(distributed.all_gather_object(comm, report.notes()))
     report.emit()
-    if len(manifest["shards"]) != len(ranges):
-        raise InputError(f"data yielded fewer samples than its length {cfg['n']}")
+    _complete(folder, manifest, len(ranges), bool(published), comm)
+
+
+def _complete(folder: Path, manifest: dict[str, Any], n_shards: int, published: bool,
+              comm: distributed.Comm | None) -> None:
+    """Mark the store complete (with the digest of its data), on disk by rank 0, once every shard is there."""
+    if len(manifest["shards"]) != n_shards:
+        raise InputError(f"data yielded fewer samples than its length {manifest['config']['n']}")
     data = {"scheme": DATA_SCHEME, "sha256": combine_digests([e["data_sha256"] for e in manifest["shards"]])}
+    main = comm is None or comm.rank == 0
     if main and (not manifest["complete"] or published or comm is not None or manifest.get("data") != data):
         manifest["complete"], manifest["data"] = True, data
         store.write_manifest(folder, manifest)
