@@ -190,19 +190,7 @@ class FeatureIndex:
         never returned.
         """
         qsrc = as_source(queries, "queries")
-        usable = self.n - len(self.zero_rows)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n:
-            raise InputError(f"k must be an integer in [1, {self.n}], got {k!r}")
-        if candidates is None:
-            candidates = default_candidates(k)
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < k:
-            raise InputError(f"candidates must be an integer >= k = {k}, got {candidates!r}")
-        candidates = min(candidates, max(usable, k))
-        if backend not in ("auto", "faiss", "torch"):
-            raise InputError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
-        faiss = sr.faiss_module() if backend in ("auto", "faiss") else None
-        if backend == "faiss" and faiss is None:
-            raise InputError("backend='faiss' needs the faiss package: pip install faiss-cpu (or nnsim[index])")
+        candidates, faiss = self._search_settings(k, candidates, backend)
         self._check_inputs(qsrc, "queries")
         dsrc = None
         if data is not None:
@@ -240,6 +228,21 @@ class FeatureIndex:
                 bar.update(1)
         report.emit()
         return out_v, out_i
+
+    def _search_settings(self, k: int, candidates: int | None, backend: str) -> tuple[int, Any]:
+        """The checked number of candidates per query, and the faiss module to search with (or None)."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n:
+            raise InputError(f"k must be an integer in [1, {self.n}], got {k!r}")
+        if candidates is None:
+            candidates = default_candidates(k)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < k:
+            raise InputError(f"candidates must be an integer >= k = {k}, got {candidates!r}")
+        if backend not in ("auto", "faiss", "torch"):
+            raise InputError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+        faiss = sr.faiss_module() if backend in ("auto", "faiss") else None
+        if backend == "faiss" and faiss is None:
+            raise InputError("backend='faiss' needs the faiss package: pip install faiss-cpu (or nnsim[index])")
+        return min(candidates, max(self.n - len(self.zero_rows), k)), faiss
 
     def _check_layout(self, width: int) -> None:
         layout = self.manifest["layout"]

@@ -96,6 +96,17 @@ def candidates(folder: Path, shards: list[dict[str, Any]], width: int, fq: Tenso
     return top
 
 
+def _readable(dsrc: Source, cand: Tensor, n: int, chunk: int) -> tuple[Source, Tensor | None]:
+    """Where the candidates are read: ``dsrc`` itself, or for a loader without random access the candidates of
+    the whole block, fetched in one streaming pass, with the map [n] from data indices to their rows."""
+    if dsrc.random_access:
+        return dsrc, None
+    union = sorted(set(cand[cand >= 0].tolist()))
+    remap = torch.full((n,), -1, dtype=torch.long)
+    remap[torch.tensor(union, dtype=torch.long)] = torch.arange(len(union))
+    return as_source(dsrc.take(union, chunk), "data"), remap
+
+
 def rerank(sim: Similarity, n: int, sample_bytes: int, qbatch: Batch, cand: Tensor, valid: Tensor, dsrc: Source,
            k: int, chunk: int) -> tuple[Tensor, Tensor]:
     """Exact similarities of each query with its candidates [Q, C] (best k first), grouping queries that
@@ -108,15 +119,7 @@ def rerank(sim: Similarity, n: int, sample_bytes: int, qbatch: Batch, cand: Tens
     # tile (measured: 7-230 us vs 0.02-0.1 us on the digits models), so queries that share candidates are
     # re-ranked together against the union of their candidates, up to ``cap`` rows (also bounded in bytes).
     cap = max(C, min(_RERANK_ROWS, _FEATURE_BYTES // max(1, sample_bytes)))
-    source = dsrc
-    if not dsrc.random_access:
-        # One streaming pass fetches the candidates of the whole block, then tensors are indexed.
-        union = sorted(set(cand[cand >= 0].tolist()))
-        source = as_source(dsrc.take(union, chunk), "data")
-        remap = torch.full((n,), -1, dtype=torch.long)
-        remap[torch.tensor(union, dtype=torch.long)] = torch.arange(len(union))
-    else:
-        remap = None
+    source, remap = _readable(dsrc, cand, n, chunk)
 
     def flush(group: list[int], union: set[int]) -> None:
         ids = sorted(union)
