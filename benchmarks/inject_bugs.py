@@ -48,8 +48,8 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
         "return project(fs, dim, seed).double(), project(fs, dim, seed + SECOND_SKETCH_SEED).double()",
         "return project(fs, dim, seed).double(), project(fs, dim, seed).double()", MC_DENOISING),
     "approximate denoising: 3 % bias": (
-        "src/nnsim/estimators/denoising.py", 'q = phi @ sums["C"] @ psi.transpose(-1, -2)',
-        'q = 1.03 * phi @ sums["C"] @ psi.transpose(-1, -2)',
+        "src/nnsim/estimators/denoising.py", 'q = phi @ C["C"] @ psi.transpose(-1, -2)',
+        'q = 1.03 * phi @ C["C"] @ psi.transpose(-1, -2)',
         MC_DENOISING),
     "features: 3 % bias": (
         "src/nnsim/similarity.py", "parts.append(project(c.groups[ALL], dim, seed))",

@@ -261,9 +261,7 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
                 phi, psi = sketches(fs)  # [B, d, k] each
                 cross = torch.einsum("bck,bcl->kl", phi, psi)
                 C["C"] = cross if "C" not in C else C["C"] + cross
-        sums = ranks.sum({**{"S." + k: v for k, v in S.items()}, **{"Sy." + k: v for k, v in Sy.items()}, **C})
-        S = {k[2:]: v for k, v in sums.items() if k.startswith("S.")}
-        Sy = {k[3:]: v for k, v in sums.items() if k.startswith("Sy.")}
+        S, Sy, C = ranks.sum(S), ranks.sum(Sy), ranks.sum(C)
         R, Q, Y, yhat = [], [], [], []
         with ranks.together():
             for c in chunks():
@@ -271,7 +269,7 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
                 R.append(inner(fs, S).double())  # R_i[c, e] = sum_j <g_ic, g_je> = <g_ic, S_e>
                 Y.append(inner(fs, Sy)[..., 0].double())
                 phi, psi = sketches(fs)
-                q = phi @ sums["C"] @ psi.transpose(-1, -2)
+                q = phi @ C["C"] @ psi.transpose(-1, -2)
                 Q.append(0.5 * (q + q.transpose(-1, -2)))
                 yhat.append(preds(c))
     return tuple(ranks.rows(p, a0, len(src)) for p in (R, Q, Y, yhat))
