@@ -40,9 +40,9 @@ bench: $(STAMP)
 
 # Mutation testing of the math core (docs/testing.md); slow, never part of `make test`.
 # MUTANTS selects mutant names (fnmatch), e.g. MUTANTS='nnsim.algebra*'; JOBS the parallel workers.
-# The default is the run recorded in docs/testing.md (the math core and the influence / density-argument paths).
-MUTANTS ?= nnsim.algebra* nnsim.estimators* nnsim.outputs* nnsim.similarity.xǁSimilarityǁinfluence* \
-	nnsim.similarity.xǁSimilarityǁ_check_density_args*
+# The default is the math core of docs/testing.md: algebra, estimators/ (density incl. its argument checks,
+# neighbours, denoising, linearized), outputs, and Similarity.influence.
+MUTANTS ?= nnsim.algebra* nnsim.estimators* nnsim.outputs* nnsim.similarity.xǁSimilarityǁinfluence*
 JOBS ?= 1
 mutants: $(STAMP)
 	$(PY) -m pip install -q "mutmut>=3.3"
