@@ -45,7 +45,8 @@ import nnsim
 from nnsim.estimators import linearized
 from nnsim.estimators.denoising import CANCELLATION_THRESHOLD
 
-METHODS = ("paper_true_sigma", "paper_sigma_hat", "linearized_ridge", "linearized_flow", "ridge_checkpoints")
+METHODS = ("paper_true_sigma", "paper_sigma_hat", "linearized_ridge", "linearized_flow", "ridge_checkpoints",
+           "ridge_realized")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,10 @@ def analyse_draw(case: Case, x: Tensor, y: Tensor, states: list[dict[str, Tensor
     assert ridge.noise_std is not None and paper.predicted_error is not None
     with torch.no_grad():
         f = sim.model(x)
+    # The ridge smoother with the realized noise energies (estimators.linearized.realized_fit), on the same kernel.
+    spec = linearized.exact_spectrum(sim.kernel(x)[..., 0, 0])
+    base = linearized.linearized_fit(spec, y, f)
+    real_sigma, real_signal, real_D = linearized.realized_fit(spec, y, base)
     if case.checkpoints:  # ridge smoother of the kernel averaged over the checkpoints (TracIn-like)
         K = sum(nnsim.Similarity(_model_at(case, s), progress=False).kernel(x)[..., 0, 0] for s in states) / len(
             states)
@@ -147,6 +152,8 @@ def analyse_draw(case: Case, x: Tensor, y: Tensor, states: list[dict[str, Tensor
         "linearized_ridge": ridge.predicted_error.numpy(),
         "linearized_flow": flow.predicted_error.numpy(),
         "ridge_checkpoints": ckpt_pred,
+        "ridge_realized": (real_sigma * real_D[:, 0, 0].sqrt()).numpy(), "sigma_realized": real_sigma,
+        "signal_realized": real_signal, "lam_check": abs(base.lam / float(ridge.lam or 1.0) - 1),
         "flag_paper": paper.ill_conditioned.numpy(), "flag_ridge": ridge.ill_conditioned.numpy(),
         "neighbors_ridge": ridge.effective_neighbors.numpy(), "neighbors_paper": paper.effective_neighbors.numpy(),
         "cancellation": paper.cancellation.numpy() if paper.cancellation is not None else np.full(len(x), np.nan),
@@ -175,7 +182,9 @@ def run_case(case: Case) -> dict:
                  "clean_twin_error_over_sigma": float(np.sqrt(((f_clean - truth) ** 2).mean()) / case.sigma),
                  "actual_rms_over_sigma": float(np.sqrt((actual**2).mean()) / case.sigma),
                  "sigma_hat_over_sigma": {k: float(np.mean([d[f"sigma_{k}"] for d in draws]) / case.sigma)
-                                          for k in ("ridge", "flow", "ckpt")},
+                                          for k in ("ridge", "flow", "ckpt", "realized")},
+                 "signal_directions_realized": float(np.mean([d["signal_realized"] for d in draws])),
+                 "lam_check_max": float(max(d["lam_check"] for d in draws)),
                  "fit_error": {k: float(np.mean([d[f"fit_{k}"] for d in draws])) for k in ("ridge", "flow", "ckpt")},
                  "dof_ridge": float(np.mean([d["dof_ridge"] for d in draws])), "methods": {}}
     flags = {"paper": np.stack([d["flag_paper"] for d in draws]).any(0),
