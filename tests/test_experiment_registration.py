@@ -203,6 +203,7 @@ def test_quick_run_end_to_end(tmp_path):
     # sigma is recovered from the residuals without the truth, and the linearized prediction is of the right size.
     assert 0.8 < c["sigma_hat_over_sigma"] < 1.4
     assert 0.35 < c["methods"]["linearized_ridge"]["calibration"] < 2.0
+    assert 0.35 < c["methods"]["ridge_realized"]["calibration"] < 2.0 and c["lam_check_max"] < 1e-6
     for m in registration.METHODS:
         v = c["methods"][m]
         assert v["predicted_rms"] > 0 and -1 <= v["spearman"] <= 1
@@ -218,7 +219,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert len(res["figures"]) == 6
     # Resumable: a second run reuses every saved part (no training) and gives the same numbers.
     parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
-    assert len(parts) == 1 + 2 * s.draws + 1
+    assert len(parts) == 1 + 3 * s.draws + 1  # clean twin; model, analysis, realized per draw; maps
     assert registration.main(["--quick", "--out", str(tmp_path), "--assemble"]) == 0
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["cases"] == res["cases"]

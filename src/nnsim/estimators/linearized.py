@@ -144,7 +144,8 @@ def realized_fit(spec: Spectrum, y: Tensor, fit: LinearizedFit, smoother: str = 
     """The ``noise_model="realized"`` variant of a :func:`linearized_fit` (same spectrum, targets and lam).
 
     Returns (sigma, number of signal directions, D_i [N, d, d] = sum_r s_r^2 e_r U_(i,.),r U_(i,.),r^T) with the
-    noise energies e_r of the module docstring; sigma is ``noise_std`` when given (the energies inside the
+    noise energies e_r of the module docstring (D_i holds the energies: the predicted noise-induced error is
+    sqrt(tr D_i / d), not sigma times it); sigma is ``noise_std`` when given (the energies inside the
     signal directions then use it), else estimated from the non-signal directions and the part of y outside
     span(U).
     """

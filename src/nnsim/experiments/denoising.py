@@ -152,7 +152,7 @@ def analyse_draw(case: Case, x: Tensor, y: Tensor, states: list[dict[str, Tensor
         "linearized_ridge": ridge.predicted_error.numpy(),
         "linearized_flow": flow.predicted_error.numpy(),
         "ridge_checkpoints": ckpt_pred,
-        "ridge_realized": (real_sigma * real_D[:, 0, 0].sqrt()).numpy(), "sigma_realized": real_sigma,
+        "ridge_realized": real_D[:, 0, 0].sqrt().numpy(), "sigma_realized": real_sigma,  # D holds the energies
         "signal_realized": real_signal, "lam_check": abs(base.lam / float(ridge.lam or 1.0) - 1),
         "flag_paper": paper.ill_conditioned.numpy(), "flag_ridge": ridge.ill_conditioned.numpy(),
         "neighbors_ridge": ridge.effective_neighbors.numpy(), "neighbors_paper": paper.effective_neighbors.numpy(),
