@@ -1,4 +1,5 @@
-"""Self-denoising in multimodal registration (method spec §14, §10; issue 12 item 4b, the redesigned stand-in).
+"""Self-denoising in multimodal registration (docs/method.md, "Experiments", "Self-denoising"; issue 12 item 4b,
+the redesigned stand-in).
 
 A two-branch convolutional network learns the translation between an aerial-like image and a building map
 (``_scenes.make_shift_scenes``: the map's polygons are the true buildings moved by one shift t per patch) from

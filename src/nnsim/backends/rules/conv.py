@@ -1,8 +1,8 @@
 """nn.Conv1d / nn.Conv2d (any stride, dilation, padding mode and groups) via unfolded input patches.
 
 The weight is shared over output positions, so the per-sample gradient is sum_p delta_p patch_p^T
-(spec §7.2); the Outer factor keeps positions and lets the cost model choose per layer between the
-pairwise product over positions and the explicit gradient.
+(docs/method.md, "Layer-wise structure"); the Outer factor keeps positions and lets the cost model choose per
+layer between the pairwise product over positions and the explicit gradient.
 """
 
 from __future__ import annotations
