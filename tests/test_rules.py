@@ -22,6 +22,7 @@ from oracles import rel_err
 from torch import Tensor, nn
 
 import nnsim
+from nnsim.backends.rules.linear import linear as linear_rule
 from nnsim.factors import Dense
 
 torch.set_num_threads(1)
@@ -289,6 +290,72 @@ def test_failing_rule_falls_back_for_its_module_only_with_one_warning(cls, reaso
     assert rel_err(K, ref) <= 1e-10
     assert rel_err(sim.kernel(x), ref) <= 1e-10  # no second warning, same exact result
     assert sim.describe() == {"0": "fallback", "2": "linear", "4": "linear"}
+
+
+def _rolled_rule(module, layer, calls, names):
+    """A subtly broken rule: every sample gets the exact gradient of the next sample."""
+    (f,) = linear_rule(module, layer, calls, names)
+    return [f.select(torch.roll(torch.arange(f.batch_size), 1))]
+
+
+def _one_output_wrong_rule(module, layer, calls, names):
+    """A subtly broken rule: the last output's gradient of the first sample is doubled."""
+    (f,) = linear_rule(module, layer, calls, names)
+    g = f.dense().g.clone()
+    g[0, -1] *= 2
+    return [Dense(layer, g, f.params)]
+
+
+class RolledLinear(nn.Linear):
+    pass
+
+
+class OneOutputWrongLinear(nn.Linear):
+    pass
+
+
+nnsim.register_rule(RolledLinear, _rolled_rule)
+nnsim.register_rule(OneOutputWrongLinear, _one_output_wrong_rule)
+
+
+@pytest.mark.parametrize("cls", [RolledLinear, OneOutputWrongLinear])
+@pytest.mark.parametrize("d", [3, 7])
+def test_the_verification_catches_gradients_of_the_wrong_sample_or_output(cls, d):
+    """The check combines all (sample, output) gradients of the probe in one weighted sum: a rule that hands a
+    sample another sample's gradient, or gets one output of one sample wrong, must still be caught."""
+    torch.manual_seed(1)
+    model = nn.Sequential(cls(4, 5), nn.Tanh(), nn.Linear(5, d)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, progress=False)
+    with pytest.warns(nnsim.FallbackWarning, match="disagrees with autograd"):
+        K = sim.kernel(x)
+    assert rel_err(K, ref) <= 1e-10
+    assert sim.describe()["0"] == "fallback"
+
+
+class BatchMixing(nn.Module):
+    """Scales by the batch mean: the samples of a batch are not independent, so no per-sample gradient of a
+    batched pass is the gradient of the sample alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h * h.mean(0, keepdim=True)
+
+
+def test_a_model_that_mixes_the_batch_is_not_verified_on_the_batched_pass():
+    torch.manual_seed(0)
+    model = BatchMixing().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, progress=False)
+    assert rel_err(sim.kernel(x), ref) <= 1e-10
+    # the Linear rule on the batched pass disagrees with each sample run alone: the whole-model fallback
+    assert all(how.startswith("functorch") for how in sim.describe().values())
 
 
 def test_first_call_failure_leaves_no_plan_and_second_call_is_exact():
