@@ -460,3 +460,32 @@ def test_rule_raising_after_planning_steps_down_with_a_warning_and_stays_exact()
         K = sim.kernel(x)
     assert rel_err(K, ref) <= 1e-10
     assert sim.describe() == {"0": "fallback", "2": "linear"}
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize(("conv", "shape"), [
+    (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3), (3, 9, 9)),
+    (lambda: nn.Conv2d(4, 4, 3, padding="same", padding_mode="reflect", bias=False), (4, 7, 7)),
+    (lambda: nn.Conv2d(2, 4, (2, 3), padding=(1, 2), dilation=2, padding_mode="circular"), (2, 8, 8)),
+    (lambda: nn.Conv1d(3, 5, 4, stride=2, padding=2), (3, 11)),
+    (lambda: nn.Conv1d(4, 4, 3, groups=4, padding="same"), (4, 10)),
+])
+def test_conv_explicit_gradient_by_convolution_backward_and_patches_agree_with_the_loop(monkeypatch, conv, shape,
+                                                                                      explicit):
+    """Both ways of the conv rule (the explicit per-sample gradient by one grouped convolution_backward, and
+    the patches' Outer factor), forced in turn, against per-sample autograd, d = 1 and d = 3."""
+    from nnsim.backends.rules import conv as conv_rules
+
+    calls = []
+    monkeypatch.setattr(conv_rules, "_explicit_preferred", lambda *a: calls.append(1) is None and explicit)
+    monkeypatch.setattr(conv_rules, "_BACKWARD_MIN_POSITIONS", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    model(x)
+    for out in (None, lambda o, i: o[:, :1]):
+        ref = nnsim.Similarity(model, backend="loop", output=out, progress=False).kernel(x)
+        sim = nnsim.Similarity(model, output=out, progress=False)
+        assert rel_err(sim.kernel(x), ref) <= 1e-12
+        assert sim.describe()["0"] == "conv"
+    assert calls

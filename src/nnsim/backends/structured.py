@@ -456,8 +456,8 @@ class Structured:
             for call in cs:
                 for j, z in enumerate(call.leaves):
                     axis = (call.out_batched or {}).get(j, 0)  # the rules get signals [B, d, ...]
-                    delta = torch.stack([(torch.zeros_like(z) if g[k] is None else g[k]).movedim(axis, 0)
-                                         for g in per_c], dim=1)
+                    parts = [(torch.zeros_like(z) if g[k] is None else g[k]).movedim(axis, 0) for g in per_c]
+                    delta = parts[0].unsqueeze(1) if d == 1 else torch.stack(parts, dim=1)  # d = 1: a view
                     call.deltas.append(delta if graph else delta.detach())
                     k += 1
         factors: list[Factor] = []
