@@ -294,16 +294,17 @@ def test_failing_rule_falls_back_for_its_module_only_with_one_warning(cls, reaso
 
 def _rolled_rule(module, layer, calls, names):
     """A subtly broken rule: every sample gets the exact gradient of the next sample."""
-    (f,) = linear_rule(module, layer, calls, names)
-    return [f.select(torch.roll(torch.arange(f.batch_size), 1))]
+    return [f.select(torch.roll(torch.arange(f.batch_size), 1)) for f in linear_rule(module, layer, calls, names)]
 
 
 def _one_output_wrong_rule(module, layer, calls, names):
     """A subtly broken rule: the last output's gradient of the first sample is doubled."""
-    (f,) = linear_rule(module, layer, calls, names)
-    g = f.dense().g.clone()
-    g[0, -1] *= 2
-    return [Dense(layer, g, f.params)]
+    out = []
+    for f in linear_rule(module, layer, calls, names):
+        g = f.dense().g.clone()
+        g[0, -1] *= 2
+        out.append(Dense(layer, g, f.params))
+    return out
 
 
 class RolledLinear(nn.Linear):

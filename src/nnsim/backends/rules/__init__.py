@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...factors import Factor, Outer
+from ...factors import Dense, Factor, Outer
 
 
 @dataclass
@@ -142,6 +142,34 @@ def outer(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[s
     if bias is not None:
         a = nn.functional.pad(a, (0, 1), value=1.0)
     return Outer(layer, a, delta, weight, bias, weight_transposed=weight_transposed)
+
+
+def outer_or_dense(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[str, str],
+                   weight_transposed: bool = False, graph: bool = False) -> list[Factor]:
+    """``outer(...)``, or, where the cost model would materialise it in both Gram modes anyway, the explicit
+    gradients built at once: one batched GEMM per sample for the weight and a sum over positions for the bias,
+    as two Dense factors (no concatenation copy; a Dense factor's self-kernel and mix are cheap, an Outer
+    factor's self-kernel is a product over position pairs). ``graph``: keep the Outer factor (differentiable)."""
+    f = outer(layer, module, a, delta, names, weight_transposed)
+    if graph or f.indexed or not (f.prefers_dense("trace") and f.prefers_dense("full")):
+        return [f]
+    B, d, G, T, n = delta.shape
+    out: list[Factor] = []
+    if f.weight is not None:
+        m = f.a.shape[-1] - (f.bias is not None)
+        x = a[..., :m] if a.shape[-1] != m else a  # [B, G, T, m]
+        dl = delta.permute(0, 2, 3, 1, 4).reshape(B * G, T, d * n)  # [B G, T, d n]
+        xs = x.reshape(B * G, T, m)
+        if weight_transposed:  # weight [m, G n]: per output c, a^T delta_c  -> [B, d, m, n]
+            if G != 1:
+                return [f]
+            g = (xs.transpose(1, 2) @ dl).view(B, m, d, n).transpose(1, 2)
+        else:  # weight [G n, m]: delta_c^T a -> [B, d, G, n, m]
+            g = (dl.transpose(1, 2) @ xs).view(B, G, d, n, m).transpose(1, 2)
+        out.append(Dense(layer, g.reshape(B, d, -1), [f.weight]))
+    if f.bias is not None:
+        out.append(Dense(layer, delta.sum(3).reshape(B, d, G * n), [f.bias]))
+    return out
 
 
 # Registration side effects: each family module registers its rules.
