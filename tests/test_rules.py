@@ -481,6 +481,7 @@ def test_conv_explicit_gradient_by_convolution_backward_and_patches_agree_with_t
     monkeypatch.setattr(conv_rules, "_explicit_preferred", lambda *a: calls.append(1) is None and explicit)
     monkeypatch.setattr(conv_rules, "_BACKWARD_MIN_POSITIONS", 1)
     monkeypatch.setattr(conv_rules, "_BACKWARD_MAX_PAIRS", 0)
+    monkeypatch.setattr(conv_rules, "_BACKWARD_MAX_D", 10)
     torch.manual_seed(0)
     model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
     x = torch.randn(5, *shape, dtype=torch.float64)
