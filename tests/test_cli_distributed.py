@@ -189,12 +189,11 @@ def test_the_ranks_agree_on_one_exit_code_and_message(monkeypatch, capsys, outco
 
     cli = importlib.import_module("nnsim.cli.main")
     me = outcomes[0]
-    monkeypatch.setattr(cli, "_COMM", nd.Comm(None, 0, len(outcomes)))
 
     def all_gather_object(comm, obj):
         assert obj == me  # this rank sends its own outcome
         return outcomes
 
     monkeypatch.setattr(nd, "all_gather_object", all_gather_object)
-    assert cli._agree_on_exit(*me) == code
+    assert cli._agree_on_exit(nd.Comm(None, 0, len(outcomes)), *me) == code
     assert capsys.readouterr().err.splitlines() == [f"nnsim: error: {line}" for line in lines]

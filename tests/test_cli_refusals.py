@@ -188,7 +188,7 @@ def test_outputs_are_atomic_and_summary_marks_completion(files, tmp_path, capsys
     assert not [p.name for p in out.rglob("*") if ".tmp" in p.name]
 
     # Interrupted in the middle of a CSV: the final name keeps its old content, the temporary file is gone.
-    cli_main = importlib.import_module("nnsim.cli.main")
+    cli_runtime = importlib.import_module("nnsim.cli.runtime")
 
     def rows_then_interrupt():
         yield [1, 2]
@@ -197,7 +197,7 @@ def test_outputs_are_atomic_and_summary_marks_completion(files, tmp_path, capsys
     target = tmp_path / "t.csv"
     target.write_text("old\n")
     with pytest.raises(KeyboardInterrupt):
-        cli_main._csv(target, ["a", "b"], rows_then_interrupt())
+        cli_runtime.write_csv(target, ["a", "b"], rows_then_interrupt())
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 

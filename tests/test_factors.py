@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nnsim.factors import Dense, Outer, gram, prepare, self_gram
+from nnsim.factors import Dense, Outer, gram, pair_gram, prepare, self_gram
 
 torch.set_num_threads(1)
 
@@ -62,6 +62,21 @@ def test_outer_gram_equals_explicit_gradient_gram(seed, B, d, G, T, n, m, indexe
     assert [tuple(x.shape[1:]) for x in grads] == [tuple(s) for _, s in f.params]
     total = sum(x.reshape(d, -1).pow(2).sum() for x in grads)
     assert torch.allclose(total, g.sum(0).pow(2).sum(), atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), B=st.integers(1, 4), d=st.integers(1, 3), G=st.integers(1, 2),
+       T=st.integers(1, 4), n=st.integers(1, 3), m=st.integers(1, 4), indexed=st.booleans(), bias=st.booleans())
+def test_pair_gram_equals_the_explicit_kernel_of_each_index_pair(seed, B, d, G, T, n, m, indexed, bias):
+    f, a, _ = _outer(seed, B, d, G, T, n, m, indexed, bias)
+    g = _explicit(a, f.delta, vocab=m if indexed else 0).reshape(B, d, -1)
+    I, J = torch.randint(0, B, (2, 5), generator=torch.Generator().manual_seed(seed))  # repeats included
+    expected = torch.einsum("pcn,pen->pce", g[I], g[J])
+    assert torch.allclose(f.pair_gram(I, J), expected, atol=1e-10)
+    assert torch.allclose(f.dense().pair_gram(I, J), expected, atol=1e-10)
+    # Summed over factors of both representations, as the training criterion uses them.
+    assert torch.allclose(pair_gram([f, f.dense()], I, J), 2 * expected, atol=1e-10)
+    assert torch.allclose(self_gram([f, f.dense()]), 2 * torch.einsum("bcn,ben->bce", g, g), atol=1e-10)
 
 
 @settings(max_examples=25, deadline=None)

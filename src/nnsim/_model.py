@@ -15,7 +15,8 @@ ParamSelection = None | str | nn.Module | Iterable[str | nn.Module]
 
 
 def select_params(model: nn.Module, params: ParamSelection) -> dict[str, nn.Parameter]:
-    """Selected parameters by name, in registration order (the fixed order of spec §8.2).
+    """Selected parameters by name, in registration order (the fixed order of docs/method.md, "Analysed outputs
+    and parameters").
 
     ``None`` selects every parameter with ``requires_grad``; otherwise names, glob patterns (``"fc*.weight"``)
     or submodules, alone or in a list. Tied parameters appear once, under their first name.

@@ -1,4 +1,5 @@
-"""Pure tensor algebra of the similarity kernels (method spec §4-§6).
+"""Pure tensor algebra of the similarity kernels (docs/method.md, "Kernels", "Normalisation", "Influence",
+"Output metrics").
 
 Nothing here knows about modules, data or files: every function maps tensors to tensors.
 Shapes use B for a batch of samples and d for the number of analysed outputs.
@@ -17,7 +18,7 @@ Singular = Literal["pinv", "raise", "ridge"]
 
 
 def default_rtol(dtype: torch.dtype) -> float:
-    """Relative eigenvalue threshold of the rank guard (spec §5.4): looser for float32 gradients."""
+    """Relative eigenvalue threshold of the rank guard (docs/method.md, "Normalisation"): looser for float32."""
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
@@ -62,7 +63,7 @@ def inv_sqrt_psd(
     singular: Singular = "pinv",
     ridge: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    """Pseudo-inverse square root of symmetric PSD matrices with a rank guard (spec §5.4).
+    """Pseudo-inverse square root of symmetric PSD matrices with a rank guard (docs/method.md, "Normalisation").
 
     Args:
         K: [..., d, d] symmetric positive semi-definite.
@@ -78,7 +79,8 @@ def inv_sqrt_psd(
 def pinv_psd(
     K: Tensor, rtol: float | None = None, atol: float = 0.0, singular: Singular = "pinv", ridge: float = 1e-6
 ) -> tuple[Tensor, Tensor]:
-    """Guarded pseudo-inverse of symmetric PSD matrices [..., d, d] (spec §5.9); returns (K^+, rank)."""
+    """Guarded pseudo-inverse of symmetric PSD matrices [..., d, d]; returns (K^+, rank) (docs/method.md,
+    "Influence")."""
     return _spectral_fn(K, -1.0, rtol, atol, singular, ridge)
 
 
@@ -104,13 +106,13 @@ def normalize_kernel(K_ab: Tensor, inv_sqrt_a: Tensor, inv_sqrt_b: Tensor) -> Te
 
 
 def trace_summary(K: Tensor, denominator: int | None = None) -> Tensor:
-    """Tr(K) / d over the last two axes (the paper's scalar summary, spec §5.6)."""
+    """Tr(K) / d over the last two axes (the paper's scalar summary, docs/method.md, "Kernels")."""
     d = K.shape[-1] if denominator is None else denominator
     return torch.diagonal(K, dim1=-2, dim2=-1).sum(-1) / d
 
 
 def influence_from_kernel(K_ab: Tensor, pinv_a: Tensor) -> Tensor:
-    """Asymmetric move transfer from x = a_i to x' = b_j: K(x', x) K(x, x)^+ (spec §5.2, §5.9).
+    """Asymmetric move transfer from x = a_i to x' = b_j: K(x', x) K(x, x)^+ (docs/method.md, "Influence").
 
     Args:
         K_ab: [N, M, d, d] with K_ab[i, j] = K(a_i, b_j); pinv_a: [N, d, d] = K(a_i, a_i)^+.
@@ -122,7 +124,8 @@ def influence_from_kernel(K_ab: Tensor, pinv_a: Tensor) -> Tensor:
 
 
 def softmax_fisher(logits: Tensor) -> Tensor:
-    """Fisher information metric of the categorical distribution in logit coordinates (spec §6.2).
+    """Fisher information metric of the categorical distribution in logit coordinates (docs/method.md, "Output
+    metrics").
 
     Args:
         logits: [B, C]. Returns: [B, C, C] = diag(p) - p p^T with p = softmax(logits).

@@ -1,4 +1,4 @@
-"""Per-sample gradient factors and their exact Gram products (method spec §7).
+"""Per-sample gradient factors and their exact Gram products (docs/method.md, "Layer-wise structure").
 
 A *factor* describes the per-sample Jacobian of the analysed outputs with respect to one group of
 parameters, for a batch of B samples and d outputs, without necessarily materialising it:
@@ -9,21 +9,57 @@ parameters, for a batch of B samples and d outputs, without necessarily material
   Embedding with one-hot ``a`` given as indices). Its Gram product uses
   ``<g_i, g_j> = sum_{t,s} (a_it . a_js)(delta_it . delta_js)`` and never builds ``g``.
 
-Both support mixing the output axis by per-sample d x d matrices (metrics, kernel normalisation), exact
-Gram tiles in "full" ([B1, B2, d, d]) or "trace" ([B1, B2], sum over matched outputs) mode, per-sample
-self-kernels, and batch-summed gradients (used to verify that every parameter use was captured).
+Both implement the :class:`Factor` protocol: mixing the output axis by per-sample d x d matrices (metrics,
+kernel normalisation), exact Gram tiles in "full" ([B1, B2, d, d]) or "trace" ([B1, B2], sum over matched
+outputs) mode, the kernel of index pairs and per-sample self-kernels (training's criterion), their size and
+cost (which representation is cheaper), and batch-summed gradients (used to verify that every parameter use
+was captured). Callers use the protocol and never test which representation a factor is.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 ParamSpec = tuple[str, torch.Size]
+
+
+class Factor(Protocol):
+    """What every factor type provides (implemented by :class:`Dense` and :class:`Outer`; a new representation
+    implements these and every caller works unchanged). B samples, d outputs, n parameters of the layer."""
+
+    layer: str
+    params: list[ParamSpec]
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def outputs(self) -> int: ...  # d
+    @property
+    def positions(self) -> int: ...  # T of a sum over positions; 1 for an explicit gradient
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    def mix(self, M: Tensor) -> Factor: ...  # output columns mixed by per-sample M [B, d, e]
+    def gram(self, other: Factor, mode: str) -> Tensor: ...  # [B1, d, B2, d] (full) or [B1, B2] (trace)
+    def pair_gram(self, I: Tensor, J: Tensor) -> Tensor: ...  # K(x_I[p], x_J[p]) for index pairs: [n, d, d]
+    def self_gram(self) -> Tensor: ...  # K(x_b, x_b): [B, d, d]
+    def prefers_dense(self, mode: str, partners: int = ...) -> bool: ...  # the explicit gradient is cheaper
+    def compact(self) -> Factor: ...  # the smaller of the representations
+    def dense(self) -> Dense: ...
+    def select(self, idx: Tensor) -> Factor: ...
+    def inner(self, S: list[Tensor]) -> Tensor: ...  # <g[b, c], S[e]>: [B, d, e]
+    def project(self, k: int, seed: int) -> Tensor: ...  # [B, d, k']
+    def batch_grad(self) -> list[Tensor]: ...  # sum over the batch, one [d, *shape] per param
 
 # Speed constants of the cost model, measured on this project's reference CPU (1 thread, float32; see
 # docs/benchmarks.md, "Cost model"): only their ratios matter. Large GEMMs reach F_GEMM; each output element
@@ -44,9 +80,15 @@ _PAIR_BLOCK_ELEMS = 2**24
 _PROJ_BLOCK = 2**14
 
 
-def _seed(seed: int, layer: str, role: str) -> int:
+# A projection's generator seed mixes the user seed with a layer and a role: a prime multiplier keeps the streams
+# of nearby user seeds apart, and the result stays in the int64 range of torch.Generator.manual_seed.
+_SEED_PRIME = 1_000_003
+_SEED_RANGE = 2**63
+
+
+def layer_seed(seed: int, layer: str, role: str) -> int:
     """A projection's generator seed from (user seed, layer, role): reproducible across processes."""
-    return (seed * 1_000_003 + zlib.crc32(f"{layer}/{role}".encode())) % 2**63
+    return (seed * _SEED_PRIME + zlib.crc32(f"{layer}/{role}".encode())) % _SEED_RANGE
 
 
 def _gaussian(rows: int, cols: int, seed: int, like: Tensor) -> Tensor:
@@ -63,27 +105,60 @@ def _dense_gram(ga: Tensor, gb: Tensor, mode: str) -> Tensor:
     return (ga.reshape(B1 * d, n) @ gb.reshape(B2 * d, n).T).view(B1, d, B2, d)
 
 
+class _Batched:
+    """B, d, device and dtype of a factor, read off its per-sample tensor ``_per_sample`` [B, d, ...]."""
+
+    _per_sample: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self._per_sample.shape[0]
+
+    @property
+    def outputs(self) -> int:
+        return self._per_sample.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self._per_sample.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._per_sample.dtype
+
+
 @dataclass
-class Dense:
+class Dense(_Batched):
     """Explicit per-sample Jacobian ``g [B, d, n]`` of the parameters ``params`` (concatenated)."""
 
     layer: str
     g: Tensor
     params: list[ParamSpec]
 
+    positions = 1
+
     @property
-    def batch_size(self) -> int:
-        return self.g.shape[0]
+    def _per_sample(self) -> Tensor:
+        return self.g
 
     def mix(self, M: Tensor) -> Dense:
         """Replace output columns by ``G M``: M [B, d, e]."""
         return replace(self, g=torch.einsum("bcn,bce->ben", self.g, M))
 
-    def gram(self, other: Dense, mode: str) -> Tensor:
-        return _dense_gram(self.g, other.g, mode)
+    def gram(self, other: Factor, mode: str) -> Tensor:
+        return _dense_gram(self.g, other.dense().g, mode)
+
+    def pair_gram(self, I: Tensor, J: Tensor) -> Tensor:
+        return torch.einsum("pcn,pen->pce", self.g[I], self.g[J])
 
     def self_gram(self) -> Tensor:
         return self.g @ self.g.transpose(1, 2)
+
+    def prefers_dense(self, mode: str, partners: int = 0) -> bool:
+        return False
+
+    def compact(self) -> Dense:
+        return self
 
     def dense(self) -> Dense:
         return self
@@ -110,7 +185,7 @@ class Dense:
         B, d, n = self.g.shape
         if n <= k:
             return self.g
-        gen = torch.Generator().manual_seed(_seed(seed, self.layer, "dense"))
+        gen = torch.Generator().manual_seed(layer_seed(seed, self.layer, "dense"))
         out = self.g.new_zeros(B, d, k)
         for s0 in range(0, n, _PROJ_BLOCK):  # the [k, n] matrix is generated block by block, never stored
             R = torch.randn(k, min(_PROJ_BLOCK, n - s0), generator=gen, dtype=torch.float64)
@@ -119,7 +194,7 @@ class Dense:
 
 
 @dataclass
-class Outer:
+class Outer(_Batched):
     """Per-sample Jacobian as a sum of outer products over positions, for G independent groups.
 
     Attributes:
@@ -144,8 +219,12 @@ class Outer:
         self.params = [p for p in (self.weight, self.bias) if p is not None]
 
     @property
-    def batch_size(self) -> int:
-        return self.delta.shape[0]
+    def _per_sample(self) -> Tensor:
+        return self.delta
+
+    @property
+    def positions(self) -> int:
+        return self.delta.shape[3]
 
     @property
     def indexed(self) -> bool:
@@ -166,14 +245,22 @@ class Outer:
         return _explicit_cost(self, mode, partners), _pairwise_cost(self, mode, partners)
 
     def prefers_dense(self, mode: str, partners: int = _NOMINAL_PARTNERS) -> bool:
-        """Whether the explicit gradient makes this layer's Gram tiles cheaper (spec §7.3). Both paths are
-        exact; the choice only changes speed (and float rounding). Explicit gradients above
+        """Whether the explicit gradient makes this layer's Gram tiles cheaper (docs/method.md, "How the kernel is
+        computed"). Both paths are exact; the choice only changes speed (and float rounding). Explicit gradients above
         ``_DENSE_SAMPLE_BYTES`` per sample are never chosen: a chunk of them would not fit in memory."""
         _, d, G, _, n = self.delta.shape
         if d * G * n * self.m * self.delta.element_size() > _DENSE_SAMPLE_BYTES:
             return False
         explicit, pairwise = self.costs(mode, partners)
         return explicit < pairwise
+
+    def compact(self) -> Factor:
+        """The explicit gradient when it is the smaller representation (e.g. early convolutions: many
+        positions, few weights), so later mixing, sums and Grams are cheaper; else self."""
+        _, d, G, T, n = self.delta.shape
+        if d * G * n * self.m < d * G * T * n + (G * T if self.indexed else G * T * self.m):
+            return self.dense()
+        return self
 
     def _grad_blocks(self, summed: bool = False) -> Tensor:
         """Explicit per-sample gradient [B, d, G, n, m], or its sum over the batch [d, G, n, m]."""
@@ -264,12 +351,12 @@ class Outer:
         if k1 == m:
             pa = torch.nn.functional.one_hot(self.a, m).to(self.delta) if self.indexed else self.a
         else:
-            P_in = _gaussian(k1, m, _seed(seed, self.layer, "in"), self.delta)
+            P_in = _gaussian(k1, m, layer_seed(seed, self.layer, "in"), self.delta)
             pa = P_in.T[self.a] if self.indexed else self.a @ P_in.T  # [B, G, T, k1]
         if k2 == n:
             pd = self.delta
         else:
-            pd = self.delta @ _gaussian(k2, n, _seed(seed, self.layer, "out"), self.delta).T  # [B, d, G, T, k2]
+            pd = self.delta @ _gaussian(k2, n, layer_seed(seed, self.layer, "out"), self.delta).T  # [B, d, G, T, k2]
         return torch.einsum("bcgtk,bgtl->bcgkl", pd, pa).reshape(B, d, -1)
 
     def _position_products(self, other: Outer, g: int, rows: slice) -> Tensor:
@@ -278,14 +365,17 @@ class Outer:
             return (self.a[rows, g].reshape(-1, 1) == other.a[:, g].reshape(1, -1)).to(self.delta.dtype)
         return self.a[rows, g].flatten(0, 1) @ other.a[:, g].flatten(0, 1).T
 
-    def gram(self, other: Outer, mode: str) -> Tensor:
+    def gram(self, other: Factor, mode: str) -> Tensor:
         """Exact Gram tile without building g: <g_i, g_j> = sum_{t,s} (a_it . a_js)(delta_it . delta_js).
 
         Both position products are single GEMMs over all (sample, position) pairs of the tile, multiplied
         elementwise and summed over the positions: trace mode contracts the outputs inside the delta GEMM
         ([B1 T1, d n] x [d n, B2 T2]); full mode keeps them ([B1 d T1, n] x [n, B2 d T2]). Rows are blocked
         so that the [rows, T1, B2, T2] (times d^2 in full mode) intermediates stay under _PAIR_BLOCK_ELEMS.
+        Against another representation both sides are made explicit.
         """
+        if not isinstance(other, Outer):
+            return self.dense().gram(other, mode)
         B1, d, G, T1, n = self.delta.shape
         B2, T2 = other.delta.shape[0], other.delta.shape[3]
         full = mode != "trace"
@@ -316,6 +406,26 @@ class Outer:
             out = term if out is None else out + term
         return out.view(shape)
 
+    def pair_gram(self, I: Tensor, J: Tensor) -> Tensor:
+        """K(x_I[p], x_J[p]) = sum_{t,s} (a_It . a_Js)(delta_It . delta_Js) per index pair, [n, d, d]."""
+        _, d, G, T, n = self.delta.shape
+        out = None
+        for g in range(G):
+            dI, dJ = self.delta[I, :, g], self.delta[J, :, g]  # [n, d, T, n_out]
+            if self.indexed:
+                pp = (self.a[I, g][:, :, None] == self.a[J, g][:, None, :]).to(self.delta.dtype)
+            elif T == 1:
+                aa = (self.a[I, g, 0] * self.a[J, g, 0]).sum(-1)
+                t = aa[:, None, None] * torch.einsum("pcn,pen->pce", dI[:, :, 0], dJ[:, :, 0])
+                out = t if out is None else out + t
+                continue
+            else:
+                pp = torch.einsum("ptm,psm->pts", self.a[I, g], self.a[J, g])
+            y = torch.einsum("pts,pesn->petn", pp, dJ)  # contracted over s first
+            t = torch.einsum("pctn,petn->pce", dI, y)
+            out = t if out is None else out + t
+        return out
+
     def self_gram(self) -> Tensor:
         B, d, G, T, n = self.delta.shape
         if T == 1 and not self.indexed:
@@ -336,9 +446,6 @@ class Outer:
                 y = torch.einsum("bts,besn->betn", pp, self.delta[rows, :, g])
                 out[rows] += torch.einsum("bctn,betn->bce", self.delta[rows, :, g], y)
         return out
-
-
-Factor = Dense | Outer
 
 
 def _gemm(M: int, K: int, N: int) -> float:
@@ -370,21 +477,14 @@ def _pairwise_cost(f: Outer, mode: str, partners: int) -> float:
 
 
 def compact(factors: list[Factor]) -> list[Factor]:
-    """Materialise the position-factored layers whose explicit gradient is the smaller representation
-    (e.g. early convolutions: many positions, few weights), so later mixing, sums and Grams are cheaper."""
-    out: list[Factor] = []
-    for f in factors:
-        if isinstance(f, Outer):
-            _, d, G, T, n = f.delta.shape
-            if d * G * n * f.m < d * G * T * n + (G * T if f.indexed else G * T * f.m):
-                f = f.dense()
-        out.append(f)
-    return out
+    """Each factor in its smaller representation (:meth:`Outer.compact`)."""
+    return [f.compact() for f in factors]
 
 
 def prepare(factors: list[Factor], mode: str) -> list[Factor]:
-    """Convert each factor to the representation that makes its Gram tiles cheapest (spec §7.3)."""
-    return [f.dense() if isinstance(f, Outer) and f.prefers_dense(mode) else f for f in factors]
+    """Convert each factor to the representation that makes its Gram tiles cheapest (docs/method.md, "How the
+    kernel is computed")."""
+    return [f.dense() if f.prefers_dense(mode) else f for f in factors]
 
 
 def gram(fa: list[Factor], fb: list[Factor], mode: str) -> Tensor:
@@ -395,8 +495,6 @@ def gram(fa: list[Factor], fb: list[Factor], mode: str) -> Tensor:
     """
     out = None
     for x, y in zip(fa, fb, strict=True):
-        if type(x) is not type(y):
-            x, y = x.dense(), y.dense()
         t = x.gram(y, mode)
         out = t if out is None else out.add_(t)
     return out if mode == "trace" else out.permute(0, 2, 1, 3)
@@ -404,11 +502,7 @@ def gram(fa: list[Factor], fb: list[Factor], mode: str) -> Tensor:
 
 def inner(factors: list[Factor], sums: dict[str, Tensor]) -> Tensor:
     """<G_b columns, S columns> summed over factors, for parameter sums {name: [e, *shape]}: [B, d, e]."""
-    out = None
-    for f in factors:
-        t = f.inner([sums[name] for name, _ in f.params])
-        out = t if out is None else out + t
-    return out
+    return _summed(f.inner([sums[name] for name, _ in f.params]) for f in factors)
 
 
 def batch_sum(factors: list[Factor], into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -427,8 +521,14 @@ def project(factors: list[Factor], k: int, seed: int) -> Tensor:
 
 def self_gram(factors: list[Factor]) -> Tensor:
     """Per-sample K(x, x) [B, d, d] summed over factors."""
-    out = None
-    for f in factors:
-        t = f.self_gram()
-        out = t if out is None else out + t
-    return out
+    return _summed(f.self_gram() for f in factors)
+
+
+def pair_gram(factors: list[Factor], I: Tensor, J: Tensor) -> Tensor:
+    """K(x_I[p], x_J[p]) [n, d, d] for index pairs, summed over factors (differentiable)."""
+    return _summed(f.pair_gram(I, J) for f in factors)
+
+
+def _summed(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of per-factor terms, in order (a new tensor, never an in-place update of a term)."""
+    return functools.reduce(operator.add, terms)

@@ -1,4 +1,5 @@
-"""Output specifications: which d values per sample are analysed (method spec §6.3, §8.2).
+"""Output specifications: which d values per sample are analysed (docs/method.md, "Classification outputs",
+"Analysed outputs and parameters").
 
 An output spec is a callable ``(model_output, inputs) -> Tensor[B, d]``. It must treat samples
 independently (it is also called on single samples under ``torch.func.vmap``). ``inputs`` is the tuple of
@@ -69,7 +70,8 @@ def center_pixel(out: Any, inputs: tuple[Tensor, ...]) -> Tensor:
 
 
 def spatial_sum(out: Any, inputs: tuple[Tensor, ...]) -> Tensor:
-    """Sum over spatial axes, [B, C, *spatial] -> [B, C]: the authors' map-alignment output (spec §8.1)."""
+    """Sum over spatial axes, [B, C, *spatial] -> [B, C]: the authors' map-alignment output (docs/method.md,
+    "Analysed outputs and parameters")."""
     out = _tensor(out)
     return out.flatten(2).sum(-1)
 
@@ -110,7 +112,7 @@ def posnegflat_mask(t: Tensor, num_classes: int, dtype: torch.dtype = torch.floa
 
 
 def log_softmax_mask(target: int | str = "predicted", mask: str = "posnegflat") -> OutputFn:
-    """The authors' scalarisation s = sum_c m_c log_softmax(z)_c (spec §6.3), [B, 1].
+    """The authors' scalarisation s = sum_c m_c log_softmax(z)_c (docs/method.md, "Classification outputs"), [B, 1].
 
     With the ``posnegflat`` mask, s equals the logit margin z_t - mean_{c != t} z_c exactly.
     ``target`` is a class index or "predicted" (the argmax class of each sample, label-free).

@@ -1,4 +1,5 @@
-"""Pair builders for :class:`nnsim.SimilarityLoss`: which inputs are known to be similar (method spec §11).
+"""Pair builders for :class:`nnsim.SimilarityLoss`: which inputs are known to be similar (docs/method.md,
+"Training with the similarity criterion").
 
 Every builder returns ``pairs``, a LongTensor [n_pairs, 2] of row indices (into the batch, or into the
 dataset for :func:`sample_same_class`):
@@ -6,7 +7,8 @@ dataset for :func:`sample_same_class`):
 * :func:`same_label`: pairs of distinct rows of a batch that share a label (all of them, or a random subset);
 * :func:`augmented`: a batch and its transformed copy, concatenated, with the pairs (x_i, augment(x_i));
 * :func:`sample_same_class`: the authors' sampler: a class drawn uniformly, then two images of that class
-  drawn with replacement, per pair (spec §11.2), as indices into a labelled dataset;
+  drawn with replacement, per pair (docs/method.md, "Training with the similarity criterion"), as indices into
+  a labelled dataset;
 * :func:`check`: validate explicit index pairs.
 """
 
@@ -98,8 +100,9 @@ def augmented(
 def sample_same_class(
     labels: Tensor, n_pairs: int = 1, *, num_classes: int | None = None, generator: torch.Generator | None = None
 ) -> Tensor:
-    """The authors' pair sampler (spec §11.2): per pair, a class c uniform over the classes present, then two
-    dataset indices of class c drawn uniformly *with replacement* (so, rarely, the same index twice).
+    """The authors' pair sampler (docs/method.md, "Training with the similarity criterion"): per pair, a class c
+    uniform over the classes present, then two dataset indices of class c drawn uniformly *with replacement* (so,
+    rarely, the same index twice).
 
     Returns dataset indices [n_pairs, 2]; the training batch is ``x[idx.flatten()]`` and its pairs
     ``torch.arange(2 * n_pairs).view(-1, 2)``. ``num_classes`` (optional) checks that every class occurs.

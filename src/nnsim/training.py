@@ -1,4 +1,5 @@
-"""Enforcing similarity during training: a differentiable criterion on pairs of inputs (method spec §11).
+"""Enforcing similarity during training: a differentiable criterion on pairs of inputs (docs/method.md,
+"Training with the similarity criterion").
 
 :class:`SimilarityLoss` turns the network's similarity of known-similar pairs (same class, an input and its
 augmented copy, or any explicit index pairs) into a scalar to add to the task loss. Its gradient needs
@@ -19,19 +20,18 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import backends
-from . import outputs as outputs_mod
-from . import pairs as pairs_mod
+from . import backends, outputs, pairs
 from ._model import ParamSelection, analysis_mode, check_model, select_params
-from .backends import functorch as functorch_backend
+from .backends import functorch
 from .backends.base import Problem
 from .errors import InputError, ModelError
-from .factors import Dense, Factor, Outer
+from .factors import pair_gram, prepare, self_gram
 
 Variant = Literal["one_minus", "authors", "distance"]
 BatchMode = Literal["per_pair", "mean_gradient"]
 VARIANTS = ("one_minus", "authors", "distance")
-# The specification's names for the same variants (method spec §11.4).
+# The development specification's names for the same variants (docs/method.md, "Training with the similarity
+# criterion").
 _ALIASES = {"enforce": "one_minus", "authors_literal": "authors"}
 
 __all__ = ["SimilarityLoss", "VARIANTS"]
@@ -39,7 +39,8 @@ _TARGETS = "__nnsim_targets__"  # the keyword under which labels travel with key
 
 
 class SimilarityLoss:
-    """A differentiable similarity criterion on pairs of inputs, to add to the task loss (spec §11).
+    """A differentiable similarity criterion on pairs of inputs, to add to the task loss (docs/method.md,
+    "Training with the similarity criterion").
 
     ``reg = SimilarityLoss(model, output=..., variant="one_minus", weight=1.0)``;
     ``loss = task_loss + reg(inputs, pairs)``; ``loss.backward()`` back-propagates through the per-sample
@@ -50,7 +51,8 @@ class SimilarityLoss:
     * ``"one_minus"`` (default): mean over pairs of ``1 - rho``. Minimising it *enforces* similarity
       (the paper's stated intent). Alias ``"enforce"``.
     * ``"authors"``: mean of ``+rho``, exactly what the authors' released code adds to the loss. Minimising
-      it pushes the pairs' gradients *apart* (spec §11.3). Alias ``"authors_literal"``.
+      it pushes the pairs' gradients *apart* (docs/method.md, "Training with the similarity criterion"). Alias
+      ``"authors_literal"``.
     * ``"distance"``: mean of ``|g_A - g_B|^2 / (|g_A| |g_B|)`` (the authors' disabled alternative; it also
       penalises a norm mismatch). For d > 1 the Frobenius norms of the [d, P] Jacobians are used.
 
@@ -63,9 +65,10 @@ class SimilarityLoss:
         output: what is compared: ``None`` (the model output flattened to [B, d]), a callable
             ``(model_output, inputs) -> [B, d]`` (e.g. from :mod:`nnsim.outputs`), or ``"posnegflat"``, the
             authors' scalar score s = sum_c m_c log_softmax(z)_c with m = +1 at the sample's label and
-            -1/(C-1) elsewhere (spec §6.3), which needs ``targets`` in the call. For a pair of the same class
-            this is exactly the authors' mask (they build it from the label of the second image and use it
-            for both); for a cross-class pair each input uses its own label (an explicit choice, spec §6.3).
+            -1/(C-1) elsewhere, which needs ``targets`` in the call. For a pair of the same class this is
+            exactly the authors' mask (they build it from the label of the second image and use it for both);
+            for a cross-class pair each input uses its own label, an explicit choice (docs/method.md,
+            "Classification outputs").
         params: the parameters whose gradients are compared: ``None`` (all with ``requires_grad``), names,
             glob patterns or submodules. The criterion's gradient flows to every parameter it depends on.
         variant: ``"one_minus"``, ``"authors"`` or ``"distance"`` (see above).
@@ -85,7 +88,7 @@ class SimilarityLoss:
     def __init__(
         self,
         model: nn.Module,
-        output: outputs_mod.OutputFn | Literal["posnegflat"] | None = None,
+        output: outputs.OutputFn | Literal["posnegflat"] | None = None,
         params: ParamSelection = None,
         variant: Variant | str = "one_minus",
         weight: float = 1.0,
@@ -123,11 +126,11 @@ class SimilarityLoss:
             wrapped: nn.Module = _WithTargets(model)
             problem = Problem(wrapped, {"model." + n: p for n, p in self.params.items()}, _posnegflat_score)
         else:
-            problem = Problem(model, self.params, outputs_mod.flatten if output is None else output)
+            problem = Problem(model, self.params, outputs.flatten if output is None else output)
         self._problem = problem
         self._num_classes: int | None = None
         if backend == "functorch":
-            self._factor_fn: Callable = lambda batch: functorch_backend.factors(problem, batch, graph=True)
+            self._factor_fn: Callable = lambda batch: functorch.factors(problem, batch, graph=True)
         else:
             self._factor_fn = backends.Structured(problem, graph=True).factors
 
@@ -184,7 +187,7 @@ class SimilarityLoss:
                 with analysis_mode(self.model, {}), torch.no_grad():
                     first = tuple(x[:1] for x in batch)
                     out = self.model(*first) if keys is None else self.model(**dict(zip(keys, first, strict=True)))
-                    self._num_classes = outputs_mod.flatten(out, first).shape[1]
+                    self._num_classes = outputs.flatten(out, first).shape[1]
             if bool((t >= self._num_classes).any()):
                 raise InputError(f"targets must be class indices in [0, {self._num_classes}), got {int(t.max())}")
             batch = batch + (t,)
@@ -198,15 +201,15 @@ class SimilarityLoss:
         with analysis_mode(self.model, self.params):
             factors, y = self._factor_fn(batch)
             # Layers whose explicit per-sample gradient is the cheaper form (e.g. early convolutions) get it once.
-            factors = [f.dense() if isinstance(f, Outer) and f.prefers_dense("full") else f for f in factors]
+            factors = prepare(factors, "full")
             n = I.numel()
             if self.batch_mode == "per_pair":
-                self_K = _self_blocks(factors)
-                return _pair_blocks(factors, I, J), self_K[I], self_K[J]
+                self_K = self_gram(factors)
+                return pair_gram(factors, I, J), self_K[I], self_K[J]
             # Mean gradients: <mean_p g_Ip, mean_q g_Jq> = mean over (p, q) of K(I_p, J_q), and the norms alike.
             P1, P2 = I.repeat_interleave(n), I.repeat(n)
             Q1, Q2 = J.repeat_interleave(n), J.repeat(n)
-            K = _pair_blocks(factors, torch.cat([P1, P1, Q1]), torch.cat([Q2, P2, Q2]))
+            K = pair_gram(factors, torch.cat([P1, P1, Q1]), torch.cat([Q2, P2, Q2]))
             blocks = K.view(3, n * n, *K.shape[1:]).mean(1, keepdim=True)
             return blocks[0], blocks[1], blocks[2]
 
@@ -248,17 +251,17 @@ class _WithTargets(nn.Module):
 
 
 def _posnegflat_score(out: Any, inputs: tuple[Tensor, ...]) -> Tensor:
-    z = outputs_mod.flatten(out, inputs)
+    z = outputs.flatten(out, inputs)
     if z.shape[1] < 2:
         raise ModelError("output='posnegflat' needs a classifier with at least two logits")
     t = inputs[_TARGETS] if isinstance(inputs, Mapping) else inputs[-1]
-    m = outputs_mod.posnegflat_mask(t, z.shape[1], z.dtype)
+    m = outputs.posnegflat_mask(t, z.shape[1], z.dtype)
     return (m * torch.log_softmax(z, dim=-1)).sum(-1, keepdim=True)
 
 
-def _check_pairs(pairs: Any, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    pairs = pairs_mod.check(pairs, B).to(device)
-    return pairs[:, 0], pairs[:, 1]
+def _check_pairs(given: Any, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    checked = pairs.check(given, B).to(device)
+    return checked[:, 0], checked[:, 1]
 
 
 def _check_targets(targets: Any, B: int, device: torch.device) -> Tensor:
@@ -272,54 +275,6 @@ def _check_targets(targets: Any, B: int, device: torch.device) -> Tensor:
     if bool((targets < 0).any()):
         raise InputError("targets must be class indices >= 0")
     return targets.to(device=device, dtype=torch.long)
-
-
-# ---------------------------------------------------------------------- pair blocks from factors
-def _pair_blocks(factors: list[Factor], I: Tensor, J: Tensor) -> Tensor:
-    """K(x_I[p], x_J[p]) = G_I[p] G_J[p]^T for each index pair, [n, d, d], summed over factors (in the graph)."""
-    out = None
-    for f in factors:
-        t = _factor_pairs(f, I, J)
-        out = t if out is None else out + t
-    return out
-
-
-def _self_blocks(factors: list[Factor]) -> Tensor:
-    """K(x_b, x_b) for every sample, [B, d, d] (in the graph)."""
-    out = None
-    for f in factors:
-        if isinstance(f, Dense):
-            t = torch.einsum("bcn,ben->bce", f.g, f.g)
-        elif not f.indexed and f.a.shape[2] == 1:  # one position: |a|^2 (delta delta^T)
-            t = torch.einsum("bg,bcgn,begn->bce", (f.a[:, :, 0] ** 2).sum(-1), f.delta[:, :, :, 0], f.delta[:, :, :, 0])
-        else:
-            idx = torch.arange(f.batch_size, device=f.delta.device)
-            t = _factor_pairs(f, idx, idx)
-        out = t if out is None else out + t
-    return out
-
-
-def _factor_pairs(f: Factor, I: Tensor, J: Tensor) -> Tensor:
-    if isinstance(f, Dense):
-        return torch.einsum("pcn,pen->pce", f.g[I], f.g[J])
-    _, d, G, T, n = f.delta.shape
-    out = None
-    for g in range(G):
-        dI, dJ = f.delta[I, :, g], f.delta[J, :, g]  # [n, d, T, n_out]
-        if f.indexed:
-            pp = (f.a[I, g][:, :, None] == f.a[J, g][:, None, :]).to(f.delta.dtype)
-        elif T == 1:
-            aa = (f.a[I, g, 0] * f.a[J, g, 0]).sum(-1)
-            t = aa[:, None, None] * torch.einsum("pcn,pen->pce", dI[:, :, 0], dJ[:, :, 0])
-            out = t if out is None else out + t
-            continue
-        else:
-            pp = torch.einsum("ptm,psm->pts", f.a[I, g], f.a[J, g])
-        # sum_{t,s} (a_It . a_Js)(delta_It . delta_Js), contracted over s first.
-        y = torch.einsum("pts,pesn->petn", pp, dJ)
-        t = torch.einsum("pctn,petn->pce", dI, y)
-        out = t if out is None else out + t
-    return out
 
 
 # ---------------------------------------------------------------------- similarity of blocks

@@ -1,5 +1,5 @@
 """One forward pass, d backward passes to the layer outputs, per-layer rules: no per-sample gradient
-is built where a layer rule can avoid it (method spec §7.3).
+is built where a layer rule can avoid it (docs/method.md, "Layer-wise structure").
 
 Planning (on probe samples of the first chunk, again whenever the input signature changes) decides which
 module handles which parameter, and proves it before any result is returned:

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as nd
+from .. import Similarity, distributed
 from ..errors import InputError, ModelError
-from ..similarity import Similarity
 
 
 @dataclass
@@ -36,6 +35,11 @@ class Analysis:
     neighbor_similarity: np.ndarray  # [N, k]
     summary: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+
+
+# The library's exact method="linearized" eigendecomposes the [N d, N d] kernel up to this many rows (and refuses
+# more); above it the analysis asks for its Nystroem approximation instead of failing.
+LINEARIZED_EXACT_MAX_ROWS = 6000
 
 
 @torch.no_grad()
@@ -65,35 +69,16 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
         log(f"[{name}] done in {timings[name]:.1f} s")
         return out
 
-    comm = nd.resolve(None)  # the group of the nnsim calls below (None in a plain run)
-    with nd.together(comm):
-        logits = predict(model, x, device)
-        cols: dict[str, np.ndarray] = {"index": np.arange(n)}
+    comm = distributed.resolve(None)  # the group of the nnsim calls below (None in a plain run)
+    with distributed.together(comm):
+        logits, cols = _prediction_columns(model, x, y, k, device)
         classifier = logits.shape[1] > 1
-        if classifier:
-            prob = logits.softmax(1)
-            cols["prediction"] = logits.argmax(1).numpy()
-            cols["confidence"] = prob.max(1).values.numpy()
-        if y is not None:
-            cols["label"] = y.numpy()
-            if classifier and int(y.max()) >= logits.shape[1]:
-                raise InputError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs: "
-                                 "labels must be the model's class indices")
-            if classifier:
-                cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
-                cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
-                confidence = self_confidence(y.numpy(), prob.double().numpy())
-                if confidence is not None:
-                    cols["self_confidence"] = confidence
-            # Baseline: the same neighbour vote with plain input-space (Euclidean) neighbours.
-            cols["input_knn_disagreement"] = input_knn_disagreement(x, y, k)
-
     density = step("density", lambda: nonzero_gradients(lambda: sim.density(x)))
     cols["density"] = density.double().numpy()
     vals, idx = step("neighbors", lambda: sim.neighbors(x, k=k, exclude_self=True))
     nn_idx, nn_sim = idx.numpy(), vals.double().numpy()
 
-    with nd.together(comm):
+    with distributed.together(comm):
         d = sim.d
         label_targets = None
         if y is not None and d == logits.shape[1] and classifier and int(y.max()) < d:
@@ -107,13 +92,40 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
     if noisy_targets is not None:
         rows = n * noisy_targets.reshape(n, -1).shape[1]
         lin = step("denoising (linearized)", lambda: sim.denoising(
-            x, targets=noisy_targets.to(x.dtype), method="linearized", approximate=rows > 6000))
-    with nd.together(comm):
+            x, targets=noisy_targets.to(x.dtype), method="linearized", approximate=rows > LINEARIZED_EXACT_MAX_ROWS))
+    with distributed.together(comm):
         result = _finish(cols, report, label_targets is not None, nn_idx, nn_sim, y, n, d, k, exact_denoising, dim,
                          timings)
         if lin is not None:
             _add_linearized(result, lin)
         return result
+
+
+def _prediction_columns(model: nn.Module, x: Tensor, y: Tensor | None, k: int, device: str
+                        ) -> tuple[Tensor, dict[str, np.ndarray]]:
+    """The model's logits [N, C] and the per-sample columns that need no eNTK: prediction and confidence (a
+    classifier), and with labels the loss, cleanlab's self-confidence and the input-space kNN baseline."""
+    logits = predict(model, x, device)
+    cols: dict[str, np.ndarray] = {"index": np.arange(len(x))}
+    classifier = logits.shape[1] > 1
+    if classifier:
+        prob = logits.softmax(1)
+        cols["prediction"] = logits.argmax(1).numpy()
+        cols["confidence"] = prob.max(1).values.numpy()
+    if y is not None:
+        cols["label"] = y.numpy()
+        if classifier and int(y.max()) >= logits.shape[1]:
+            raise InputError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs: "
+                             "labels must be the model's class indices")
+        if classifier:
+            cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
+            cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+            confidence = self_confidence(y.numpy(), prob.double().numpy())
+            if confidence is not None:
+                cols["self_confidence"] = confidence
+        # Baseline: the same neighbour vote with plain input-space (Euclidean) neighbours.
+        cols["input_knn_disagreement"] = input_knn_disagreement(x, y, k)
+    return logits, cols
 
 
 def _add_linearized(result: Analysis, lin: Any) -> None:

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import datasets
-from .. import distributed as nd
+from .. import datasets, distributed
 from .._files import atomic_path
 
 NOISE_FRACTION = 0.10
@@ -104,30 +103,11 @@ def export_model(model: nn.Module, example: Tensor, path: str) -> None:
     torch.export.save(program, path)
 
 
-def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_outputs: Callable[..., None],
-             args: Any) -> dict[str, Any]:
-    """Train, save ``model.pt2`` / ``weights.pt`` / ``data.npz`` in ``out``, analyse, write the report.
-
-    The analysis runs on the in-memory model (the structured layer rules apply to its Conv2d/Linear layers);
-    ``nnsim analyze --model out/model.pt2`` gives the same numbers through the exported program.
-
-    Under ``torchrun``: rank 0 trains and writes the files, :func:`nnsim.distributed.broadcast_module` gives
-    its weights to the other ranks (training on every rank would give the same weights only as long as every
-    rank sums in the same order: same device, same thread count), then every rank runs the analysis (collective)
-    and rank 0 writes the report. Each local step runs inside :class:`nnsim.distributed.together`, so that a
-    failure on one rank fails them all instead of leaving them waiting.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    from ..report import SCORES
-    from ..similarity import Similarity
-    from .analysis import run_analysis
-    from .loading import Data
-
-    t0 = time.perf_counter()
-    comm = nd.resolve(None)
-    main = nd.is_main_process()
-    with nd.together(comm):
+def _train_and_save(out: Path, log: Callable[[str], None], progress: bool, comm: Any, main: bool
+                    ) -> tuple[DemoData, nn.Module, float, float]:
+    """Rank 0 trains the CNN and writes model.pt2, weights.pt and data.npz; the other ranks receive its weights.
+    Returns the data, the model and its agreement with the noisy and with the true labels."""
+    with distributed.together(comm):
         data = noisy_digits()  # seeded: the same samples on every rank
         if main:
             out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +117,8 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
             model = train_demo_model(data, progress=progress)
         else:
             model = digits_cnn().eval()  # rank 0's weights arrive below
-    nd.broadcast_module(model)
-    with nd.together(comm):
+    distributed.broadcast_module(model)
+    with distributed.together(comm):
         with torch.no_grad():
             pred = model(data.x).argmax(1)
         acc_noisy = float((pred == data.y).float().mean())
@@ -155,26 +135,58 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
                          flipped=data.flipped.numpy())
             log(f"wrote {out}/model.pt2 (torch.export), {out}/weights.pt (state dict of nnsim.cli.demo:digits_cnn), "
                 f"{out}/data.npz (x, noisy labels y, y_true, flipped)")
+    return data, model, acc_noisy, acc_true
 
+
+def _flipped_label_scores(result: Any, flipped: np.ndarray, acc_noisy: float, acc_true: float) -> dict[str, Any]:
+    """How well the mislabel score and the baselines find the flipped labels (AUROCs, share of the top list)."""
+    from sklearn.metrics import roc_auc_score
+
+    from ..report import SCORES
+
+    score = result.columns["mislabel_score"]
+    top = np.argsort(-score, kind="stable")[: int(flipped.sum())]
+    return {
+        "flipped_labels": int(flipped.sum()),
+        "model_agrees_with_noisy_labels": round(acc_noisy, 4), "model_agrees_with_true_labels": round(acc_true, 4),
+        "mislabel_score_auroc_for_flipped": round(float(roc_auc_score(flipped, score)), 4),
+        "flipped_among_top_scored": round(float(flipped[top].mean()), 4),
+        # The same AUROC for the baselines and nnsim's components (sign: higher = more likely flipped).
+        "auroc_for_flipped": {key: round(float(roc_auc_score(flipped, sign * result.columns[key])), 4)
+                              for key, _, sign in SCORES if key in result.columns},
+    }
+
+
+def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_outputs: Callable[..., None],
+             args: Any) -> dict[str, Any]:
+    """Train, save ``model.pt2`` / ``weights.pt`` / ``data.npz`` in ``out``, analyse, write the report.
+
+    The analysis runs on the in-memory model (the structured layer rules apply to its Conv2d/Linear layers);
+    ``nnsim analyze --model out/model.pt2`` gives the same numbers through the exported program.
+
+    Under ``torchrun``: rank 0 trains and writes the files, :func:`nnsim.distributed.broadcast_module` gives
+    its weights to the other ranks (training on every rank would give the same weights only as long as every
+    rank sums in the same order: same device, same thread count), then every rank runs the analysis (collective)
+    and rank 0 writes the report. Each local step runs inside :class:`nnsim.distributed.together`, so that a
+    failure on one rank fails them all instead of leaving them waiting.
+    """
+    from .. import Similarity
+    from .analysis import run_analysis
+    from .loading import Data
+
+    t0 = time.perf_counter()
+    comm = distributed.resolve(None)
+    main = distributed.is_main_process()
+    data, model, acc_noisy, acc_true = _train_and_save(out, log, progress, comm, main)
     sim = Similarity(model, progress=progress and main)
     result = run_analysis(sim, model, data.x, data.y, log=log)
-    with nd.together(comm):
+    with distributed.together(comm):
         flipped = data.flipped.numpy()
-        score = result.columns["mislabel_score"]
-        top = np.argsort(-score, kind="stable")[: int(flipped.sum())]
         result.columns["known_mislabelled"] = flipped  # the truth the analysis never saw, for the report's AUROCs
-        result.summary["demo"] = {
-            "flipped_labels": int(flipped.sum()),
-            "model_agrees_with_noisy_labels": round(acc_noisy, 4), "model_agrees_with_true_labels": round(acc_true, 4),
-            "mislabel_score_auroc_for_flipped": round(float(roc_auc_score(flipped, score)), 4),
-            "flipped_among_top_scored": round(float(flipped[top].mean()), 4),
-            # The same AUROC for the baselines and nnsim's components (sign: higher = more likely flipped).
-            "auroc_for_flipped": {key: round(float(roc_auc_score(flipped, sign * result.columns[key])), 4)
-                                  for key, _, sign in SCORES if key in result.columns},
-        }
+        result.summary["demo"] = _flipped_label_scores(result, flipped, acc_noisy, acc_true)
         demo = result.summary["demo"]
         log(f"mislabel score finds the flipped labels with AUROC {demo['mislabel_score_auroc_for_flipped']}; "
-            f"{demo['flipped_among_top_scored']:.1%} of the {len(top)} top-scored samples were flipped")
+            f"{demo['flipped_among_top_scored']:.1%} of the {demo['flipped_labels']} top-scored samples were flipped")
         log("AUROC of the baselines: " + ", ".join(f"{key} {v}" for key, v in demo["auroc_for_flipped"].items()))
         result.summary["data"] = f"{out}/data.npz"
         result.summary["model"] = f"{out}/model.pt2"

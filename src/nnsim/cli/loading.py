@@ -94,70 +94,83 @@ def load_model(spec: str, weights: str | None = None, device: str = "cpu", rando
     A factory without ``weights`` is refused unless ``random_init`` (its model would be an untrained one).
     """
     if _is_factory_spec(spec):
-        factory = _import_factory(spec, "model factory")
-        if weights is None and not random_init:
-            raise CLIError(f"--model {spec} builds a model at its random initialisation: pass its trained weights "
-                           "with --weights FILE (a state dict), or --random-init to analyse the untrained model on "
-                           "purpose", EXIT_USAGE)
-        try:
-            model = factory()
-        except Exception as e:
-            raise CLIError(f"the model factory {spec!r} failed: {type(e).__name__}: {e}", EXIT_MODEL) from e
-        if not isinstance(model, nn.Module):
-            raise CLIError(f"the model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module",
-                           EXIT_MODEL)
-        if weights is not None:
-            path = _existing_file(weights, "weights")
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CLIError(f"{weights}: not a readable state-dict file ({type(e).__name__}: "
-                               f"{_first_line(e)})") from e
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-            if not isinstance(state, dict):
-                raise CLIError(f"{weights}: expected a state dict (name -> tensor), got {type(state).__name__}")
-            mismatch = _state_dict_mismatch(model, state)
-            if mismatch:
-                raise CLIError(f"{weights} does not fit the model from {spec!r}: {mismatch}", EXIT_MODEL)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                raise CLIError(f"{weights} does not fit the model from {spec!r}: {_first_line(e)}", EXIT_MODEL) from e
+        model = _factory_model(spec, weights, random_init)
     else:
         if weights is not None:
             raise CLIError("--weights goes with a model factory 'package.module:factory'; a .pt2 file holds "
                            "its own weights", EXIT_USAGE)
-        path = _existing_file(spec, "model")
-        hint = "" if path.suffix == ".pt2" else " (expected a torch.export program saved with torch.export.save)"
-        if not zipfile.is_zipfile(path):
-            raise CLIError(f"{spec}: not a readable torch.export program{hint}: not a zip archive (truncated or "
-                           "another format)")
-        # torch.export logs a full traceback before re-raising on a bad archive: keep the one-line promise.
-        logger = logging.getLogger("torch.export")
-        level = logger.level
-        logger.setLevel(logging.CRITICAL)
-        try:
-            program = torch.export.load(str(path))
-        except Exception as e:
-            raise CLIError(f"{spec}: not a readable torch.export program{hint}: {type(e).__name__}: "
-                           f"{_first_line(e)}", EXIT_INPUT) from e
-        finally:
-            logger.setLevel(level)
-        model = program.module()
-        _check_exported_eval_mode(model, spec)
-        # torch.export's module() replaces train()/eval() by methods that raise, because the graph's mode was
-        # fixed at export time. nnsim switches modes around its analysis; with the graph already in eval mode
-        # (checked above) the flag changes nothing, so the ordinary nn.Module methods are restored.
-        del model.train, model.eval
-        # Exported parameters do not keep the flags that said what was trained: analyse all of them.
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model = _exported_model(spec)
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as e:
         raise CLIError(f"cannot move the model to device {device!r}: {_first_line(e)}", EXIT_USAGE) from e
     return model.eval()
+
+
+def _factory_model(spec: str, weights: str | None, random_init: bool) -> nn.Module:
+    """``package.module:factory``'s model with the state dict of ``weights`` loaded (checked key by key)."""
+    factory = _import_factory(spec, "model factory")
+    if weights is None and not random_init:
+        raise CLIError(f"--model {spec} builds a model at its random initialisation: pass its trained weights "
+                       "with --weights FILE (a state dict), or --random-init to analyse the untrained model on "
+                       "purpose", EXIT_USAGE)
+    try:
+        model = factory()
+    except Exception as e:
+        raise CLIError(f"the model factory {spec!r} failed: {type(e).__name__}: {e}", EXIT_MODEL) from e
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"the model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module",
+                       EXIT_MODEL)
+    if weights is None:
+        return model
+    path = _existing_file(weights, "weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CLIError(f"{weights}: not a readable state-dict file ({type(e).__name__}: "
+                       f"{_first_line(e)})") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CLIError(f"{weights}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    mismatch = _state_dict_mismatch(model, state)
+    if mismatch:
+        raise CLIError(f"{weights} does not fit the model from {spec!r}: {mismatch}", EXIT_MODEL)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CLIError(f"{weights} does not fit the model from {spec!r}: {_first_line(e)}", EXIT_MODEL) from e
+    return model
+
+
+def _exported_model(spec: str) -> nn.Module:
+    """The module of a ``torch.export`` program file, checked to be in eval mode, with all parameters analysed."""
+    path = _existing_file(spec, "model")
+    hint = "" if path.suffix == ".pt2" else " (expected a torch.export program saved with torch.export.save)"
+    if not zipfile.is_zipfile(path):
+        raise CLIError(f"{spec}: not a readable torch.export program{hint}: not a zip archive (truncated or "
+                       "another format)")
+    # torch.export logs a full traceback before re-raising on a bad archive: keep the one-line promise.
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise CLIError(f"{spec}: not a readable torch.export program{hint}: {type(e).__name__}: "
+                       f"{_first_line(e)}", EXIT_INPUT) from e
+    finally:
+        logger.setLevel(level)
+    model = program.module()
+    _check_exported_eval_mode(model, spec)
+    # torch.export's module() replaces train()/eval() by methods that raise, because the graph's mode was
+    # fixed at export time. nnsim switches modes around its analysis; with the graph already in eval mode
+    # (checked above) the flag changes nothing, so the ordinary nn.Module methods are restored.
+    del model.train, model.eval
+    # Exported parameters do not keep the flags that said what was trained: analyse all of them.
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def _state_dict_mismatch(model: nn.Module, state: dict[str, Any], show: int = 4) -> str:

@@ -1,4 +1,4 @@
-"""A scaled-down version of the authors' multi-branch U-Net for map alignment (method spec §14.3).
+"""A scaled-down version of the authors' multi-branch U-Net for map alignment (docs/method.md, "Experiments").
 
 Two input branches (image, polygon map) of VALID 3x3 convolutions with ELU and 2x2 max-pooling; at each
 level the two branches' features are concatenated and passed through a common pair of convolutions; the

@@ -1,4 +1,5 @@
-"""Experiment 3 of the paper: does enforcing similarity speed up training on MNIST? (method spec §11, §15)
+"""Experiment 3 of the paper: does enforcing similarity speed up training on MNIST? (docs/method.md,
+"Training with the similarity criterion", "Experiments")
 
 The authors' protocol: their CNN (``InnerConvNet``, 317 069 parameters), per step one pair of images of
 one class (class uniform, images uniform with replacement), loss = 1/2 (NLL(A) + NLL(B)) [+ criterion],
@@ -52,7 +53,7 @@ NORMALIZE = {"mnist": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}
 
 
 class InnerConvNet(nn.Module):
-    """The authors' MNIST CNN (spec §15.1): 317 069 parameters; returns the logits [B, 10]."""
+    """The authors' MNIST CNN (docs/method.md, "Experiments"): 317 069 parameters; returns the logits [B, 10]."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -328,7 +329,7 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-# Read off the authors' convergence figure (spec §15.5): step -> (baseline %, with their criterion %).
+# Read off the authors' convergence figure (docs/method.md, "Experiments"): step -> (baseline %, criterion %).
 AUTHORS_FIGURE = {0: (10, 10), 10: (19, 27), 20: (26, 37), 40: (45, 55), 60: (57, 65), 80: (66, 70), 100: (71, 73)}
 
 

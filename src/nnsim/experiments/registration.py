@@ -1,4 +1,4 @@
-"""Self-denoising in multimodal registration (method spec §14, §10; issue 5 part 2).
+"""Self-denoising in multimodal registration (docs/method.md, "Experiments", "Self-denoising"; issue 5 part 2).
 
 A two-branch U-Net learns to predict the misalignment between an aerial-like image and a building map from
 labels that are themselves wrong by a smooth random field of known standard deviation sigma. The data are
@@ -14,7 +14,8 @@ a procedural stand-in for the paper's aerial images + OpenStreetMap polygons (``
 
 The analysed output is the displacement at the centre of the output map (``nnsim.outputs.center_pixel``,
 d = 2) for the gradients and the predictions alike (the authors' code used the sum over the 4 x 4 map for
-the gradients and one pixel for the predictions; their own note asks for the centre pixel, spec §10.4).
+the gradients and one pixel for the predictions; their own note asks for the centre pixel: docs/method.md,
+"Analysed outputs and parameters").
 
 Run: ``python -m nnsim.experiments.registration [--quick] --out DIR``. Writes DIR/results.json and the
 figures DIR/registration_*.png. Only the public API of nnsim is used.

@@ -1,4 +1,5 @@
-"""The paper's toy 1-D problem (Charpiat et al. 2019, Fig. 4 and the estimator comparison; spec §13).
+"""The paper's toy 1-D problem (Charpiat et al. 2019, Fig. 4 and the estimator comparison; docs/method.md,
+"Experiments").
 
 alpha ~ U[0, 1] (sorted), input (cos 2 pi alpha, sin 2 pi alpha), target sin(2 pi f alpha), n samples per
 frequency f; an MLP 2 -> 64 (six ReLU hidden layers of width 64) -> 1 trained with Adam (lr 1e-4), batch 64,
@@ -36,7 +37,8 @@ import nnsim
 
 from . import _toy_training as tt
 
-HARD_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.925, 0.95, 0.975, 0.99)  # the authors' grid (spec §9.1)
+# The authors' grids (docs/method.md, "Density and neighbour counts").
+HARD_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.925, 0.95, 0.975, 0.99)
 LESS_SOFT_POWERS = (2, 3, 4)
 PAPER_FIG4_FREQS = (1, 2, 4, 8)
 
@@ -79,7 +81,8 @@ class ToyData:
 
 
 def curvature(alpha: Tensor, f: float) -> Tensor:
-    """Curvature of the graph of alpha -> sin(2 pi f alpha): |y''| / (1 + y'^2)^(3/2) (spec §13.1)."""
+    """Curvature of the graph of alpha -> sin(2 pi f alpha): |y''| / (1 + y'^2)^(3/2) (docs/method.md,
+    "Experiments")."""
     w = 2 * math.pi * f
     d1 = w * torch.cos(w * alpha)
     d2 = -(w**2) * torch.sin(w * alpha)
@@ -167,8 +170,8 @@ def estimator_names(cfg: Config) -> list[str]:
 def estimators(model: torch.nn.Module, x: Tensor, cfg: Config) -> dict[str, Tensor]:
     """Every neighbour count of the authors' analysis for one trained network on its training inputs, [n] each.
 
-    Self-term conventions as in the authors' code (spec §9.3): included in the soft counts, excluded from
-    the hard and less-soft counts.
+    Self-term conventions as in the authors' code (docs/method.md, "Density and neighbour counts"): included in
+    the soft counts, excluded from the hard and less-soft counts.
     """
     sim = nnsim.Similarity(model, progress=False)
     out = {"soft": sim.density(x), "soft_unnormalized": sim.density(x, normalized=False)}

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 
 import torch
 from torch import Tensor
 
-from ..factors import Factor, Outer
+from ..factors import Factor, Outer, layer_seed
 
 # Layers with more than width log2(width) parameters get the structured hash (and, as outer-product factors,
 # the FFT); smaller ones a flat hash and their explicit gradient.
@@ -34,13 +33,9 @@ USE_FFT = True  # False: every layer from its explicit gradient (the same sketch
 _BLOCK_ELEMS = 2**23  # elements of one intermediate block (explicit gradients, per-position sketches)
 
 
-def _seed(seed: int, layer: str, role: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(f"nnsim-sketch/{layer}/{role}".encode())) % 2**63
-
-
 @functools.lru_cache(maxsize=64)
 def _hash_cpu(n: int, width: int, seed: int, layer: str, role: str) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(_seed(seed, layer, role))
+    gen = torch.Generator().manual_seed(layer_seed(seed, f"nnsim-sketch/{layer}", role))  # not the projections' streams
     bucket = torch.randint(width, (n,), generator=gen)
     sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1
     return bucket, sign
@@ -97,15 +92,11 @@ def _explicit(f: Factor, width: int, seed: int, h0: Tensor, s0: Tensor, out: Ten
     bucket = ((h0[:, None] + h[None, :]) % width).reshape(1, -1)  # [1, d n]
     sign = (s0[:, None] * s[None, :]).reshape(1, -1)
     B = f.batch_size
-    rows = max(1, _BLOCK_ELEMS // max(1, d * n * (f.delta.shape[3] if isinstance(f, Outer) else 1)))
+    rows = max(1, _BLOCK_ELEMS // max(1, d * n * f.positions))
     for a in range(0, B, rows):
-        part = f if rows >= B else f.select(torch.arange(a, min(B, a + rows), device=_device(f)))
+        part = f if rows >= B else f.select(torch.arange(a, min(B, a + rows), device=f.device))
         g = part.dense().g.reshape(-1, d * n).to(out.dtype)
         out[a : a + g.shape[0]].scatter_add_(1, bucket.expand(g.shape[0], -1), g * sign)
-
-
-def _device(f: Factor) -> torch.device:
-    return f.delta.device if isinstance(f, Outer) else f.g.device
 
 
 def _outer_hashes(f: Outer, width: int, seed: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -148,7 +139,8 @@ def fft_sketched(f: Factor, width: int) -> bool:
     """Whether a layer is sketched by FFT (else from its explicit gradient; both give the same sketch): an
     outer-product layer with a :func:`structured` hash whose layout the FFT reproduces, [G n, m] weights
     (with an optional bias) or transposed [m, n] ones without bias (embeddings). The FFT costs about
-    d T width log2(width) per sample, the explicit gradient d T n m."""
+    d T width log2(width) per sample, the explicit gradient d T n m. (The FFT needs the positions' delta_t
+    and a_t themselves: it is an algorithm of the Outer representation, hence the type test.)"""
     if not USE_FFT or not isinstance(f, Outer) or f.weight is None or not structured(list(f.params), width):
         return False
     G, n = f.delta.shape[2], f.delta.shape[-1]
@@ -162,11 +154,10 @@ def sketch(factors: list[Factor], width: int, seed: int) -> Tensor:
     """CountSketch of the concatenated per-sample gradients (d columns) of ``factors``: [B, width] float32
     or float64 (the factors' precision), with E <sketch(x), sketch(x')> = sum_c <g_c(x), g_c(x')>."""
     first = factors[0]
-    like = first.delta if isinstance(first, Outer) else first.g
-    B, d = like.shape[0], like.shape[1]
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    out = torch.zeros(B, width, dtype=dtype, device=like.device)
-    h0, s0 = _hash(d, width, seed, "", "column", out)
+    B = first.batch_size
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    out = torch.zeros(B, width, dtype=dtype, device=first.device)
+    h0, s0 = _hash(first.outputs, width, seed, "", "column", out)
     fft = [f for f in factors if fft_sketched(f, width)]
     for f in factors:
         if not fft_sketched(f, width):

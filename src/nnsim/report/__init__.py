@@ -25,7 +25,7 @@ __all__ = ["write_report", "is_image_data"]
 GALLERY = 16  # samples per gallery
 SELECTED = 3  # neighbour rows per group (isolated, crowded, mislabelled)
 BINS = 8  # density bins with examples
-PER_BIN = 6
+PER_BIN = 6  # examples shown per density bin
 MAX_EMBEDDED = 5000  # embed every sample (clickable everywhere) up to this many
 
 #: Per-sample scores side by side in the report: (column, what it is, sign: +1 when higher = more likely
@@ -74,36 +74,58 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-class _Thumbs:
-    """PNG data URIs of samples, scaled to [0, 1] with the data set's global range (per channel)."""
+class _Tiles:
+    """The clickable sample tiles of the page (image or values, label, caption), remembering which were drawn.
+    Images are PNG data URIs scaled to [0, 1] with the data set's global range (per channel)."""
 
-    def __init__(self, x: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, columns: dict[str, np.ndarray], class_names: Sequence[str] | None) -> None:
         self.x = x
         self.image = is_image_data(x)
         if self.image:
             axes = (0,) + tuple(range(2, x.ndim)) if x.ndim == 4 else None
             self.lo = x.min(axis=axes, keepdims=True)[0] if axes else x.min()
             self.hi = x.max(axis=axes, keepdims=True)[0] if axes else x.max()
-        self._cache: dict[int, str] = {}
+        self._uris: dict[int, str] = {}
+        self.density = np.asarray(columns["density"], dtype=float)
+        self.label, self.pred = columns.get("label"), columns.get("prediction")
+        self.class_names = class_names
+        self.drawn: set[int] = set()
 
     def uri(self, i: int) -> str | None:
         if not self.image:
             return None
-        if i not in self._cache:
+        if i not in self._uris:
             import matplotlib.image as mpimg
 
-            a = (self.x[i] - self.lo) / np.maximum(self.hi - self.lo, 1e-12)
+            a = (self.x[i] - self.lo) / np.maximum(self.hi - self.lo, 1e-12)  # a constant image: no division by 0
             a = np.clip(a, 0, 1)
             buf = io.BytesIO()
             if a.ndim == 3 and a.shape[0] == 3:
                 mpimg.imsave(buf, np.ascontiguousarray(a.transpose(1, 2, 0)), format="png")
             else:
                 mpimg.imsave(buf, a.reshape(a.shape[-2:]), cmap="gray_r", vmin=0, vmax=1, format="png")
-            self._cache[i] = _data_uri(buf.getvalue())
-        return self._cache[i]
+            self._uris[i] = _data_uri(buf.getvalue())
+        return self._uris[i]
 
     def values(self, i: int, limit: int = 12) -> list[float] | None:
         return None if self.image else [float(v) for v in self.x[i].reshape(-1)[:limit]]
+
+    def info(self, i: int) -> dict[str, Any]:
+        """What the page's script knows of sample i (embedded as JSON)."""
+        return {"img": self.uri(i), "values": self.values(i),
+                "label": None if self.label is None else int(self.label[i]),
+                "pred": None if self.pred is None else int(self.pred[i]), "density": float(self.density[i])}
+
+    def tile(self, i: int, caption: str = "") -> str:
+        self.drawn.add(i)
+        info = self.info(i)
+        body = (f'<img src="{info["img"]}" alt="sample {i}">' if info["img"] else
+                f'<div class="values">{" ".join(f"{v:.2f}" for v in info["values"] or [])}</div>')
+        lab, bad = _label_text(info, self.class_names)
+        cls = ' class="bad"' if bad else ""
+        cap = f"<br>{html.escape(caption)}" if caption else ""
+        text = f"#{i} <span{cls}>{html.escape(lab)}</span>{cap}"
+        return f'<div class="sample" data-index="{i}">{body}<div>{text}</div></div>'
 
 
 def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarray], neighbor_index: np.ndarray,
@@ -122,42 +144,57 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
         figures_dir: also save the figures there as PNG files.
     """
     plt = _matplotlib()
-    n = len(x)
-    density = np.asarray(columns["density"], dtype=float)
-    thumbs = _Thumbs(np.asarray(x))
-    label = columns.get("label")
-    pred = columns.get("prediction")
-
-    def sample_info(i: int) -> dict[str, Any]:
-        return {"img": thumbs.uri(i), "values": thumbs.values(i),
-                "label": None if label is None else int(label[i]), "pred": None if pred is None else int(pred[i]),
-                "density": float(density[i])}
-
-    drawn: set[int] = set()
-
-    def tile(i: int, caption: str = "") -> str:
-        drawn.add(i)
-        info = sample_info(i)
-        body = (f'<img src="{info["img"]}" alt="sample {i}">' if info["img"] else
-                f'<div class="values">{" ".join(f"{v:.2f}" for v in info["values"] or [])}</div>')
-        lab, bad = _label_text(info, class_names)
-        cls = ' class="bad"' if bad else ""
-        cap = f"<br>{html.escape(caption)}" if caption else ""
-        text = f"#{i} <span{cls}>{html.escape(lab)}</span>{cap}"
-        return f'<div class="sample" data-index="{i}">{body}<div>{text}</div></div>'
-
+    tiles = _Tiles(np.asarray(x), columns, class_names)
+    density = tiles.density
     order = np.argsort(density, kind="stable")
     finite = order[np.isfinite(density[order])]
     isolated, crowded = finite[:GALLERY], finite[::-1][:GALLERY]
     mis = None
     if "mislabel_score" in columns:
         mis = np.argsort(-np.asarray(columns["mislabel_score"], dtype=float), kind="stable")[:GALLERY * 2]
+    figs = {"density": _density_figure(plt, columns), "denoising": _denoising_figure(plt, columns, neighbor_index)}
+    if figures_dir is not None:
+        fdir = Path(figures_dir)
+        fdir.mkdir(parents=True, exist_ok=True)
+        for name, png in figs.items():
+            write_atomic(fdir / f"{name}.png", png)
+    groups = [("most isolated", isolated[:SELECTED]), ("most crowded", crowded[:SELECTED])]
+    if mis is not None:
+        groups.append(("most likely mislabelled", mis[:SELECTED]))
+    fill = {
+        "TITLE": html.escape(title), "SUBTITLE": html.escape(subtitle), "SUMMARY": _summary_table(summary),
+        "DENSITY_FIG": _data_uri(figs["density"]), "DENSITY_BINS": _density_bins(tiles, finite),
+        "ISOLATED": "".join(tiles.tile(int(i), f"N {density[i]:.1f}") for i in isolated),
+        "CROWDED": "".join(tiles.tile(int(i), f"N {density[i]:.1f}") for i in crowded),
+        "MISLABELLED": "".join(tiles.tile(int(i), f"score {columns['mislabel_score'][i]:.2f}") for i in mis)
+        if mis is not None else "",
+        "K": str(neighbor_index.shape[1]),
+        "NEIGHBOR_ROWS": _neighbor_rows(tiles, groups, neighbor_index, neighbor_similarity),
+        "DENOISING_NOTE": html.escape(_denoising_note(summary)), "DENOISING_FIG": _data_uri(figs["denoising"]),
+        "MISLABEL_NOTE": html.escape(MISLABEL_NOTE if mis is not None else "No labels were given."),
+    }
+    fill["BASELINES"], fill["DIFFER"] = _baselines(columns, summary, tiles.tile)
+    fill["CLASS_OPTIONS"] = _class_options(tiles.label if tiles.label is not None else tiles.pred, class_names)
+    data = _page_data(tiles, columns, neighbor_index, neighbor_similarity)  # after every tile is drawn
+    fill["DATA"] = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    page = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
+    for key, value in fill.items():
+        page = page.replace("{{" + key + "}}", value)
+    return write_atomic(path, page)
 
-    # Figures.
-    figs: dict[str, bytes] = {}
+
+MISLABEL_NOTE = ("Ranked by the mislabel score: (1 \u2212 share of the nearest neighbours with the same label) + "
+                 "label consistency / \u221a2, where label consistency is |onehot(y\u1d62) \u2212 \u03a3\u2c7c "
+                 "W\u1d62\u2c7c onehot(y\u2c7c)|, the distance between a sample's label and the kernel-weighted "
+                 "average of all labels.")
+
+
+def _density_figure(plt: Any, columns: dict[str, np.ndarray]) -> bytes:
+    """Histogram of the soft density, split by whether the prediction matches the label when both are known."""
+    density = np.asarray(columns["density"], dtype=float)
     fig, ax = plt.subplots(figsize=(9, 3.2))
     edges = np.histogram_bin_edges(density[np.isfinite(density)], bins=40)
-    if label is not None and "prediction_matches_label" in columns:
+    if columns.get("label") is not None and "prediction_matches_label" in columns:
         ok = np.asarray(columns["prediction_matches_label"], dtype=bool)
         ax.hist([density[ok], density[~ok]], bins=edges, stacked=True, color=["tab:blue", "tab:red"],
                 label=[f"prediction = label ({ok.sum()})", f"prediction \u2260 label ({(~ok).sum()})"])
@@ -167,9 +204,15 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
     ax.set_xlabel("soft density N(x) = \u03a3\u2c7c sim(x, x\u2c7c)")
     ax.set_ylabel("samples")
     fig.tight_layout()
-    figs["density"] = _png(fig)
+    png = _png(fig)
     plt.close(fig)
+    return png
 
+
+def _denoising_figure(plt: Any, columns: dict[str, np.ndarray], neighbor_index: np.ndarray) -> bytes:
+    """Three panels: effective neighbours, consistency against neighbour agreement (or density), mislabel score."""
+    density = np.asarray(columns["density"], dtype=float)
+    n = len(density)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     eff = np.asarray(columns.get("effective_neighbors", np.full(n, np.nan)), dtype=float)
     axes[0].hist(eff[np.isfinite(eff)], bins=40, color="tab:green")
@@ -192,24 +235,22 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
         axes[1].set_xlabel("density")
     axes[1].set_ylabel(cons_key.replace("_", " "))
     axes[1].set_title("Consistency with the network's neighbours", fontsize=10)
-    if mis is not None:
-        score = np.asarray(columns["mislabel_score"], dtype=float)
-        axes[2].hist(score, bins=40, color="tab:purple")
+    if "mislabel_score" in columns:
+        axes[2].hist(np.asarray(columns["mislabel_score"], dtype=float), bins=40, color="tab:purple")
         axes[2].set_yscale("log")
         axes[2].set_xlabel("mislabel score (higher: more likely mislabelled)")
         axes[2].set_title("Mislabel score", fontsize=10)
     else:
         axes[2].axis("off")
     fig.tight_layout()
-    figs["denoising"] = _png(fig)
+    png = _png(fig)
     plt.close(fig)
-    if figures_dir is not None:
-        fdir = Path(figures_dir)
-        fdir.mkdir(parents=True, exist_ok=True)
-        for name, png in figs.items():
-            write_atomic(fdir / f"{name}.png", png)
+    return png
 
-    # Density bins with examples (evenly spaced through each bin's samples).
+
+def _density_bins(tiles: _Tiles, finite: np.ndarray) -> str:
+    """BINS quantile bins of the density, each with PER_BIN examples evenly spaced through its samples."""
+    density = tiles.density
     bin_edges = np.quantile(density[finite], np.linspace(0, 1, BINS + 1)) if len(finite) else np.zeros(BINS + 1)
     rows = []
     for b in range(BINS):
@@ -218,38 +259,39 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
         if len(members) == 0:
             continue
         pick = members[np.linspace(0, len(members) - 1, min(PER_BIN, len(members))).round().astype(int)]
-        tiles = "".join(tile(int(i), f"N {density[i]:.1f}") for i in pick)
+        cells = "".join(tiles.tile(int(i), f"N {density[i]:.1f}") for i in pick)
         rows.append(f'<div class="bin"><div class="range">density {lo:.1f} \u2013 {hi:.1f}<br>({len(members)} '
-                    f'samples)</div><div class="gallery">{tiles}</div></div>')
+                    f'samples)</div><div class="gallery">{cells}</div></div>')
+    return "".join(rows)
 
-    # Neighbour rows for selected samples.
-    groups = [("most isolated", isolated[:SELECTED]), ("most crowded", crowded[:SELECTED])]
-    if mis is not None:
-        groups.append(("most likely mislabelled", mis[:SELECTED]))
-    nn_rows = []
+
+def _neighbor_rows(tiles: _Tiles, groups: list[tuple[str, np.ndarray]], neighbor_index: np.ndarray,
+                   neighbor_similarity: np.ndarray) -> str:
+    """One row per selected sample: the sample, tagged with its group, then its nearest neighbours."""
+    rows = []
     for name, idx in groups:
         for i in idx:
             i = int(i)
-            cells = "".join(tile(int(j), f"sim {s:.3f}") for j, s in zip(neighbor_index[i], neighbor_similarity[i])
-                            if j >= 0)
-            nn_rows.append(f'<div class="nnrow"><div class="query"><span class="tag">{name}</span>{tile(i)}</div>'
-                           f'<div class="gallery">{cells}</div></div>')
+            cells = "".join(tiles.tile(int(j), f"sim {s:.3f}") for j, s in zip(neighbor_index[i],
+                                                                                neighbor_similarity[i]) if j >= 0)
+            rows.append(f'<div class="nnrow"><div class="query"><span class="tag">{name}</span>{tiles.tile(i)}</div>'
+                        f'<div class="gallery">{cells}</div></div>')
+    return "".join(rows)
 
-    galleries = {
-        "ISOLATED": "".join(tile(int(i), f"N {density[i]:.1f}") for i in isolated),
-        "CROWDED": "".join(tile(int(i), f"N {density[i]:.1f}") for i in crowded),
-        "MISLABELLED": "".join(tile(int(i), f"score {columns['mislabel_score'][i]:.2f}") for i in mis)
-        if mis is not None else "",
-    }
-    baselines, differ = _baselines(columns, summary, tile)
-    # Embedded data: every sample when the data set is small, else those drawn and their neighbours.
+
+def _page_data(tiles: _Tiles, columns: dict[str, np.ndarray], neighbor_index: np.ndarray,
+               neighbor_similarity: np.ndarray) -> dict[str, Any]:
+    """The JSON the page's script reads: every sample when the data set is small (MAX_EMBEDDED), else those
+    drawn and their neighbours; their neighbour lists, the table's rows and the class-by-class matrix."""
+    n = len(tiles.density)
     if n <= MAX_EMBEDDED:
         embed = set(range(n))
     else:
-        embed = set(drawn) | {int(j) for i in drawn for j in neighbor_index[i] if j >= 0}
+        embed = set(tiles.drawn) | {int(j) for i in tiles.drawn for j in neighbor_index[i] if j >= 0}
+    names = tiles.class_names
     data = {
-        "n": n, "class_names": list(class_names) if class_names is not None else None,
-        "samples": {str(i): sample_info(i) for i in sorted(embed)},
+        "n": n, "class_names": list(names) if names is not None else None,
+        "samples": {str(i): tiles.info(i) for i in sorted(embed)},
         "neighbors": {str(i): {"index": [int(j) for j in neighbor_index[i] if j >= 0],
                                "similarity": [float(s) for j, s in zip(neighbor_index[i], neighbor_similarity[i])
                                               if j >= 0]}
@@ -258,24 +300,8 @@ def write_report(path: str | Path, *, x: np.ndarray, columns: dict[str, np.ndarr
     table = {"columns": [c for c in TABLE_COLUMNS if c in columns]}
     table["rows"] = [[_num(columns[c][i]) for c in table["columns"]] for i in sorted(embed)]
     data["table"] = table
-    data["class_matrix"] = _class_matrix(label, neighbor_index)
-    mis_note = ("Ranked by the mislabel score: (1 \u2212 share of the nearest neighbours with the same label) + "
-                "label consistency / \u221a2, where label consistency is |onehot(y\u1d62) \u2212 \u03a3\u2c7c "
-                "W\u1d62\u2c7c onehot(y\u2c7c)|, the distance between a sample's label and the kernel-weighted "
-                "average of all labels." if mis is not None else "No labels were given.")
-    fill = {
-        "TITLE": html.escape(title), "SUBTITLE": html.escape(subtitle), "SUMMARY": _summary_table(summary),
-        "DENSITY_FIG": _data_uri(figs["density"]), "DENSITY_BINS": "".join(rows),
-        **galleries, "K": str(neighbor_index.shape[1]), "NEIGHBOR_ROWS": "".join(nn_rows),
-        "DENOISING_NOTE": html.escape(_denoising_note(summary)), "DENOISING_FIG": _data_uri(figs["denoising"]),
-        "MISLABEL_NOTE": html.escape(mis_note), "BASELINES": baselines, "DIFFER": differ,
-        "CLASS_OPTIONS": _class_options(label if label is not None else pred, class_names),
-        "DATA": json.dumps(data, separators=(",", ":")).replace("</", "<\\/"),
-    }
-    page = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
-    for key, value in fill.items():
-        page = page.replace("{{" + key + "}}", value)
-    return write_atomic(path, page)
+    data["class_matrix"] = _class_matrix(tiles.label, neighbor_index)
+    return data
 
 
 def _num(v: Any) -> float | int | bool | None:

@@ -1,7 +1,7 @@
 """nn.MultiheadAttention: its four projections are Linear maps over tokens.
 
 With q_t = W_q x^q_t + b_q (and k, v alike over the key / value tokens) and out_t = W_o c_t + b_o (c the
-merged heads), the per-sample gradients are sums over tokens of outer products (spec §7.2):
+merged heads), the per-sample gradients are sums over tokens of outer products (docs/method.md, "Layer-wise structure"):
 
     d in_proj_weight = [sum_t dq_t x^q_t^T ; sum_s dk_s x^k_s^T ; sum_s dv_s x^v_s^T]   (three groups),
     d out_proj.weight = sum_t dout_t c_t^T,  biases: the same sums without the inputs;

@@ -1,10 +1,10 @@
 """nn.Conv1d / nn.Conv2d (any stride, dilation, padding mode and groups) via unfolded input patches.
 
 The weight is shared over output positions, so the per-sample gradient is sum_p delta_p patch_p^T
-(spec §7.2); the Outer factor keeps positions and lets the cost model choose per layer between the
-pairwise product over positions and the explicit gradient. Where the cost model prefers the explicit
-gradient in both Gram modes, it is built directly by one ``aten.convolution_backward`` with the batch (and
-the d outputs) folded into the groups when the layer has many output positions or few channels per group
+(docs/method.md, "Layer-wise structure"); the Outer factor keeps positions and lets the cost model choose per
+layer between the pairwise product over positions and the explicit gradient. Where the cost model prefers the
+explicit gradient in both Gram modes, it is built directly by one ``aten.convolution_backward`` with the batch
+(and the d outputs) folded into the groups when the layer has many output positions or few channels per group
 (depthwise): no patches, 1.3-8x faster than patches and a batched GEMM there (slower on few positions and
 many channels, which keep the patches).
 """

@@ -2,7 +2,7 @@
 
 For layer l and direction k, the input projection ``gi_t = W_ih x_t + b_ih`` and the hidden projection
 ``gh_t = W_hh h_{t-1} + b_hh`` act like a Linear layer applied at every time step, so the per-sample
-gradients are sums over positions (= time steps) of outer products (spec §7.2):
+gradients are sums over positions (= time steps) of outer products (docs/method.md, "Layer-wise structure"):
 
     dW_ih = sum_t dgi_t x_t^T,  db_ih = sum_t dgi_t,  dW_hh = sum_t dgh_t h_{t-1}^T,  db_hh = sum_t dgh_t,
 
