@@ -26,34 +26,36 @@ MC_FEATURES = [MC + "features_are_unbiased_where_they_really_project"]
 # name: (file, old text, new text, tests to run)
 BUGS: dict[str, tuple[str, str, str, list[str]]] = {
     "include_self subtracts 1": (
-        "src/nnsim/similarity.py",
+        "src/nnsim/estimators/density.py",
         "score = score - self_gram(fs).diagonal(dim1=-2, dim2=-1).sum(-1)",
         "score = score - (self._d_eff if normalized else self_gram(fs).diagonal(dim1=-2, dim2=-1).sum(-1))", T),
     "denoising factor R^-T Q R^-1": (
         "src/nnsim/estimators/denoising.py", "D = Rinv @ Q64 @ Rinv.transpose(-1, -2)",
         "D = Rinv.transpose(-1, -2) @ Q64 @ Rinv", T),
     "off-diagonal tile: K_ij for K_ji in R": (
-        "src/nnsim/similarity.py", "R[ib] += t64.sum(0).transpose(-1, -2)", "R[ib] += t64.sum(0)", T),
+        "src/nnsim/estimators/denoising.py", "R[ib] += t64.sum(0).transpose(-1, -2)", "R[ib] += t64.sum(0)", T),
     "off-diagonal tile: K_ij for K_ji in Q": (
-        "src/nnsim/similarity.py", 'Q[ib] += torch.einsum("ijec,ijef->jcf", t64, t64)',
+        "src/nnsim/estimators/denoising.py", 'Q[ib] += torch.einsum("ijec,ijef->jcf", t64, t64)',
         'Q[ib] += torch.einsum("ijce,ijfe->jcf", t64, t64)', T),
     "off-diagonal tile: K_ij for K_ji in Y": (
-        "src/nnsim/similarity.py", 'Y[ib] += torch.einsum("ijec,ie->jc", t64, ya.double())',
+        "src/nnsim/estimators/denoising.py", 'Y[ib] += torch.einsum("ijec,ie->jc", t64, ya.double())',
         'Y[ib] += torch.einsum("ijce,ie->jc", t64, ya.double())', T),
     "influence transpose dropped": (
         "src/nnsim/algebra.py", "return K_ab.transpose(-1, -2) @ pinv_a.unsqueeze(1)",
         "return K_ab @ pinv_a.unsqueeze(1)", T),
     "approximate denoising: one sketch for both factors": (
-        "src/nnsim/similarity.py", "return project(fs, dim, seed).double(), project(fs, dim, seed + 7919).double()",
+        "src/nnsim/estimators/denoising.py",
+        "return project(fs, dim, seed).double(), project(fs, dim, seed + SECOND_SKETCH_SEED).double()",
         "return project(fs, dim, seed).double(), project(fs, dim, seed).double()", MC_DENOISING),
     "approximate denoising: 3 % bias": (
-        "src/nnsim/similarity.py", "q = phi @ C @ psi.transpose(-1, -2)", "q = 1.03 * phi @ C @ psi.transpose(-1, -2)",
+        "src/nnsim/estimators/denoising.py", 'q = phi @ C["C"] @ psi.transpose(-1, -2)',
+        'q = 1.03 * phi @ C["C"] @ psi.transpose(-1, -2)',
         MC_DENOISING),
     "features: 3 % bias": (
-        "src/nnsim/similarity.py", "parts.append(project(c.groups[_ALL], dim, seed))",
-        "parts.append(1.03**0.5 * project(c.groups[_ALL], dim, seed))", MC_FEATURES),
+        "src/nnsim/similarity.py", "parts.append(project(c.groups[ALL], dim, seed))",
+        "parts.append(1.03**0.5 * project(c.groups[ALL], dim, seed))", MC_FEATURES),
     "hard count >= instead of >": (
-        "src/nnsim/estimators/reducers.py", "v = (tile > threshold)", "v = (tile >= threshold)", T),
+        "src/nnsim/estimators/density.py", "v = (tile > threshold)", "v = (tile >= threshold)", T),
     "dense projection missing 1/sqrt(k)": (
         "src/nnsim/factors.py", "return out / math.sqrt(k)", "return out", MC_FEATURES),
     "Kronecker projection missing 1/sqrt(rows)": (
@@ -62,10 +64,10 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
     "center_pixel off by one": (
         "src/nnsim/outputs.py", "*(s // 2 for s in out.shape[2:])", "*((s - 1) // 2 for s in out.shape[2:])", T),
     "density tiles ignore normalized=False": (
-        "src/nnsim/similarity.py", 'kind = "similarity" if normalized else "kernel"  # only',
-        'kind = "similarity"  # only', T),
+        "src/nnsim/estimators/density.py", 'quantity = Quantity.SIMILARITY if normalized else Quantity.KERNEL  # only',
+        'quantity = Quantity.SIMILARITY  # only', T),
     "denoising: no check of the predictions' columns": (
-        "src/nnsim/similarity.py", "if predictions.shape[1] != self.d:", "if False:", T),
+        "src/nnsim/estimators/denoising.py", "if predictions.shape[1] != chunker.d:", "if False:", T),
     "metric check raises ValueError": (
         "src/nnsim/algebra.py", "from .errors import InputError", "InputError = ValueError", T),
 }

@@ -92,7 +92,7 @@ def test_forced_paths_match_the_loop_on_sequence_linear_and_conv(dense, monkeypa
     monkeypatch.setattr(F.Dense, "gram", count_dense)
     monkeypatch.setattr(F.Outer, "prefers_dense", lambda self, mode, partners=256: dense)
     monkeypatch.setattr(F, "compact", lambda fs: fs)  # keep every layer position-factored until the choice
-    monkeypatch.setattr(nnsim.similarity, "compact", lambda fs: fs)
+    monkeypatch.setattr(nnsim.engine.chunks, "compact", lambda fs: fs)
     sim = nnsim.Similarity(model, progress=False)
     torch.testing.assert_close(sim.kernel(x), K_ref, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(sim.similarity(x), S_ref, rtol=1e-9, atol=1e-12)

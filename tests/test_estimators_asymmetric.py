@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import nnsim
 import nnsim.inputs
 from nnsim import outputs
+from nnsim.engine import Form, Quantity, Request
 from nnsim.errors import RankDeficiencyWarning
 
 torch.set_num_threads(1)
@@ -287,8 +288,9 @@ def mlp16(seed: int = 0) -> tuple[nn.Module, Tensor]:
 def freeze_chunks(sim: nnsim.Similarity, x: Tensor) -> None:
     """Compute the chunks' factors once: the Monte-Carlo loops below then cost only the sketches."""
     src = nnsim.inputs.as_source(x, "x")
-    pre = {kind: list(sim._chunks(src, "x", None, kind, "raw")) for kind in ("kernel", "similarity")}
-    sim._chunks = lambda src, name, by, kind, mode, *args, **kwargs: iter(pre[kind])
+    pre = {q: list(sim._chunker.chunks(src, "x", Request(q, Form.RAW))) for q in (Quantity.KERNEL,
+                                                                                    Quantity.SIMILARITY)}
+    sim._chunker.chunks = lambda src, name, request, *args, **kwargs: iter(pre[request.quantity])
 
 
 def scale_fit(estimates: Tensor, target: Tensor) -> Tensor:

@@ -44,3 +44,11 @@ def test_clean_twin_shares_the_initialisation():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     x, clean = exp.make_data(case)
     assert x.shape == (case.n, 1) and torch.allclose(clean[:, 0], torch.sin(torch.pi * x[:, 0]))
+
+
+def test_alignment_diagnostic_finds_the_networks_noise_response_linear():
+    """On the quick case the fitted smoother applied to the draw's actual noise reproduces f_noisy - f_clean."""
+    (row,) = exp.diagnose_alignment(exp.QUICK_GRID[0], draws=1)
+    assert 0.8 < row["S_eps_over_actual"] < 1.25 and 0.8 < row["coef"] < 1.25
+    assert row["A"] > 0 and 0 < row["B"] and row["dof"] > 1
+    assert 0.5 < row["realized_over_actual"] < 2 and 0.5 < row["linearized_over_actual"] < 2

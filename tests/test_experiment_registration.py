@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from matplotlib.path import Path as MplPath
 
 from nnsim.experiments import registration
-from nnsim.experiments._regnet import RegistrationNet
-from nnsim.experiments._scenes import SceneConfig, make_scenes, rasterize_polygons
+from nnsim.experiments._regnet import RegistrationNet, ShiftNet
+from nnsim.experiments._scenes import SceneConfig, make_scenes, make_shift_scenes, rasterize_polygons
 
 torch.set_num_threads(1)
 
@@ -144,6 +144,36 @@ def test_label_noise_has_the_configured_std_and_is_smooth():
     assert torch.equal(make_scenes(4, CFG, noise_std=0.0, seed=1)["label"], make_scenes(4, CFG, seed=1)["disp"])
 
 
+def test_shift_scenes_move_the_map_by_the_shift():
+    """Independent warp: sampling the map at p + t recovers the map of the true polygons; the shift is in range."""
+    cfg = SceneConfig(size=32, buildings=(3, 8), building_size=(4.0, 9.0))
+    d = make_shift_scenes(16, cfg, max_shift=3.0, seed=2)
+    assert d["shift"].shape == (16, 2) and d["shift"].abs().max() <= 3.0 and d["shift"].abs().max() > 2.0
+    assert torch.allclose(d["moved"] - d["corners"], d["shift"][:, None, None, :].expand_as(d["moved"]), atol=1e-5)
+    S = cfg.size
+    true_map = rasterize_polygons(d["corners"], d["valid"], S)[:, :1]
+    r, c = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
+
+    def warp(sign: float) -> torch.Tensor:
+        x = c + sign * d["shift"][:, 0, None, None]
+        y = r + sign * d["shift"][:, 1, None, None]
+        grid = torch.stack([2 * x / (S - 1) - 1, 2 * y / (S - 1) - 1], -1)
+        return F.grid_sample(d["polygons"][:, :1], grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+    inner = (slice(None), slice(None), slice(4, S - 4), slice(4, S - 4))
+    err = {sign: (warp(sign) - true_map)[inner].abs().mean() for sign in (1.0, 0.0, -1.0)}
+    assert err[1.0] < 0.3 * err[0.0] and err[1.0] < 0.3 * err[-1.0]
+    with pytest.raises(ValueError, match="max_shift"):
+        make_shift_scenes(2, cfg, max_shift=0.0)
+
+
+def test_shift_net_output_shape():
+    torch.manual_seed(0)
+    net = ShiftNet(image_width=4, map_width=2, common_width=8)
+    x = torch.randn(3, 3, 24, 24)
+    assert net(x, x).shape == (3, 2)
+
+
 def test_network_shapes_and_output_range():
     torch.manual_seed(0)
     net = RegistrationNet(image_base=4, map_base=2, common_base=4, max_disp=4.0)
@@ -155,30 +185,41 @@ def test_network_shapes_and_output_range():
 
 
 def test_quick_run_end_to_end(tmp_path):
+    """The seeded quick run (96 patches, sigma = 3 px, 2 noise draws): the protocol's numbers and known effects."""
     assert registration.main(["--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    for key in ("settings", "runs", "label_free_prediction", "n_soft", "knn", "figures", "n_parameters",
-                "output_size", "total_seconds"):
+    for key in ("settings", "cases", "knn", "figures", "n_parameters", "missing_cases"):
         assert key in res
     s = registration.Settings.quick()
-    assert len(res["runs"]) == len(s.sizes) * len(s.sigmas)
-    for r in res["runs"]:
-        assert math.isfinite(r["train_rms_centre"]) and math.isfinite(r["test_rms_centre"])
-        if r["sigma"] == 0:
-            assert r["label_noise_rms_centre"] == 0
-        else:  # few samples: the centre noise RMS is sigma up to sampling error
-            assert 0.5 * r["sigma"] < r["label_noise_rms_centre"] < 1.5 * r["sigma"]
-    for p in res["label_free_prediction"]:
-        assert p["predicted_rms"] > 0 and p["effective_neighbors_median"] > 0
-        assert -1 <= p["spearman_predicted_vs_actual"] <= 1
-        assert p["noise_part_rms"] >= 0 and -1 <= p["spearman_predicted_vs_noise_part"] <= 1  # sigma = 0 was trained
-        assert sum(c["n"] for c in p["calibration"]) == max(s.sizes)
+    (c,) = res["cases"]
+    assert (c["n_train"], c["sigma"], c["draws"]) == (*s.cases[0], s.draws) and res["missing_cases"] == []
+    assert 0.8 * c["sigma"] < c["label_noise_rms"] < 1.2 * c["sigma"]
+    # The clean twin learned something (below predicting the mean shift), and the noisy networks are much
+    # closer to the true shift than their labels are (self-denoising): false if the map did not encode the
+    # shift, if the errors were taken against the labels, or if the networks fitted their labels.
+    assert c["clean_train_rms"] < 0.9 * c["predict_mean_rms"]
+    assert c["train_rms"] < 0.75 * c["label_noise_rms"]
+    assert c["train_rms_vs_labels"] > c["train_rms"]
+    # sigma is recovered from the residuals without the truth, and the linearized prediction is of the right size.
+    assert 0.8 < c["sigma_hat_over_sigma"] < 1.4
+    assert 0.35 < c["methods"]["linearized_ridge"]["calibration"] < 2.0
+    assert 0.35 < c["methods"]["ridge_realized"]["calibration"] < 2.0 and c["lam_check_max"] < 1e-6
+    for m in registration.METHODS:
+        v = c["methods"][m]
+        assert v["predicted_rms"] > 0 and -1 <= v["spearman"] <= 1
+        assert sum(d["n"] for d in v["deciles"]) == c["n_train"]
     knn = res["knn"]
     for q, src in enumerate(knn["sources"]):
         assert knn["neighbors"][q][0] == src  # a sample is its own nearest neighbour (similarity 1)
         assert knn["similarities"][q][0] == pytest.approx(1.0, abs=1e-3)
         assert all(a >= b - 1e-6 for a, b in zip(knn["similarities"][q], knn["similarities"][q][1:]))
-    assert len(res["n_soft"]["bin_edges"]) == 11
+    assert knn["rows_topk_agree"]
     for name in res["figures"].values():
         assert name.startswith("registration_") and (tmp_path / name).stat().st_size > 5000
     assert len(res["figures"]) == 6
+    # Resumable: a second run reuses every saved part (no training) and gives the same numbers.
+    parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert len(parts) == 1 + 3 * s.draws + 1  # clean twin; model, analysis, realized per draw; maps
+    assert registration.main(["--quick", "--out", str(tmp_path), "--assemble"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["cases"] == res["cases"]

@@ -203,32 +203,6 @@ def _to(comm: Comm, t: Tensor) -> Tensor:
     return t.to(comm.device)
 
 
-def all_reduce_sum(comm: Comm, t: Tensor) -> Tensor:
-    """Sum of ``t`` over ranks (a new tensor on t's device)."""
-    buf = _to(comm, t).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=comm.group)
-    return buf.to(t.device)
-
-
-def all_reduce_dict(comm: Comm, sums: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sum over ranks of a dict of tensors (same keys, shapes and dtypes on every rank), in one collective
-    per dtype."""
-    out: dict[str, Tensor] = {}
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for key in sorted(sums):
-        by_dtype.setdefault(sums[key].dtype, []).append(key)
-    for dtype in sorted(by_dtype, key=str):
-        keys = by_dtype[dtype]
-        flat = torch.cat([_to(comm, sums[k]).reshape(-1) for k in keys])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=comm.group)
-        pos = 0
-        for k in keys:
-            n = sums[k].numel()
-            out[k] = flat[pos : pos + n].reshape(sums[k].shape).to(sums[k].device)
-            pos += n
-    return out
-
-
 def all_gather_object(comm: Comm, obj: Any) -> list[Any]:
     """Every rank's ``obj`` (small picklable values), indexed by rank."""
     out: list[Any] = [None] * comm.world
@@ -242,42 +216,6 @@ def broadcast_object(comm: Comm, obj: Any, src: int = 0) -> Any:
     root = src if comm.group is dist.group.WORLD else dist.get_global_rank(comm.group, src)
     dist.broadcast_object_list(box, src=root, group=comm.group)
     return box[0]
-
-
-def gather_rows(comm: Comm, local: Tensor, start: int, n: int) -> Tensor:
-    """Assemble a [n, ...] tensor in dataset order from each rank's rows [start, start + len(local)).
-
-    The ranks' row ranges must tile [0, n) without overlap (checked).
-    """
-    spans = all_gather_object(comm, (start, local.shape[0]))
-    pos = 0
-    for s, m in sorted(spans):
-        if m and s != pos:
-            raise DistributedError(f"internal error: the ranks' rows {sorted(spans)} do not tile [0, {n})")
-        pos += m
-    if pos != n:
-        raise DistributedError(f"internal error: the ranks' rows {sorted(spans)} do not tile [0, {n})")
-    width = max(m for _, m in spans)
-    buf = _to(comm, local).new_zeros((width, *local.shape[1:]))
-    buf[: local.shape[0]] = _to(comm, local)
-    parts = [torch.empty_like(buf) for _ in range(comm.world)]
-    dist.all_gather(parts, buf, group=comm.group)
-    out = buf.new_empty((n, *local.shape[1:]))
-    for (s, m), p in zip(spans, parts):
-        out[s : s + m] = p[:m]
-    return out.to(local.device)
-
-
-def merge_topk(comm: Comm, values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact merge of the ranks' top-k lists [Q, k] (missing entries -inf / -1): the overall top-k, with ties
-    broken by the lowest index, as a single process's running top-k over increasing columns does."""
-    v = _to(comm, values).contiguous()
-    i = _to(comm, indices).contiguous()
-    vs = [torch.empty_like(v) for _ in range(comm.world)]
-    is_ = [torch.empty_like(i) for _ in range(comm.world)]
-    dist.all_gather(vs, v, group=comm.group)
-    dist.all_gather(is_, i, group=comm.group)
-    return topk_lowest_index(torch.cat(vs, 1), torch.cat(is_, 1), k, values.device)
 
 
 def topk_lowest_index(v: Tensor, i: Tensor, k: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -331,17 +269,112 @@ def run_together(comm: Comm | None, fn: Callable[[], T]) -> T:
         return fn()
 
 
-def chunk_range(n_samples: int, size: int, comm: Comm | None) -> tuple[int, int]:
-    """The chunk indices [c0, c1) this rank handles when n_samples are cut into chunks of ``size``."""
-    n_chunks = math.ceil(n_samples / size)
-    return (0, n_chunks) if comm is None else split(n_chunks, comm.rank, comm.world)
+class Ranks:
+    """How one dataset-scale operation is spread over the processes of ``comm`` (None: this process alone).
+
+    The estimators work on this rank's share (:meth:`tiles`, :meth:`samples`) and combine shares with the
+    reductions below; each of them handles a rank that got no work (an empty dict, no rows), and each is the
+    identity in a single process."""
+
+    def __init__(self, comm: Comm | None, device: torch.device) -> None:
+        self.comm, self.device = comm, device
+        self.rank, self.world = (0, 1) if comm is None else (comm.rank, comm.world)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 (or a single process): the one that shows progress bars."""
+        return self.rank == 0
+
+    def tiles(self, n_a: int, n_b: int, symmetric: bool) -> list[tuple[int, int, int]]:
+        """This rank's tiles of an n_a x n_b chunk grid (:func:`tile_segments`)."""
+        return tile_segments(n_a, n_b, symmetric, self.rank, self.world)
+
+    def samples(self, n: int, size: int) -> tuple[int, int]:
+        """This rank's samples [a, b) when n samples are cut into chunks of ``size`` (whole chunks per rank)."""
+        c0, c1 = split(math.ceil(n / size), self.rank, self.world)
+        return min(n, c0 * size), min(n, c1 * size)
+
+    def together(self) -> together:
+        return together(self.comm)
+
+    def sum(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum over ranks of a dict of tensors, in one collective per dtype; a rank may lack keys (it had no
+        work: zeros stand in)."""
+        if self.comm is None:
+            return sums
+        spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for part in all_gather_object(self.comm, {k: (tuple(v.shape), v.dtype) for k, v in sums.items()}):
+            spec.update(part)
+        out: dict[str, Tensor] = {}
+        for dtype in sorted({dt for _, dt in spec.values()}, key=str):
+            keys = sorted(k for k, (_, dt) in spec.items() if dt == dtype)
+            local = [sums[k] if k in sums else torch.zeros(spec[k][0], dtype=dtype, device=self.device) for k in keys]
+            flat = torch.cat([_to(self.comm, t).reshape(-1) for t in local])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.comm.group)
+            for k, t, part in zip(keys, local, flat.split([t.numel() for t in local]), strict=True):
+                out[k] = part.reshape(t.shape).to(t.device)
+        return out
+
+    def rows(self, parts: list[Tensor], start: int, n: int) -> Tensor:
+        """The [n, ...] tensor in dataset order from each rank's rows [start, start + rows of ``parts``); the
+        ranks' row ranges must tile [0, n) without overlap (checked)."""
+        if self.comm is None:
+            return torch.cat(parts)
+        local = torch.cat(parts) if parts else None
+        like = None if local is None else (local.shape[1:], local.dtype)
+        spans = all_gather_object(self.comm, (start, 0 if local is None else local.shape[0], like))
+        pos = 0
+        for s, m, _ in sorted(spans, key=lambda span: span[:2]):
+            if m and s != pos:  # a gap or an overlap
+                break
+            pos += m
+        if pos != n or sum(m for _, m, _ in spans) != n:
+            raise DistributedError(f"internal error: the ranks' rows {[sp[:2] for sp in spans]} do not tile [0, {n})")
+        shape, dtype = next(span[2] for span in spans if span[2] is not None)
+        if local is None:
+            local = torch.zeros(0, *shape, dtype=dtype, device=self.device)
+        buf = _to(self.comm, local).new_zeros((max(m for _, m, _ in spans), *shape))
+        buf[: local.shape[0]] = _to(self.comm, local)
+        gathered = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(gathered, buf, group=self.comm.group)
+        out = buf.new_empty((n, *shape))
+        for (s, m, _), g in zip(spans, gathered, strict=True):
+            out[s : s + m] = g[:m]
+        return out.to(local.device)
+
+    def topk(self, values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The exact top-k over every rank's lists [Q, k] (missing entries -inf / -1), ties broken by the lowest
+        index as a single process's running top-k over increasing columns does."""
+        if self.comm is None:
+            return values, indices
+        gathered = []
+        for t in (values, indices):
+            t = _to(self.comm, t).contiguous()
+            parts = [torch.empty_like(t) for _ in range(self.world)]
+            dist.all_gather(parts, t, group=self.comm.group)
+            gathered.append(torch.cat(parts, 1))
+        return topk_lowest_index(*gathered, k, values.device)
+
+    def union(self, ids: list[int]) -> list[int]:
+        """The sorted union of every rank's sample indices."""
+        return sorted(set().union(*([ids] if self.comm is None else all_gather_object(self.comm, ids))))
+
+    def merge(self, report: Any) -> None:
+        """Every rank's notes of a :class:`nnsim.engine.RankReport` merged into ``report`` (on every rank)."""
+        if self.comm is not None:
+            report.merge(all_gather_object(self.comm, report.notes()))
 
 
-def segments_columns(segments: list[tuple[int, int, int]]) -> tuple[int, int]:
-    """The column chunks [lo, hi) touched by row segments ((0, 0) when there are none)."""
-    if not segments:
-        return 0, 0
-    return min(s[1] for s in segments), max(s[2] for s in segments)
+def for_call(group: Any, op: str, sources: tuple[Any, ...], params: dict[str, Tensor], args: Any,
+             device: torch.device) -> Ranks:
+    """The :class:`Ranks` of a dataset-scale operation, after checking that every rank called it alike
+    (sample counts, first-sample digests, model parameters, arguments)."""
+    comm = resolve(group)
+    if comm is not None:
+        seen = [(len(s), batch_digest(s.first())) for s in sources]
+        agree(comm, f"the {op} call (sample counts and first-sample digests, model parameters, arguments)",
+              (op, seen, params_checksum(params), repr(args)))
+    return Ranks(comm, device)
 
 
 def batch_digest(batch: tuple[Tensor, ...]) -> str:

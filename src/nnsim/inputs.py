@@ -9,12 +9,19 @@ the source's ``keys``; the model is then called with them as keyword arguments.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 from torch.utils.data.dataloader import default_collate
 
 from .errors import InputError
@@ -62,23 +69,21 @@ def _as_input(item: Any, where: str) -> Batch:
     return _keyed_input(item, where)[0]
 
 
-@dataclass
 class Source:
-    """A sized, re-iterable, ordered collection of N samples, yielded in chunks of tuples of tensors."""
+    """A sized, re-iterable, ordered collection of N samples, yielded in chunks of tuples of tensors.
 
-    data: Any
-    n: int
-    kind: str
-    names: tuple[str, ...] | None = None  # keyword names of the inputs (mappings); None: positional
-    _probed: bool = False
+    One subclass per kind of input: :class:`TensorSource`, :class:`DatasetSource`, :class:`LoaderSource`."""
+
+    kind: ClassVar[str]  # a label of the input kind ("tensors", "dataset", "loader")
+    sliceable: ClassVar[bool] = True  # rows(a, b) reads only those samples
+    random_access: bool = True  # take(idx) reads only those samples
+
+    def __init__(self, data: Any, n: int, names: tuple[str, ...] | None = None) -> None:
+        self.data, self.n, self.names = data, n, names
 
     @property
     def keys(self) -> tuple[str, ...] | None:
         """The inputs' keyword names (a mapping was given), or None for positional inputs."""
-        if self.kind != "tensors" and not self._probed:  # datasets and loaders: from their first item
-            first = self.data[0] if self.kind == "dataset" else next(iter(self.data))
-            self.names = _keyed_input(first, "dataset item" if self.kind == "dataset" else "DataLoader batch")[1]
-            self._probed = True
         return self.names
 
     def __len__(self) -> int:
@@ -86,18 +91,55 @@ class Source:
 
     def chunks(self, size: int) -> Iterator[tuple[int, Batch]]:
         """Yield (start index, chunk) with chunks of at most ``size`` samples, in dataset order."""
-        if self.kind == "tensors":
-            for s in range(0, self.n, size):
-                yield s, tuple(t[s : s + size] for t in self.data)
-            return
-        if self.kind == "dataset":
-            loader = DataLoader(self.data, batch_size=size, shuffle=False, collate_fn=default_collate)
-            batches = (_as_input(b, "dataset item") for b in loader)
-        else:
-            batches = (_as_input(b, "DataLoader batch") for b in self.data)
+        raise NotImplementedError
+
+    def first(self) -> Batch:
+        """The first sample (batch of one), used to plan the computation."""
+        return next(self.chunks(1))[1]
+
+    def rows(self, a: int, b: int) -> Source:
+        """The samples [a, b) as a source (indexed from 0)."""
+        raise NotImplementedError
+
+    def take(self, idx: list[int], chunk: int = 1024) -> Any:
+        """The samples ``idx`` (sorted, unique) as something :func:`as_source` accepts (``chunk``: samples per
+        read when the source must be streamed)."""
+        raise NotImplementedError
+
+
+class TensorSource(Source):
+    kind = "tensors"
+
+    def chunks(self, size: int) -> Iterator[tuple[int, Batch]]:
+        for s in range(0, self.n, size):
+            yield s, tuple(t[s : s + size] for t in self.data)
+
+    def rows(self, a: int, b: int) -> Source:
+        return TensorSource(tuple(t[a:b] for t in self.data), b - a, self.names)
+
+    def take(self, idx: list[int], chunk: int = 1024) -> Any:
+        where = torch.tensor(idx, dtype=torch.long)
+        rows = tuple(t[where.to(t.device)] for t in self.data)
+        return rows if self.names is None else dict(zip(self.names, rows, strict=True))  # keyword inputs stay so
+
+
+class _Streamed(Source):
+    """Sources read by a DataLoader (subclasses give ``_first_item()`` and ``_batches(size)``): their keyword
+    names come from their first item."""
+
+    _probed = False
+    _where = "dataset item"
+
+    @property
+    def keys(self) -> tuple[str, ...] | None:
+        if not self._probed:
+            self.names, self._probed = _keyed_input(self._first_item(), self._where)[1], True  # type: ignore
+        return self.names
+
+    def chunks(self, size: int) -> Iterator[tuple[int, Batch]]:
         # Re-chunk loader batches of any size into chunks of ``size``.
         start, pending, count = 0, [], 0
-        for b in batches:
+        for b in self._batches(size):
             pending.append(b)
             count += b[0].shape[0]
             while count >= size:
@@ -110,9 +152,82 @@ class Source:
         if count:
             yield start, tuple(torch.cat([p[k] for p in pending]) for k in range(len(pending[0])))
 
-    def first(self) -> Batch:
-        """The first sample (batch of one), used to plan the computation."""
-        return next(self.chunks(1))[1]
+
+class DatasetSource(_Streamed):
+    kind = "dataset"
+
+    def _first_item(self) -> Any:
+        return self.data[0]
+
+    def _batches(self, size: int) -> Iterator[Batch]:
+        loader = DataLoader(self.data, batch_size=size, shuffle=False, collate_fn=default_collate)
+        return (_as_input(b, self._where) for b in loader)
+
+    def rows(self, a: int, b: int) -> Source:
+        return self if (a, b) == (0, self.n) else DatasetSource(Subset(self.data, range(a, b)), b - a)
+
+    def take(self, idx: list[int], chunk: int = 1024) -> Any:
+        return Subset(self.data, idx)
+
+
+class LoaderSource(_Streamed):
+    """A DataLoader (any sampler but a shuffling one): random access only through a sequential batch sampler
+    over a map-style dataset, else samples are picked in one streaming pass."""
+
+    kind = "loader"
+    sliceable = False
+    _where = "DataLoader batch"
+
+    def __init__(self, data: Any, n: int, names: tuple[str, ...] | None = None) -> None:
+        super().__init__(data, n, names)
+        bs = data.batch_sampler
+        self.random_access = (not isinstance(data.dataset, IterableDataset) and type(bs) is BatchSampler
+                              and isinstance(bs.sampler, SequentialSampler))
+
+    def _first_item(self) -> Any:
+        return next(iter(self.data))
+
+    def _batches(self, size: int) -> Iterator[Batch]:
+        return (_as_input(b, self._where) for b in self.data)
+
+    def rows(self, a: int, b: int) -> Source:
+        return self if (a, b) == (0, self.n) else _Window(self, a, b)
+
+    def take(self, idx: list[int], chunk: int = 1024) -> Any:
+        if self.random_access:
+            return DataLoader(Subset(self.data.dataset, idx), batch_size=self.data.batch_size, shuffle=False,
+                              collate_fn=self.data.collate_fn)
+        want = torch.tensor(idx, dtype=torch.long)  # one streaming pass picks the rows
+        parts: list[Batch] = []
+        for s, batch in self.chunks(chunk):
+            lo, hi = torch.searchsorted(want, torch.tensor([s, s + batch[0].shape[0]])).tolist()
+            if hi > lo:
+                local = want[lo:hi] - s
+                parts.append(tuple(t[local.to(t.device)] for t in batch))
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
+
+
+class _Window(Source):
+    """Samples [a, b) of a streamed loader: read from its start (its order may come from any sampler), other
+    samples skipped without computing anything on them. Chunks of ``size`` need ``a`` a multiple of it."""
+
+    kind = "loader"
+    sliceable = random_access = False
+
+    def __init__(self, parent: Source, a: int, b: int) -> None:
+        super().__init__(parent.data, b - a)
+        self.parent, self.a, self.b = parent, a, b
+
+    @property
+    def keys(self) -> tuple[str, ...] | None:
+        return self.parent.keys
+
+    def chunks(self, size: int) -> Iterator[tuple[int, Batch]]:
+        for s, batch in self.parent.chunks(size):
+            if s >= self.b:
+                return
+            if s >= self.a:
+                yield s - self.a, tuple(t[: self.b - s] for t in batch)
 
 
 def as_source(x: Any, name: str) -> Source:
@@ -131,7 +246,7 @@ def as_source(x: Any, name: str) -> Source:
         if any(t.shape[0] != n for t in x):
             raise InputError(f"{name}: the tensors of a multi-input tuple have different sample counts "
                              f"{[t.shape[0] for t in x]}")
-        src = Source(tuple(x), n, "tensors", names)
+        src = TensorSource(tuple(x), n, names)
     elif isinstance(x, DataLoader):
         if isinstance(x.sampler, RandomSampler):
             raise InputError(f"{name}: DataLoader(shuffle=True) yields a new order on every pass, so results "
@@ -140,13 +255,13 @@ def as_source(x: Any, name: str) -> Source:
             n = len(x.dataset)  # type: ignore[arg-type]
         except TypeError as err:
             raise InputError(f"{name}: the DataLoader's dataset has no length; nnsim needs a sized dataset") from err
-        src = Source(x, n, "loader")
+        src = LoaderSource(x, n)
     elif isinstance(x, Dataset):
         try:
             n = len(x)  # type: ignore[arg-type]
         except TypeError as err:
             raise InputError(f"{name}: the Dataset has no __len__; nnsim needs a sized dataset") from err
-        src = Source(x, n, "dataset")
+        src = DatasetSource(x, n)
     else:
         hint = "; convert it with torch.from_numpy(x)" if type(x).__module__ == "numpy" else ""
         raise InputError(f"{name}: expected a tensor, a tuple of tensors, a mapping of tensors, a Dataset or a "

@@ -1,6 +1,7 @@
-"""Dataset-scale estimators built from kernel tiles and sums: pure tensor code, no modules or files."""
+"""What is estimated at dataset scale: each a small module calling the engine (nnsim.engine)."""
 
 from .denoising import DenoisingReport, denoising_from_sums
-from .reducers import TopK, row_statistic
+from .density import row_statistic
+from .neighbors import TopK
 
 __all__ = ["DenoisingReport", "denoising_from_sums", "TopK", "row_statistic"]

@@ -14,6 +14,15 @@ smoother's residual degrees of freedom (unbiased when the smoother has no bias, 
 
 and the noise-induced error of sample i is sigma sqrt(tr D_i / d) with D_i = sum_j S_ij S_ij^T (the d x d
 blocks of S S^T on the diagonal), the same variance factor as the paper's with W_ij replaced by S_ij.
+
+Both formulas assume the noise is isotropic in the kernel's eigenbasis, E (U^T eps)_r^2 = sigma^2. A trained
+network's kernel is not independent of its noise: it aligns with the targets it was fitted to, noise
+included, so the noise puts more energy into the smoother's directions than sigma^2 each and less into the
+residual (measured in docs/experiments/denoising.md). ``noise_model="realized"`` (:func:`realized_fit`)
+therefore uses the energies of the projected targets themselves: sigma^2 from every direction except the few
+that carry the signal (u_r^2 > 2 ln(N d) sigma^2, the universal threshold, iterated down from the total
+energy), and the noise energy of
+direction r as u_r^2 outside the signal directions, sigma^2 inside.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import torch
 from torch import Tensor
 
 SMOOTHERS = ("ridge", "flow")
+NOISE_MODELS = ("isotropic", "realized")
 
 
 @dataclass
@@ -127,3 +137,37 @@ def linearized_fit(spec: Spectrum, y: Tensor, f: Tensor, smoother: str = "ridge"
     smoothed = (spec.U @ (s * (spec.U.T @ y1))).reshape(N, d)
     return LinearizedFit(lam, fit_error, trace, dof, sigma_hat if noise_std is None else float(noise_std),
                          sigma_hat, D, smoothed)
+
+
+def realized_fit(spec: Spectrum, y: Tensor, fit: LinearizedFit, smoother: str = "ridge", noise_std: float | None = None,
+                 iterations: int = 100) -> tuple[float, int, Tensor]:
+    """The ``noise_model="realized"`` variant of a :func:`linearized_fit` (same spectrum, targets and lam).
+
+    Returns (sigma, number of signal directions, D_i [N, d, d] = sum_r s_r^2 e_r U_(i,.),r U_(i,.),r^T) with the
+    noise energies e_r of the module docstring (D_i holds the energies: the predicted noise-induced error is
+    sqrt(tr D_i / d), not sigma times it); sigma is ``noise_std`` when given (the energies inside the
+    signal directions then use it), else estimated from the non-signal directions and the part of y outside
+    span(U).
+    """
+    N, d = y.shape
+    y1 = y.double().reshape(-1)
+    u = spec.U.T @ y1
+    perp = float((y1.square().sum() - u.square().sum()).clamp_min(0))
+    s = filter_values(spec.ev, fit.lam, smoother)
+    # Start from the total energy (every direction noise) and iterate down to the largest fixed point: started
+    # from the residual estimate, which the alignment biases low, the threshold can admit noise directions
+    # as signal and collapse sigma towards 0.
+    sig2 = float(y1.square().sum()) / (N * d) if noise_std is None else float(noise_std) ** 2
+    threshold = 2 * math.log(N * d)
+    signal = torch.zeros_like(u, dtype=torch.bool)
+    for _ in range(iterations):
+        new = u.square() > threshold * sig2
+        if noise_std is None:
+            rest = N * d - int(new.sum())
+            sig2 = (float(u[~new].square().sum()) + perp) / rest if rest > 0 else float("nan")
+        if torch.equal(new, signal):
+            break
+        signal = new
+    energy = torch.where(signal, torch.full_like(u, sig2), u.square())
+    Us = (spec.U * (s * energy.sqrt())).reshape(N, d, -1)
+    return math.sqrt(sig2), int(signal.sum()), torch.einsum("ncr,ner->nce", Us, Us)

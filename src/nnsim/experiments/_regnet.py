@@ -72,3 +72,29 @@ class RegistrationNet(nn.Module):
             h = F.relu(self.up[l](F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)))
             h = self.decode[l](torch.cat([_crop(skips[l], h.shape[-1]), h], 1))
         return 2 * self.max_disp * torch.tanh(self.head(h))
+
+
+class ShiftNet(nn.Module):
+    """(image [B, 3, S, S], map [B, 3, S, S]) -> the patch's translation [B, 2] (pixels, x then y).
+
+    The stand-in for the redesigned experiment (a simpler displacement model: one translation per patch):
+    the two input branches of :class:`RegistrationNet` (VALID 3x3 convolutions with ELU, ``image_width`` and
+    ``map_width`` channels), concatenated at full resolution as the authors' levels are, then common
+    convolutions (``common_width``; one before and two after a 2x2 max-pooling), a global average over the
+    remaining positions and a linear head. The global average makes the output a function of the whole patch,
+    as a single translation is. Default PyTorch initialisation; linear output (no tanh), so that the squared
+    loss on the analysed output is the one the denoising derivation assumes.
+    """
+
+    def __init__(self, image_width: int = 8, map_width: int = 4, common_width: int = 16) -> None:
+        super().__init__()
+        self.image = _pair(3, image_width)
+        self.map = _pair(3, map_width)
+        c = common_width
+        self.common = nn.Sequential(nn.Conv2d(image_width + map_width, c, 3), nn.ELU(), nn.MaxPool2d(2),
+                                    nn.Conv2d(c, c, 3), nn.ELU(), nn.Conv2d(c, c, 3), nn.ELU())
+        self.head = nn.Linear(c, 2)
+
+    def forward(self, image: Tensor, polygons: Tensor) -> Tensor:
+        h = self.common(torch.cat([self.image(image), self.map(polygons)], 1))
+        return self.head(h.mean((2, 3)))

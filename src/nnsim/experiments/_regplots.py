@@ -43,104 +43,83 @@ def _patch_image(pool: dict[str, Tensor], i: int, px: int = 96) -> np.ndarray:
     return arr
 
 
-def examples(pool: dict[str, Tensor], unit_noise: Tensor, s, out_size: int, path: Path, n: int = 4) -> str:
-    """Rows: image + annotations, polygon map, true field, noisy label (at the analysed sigma)."""
-    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n))
-    S = s.scene.size
-    yy, xx = np.mgrid[0:S:6, 0:S:6]
+def shift_examples(pool: dict[str, Tensor], unit_noise: Tensor, sigma: float, path: Path, n: int = 4) -> str:
+    """Rows: image + misaligned annotations, polygon map, the true shift and the noisy label (arrows)."""
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n))
+    S = pool["image"].shape[-1]
     for r in range(n):
         _draw_patch(axes[r, 0], pool, r)
         axes[r, 1].imshow(pool["polygons"][r].permute(1, 2, 0).numpy())
-        t = pool["disp"][r].numpy()
-        y = (pool["disp"][r] + s.analysis_sigma * unit_noise[r]).numpy()
-        panels = ((axes[r, 2], t, "true misalignment t"), (axes[r, 3], y, f"label t + eps, sigma={s.analysis_sigma:g}"))
-        for ax, f, name in panels:
-            ax.imshow(_rgb(pool, r), alpha=0.35)
-            ax.quiver(xx, yy, f[0][yy, xx], f[1][yy, xx], angles="xy", scale_units="xy", scale=0.6, color="b")
-            off = (S - out_size) / 2 - 0.5
-            ax.add_patch(plt.Rectangle((off, off), out_size, out_size, fill=False, ec="k", lw=1))
-            if r == 0:
-                ax.set_title(name, fontsize=9)
+        axes[r, 1].set_xticks([])
+        axes[r, 1].set_yticks([])
+        ax = axes[r, 2]
+        ax.imshow(_rgb(pool, r), alpha=0.35)
+        t = pool["shift"][r].numpy()
+        y = t + sigma * unit_noise[r].numpy()
+        for v, colour, name in ((t, "b", "true shift t"), (y, "r", f"label t + eps (sigma={sigma:g})")):
+            ax.annotate("", xy=(S / 2 + 2 * v[0], S / 2 + 2 * v[1]), xytext=(S / 2, S / 2),
+                        arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.5})
+            ax.plot([], [], colour + "-", label=name)
+        ax.set_xticks([])
+        ax.set_yticks([])
         if r == 0:
-            axes[r, 0].set_title("image + annotations (red)", fontsize=9)
-            axes[r, 1].set_title("map: fill / edges / vertices", fontsize=9)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle("Procedural stand-in for aerial images + OSM (arrows x1.7; box: output window)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path.name
-
-
-def denoising_curves(runs: list[dict], predictions: list[dict], s, path: Path) -> str:
-    """Error at the centre against the true displacement vs label noise sigma, per training-set size."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
-    sig_max = max(s.sigmas)
-    for ax, key, title in ((axes[0], "train_rms_centre", "training patches (self-denoising)"),
-                           (axes[1], "test_rms_centre", "held-out patches")):
-        ax.plot([0, sig_max], [0, sig_max], "k--", lw=1, label="label noise (error of the labels)")
-        zkey = "zero_predictor_rms_centre" if key == "train_rms_centre" else "test_zero_predictor_rms_centre"
-        zero = [r[zkey] for r in runs if r["n_train"] == max(s.sizes) and zkey in r]
-        if zero:
-            ax.axhline(zero[0], color="0.5", ls=":", lw=1, label="predicting 0 (no registration)")
-        for n in s.sizes:
-            rs = [r for r in runs if r["n_train"] == n]
-            ax.plot([r["sigma"] for r in rs], [r[key] for r in rs], "o-", label=f"network, N = {n}")
-        if key == "train_rms_centre" and predictions:
-            pn = predictions[0]["n_train"]
-            base = {r["sigma"]: r[key] for r in runs if r["n_train"] == pn and r["sigma"] == 0.0}
-            ax.plot([p["sigma"] for p in predictions], [p["predicted_rms"] for p in predictions], "s:",
-                    color="C3", label=f"nnsim predicted noise part, N = {pn}")
-            if 0.0 in base:
-                ax.plot([p["sigma"] for p in predictions],
-                        [float(np.hypot(base[0.0], p["predicted_rms"])) for p in predictions], "^:", color="C4",
-                        label="sqrt(error at sigma=0 ^2 + predicted^2)")
-        ax.set_xlabel("label noise sigma (px, per component)")
-        ax.set_ylabel("RMS error vs true displacement at the centre (px)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            axes[r, 0].set_title("image + annotations", fontsize=9)
+            axes[r, 1].set_title("map (fill, edge, vertex)", fontsize=9)
+            ax.set_title("shift (arrows x2)", fontsize=9)
+            ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
 
 
-def calibration(predicted: Tensor, effective: Tensor, actual: Tensor, sigma: float, path: Path, bins: int = 10) -> str:
-    """Per-sample predicted vs actual error (log-log), binned calibration, and N_eff vs actual error."""
-    pred = predicted.double().numpy()
-    act = actual.double().numpy()
-    neff = effective.double().numpy()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    ax = axes[0]
-    ax.loglog(pred, act.clip(1e-3), ".", ms=2, alpha=0.4)
-    lo, hi = min(pred.min(), 1e-2), max(pred.max(), act.max())
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="actual = predicted")
-    ax.set_xlabel("predicted error sigma sqrt(tr D / d) (px)")
-    ax.set_ylabel("actual error |f - t| / sqrt(2) (px)")
-    ax.set_title(f"per training patch, sigma = {sigma:g}", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    order = np.argsort(pred)
-    chunks = np.array_split(order, bins)
-    bp = [np.sqrt((pred[c] ** 2).mean()) for c in chunks]
-    ba = [np.sqrt((act[c] ** 2).mean()) for c in chunks]
-    ax.plot(bp, ba, "o-", label="RMS actual error per decile of predicted")
-    m = max(max(bp), max(ba))
-    ax.plot([0, m], [0, m], "k--", lw=1, label="perfect calibration")
-    ax.set_xlabel("predicted error, RMS within bin (px)")
-    ax.set_ylabel("actual error, RMS within bin (px)")
-    ax.set_title("calibration", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    ax.loglog(neff, act.clip(1e-3), ".", ms=2, alpha=0.4)
-    ax.set_xlabel("effective neighbours N_eff = d / tr D")
-    ax.set_ylabel("actual error (px)")
-    ax.set_title("effective neighbour count vs actual error", fontsize=10)
-    for a in axes:
-        a.grid(alpha=0.3, which="both")
+def error_vs_sigma(cases: list[dict], path: Path) -> str:
+    """Error against the true shift (training and held-out patches) vs sigma, per N, with sigma and baselines."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sizes = sorted({c["n_train"] for c in cases})
+    top = max(c["sigma"] for c in cases)
+    for ax, key, clean_key, base_key, title in (
+            (axes[0], "train_rms", "clean_train_rms", "predict_mean_rms", "training patches"),
+            (axes[1], "test_rms", "clean_test_rms", "test_predict_mean_rms", "held-out patches")):
+        for n in sizes:
+            cs = sorted((c for c in cases if c["n_train"] == n), key=lambda c: c["sigma"])
+            xs = [0.0] + [c["sigma"] for c in cs]
+            ax.plot(xs, [cs[0][clean_key]] + [c[key] for c in cs], "o-", label=f"N = {n}: error vs truth")
+            if key == "train_rms":
+                ax.plot([c["sigma"] for c in cs], [c["methods"]["linearized_ridge"]["predicted_rms"] for c in cs],
+                        "s", mfc="none", label=f"N = {n}: linearized prediction of the noise-induced part")
+                ax.plot([c["sigma"] for c in cs], [c["actual_noise_rms"] for c in cs], "x",
+                        label=f"N = {n}: actual noise-induced part")
+        ax.plot([0, top], [0, top], "k--", lw=1, label="label noise sigma")
+        ax.axhline(cases[0][base_key], color="grey", ls=":", label="predict the mean")
+        ax.set_xlabel("label noise sigma (px per component)")
+        ax.set_ylabel("RMS error per component (px)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def calibration_methods(per_sample: dict[str, np.ndarray], methods: tuple[str, ...], summary: dict, path: Path) -> str:
+    """Per method: predicted vs actual noise-induced error per training patch (log-log) and the decile means."""
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.8), squeeze=False)
+    a = per_sample["actual"]
+    for ax, m in zip(axes[0], methods):
+        p = per_sample[m]
+        ax.loglog(a, p, ".", ms=2, alpha=0.4)
+        dec = summary["methods"][m]["deciles"]
+        ax.loglog([d["actual_rms"] for d in dec], [d["predicted_rms"] for d in dec], "ro-", ms=4, label="deciles")
+        lo, hi = min(a.min(), p.min()), max(a.max(), p.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        s = summary["methods"][m]
+        ax.set_title(f"{m}\nRMS ratio {s['calibration']:.2f}, Spearman {s['spearman']:.2f}", fontsize=9)
+        ax.set_xlabel("actual noise-induced error (px)")
+        ax.set_ylabel("predicted, label-free (px)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"N = {summary['n_train']}, sigma = {summary['sigma']:g}, {summary['draws']} draws", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

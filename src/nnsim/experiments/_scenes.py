@@ -277,3 +277,24 @@ def make_scenes(n: int, cfg: SceneConfig = SceneConfig(), noise_std: float = 0.0
     eps = smooth_noise(n, cfg.size, noise_std, cfg.noise_length, noise_gen)
     return {"image": image, "polygons": polygons, "disp": disp, "label": disp + eps, "corners": bld["corners"],
             "moved": moved, "valid": bld["valid"], "modes": modes}
+
+
+def make_shift_scenes(n: int, cfg: SceneConfig, max_shift: float, seed: int = 0) -> dict[str, Tensor]:
+    """The redesigned experiment's data: one translation per patch instead of a deformation field.
+
+    Same buildings, image and map rasterisation as :func:`make_scenes`; the annotation polygons are the
+    true corners moved by one shift t [N, 2] (pixels, x then y) drawn uniformly in [-max_shift, max_shift]^2.
+    Returns image, polygons, shift, corners, moved, valid. No label noise: the experiment draws it.
+    """
+    if n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not max_shift > 0:
+        raise ValueError(f"max_shift must be > 0, got {max_shift!r}")
+    gen = torch.Generator().manual_seed(seed)
+    bld = random_buildings(n, cfg, gen)
+    image = render_images(bld, cfg, gen)
+    shift = (2 * torch.rand((n, 2), generator=gen) - 1) * max_shift
+    moved = bld["corners"] + shift[:, None, None, :]
+    polygons = rasterize_polygons(moved, bld["valid"], cfg.size)
+    return {"image": image, "polygons": polygons, "shift": shift, "corners": bld["corners"], "moved": moved,
+            "valid": bld["valid"]}

@@ -45,7 +45,8 @@ import nnsim
 from nnsim.estimators import linearized
 from nnsim.estimators.denoising import CANCELLATION_THRESHOLD
 
-METHODS = ("paper_true_sigma", "paper_sigma_hat", "linearized_ridge", "linearized_flow", "ridge_checkpoints")
+METHODS = ("paper_true_sigma", "paper_sigma_hat", "linearized_ridge", "linearized_flow", "ridge_checkpoints",
+           "ridge_realized")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,10 @@ def analyse_draw(case: Case, x: Tensor, y: Tensor, states: list[dict[str, Tensor
     assert ridge.noise_std is not None and paper.predicted_error is not None
     with torch.no_grad():
         f = sim.model(x)
+    # The ridge smoother with the realized noise energies (estimators.linearized.realized_fit), on the same kernel.
+    spec = linearized.exact_spectrum(sim.kernel(x)[..., 0, 0])
+    base = linearized.linearized_fit(spec, y, f)
+    real_sigma, real_signal, real_D = linearized.realized_fit(spec, y, base)
     if case.checkpoints:  # ridge smoother of the kernel averaged over the checkpoints (TracIn-like)
         K = sum(nnsim.Similarity(_model_at(case, s), progress=False).kernel(x)[..., 0, 0] for s in states) / len(
             states)
@@ -147,6 +152,8 @@ def analyse_draw(case: Case, x: Tensor, y: Tensor, states: list[dict[str, Tensor
         "linearized_ridge": ridge.predicted_error.numpy(),
         "linearized_flow": flow.predicted_error.numpy(),
         "ridge_checkpoints": ckpt_pred,
+        "ridge_realized": real_D[:, 0, 0].sqrt().numpy(), "sigma_realized": real_sigma,  # D holds the energies
+        "signal_realized": real_signal, "lam_check": abs(base.lam / float(ridge.lam or 1.0) - 1),
         "flag_paper": paper.ill_conditioned.numpy(), "flag_ridge": ridge.ill_conditioned.numpy(),
         "neighbors_ridge": ridge.effective_neighbors.numpy(), "neighbors_paper": paper.effective_neighbors.numpy(),
         "cancellation": paper.cancellation.numpy() if paper.cancellation is not None else np.full(len(x), np.nan),
@@ -175,7 +182,9 @@ def run_case(case: Case) -> dict:
                  "clean_twin_error_over_sigma": float(np.sqrt(((f_clean - truth) ** 2).mean()) / case.sigma),
                  "actual_rms_over_sigma": float(np.sqrt((actual**2).mean()) / case.sigma),
                  "sigma_hat_over_sigma": {k: float(np.mean([d[f"sigma_{k}"] for d in draws]) / case.sigma)
-                                          for k in ("ridge", "flow", "ckpt")},
+                                          for k in ("ridge", "flow", "ckpt", "realized")},
+                 "signal_directions_realized": float(np.mean([d["signal_realized"] for d in draws])),
+                 "lam_check_max": float(max(d["lam_check"] for d in draws)),
                  "fit_error": {k: float(np.mean([d[f"fit_{k}"] for d in draws])) for k in ("ridge", "flow", "ckpt")},
                  "dof_ridge": float(np.mean([d["dof_ridge"] for d in draws])), "methods": {}}
     flags = {"paper": np.stack([d["flag_paper"] for d in draws]).any(0),
@@ -256,6 +265,46 @@ def scale_check(n_big: int, n_exact: int, landmarks: tuple[int, ...], seed: int 
     out["big_seconds"] = round(time.time() - t, 2)
     out["big_sigma_hat_over_sigma"] = float((rep.noise_std or 0.0) / big.sigma)
     out["big_landmarks"] = max(landmarks)
+    return out
+
+
+def diagnose_alignment(case: Case, draws: int = 2) -> list[dict]:
+    """Per noise draw, against the constructed truth: is the network's noise response the fitted smoother's
+    (S eps vs f_k - f_clean), and is the noise isotropic in the smoother's eigenbasis?
+
+    A = ||S eps||^2 / (sigma^2 tr S S^T) and B = ||(I - S) eps||^2 / (sigma^2 (N - 2 tr S + tr S S^T)) are 1 for
+    noise independent of the kernel; the linearized and realized predictions are compared with the draw's
+    actual RMS of f_k - f_clean. The first ``draws`` draws of ``run_case`` (same seeds).
+    """
+    x, clean = make_data(case)
+    f_clean = _model_at(case, train(case, x, clean, 1)[-1])(x).detach()[:, 0]
+    g = torch.Generator().manual_seed(10_000 + case.seed)
+    out = []
+    for k in range(draws):
+        eps = case.sigma * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+        y = clean + eps
+        model = _model_at(case, train(case, x, y, 1)[-1])
+        f = model(x).detach()
+        delta = f[:, 0] - f_clean
+        spec = linearized.exact_spectrum(nnsim.Similarity(model, progress=False).kernel(x)[..., 0, 0])
+        fit = linearized.linearized_fit(spec, y, f)
+        s = linearized.filter_values(spec.ev, fit.lam, "ridge")
+        e = spec.U.T @ eps[:, 0]
+        n, t1, t2 = len(x), float(s.sum()), float((s * s).sum())
+        S_eps = spec.U @ (s * e)
+        actual = float(delta.pow(2).mean().sqrt())
+        real_sigma, n_signal, D = linearized.realized_fit(spec, y, fit)
+        out.append({
+            "draw": k, "steps": case.steps, "actual_rms": actual,
+            "S_eps_over_actual": float(S_eps.pow(2).mean().sqrt()) / actual,
+            "coef": float((delta @ S_eps) / (S_eps @ S_eps)),
+            "A": float((s * s * e * e).sum()) / (case.sigma**2 * t2),
+            "B": float(((1 - s) ** 2 * e * e).sum() + (eps[:, 0].pow(2).sum() - e.pow(2).sum())) / (
+                case.sigma**2 * (n - 2 * t1 + t2)),
+            "dof": t1, "fit_error": fit.fit_error, "sigma_hat_over_sigma": fit.noise_std / case.sigma,
+            "linearized_over_actual": fit.noise_std * float(fit.factor_matrix[:, 0, 0].mean().sqrt()) / actual,
+            "realized_sigma_over_sigma": real_sigma / case.sigma, "realized_signal_directions": n_signal,
+            "realized_over_actual": float(D[:, 0, 0].mean().sqrt()) / actual})
     return out
 
 
@@ -390,12 +439,22 @@ def run(out: Path, quick: bool, log=print, only: list[str] | None = None, assemb
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nnsim.experiments.denoising", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder (cases/, results.json, figures)")
+    ap.add_argument("--out", help="output folder (cases/, results.json, figures); required unless --diagnose")
     ap.add_argument("--quick", action="store_true", help="two small cases and a small scale check (smoke test)")
     ap.add_argument("--cases", nargs="+", metavar="NAME", help="run only these cases (and 'scale'), then stop")
     ap.add_argument("--assemble", action="store_true", help="compute nothing: results.json and figures from the "
                     "finished cases")
+    ap.add_argument("--diagnose", nargs=3, metavar=("CASE", "STEPS", "DRAWS"),
+                    help="print the noise-alignment diagnostic (diagnose_alignment) of one case and stop")
     args = ap.parse_args(argv)
+    if args.diagnose:
+        name, steps, draws = args.diagnose
+        case = replace({c.name: c for c in GRID + QUICK_GRID}[name], steps=int(steps))
+        for row in diagnose_alignment(case, int(draws)):
+            print(json.dumps(row), flush=True)
+        return
+    if not args.out:
+        ap.error("--out is required")
     run(Path(args.out), args.quick, log=lambda m: print(m, flush=True), only=args.cases, assemble=args.assemble)
 
 

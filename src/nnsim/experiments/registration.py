@@ -1,29 +1,34 @@
-"""Self-denoising in multimodal registration (docs/method.md, "Experiments", "Self-denoising"; issue 5 part 2).
+"""Self-denoising in multimodal registration (docs/method.md, "Experiments", "Self-denoising"; issue 12 item 4b,
+the redesigned stand-in).
 
-A two-branch U-Net learns to predict the misalignment between an aerial-like image and a building map from
-labels that are themselves wrong by a smooth random field of known standard deviation sigma. The data are
-a procedural stand-in for the paper's aerial images + OpenStreetMap polygons (``_scenes``). We measure:
+A two-branch convolutional network learns the translation between an aerial-like image and a building map
+(``_scenes.make_shift_scenes``: the map's polygons are the true buildings moved by one shift t per patch) from
+labels y = t + eps that are themselves wrong by eps ~ N(0, sigma^2 I_2). We measure, with the validation
+protocol of ``denoising`` (docs/experiments/denoising.md):
 
-1. self-denoising: the trained network's error against the *true* displacement, for several sigma and
-   training-set sizes N (the paper: far below the label noise);
-2. the label-free prediction: nnsim's ``denoising`` (predicted error sigma sqrt(tr D / d), effective
-   neighbour count) per training patch against the actual error (Spearman correlation, calibration);
-3. the soft neighbour count N_soft over the training patches, with example patches at the bin edges;
-4. the k nearest neighbours of a few source patches with their similarities;
-5. each source's histogram of similarities to all training patches.
+* a **clean-label twin** trained on t from the same initialisation and the same mini-batches gives f_clean;
+  ``draws`` independent noise draws eps_k give networks f_k (same initialisation, same batches);
+* **self-denoising**: the error against the truth RMS(f_k - t) on the training patches and on held-out
+  patches, against sigma and against the predict-the-mean baseline;
+* the **actual noise-induced error** of patch i, RMS over draws and the 2 components of f_k,i - f_clean,i,
+  against the label-free predictions of every f_k on its own training set: ``method="paper"`` (sigma
+  sqrt(tr D_i / 2), with the true sigma and with the linearized sigma_hat) and ``method="linearized"``
+  (ridge smoother, sigma estimated); calibration ratio RMS(pred) / RMS(actual), Spearman, sigma_hat / sigma,
+  split-half reliability of the actual error, a calibration figure;
+* on the first noisy network of the main case: soft neighbour counts, nearest neighbours and similarity rows.
 
-The analysed output is the displacement at the centre of the output map (``nnsim.outputs.center_pixel``,
-d = 2) for the gradients and the predictions alike (the authors' code used the sum over the 4 x 4 map for
-the gradients and one pixel for the predictions; their own note asks for the centre pixel: docs/method.md,
-"Analysed outputs and parameters").
+The analysed output is the network's whole output, the translation (d = 2). Every training and every analysis
+is saved under ``DIR/parts/`` as it finishes and skipped on a rerun with the same settings, so an interrupted
+run resumes. Only the public API of nnsim is used.
 
-Run: ``python -m nnsim.experiments.registration [--quick] --out DIR``. Writes DIR/results.json and the
-figures DIR/registration_*.png. Only the public API of nnsim is used.
+Run: ``python -m nnsim.experiments.registration [--quick] --out DIR [--workers W]``. Writes DIR/results.json
+and the figures DIR/registration_*.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -37,67 +42,75 @@ from torch import Tensor
 
 import nnsim
 
-from ._regnet import RegistrationNet
-from ._scenes import SceneConfig, make_scenes
+from ..estimators import linearized
+from ._regnet import ShiftNet
+from ._scenes import SceneConfig, make_shift_scenes
+
+METHODS = ("paper_true_sigma", "paper_sigma_hat", "linearized_ridge", "ridge_realized")
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything that defines a run (``full()`` and ``quick()`` are the two documented presets)."""
 
-    scene: SceneConfig = SceneConfig(n_modes=4, mode_width=(12.0, 32.0))
-    sizes: tuple[int, ...] = (200, 800)
-    sigmas: tuple[float, ...] = (0.0, 1.5, 3.0)
-    n_test: int = 300
-    steps: int = 500
-    batch: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    analysis_sigma: float = 1.5  # the analysed model: the largest N at this sigma
-    analysis_sigmas: tuple[float, ...] = (1.5, 3.0)  # label-free prediction also computed at these sigmas
+    scene: SceneConfig = SceneConfig(size=32, buildings=(3, 8), building_size=(4.0, 9.0))
+    max_shift: float = 3.0
+    # (N, sigma) in priority order; the first is the main case (neighbours, figures). Smaller N are prefixes.
+    cases: tuple[tuple[int, float], ...] = ((1000, 1.5), (1000, 3.0), (250, 1.5))
+    draws: int = 6
+    n_test: int = 500
+    steps: int = 800
+    batch: int = 64
+    lr: float = 3e-3
     knn_sources: int = 4
     k: int = 10
     seed: int = 0
-    workers: int = 1  # processes for the independent trainings / analyses
-    net: dict = field(default_factory=lambda: {"levels": 3, "image_base": 6, "map_base": 4, "common_base": 8})
+    workers: int = 2  # processes for the independent trainings / analyses (one thread each)
+    net: dict = field(default_factory=lambda: {"image_width": 8, "map_width": 4, "common_width": 16})
 
     @staticmethod
     def full() -> Settings:
-        return Settings(workers=3)
+        return Settings()
 
     @staticmethod
     def quick() -> Settings:
-        return Settings(sizes=(32, 64), sigmas=(0.0, 2.0), n_test=32, steps=30, batch=16, analysis_sigma=2.0,
-                        analysis_sigmas=(2.0,),
-                        knn_sources=2, k=4, net={"levels": 3, "image_base": 4, "map_base": 2, "common_base": 4})
+        return Settings(scene=SceneConfig(size=24, buildings=(2, 6), building_size=(4.0, 8.0)), cases=((96, 3.0),),
+                        draws=2, n_test=64, steps=200, batch=32, knn_sources=2, k=4, workers=1,
+                        net={"image_width": 4, "map_width": 2, "common_width": 8})
+
+    def key(self) -> str:
+        """A hash of everything a training depends on (saved parts of other settings are not reused)."""
+        d = asdict(self)
+        for k in ("cases", "workers", "knn_sources", "k", "n_test", "draws"):
+            d.pop(k)
+        d["n_max"] = max(n for n, _ in self.cases)  # the scenes and noise draws are drawn for the largest N
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-# ---------------------------------------------------------------------- training and evaluation
-def _crop(x: Tensor, size: int) -> Tensor:
-    off = (x.shape[-1] - size) // 2
-    return x[..., off:off + size, off:off + size]
+# ---------------------------------------------------------------------- training
+def make_model(s: Settings) -> ShiftNet:
+    torch.manual_seed(s.seed + 100)  # the same initialisation for the clean twin and every noisy draw
+    return ShiftNet(**s.net)
 
 
-def train(data: dict[str, Tensor], s: Settings, seed: int) -> tuple[RegistrationNet, list[float]]:
-    """Adam on the mean squared error between the displacement map and the (noisy) labels, cropped to the
-    output window. Returns the model (eval mode) and the loss curve (mean per 50 steps)."""
-    torch.manual_seed(seed)
-    model = RegistrationNet(max_disp=s.scene.max_disp, **s.net)
-    out = model.output_size(s.scene.size)
-    target = _crop(data["label"], out)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+def train(s: Settings, image: Tensor, polygons: Tensor, labels: Tensor) -> tuple[ShiftNet, list[float]]:
+    """Adam (cosine decay to 0) on the squared error to ``labels`` [N, 2], mini-batches in a seeded order that
+    does not depend on the labels (the clean twin sees the same batches). Returns the model (eval mode) and
+    the loss curve (mean per 50 steps)."""
+    model = make_model(s)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps)
-    gen = torch.Generator().manual_seed(seed)
-    n, losses, acc = len(target), [], []
-    order = torch.randperm(n, generator=gen)
-    pos = 0
+    gen = torch.Generator().manual_seed(s.seed + 200)
+    n, losses, acc = len(labels), [], []
+    batch = min(s.batch, n)
+    order, pos = torch.randperm(n, generator=gen), 0
     model.train()
     for _ in range(s.steps):
-        if pos + s.batch > n:
+        if pos + batch > n:
             order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + s.batch]
-        pos += s.batch
-        loss = (model(data["image"][idx], data["polygons"][idx]) - target[idx]).pow(2).mean()
+        idx = order[pos:pos + batch]
+        pos += batch
+        loss = (model(image[idx], polygons[idx]) - labels[idx]).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,30 +125,138 @@ def train(data: dict[str, Tensor], s: Settings, seed: int) -> tuple[Registration
 
 
 @torch.no_grad()
-def predict(model: RegistrationNet, data: dict[str, Tensor], batch: int = 256) -> Tensor:
-    """The displacement maps [N, 2, S_out, S_out]."""
-    return torch.cat([model(data["image"][i:i + batch], data["polygons"][i:i + batch])
-                      for i in range(0, len(data["image"]), batch)])
+def predict(model: ShiftNet, image: Tensor, polygons: Tensor, batch: int = 500) -> Tensor:
+    """The predicted translations [N, 2]."""
+    return torch.cat([model(image[i:i + batch], polygons[i:i + batch]) for i in range(0, len(image), batch)])
 
 
-def centre(maps: Tensor) -> Tensor:
-    """[N, 2, H, W] -> [N, 2] at (H // 2, W // 2), the position ``nnsim.outputs.center_pixel`` analyses."""
-    return nnsim.outputs.center_pixel(maps, ())
+def rms(err: Tensor | np.ndarray) -> float:
+    """Root-mean-square over every entry (pixels per component)."""
+    return float(np.sqrt(np.mean(np.square(np.asarray(err, dtype=np.float64)))))
 
 
-def rms(err: Tensor) -> float:
-    """Root-mean-square per component (pixels)."""
-    return float(err.pow(2).mean().sqrt())
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def per_sample_rms(err: Tensor) -> Tensor:
-    """[N, d] -> [N] sqrt(|e|^2 / d), the per-component RMS that sigma sqrt(tr D / d) predicts."""
-    return err.pow(2).mean(1).sqrt()
-
-
-# ---------------------------------------------------------------------- the experiment
+# ---------------------------------------------------------------------- parts (each saved when done)
 # Worker processes inherit the scenes by fork (set before the pool starts), so nothing large is pickled.
 _SHARED: dict = {}
+
+
+def _labels(n: int, sigma: float, draw: int) -> Tensor:
+    """Training labels of draw ``draw`` (-1: the clean twin): t + sigma * unit noise of that draw."""
+    t = _SHARED["pool"]["shift"][:n]
+    if draw < 0:
+        return t.clone()
+    return t + sigma * _SHARED["unit_noise"][draw][:n]
+
+
+def _part(kind: str, n: int, sigma: float, draw: int) -> Path:
+    tag = "clean" if draw < 0 else f"s{sigma:g}_d{draw}"
+    return _SHARED["parts"] / f"{kind}_{_SHARED['key']}_n{n}_{tag}.pt"
+
+
+def _train_task(task: tuple[int, float, int]) -> str:
+    torch.set_num_threads(1)
+    n, sigma, draw = task
+    path = _part("model", n, sigma, draw)
+    if not path.exists():
+        s, pool = _SHARED["settings"], _SHARED["pool"]
+        t1 = time.perf_counter()
+        model, losses = train(s, pool["image"][:n], pool["polygons"][:n], _labels(n, sigma, draw))
+        torch.save({"state": model.state_dict(), "losses": losses, "seconds": time.perf_counter() - t1}, path)
+        _SHARED["log"](f"trained N={n} {'clean' if draw < 0 else f'sigma={sigma:g} draw {draw}'} "
+                       f"in {time.perf_counter() - t1:.0f} s")
+    return str(path)
+
+
+def _load(n: int, sigma: float, draw: int) -> tuple[ShiftNet, dict]:
+    saved = torch.load(_part("model", n, sigma, draw), weights_only=False)
+    model = ShiftNet(**_SHARED["settings"].net)
+    model.load_state_dict(saved["state"])
+    return model.eval(), saved
+
+
+def _analysis_task(task: tuple[int, float, int]) -> str:
+    """nnsim's label-free statistics of one noisy network on its own training set."""
+    torch.set_num_threads(1)
+    n, sigma, draw = task
+    path = _part("analysis", n, sigma, draw)
+    if not path.exists():
+        pool = _SHARED["pool"]
+        model, _ = _load(n, sigma, draw)
+        data = (pool["image"][:n], pool["polygons"][:n])
+        sim = nnsim.Similarity(model, progress=False)
+        t1 = time.perf_counter()
+        lin = sim.denoising(data, targets=_labels(n, sigma, draw), method="linearized")
+        t_lin = time.perf_counter() - t1
+        paper = sim.denoising(data, noise_std=sigma)
+        assert lin.predicted_error is not None and paper.predicted_error is not None and lin.noise_std is not None
+        torch.save({
+            "linearized_ridge": lin.predicted_error.double(), "paper_true_sigma": paper.predicted_error.double(),
+            "paper_sigma_hat": lin.noise_std * paper.factor.double().clamp_min(0).sqrt(),
+            "flag_paper": paper.ill_conditioned, "flag_linearized": lin.ill_conditioned,
+            "neighbors_paper": paper.effective_neighbors.double(), "neighbors_linearized": lin.effective_neighbors,
+            "sigma_hat": lin.noise_std, "dof": lin.dof, "fit_error": lin.fit_error, "lam": lin.lam,
+            "seconds_linearized": t_lin, "seconds_paper": time.perf_counter() - t1 - t_lin}, path)
+        _SHARED["log"](f"analysed N={n} sigma={sigma:g} draw {draw}: sigma_hat {lin.noise_std:.3f}, "
+                       f"fit error {lin.fit_error:.3f} ({time.perf_counter() - t1:.0f} s)")
+    _realized_task(task)
+    return str(path)
+
+
+def _realized_task(task: tuple[int, float, int]) -> str:
+    """The ridge smoother with realized noise energies (``estimators.linearized.realized_fit``) of one noisy
+    network, from its kernel matrix (``Similarity.kernel``, [N, N, 2, 2] -> [2N, 2N])."""
+    torch.set_num_threads(1)
+    n, sigma, draw = task
+    path = _part("realized", n, sigma, draw)
+    if not path.exists():
+        pool = _SHARED["pool"]
+        model, _ = _load(n, sigma, draw)
+        data = (pool["image"][:n], pool["polygons"][:n])
+        sim = nnsim.Similarity(model, progress=False)
+        t1 = time.perf_counter()
+        K = sim.kernel(data).double()  # [N, N, d, d]
+        d = K.shape[-1]
+        spec = linearized.exact_spectrum(K.permute(0, 2, 1, 3).reshape(n * d, n * d))
+        f = predict(model, *data).double()
+        fit = linearized.linearized_fit(spec, _labels(n, sigma, draw), f)
+        sig, n_signal, D = linearized.realized_fit(spec, _labels(n, sigma, draw), fit)
+        torch.save({"ridge_realized": (D.diagonal(dim1=-2, dim2=-1).sum(-1) / d).sqrt(), "sigma_realized": sig,
+                    "n_signal": n_signal, "lam_realized": fit.lam, "seconds_realized": time.perf_counter() - t1}, path)
+    return str(path)
+
+
+def _maps_task(task: tuple[int, float, int]) -> str:
+    """Soft neighbour counts, exact top-k neighbours and similarity rows of a few sources."""
+    torch.set_num_threads(1)
+    n, sigma, draw = task
+    path = _part("maps", n, sigma, draw)
+    if not path.exists():
+        s, pool = _SHARED["settings"], _SHARED["pool"]
+        model, _ = _load(n, sigma, draw)
+        sim = nnsim.Similarity(model, progress=False)
+        data = (pool["image"][:n], pool["polygons"][:n])
+        t1 = time.perf_counter()
+        nsoft = sim.density(data)
+        t_density = time.perf_counter() - t1
+        order = torch.argsort(nsoft)  # sources spread over the N_soft range: few ... many neighbours
+        sources = [int(order[i]) for i in torch.linspace(0, len(order) - 1, s.knn_sources).round().long()]
+        t1 = time.perf_counter()
+        src = (pool["image"][sources], pool["polygons"][sources])
+        vals, idx = sim.neighbors(src, data, k=s.k)
+        rows = sim.similarity(src, data)  # [Q, N]
+        torch.save({"nsoft": nsoft, "density_seconds": t_density, "sources": sources, "vals": vals, "idx": idx,
+                    "rows": rows, "knn_seconds": time.perf_counter() - t1}, path)
+    return str(path)
+
+
+def _train_and_analyse(task: tuple[int, float, int]) -> str:
+    _train_task(task)
+    return _analysis_task(task) if task[2] >= 0 else ""
 
 
 def _map(fn, tasks: list, workers: int) -> list:
@@ -149,245 +270,188 @@ def _map(fn, tasks: list, workers: int) -> list:
         return list(ex.map(fn, tasks))
 
 
-def _train_task(task: tuple[int, float]) -> tuple[dict, list[float], float]:
-    torch.set_num_threads(1)
-    n, sigma = task
-    s, pool, unit = _SHARED["settings"], _SHARED["pool"], _SHARED["unit_noise"]
-    tr = {"image": pool["image"][:n], "polygons": pool["polygons"][:n], "label": pool["disp"][:n] + sigma * unit[:n]}
-    t1 = time.perf_counter()
-    model, losses = train(tr, s, seed=s.seed + 100)
-    return model.state_dict(), losses, time.perf_counter() - t1
+# ---------------------------------------------------------------------- assembling a case
+def _case(s: Settings, n: int, sigma: float, test: dict) -> dict:
+    pool = _SHARED["pool"]
+    t = pool["shift"][:n].double()
+    clean, clean_saved = _load(n, sigma, -1)
+    f_clean = predict(clean, pool["image"][:n], pool["polygons"][:n]).double()
+    g_clean = predict(clean, test["image"], test["polygons"]).double()
+    f, g, an, losses, secs = [], [], [], [], []
+    for k in range(s.draws):
+        model, saved = _load(n, sigma, k)
+        f.append(predict(model, pool["image"][:n], pool["polygons"][:n]).double())
+        g.append(predict(model, test["image"], test["polygons"]).double())
+        an.append(torch.load(_part("analysis", n, sigma, k), weights_only=False))
+        if _part("realized", n, sigma, k).exists():
+            an[-1].update(torch.load(_part("realized", n, sigma, k), weights_only=False))
+        losses.append(saved["losses"])
+        secs.append(saved["seconds"])
+    F_, G_ = torch.stack(f), torch.stack(g)  # [draws, N, 2], [draws, N_test, 2]
+    labels = torch.stack([_labels(n, sigma, k).double() for k in range(s.draws)])
+    actual = (F_ - f_clean).pow(2).mean((0, 2)).sqrt().numpy()  # [N] RMS over draws and components
+    half = s.draws // 2
+    res: dict = {
+        "n_train": n, "sigma": sigma, "draws": s.draws,
+        "train_seconds_mean": float(np.mean(secs)), "clean_train_seconds": clean_saved["seconds"],
+        "label_noise_rms": rms(labels - t),
+        "predict_mean_rms": rms(t - t.mean(0)), "test_predict_mean_rms": rms(test["shift"] - t.mean(0)),
+        "clean_train_rms": rms(f_clean - t), "clean_test_rms": rms(g_clean - test["shift"]),
+        "train_rms": rms(F_ - t), "train_rms_vs_labels": rms(F_ - labels), "test_rms": rms(G_ - test["shift"]),
+        "actual_noise_rms": rms(actual), "test_actual_noise_rms": rms(G_ - g_clean),
+        "split_half_spearman": spearman((F_[:half] - f_clean).pow(2).mean((0, 2)).sqrt().numpy(),
+                                        (F_[half:] - f_clean).pow(2).mean((0, 2)).sqrt().numpy())
+        if half >= 1 and s.draws - half >= 1 else float("nan"),
+        "sigma_hat_over_sigma": float(np.mean([a["sigma_hat"] for a in an]) / sigma),
+        "dof_mean": float(np.mean([a["dof"] for a in an])),
+        "fit_error_mean": float(np.mean([a["fit_error"] for a in an])),
+        "neighbors_paper_median": float(np.median(torch.stack([a["neighbors_paper"] for a in an]).numpy())),
+        "neighbors_linearized_median": float(np.median(torch.stack([a["neighbors_linearized"] for a in an]).numpy())),
+        "analysis_seconds_linearized": float(np.mean([a["seconds_linearized"] for a in an])),
+        "analysis_seconds_paper": float(np.mean([a["seconds_paper"] for a in an])),
+        "final_loss_mean": float(np.mean([lc[-1] for lc in losses])), "clean_final_loss": clean_saved["losses"][-1],
+        "loss_curve_clean": clean_saved["losses"], "loss_curve_draw0": losses[0], "methods": {},
+    }
+    per_sample = {"actual": actual}
+    if all("ridge_realized" in a for a in an):
+        res["sigma_realized_over_sigma"] = float(np.mean([a["sigma_realized"] for a in an]) / sigma)
+        res["signal_directions_realized"] = float(np.mean([a["n_signal"] for a in an]))
+        # The same fit as the library's (one lam from the same kernel): a consistency check of the two paths.
+        res["lam_check_max"] = float(max(abs(a["lam_realized"] / a["lam"] - 1) for a in an))
+    for m in METHODS:
+        if not all(m in a for a in an):
+            continue
+        pred = torch.stack([a[m] for a in an]).pow(2).mean(0).sqrt().numpy()
+        flag = torch.stack([a["flag_paper" if m.startswith("paper") else "flag_linearized"] for a in an]).any(0).numpy()
+        ok = ~flag
+        res["methods"][m] = {
+            "predicted_rms": rms(pred), "calibration": rms(pred) / rms(actual), "spearman": spearman(pred, actual),
+            "flagged": int(flag.sum()),
+            "calibration_trusted": rms(pred[ok]) / rms(actual[ok]) if ok.any() else float("nan"),
+            "spearman_trusted": spearman(pred[ok], actual[ok]) if ok.sum() > 2 else float("nan"),
+            "deciles": _deciles(pred, actual),
+        }
+        per_sample[m] = pred
+    return {"summary": res, "per_sample": per_sample}
 
 
-def _model(state: dict) -> RegistrationNet:
-    s = _SHARED["settings"]
-    model = RegistrationNet(max_disp=s.scene.max_disp, **s.net)
-    model.load_state_dict(state)
-    return model.eval()
+def _deciles(predicted: np.ndarray, actual: np.ndarray, bins: int = 10) -> list[dict]:
+    """Samples binned by predicted error (equal counts): RMS predicted vs RMS actual error per bin."""
+    out = []
+    for chunk in np.array_split(np.argsort(predicted), bins):
+        if len(chunk):
+            out.append({"n": len(chunk), "predicted_rms": rms(predicted[chunk]), "actual_rms": rms(actual[chunk])})
+    return out
 
 
-def _analysis_task(task: tuple[str, float]) -> dict:
-    """("denoising", sigma): nnsim's label-free statistics; ("maps", sigma): N_soft, neighbours, similarity rows."""
-    torch.set_num_threads(1)
-    kind, sigma = task
-    s, pool = _SHARED["settings"], _SHARED["pool"]
-    model = _model(_SHARED["states"][sigma])
-    sim = nnsim.Similarity(model, output=nnsim.outputs.center_pixel, progress=False)
-    data = (pool["image"], pool["polygons"])
-    t1 = time.perf_counter()
-    if kind == "denoising":
-        rep = sim.denoising(data, noise_std=sigma)
-        return {"report": {k: v for k, v in rep.to_dict().items()}, "seconds": time.perf_counter() - t1}
-    nsoft = sim.density(data)
-    t_density = time.perf_counter() - t1
-    order = torch.argsort(nsoft)  # sources spread over the N_soft range: few ... many neighbours
-    sources = [int(order[i]) for i in torch.linspace(0, len(order) - 1, s.knn_sources).round().long()]
-    src = (pool["image"][sources], pool["polygons"][sources])
-    t1 = time.perf_counter()
-    vals, idx = sim.neighbors(src, data, k=s.k)
-    rows = sim.similarity(src, data)  # [Q, N]
-    return {"nsoft": nsoft, "density_seconds": t_density, "sources": sources, "vals": vals, "idx": idx,
-            "rows": rows, "knn_seconds": time.perf_counter() - t1}
+def run(s: Settings, out: Path, log=None, assemble: bool = False) -> dict:
+    """Run (or resume) the whole experiment, write figures and results.json into ``out``, return the results.
 
-
-def run(s: Settings, out: Path, log=None) -> dict:
-    """Run the whole experiment, write figures and results.json into ``out``, return the results."""
+    ``assemble``: train nothing, write results.json and the figures from the finished cases (the main case
+    must be finished; the others are listed in ``missing_cases``)."""
     if log is None:
         def log(msg: str) -> None:
             print(msg, flush=True)
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "parts").mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    n_max = max(s.sizes)
-    # One pool of scenes; smaller training sets are prefixes, and the label noise of every sigma is the same
-    # unit field scaled, so the runs differ only in what they vary.
-    pool = make_scenes(n_max, s.scene, noise_std=1.0, seed=s.seed)
-    unit_noise = pool["label"] - pool["disp"]
-    test = make_scenes(s.n_test, s.scene, noise_std=0.0, seed=s.seed + 1)
-    t_data = time.perf_counter() - t0
-    log(f"data: {n_max} training + {s.n_test} test scenes in {t_data:.1f} s")
-    _SHARED.update(settings=s, pool=pool, unit_noise=unit_noise)
+    n_max = max(n for n, _ in s.cases)
+    pool = make_shift_scenes(n_max, s.scene, s.max_shift, seed=s.seed)
+    test = make_shift_scenes(s.n_test, s.scene, s.max_shift, seed=s.seed + 1)
+    gen = torch.Generator().manual_seed(s.seed + 7919)
+    unit_noise = [torch.randn((n_max, 2), generator=gen) for _ in range(s.draws)]
+    log(f"data: {n_max} training + {s.n_test} test scenes in {time.perf_counter() - t0:.1f} s")
+    _SHARED.update(settings=s, pool=pool, unit_noise=unit_noise, parts=out / "parts", key=s.key(), log=log)
 
-    out_size = RegistrationNet(**s.net).output_size(s.scene.size)
-    test_true_c = centre(_crop(test["disp"], out_size))
-    tasks = [(n, sigma) for n in s.sizes for sigma in s.sigmas]
-    trained = dict(zip(tasks, _map(_train_task, tasks, s.workers)))
-    runs = []
-    for (n, sigma), (state, losses, t_train) in trained.items():
-        model = _model(state)
-        tr = {"image": pool["image"][:n], "polygons": pool["polygons"][:n]}
-        true_c = centre(_crop(pool["disp"][:n], out_size))
-        label_c = true_c + sigma * centre(_crop(unit_noise[:n], out_size))
-        pred_tr, pred_te = predict(model, tr), predict(model, test)
-        r = {
-            "n_train": n, "sigma": sigma, "train_seconds": t_train, "final_loss": losses[-1],
-            "label_noise_rms_centre": rms(label_c - true_c),
-            "train_rms_centre": rms(centre(pred_tr) - true_c),
-            "train_rms_vs_labels_centre": rms(centre(pred_tr) - label_c),
-            "test_rms_centre": rms(centre(pred_te) - test_true_c),
-            "test_rms_map": rms(pred_te - _crop(test["disp"], out_size)),
-            "zero_predictor_rms_centre": rms(true_c),
-            "test_zero_predictor_rms_centre": rms(test_true_c),
-        }
-        runs.append(r)
-        log(f"N={n:5d} sigma={sigma:.1f}: label noise {r['label_noise_rms_centre']:.3f} px, train error "
-            f"{r['train_rms_centre']:.3f} px, test error {r['test_rms_centre']:.3f} px (zero predictor "
-            f"{r['test_zero_predictor_rms_centre']:.3f}; {t_train:.0f} s)")
-
-    # Label-free prediction on the largest training set, for every analysed sigma, and the similarity maps of
-    # the analysed model, all in parallel.
-    sigmas = [sg for sg in s.analysis_sigmas if (n_max, sg) in trained]
-    _SHARED["states"] = {sg: trained[(n_max, sg)][0] for sg in s.sigmas if (n_max, sg) in trained}
-    jobs = [("denoising", sg) for sg in sigmas]
-    if s.analysis_sigma in _SHARED["states"]:
-        jobs.append(("maps", s.analysis_sigma))
-    done = dict(zip(jobs, _map(_analysis_task, jobs, s.workers)))
-    true_c = centre(_crop(pool["disp"], out_size))
-    predictions, calib = [], None
-    for sigma in sigmas:
-        rep, t_den = done[("denoising", sigma)]["report"], done[("denoising", sigma)]["seconds"]
-        pred_c = centre(predict(_model(_SHARED["states"][sigma]), pool))
-        actual = per_sample_rms(pred_c - true_c)
-        label_err = per_sample_rms(sigma * centre(_crop(unit_noise, out_size)))
-        # The part of the error the labels' noise caused: the same network trained on clean labels (same seed,
-        # same data) is the reference the derivation's f_i - y~_i ~ sum_j W_ij eps_j is about.
-        noise_part = None
-        if 0.0 in _SHARED["states"]:
-            noise_part = per_sample_rms(pred_c - centre(predict(_model(_SHARED["states"][0.0]), pool)))
-        p = {
-            "n_train": n_max, "sigma": sigma, "denoising_seconds": t_den,
-            "actual_rms": rms(pred_c - true_c),
-            "predicted_rms": float(rep["predicted_error"].pow(2).mean().sqrt()),
-            "predicted_median": float(rep["predicted_error"].median()),
-            "actual_median": float(actual.median()),
-            "effective_neighbors_median": float(rep["effective_neighbors"].median()),
-            "effective_neighbors_min": float(rep["effective_neighbors"].min()),
-            "effective_neighbors_max": float(rep["effective_neighbors"].max()),
-            "factor_median": float(rep["factor"].median()),
-            "consistency_median": float(rep["consistency"].median()),
-            "ill_conditioned": int(rep["ill_conditioned"].sum()),
-            "spearman_predicted_vs_actual": _spearman(rep["predicted_error"], actual),
-            "spearman_neff_vs_actual": _spearman(rep["effective_neighbors"], actual),
-            "spearman_label_error_vs_actual": _spearman(label_err, actual),
-            "calibration": _calibration(rep["predicted_error"], actual),
-        }
-        if noise_part is not None:
-            p["noise_part_rms"] = rms(noise_part)
-            p["spearman_predicted_vs_noise_part"] = _spearman(rep["predicted_error"], noise_part)
-            p["calibration_noise_part"] = _calibration(rep["predicted_error"], noise_part)
-        predictions.append(p)
-        log(f"denoising sigma={sigma}: predicted RMS {p['predicted_rms']:.3f} px vs actual {p['actual_rms']:.3f} "
-            f"px, Spearman {p['spearman_predicted_vs_actual']:.3f}, median N_eff "
-            f"{p['effective_neighbors_median']:.1f} ({t_den:.0f} s)")
-        if sigma == s.analysis_sigma:
-            calib = (rep, actual)
+    # Tasks in priority order (the main case first): a clean twin when its N first appears, then every draw
+    # of the case (trained, then analysed in the same process: the analysis does not need the clean twin).
+    tasks, seen = [], set()
+    for n, sg in s.cases:
+        if n not in seen:
+            seen.add(n)
+            tasks.append((n, 0.0, -1))
+        tasks += [(n, sg, k) for k in range(s.draws)]
+    main = (s.cases[0][0], s.cases[0][1], 0)
+    if not assemble:
+        _map(_train_and_analyse, tasks, s.workers)
+        _maps_task(main)
+    done = [(n, sg) for n, sg in s.cases if _part("model", n, sg, -1).exists()
+            and all(_part("analysis", n, sg, k).exists() for k in range(s.draws))]
+    missing = [c for c in s.cases if c not in done]
+    if s.cases[0] in missing or not _part("maps", *main).exists():
+        raise SystemExit(f"the main case {s.cases[0]} is not finished: run without --assemble first")
+    cases, per_sample = [], {}
+    for n, sigma in done:
+        c = _case(s, n, sigma, test)
+        cases.append(c["summary"])
+        per_sample[f"{n}_{sigma:g}"] = c["per_sample"]
+        r = c["summary"]
+        log(f"N={n} sigma={sigma:g}: error vs truth {r['train_rms']:.3f} px (clean twin {r['clean_train_rms']:.3f}, "
+            f"predict-the-mean {r['predict_mean_rms']:.3f}); noise-induced {r['actual_noise_rms']:.3f}; sigma_hat/"
+            f"sigma {r['sigma_hat_over_sigma']:.3f}; " + ", ".join(
+                f"{m} {v['calibration']:.2f}/{v['spearman']:.2f}" for m, v in r["methods"].items()))
 
     from . import _regplots as plots  # matplotlib only when figures are drawn
 
+    maps = torch.load(_part("maps", *main), weights_only=False)
+    nsoft = maps["nsoft"]
+    edges = np.histogram_bin_edges(nsoft.numpy(), bins=10)
+    chosen = [int((nsoft - float(e)).abs().argmin()) for e in edges[1:]]
+    t_main = pool["shift"][:main[0]]
     figures = {
-        "examples": plots.examples(pool, unit_noise, s, out_size, out / "registration_examples.png"),
-        "denoising": plots.denoising_curves(runs, predictions, s, out / "registration_denoising.png"),
+        "examples": plots.shift_examples(pool, unit_noise[0], s.cases[0][1], out / "registration_examples.png"),
+        "denoising": plots.error_vs_sigma(cases, out / "registration_denoising.png"),
+        "calibration": plots.calibration_methods(per_sample[f"{s.cases[0][0]}_{s.cases[0][1]:g}"], METHODS,
+                                                 cases[0], out / "registration_calibration.png"),
+        "nsoft_hist": plots.nsoft_histogram(nsoft, edges, chosen, pool, out / "registration_nsoft_hist.png"),
+        "knn": plots.knn_grid(maps["sources"], maps["vals"], maps["idx"], pool, out / "registration_knn.png"),
+        "similarity_hist": plots.similarity_histograms(maps["sources"], maps["rows"], nsoft, pool,
+                                                       out / "registration_similarity_hist.png"),
     }
-    if calib is not None:
-        figures["calibration"] = plots.calibration(calib[0]["predicted_error"], calib[0]["effective_neighbors"],
-                                                   calib[1], s.analysis_sigma, out / "registration_calibration.png")
-    nsoft_info, knn_info = {}, {}
-    if ("maps", s.analysis_sigma) in done:
-        m = done[("maps", s.analysis_sigma)]
-        nsoft, sources, vals, idx, rows = m["nsoft"], m["sources"], m["vals"], m["idx"], m["rows"]
-        edges = np.histogram_bin_edges(nsoft.numpy(), bins=10)
-        chosen = [int((nsoft - float(e)).abs().argmin()) for e in edges[1:]]
-        figures["nsoft_hist"] = plots.nsoft_histogram(nsoft, edges, chosen, pool, out / "registration_nsoft_hist.png")
-        nsoft_info = {
-            "n_train": n_max, "sigma": s.analysis_sigma, "seconds": m["density_seconds"],
-            "min": float(nsoft.min()), "median": float(nsoft.median()), "max": float(nsoft.max()),
-            "bin_edges": edges.tolist(), "patches_at_edges": chosen,
-        }
-        if calib is not None:
-            nsoft_info["spearman_nsoft_vs_actual"] = _spearman(nsoft, calib[1])
-            nsoft_info["spearman_nsoft_vs_neff"] = _spearman(nsoft, calib[0]["effective_neighbors"])
-        figures["knn"] = plots.knn_grid(sources, vals, idx, pool, out / "registration_knn.png")
-        figures["similarity_hist"] = plots.similarity_histograms(sources, rows, nsoft, pool,
-                                                                 out / "registration_similarity_hist.png")
-        knn_info = {
-            "seconds": m["knn_seconds"], "sources": sources, "source_nsoft": [float(nsoft[i]) for i in sources],
-            "neighbors": idx.tolist(), "similarities": vals.tolist(),
-            "neighbor_disp_spread": [_disp_spread(true_c, idx[q].tolist()) for q in range(len(sources))],
-            "random_disp_spread": _disp_spread(true_c, list(range(min(len(true_c), 200)))),
-            "fraction_negative_similarity": [float((rows[q] < 0).float().mean()) for q in range(len(sources))],
-            "rows_topk_agree": bool(torch.equal(rows.topk(s.k, dim=1).indices.sort(1).values,
-                                                idx.sort(1).values)),
-        }
-
+    idx = maps["idx"]
+    knn_info = {
+        "n_train": main[0], "sigma": main[1], "density_seconds": maps["density_seconds"],
+        "knn_seconds": maps["knn_seconds"], "sources": maps["sources"],
+        "source_nsoft": [float(nsoft[i]) for i in maps["sources"]],
+        "nsoft_min": float(nsoft.min()), "nsoft_median": float(nsoft.median()), "nsoft_max": float(nsoft.max()),
+        "neighbors": idx.tolist(), "similarities": maps["vals"].tolist(),
+        # Do the most similar patches have similar true shifts? RMS distance to the source's shift.
+        "neighbor_shift_distance": [rms(t_main[idx[q, 1:]] - t_main[src]) for q, src in enumerate(maps["sources"])],
+        "random_shift_distance": rms(t_main[:, None] - t_main[None, :200]),
+        "rows_topk_agree": bool(torch.equal(maps["rows"].topk(s.k, dim=1).indices.sort(1).values, idx.sort(1).values)),
+    }
     results = {
         "experiment": "registration",
-        "settings": _jsonable(asdict(s)),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads_per_worker": 1, "workers": s.workers},
-        "output_size": out_size,
-        "n_parameters": sum(p.numel() for p in RegistrationNet(**s.net).parameters()),
-        "data_seconds": t_data,
-        "runs": runs,
-        "label_free_prediction": predictions,
-        "n_soft": nsoft_info,
+        "settings": json.loads(json.dumps(asdict(s), default=str)),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "threads_per_worker": 1,
+                        "workers": s.workers},
+        "n_parameters": sum(p.numel() for p in ShiftNet(**s.net).parameters()),
+        "cases": cases,
+        "missing_cases": [list(c) for c in missing],
         "knn": knn_info,
         "figures": figures,
-        "loss_curves": {f"{n}_{sig}": v[1] for (n, sig), v in trained.items()},
-        "total_seconds": time.perf_counter() - t0,
+        "total_seconds_this_invocation": time.perf_counter() - t0,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    log(f"done in {results['total_seconds']:.0f} s -> {out / 'results.json'}")
+    log(f"done in {results['total_seconds_this_invocation']:.0f} s -> {out / 'results.json'}")
     return results
-
-
-def _spearman(a: Tensor, b: Tensor) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a.detach().cpu().numpy(), b.detach().cpu().numpy()).statistic)
-
-
-def _calibration(predicted: Tensor, actual: Tensor, bins: int = 10) -> list[dict]:
-    """Samples binned by predicted error (equal counts): mean predicted vs RMS actual error per bin."""
-    order = torch.argsort(predicted)
-    out = []
-    for chunk in torch.tensor_split(order, bins):
-        if len(chunk):
-            out.append({"n": len(chunk), "predicted_rms": float(predicted[chunk].pow(2).mean().sqrt()),
-                        "actual_rms": float(actual[chunk].pow(2).mean().sqrt())})
-    return out
-
-
-def _disp_spread(true_c: Tensor, idx: list[int]) -> float:
-    """RMS distance of the true centre displacements of a set of patches to their mean (pixels)."""
-    t = true_c[idx]
-    return float((t - t.mean(0)).pow(2).sum(1).mean().sqrt())
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nnsim.experiments.registration", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny settings (about a minute), what CI runs")
-    ap.add_argument("--out", type=Path, required=True, help="output folder for results.json and the figures")
+    ap.add_argument("--quick", action="store_true", help="tiny settings (well under a minute), what the tests run")
+    ap.add_argument("--out", type=Path, required=True, help="output folder for results.json, figures and parts/")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sizes", type=int, nargs="+", default=None,
-                    help="training-set sizes (default: the preset's); the largest is analysed")
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: 3 full, 1 quick)")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: 2 full, 1 quick)")
+    ap.add_argument("--assemble", action="store_true",
+                    help="compute nothing: results.json and figures from the finished cases (while a run goes on)")
     args = ap.parse_args(argv)
     s = Settings.quick() if args.quick else Settings.full()
     s = replace(s, seed=args.seed, workers=s.workers if args.workers is None else args.workers)
-    if args.sizes:
-        s = replace(s, sizes=tuple(args.sizes))
-    run(s, args.out)
+    run(s, args.out, assemble=args.assemble)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

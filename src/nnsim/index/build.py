@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from .. import distributed as dist_mod
+from .. import distributed
+from ..engine import RankReport
 from ..errors import InputError
 from ..inputs import Batch, Source
 from ..similarity import Similarity
 from . import features as ft
-from . import store as st
+from . import store
 from .lock import BuildLock
 
 _SHARD_BYTES = 2**26  # default target size of one shard file
@@ -74,27 +74,16 @@ def _slice(batch: Batch, a: int, b: int) -> Batch:
     return tuple(t[a:b] for t in batch)
 
 
-def _sub_source(src: Source, start: int, stop: int) -> Source | None:
-    """Random access to rows [start, stop) when the source allows it (tensors, map-style datasets)."""
-    if src.kind == "tensors":
-        return Source(_slice(src.data, start, stop), stop - start, "tensors", src.keys)
-    if src.kind == "dataset":
-        return Source(Subset(src.data, range(start, stop)), stop - start, "dataset")
-    return None
-
-
 def shard_pieces(src: Source, ranges: list[tuple[int, int]], todo: list[int], chunk: int
                  ) -> Iterator[tuple[int, Iterator[tuple[int, Batch]]]]:
     """For each shard of ``todo`` (sorted): (shard id, iterator of (global start, batch) pieces covering it).
 
     Tensors and map-style datasets are read only where needed; a DataLoader is streamed from the start
     (the samples of the shards not wanted are read and dropped)."""
-    if src.kind in ("tensors", "dataset"):
+    if src.sliceable:
         for i in todo:
             a, b = ranges[i]
-            sub = _sub_source(src, a, b)
-            assert sub is not None
-            yield i, ((a + s, batch) for s, batch in sub.chunks(chunk))
+            yield i, ((a + s, batch) for s, batch in src.rows(a, b).chunks(chunk))
         return
     size = ranges[0][1] - ranges[0][0]
     wanted = set(todo)
@@ -144,17 +133,17 @@ def data_digests(src: Source, ranges: list[tuple[int, int]], ids: list[int], chu
     return out
 
 
-def differing_rows(src: Source, manifest: dict[str, Any], chunk: int, comm: dist_mod.Comm | None = None
+def differing_rows(src: Source, manifest: dict[str, Any], chunk: int, comm: distributed.Comm | None = None
                    ) -> list[tuple[int, int]]:
     """Row ranges [a, b) of the shards whose data in ``src`` differ from those the store was built from."""
     cfg = manifest["config"]
-    ranges = st.shard_ranges(cfg["n"], cfg["shard_size"])
+    ranges = store.shard_ranges(cfg["n"], cfg["shard_size"])
     entries = {e["start"] // cfg["shard_size"]: e for e in manifest["shards"]}
     ids = sorted(entries)
     rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
     now = data_digests(src, ranges, ids[rank::world], chunk)
     if comm is not None:
-        now = {i: d for part in dist_mod.all_gather_object(comm, now) for i, d in part.items()}
+        now = {i: d for part in distributed.all_gather_object(comm, now) for i, d in part.items()}
     return [ranges[i] for i in ids if now[i] != entries[i].get("data_sha256")]
 
 
@@ -173,29 +162,29 @@ def build_store(sim: Similarity, src: Source, folder: Path, dim: int, seed: int,
         "n": len(src), "input_signature": ft.signature(first), "first_sample_sha256": ft.sample_digest(first),
     }
     probe = ft.projection_probe(dim, seed)
-    comm = dist_mod.resolve(group)
+    comm = distributed.resolve(group)
     lock = BuildLock(folder)
     try:
         if comm is not None:
-            dist_mod.agree(comm, "the index build (model, data, settings, path)",
+            distributed.agree(comm, "the index build (model, data, settings, path)",
                            (config, shard_size, overwrite, str(folder)))
-            fresh = dist_mod.broadcast_object(comm, dist_mod.run_together(
+            fresh = distributed.broadcast_object(comm, distributed.run_together(
                 comm, lambda: _take(folder, lock) if comm.rank == 0 else None))
             # Every rank computes the same centre from the same rows (it is needed to fill rows).
-            proj = dist_mod.run_together(comm, lambda: ft.make_projection(sim, src, dim, seed))
+            proj = distributed.run_together(comm, lambda: ft.make_projection(sim, src, dim, seed))
 
             def start() -> dict[str, Any] | None:
                 return _start(sim, folder, config, shard_size, probe, overwrite, proj, src, fresh) \
                     if comm.rank == 0 else None
 
-            manifest = dist_mod.broadcast_object(comm, dist_mod.run_together(comm, start))
+            manifest = distributed.broadcast_object(comm, distributed.run_together(comm, start))
 
             def visible() -> None:
-                if not (folder / st.MANIFEST).is_file():
+                if not (folder / store.MANIFEST).is_file():
                     raise InputError(f"{folder} holds no manifest on this rank although rank 0 wrote one: the "
                                      "store must be on a filesystem shared by all ranks")
 
-            dist_mod.run_together(comm, visible)
+            distributed.run_together(comm, visible)
         else:
             fresh = _take(folder, lock)
             proj = ft.make_projection(sim, src, dim, seed)
@@ -222,15 +211,15 @@ def _start(sim: Similarity, folder: Path, config: dict[str, Any], shard_size: in
     manifest = None if fresh else _existing(folder, config, shard_size, probe, overwrite)
     centre = None if proj.centre_projected is None else proj.centre_projected.tolist()
     if manifest is not None and not _same_centre(manifest["layout"].get("centre"), centre):
-        raise st.StoreError(f"{folder}: the centre recomputed from the data's reference rows differs from the "
+        raise store.StoreError(f"{folder}: the centre recomputed from the data's reference rows differs from the "
                             "stored one: the data changed. Pass the same data in the same order, or rebuild the "
                             "store (overwrite=True)")
     if manifest is None:
         width = proj.width + 1  # the sketch, then <u, c>
-        itemsize = np.dtype(st.DTYPES[config["dtype"]]).itemsize
+        itemsize = np.dtype(store.DTYPES[config["dtype"]]).itemsize
         size = shard_size or max(1, min(len(src), _SHARD_BYTES // (width * itemsize)))
         manifest = {
-            "format": st.FORMAT, "version": st.VERSION, "complete": False,
+            "format": store.FORMAT, "version": store.VERSION, "complete": False,
             "config": {**config, "shard_size": size},
             "layout": {"width": width, "d": sim.d, "d_eff": sim.d_eff, "sketch": proj.width, "exact": proj.exact,
                        "centre_rows": proj.centre_rows, "centre": centre},
@@ -238,7 +227,7 @@ def _start(sim: Similarity, folder: Path, config: dict[str, Any], shard_size: in
             "info": {"nnsim": _nnsim_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         }
-        st.write_manifest(folder, manifest)
+        store.write_manifest(folder, manifest)
     return manifest
 
 
@@ -246,78 +235,116 @@ def _existing(folder: Path, config: dict[str, Any], shard_size: int | None, prob
               overwrite: bool) -> dict[str, Any] | None:
     """The manifest of a compatible partial or complete store at ``folder``, or None to start afresh."""
     if overwrite:
-        st.clear(folder)
-    if not (folder / st.MANIFEST).exists():
-        others = [p.name for p in folder.iterdir() if not st.is_store_file(p.name)]
+        store.clear(folder)
+    if not (folder / store.MANIFEST).exists():
+        others = [p.name for p in folder.iterdir() if not store.is_store_file(p.name)]
         if others and not overwrite:
             raise InputError(f"{folder} is not empty and holds no nnsim feature store ({others[:5]}); choose an "
                              "empty or new folder (or overwrite=True: other files are left untouched)")
         return None
     try:
-        manifest = st.read_manifest(folder)
-    except st.StoreError as err:
-        raise st.StoreError(f"cannot resume: {err}") from err
+        manifest = store.read_manifest(folder)
+    except store.StoreError as err:
+        raise store.StoreError(f"cannot resume: {err}") from err
     stored = manifest["config"]
     current = {**config, "shard_size": shard_size or stored["shard_size"]}
-    diffs = st.describe_differences(stored, current)
+    diffs = store.describe_differences(stored, current)
     if not ft.probe_matches(manifest.get("projection_probe"), probe):
-        diffs.append(st.describe_differences({"projection_probe": manifest.get("projection_probe")},
+        diffs.append(store.describe_differences({"projection_probe": manifest.get("projection_probe")},
                                              {"projection_probe": probe})[0])
     if diffs:
-        raise st.StoreError(f"{folder} holds a feature store built differently:\n  " + "\n  ".join(diffs)
+        raise store.StoreError(f"{folder} holds a feature store built differently:\n  " + "\n  ".join(diffs)
                             + "\nUse a new path, or overwrite=True to rebuild it.")
     return manifest
 
 
+def _finished(folder: Path, manifest: dict[str, Any], ranges: list[tuple[int, int]]
+              ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """The finished shards by id (those of the manifest, then those a crashed multi-process build published
+    next to them), and the published entries."""
+    shard_size = manifest["config"]["shard_size"]
+    finished: dict[int, dict[str, Any]] = {}
+    published = store.read_entries(folder)
+    for entry in [*manifest["shards"], *published.values()]:
+        i = entry["start"] // shard_size
+        if i >= len(ranges) or (entry["start"], entry["stop"]) != ranges[i]:
+            if entry in published.values():
+                continue  # a stray published entry (another layout): its shard is computed again
+            raise store.StoreError(f"{folder / store.MANIFEST} is corrupted: shard {entry['file']} covers rows "
+                                   f"[{entry['start']}, {entry['stop']}), not a shard of this layout; rebuild it "
+                                   "(overwrite=True)")
+        finished.setdefault(i, entry)
+    return finished, published
+
+
+def _verified(src: Source, folder: Path, manifest: dict[str, Any], ranges: list[tuple[int, int]],
+              finished: dict[int, dict[str, Any]], chunk: int, comm: distributed.Comm | None
+              ) -> dict[int, dict[str, Any]]:
+    """The finished shards whose file checks out (the others are recomputed, with a warning); refuses data
+    that differ from those they were computed from. One read of every finished shard and of its data, each
+    rank checking its share."""
+    cfg, width = manifest["config"], manifest["layout"]["width"]
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
+    ids = sorted(finished)
+    share = ids[rank::world]
+    problems = {i: store.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share}
+    seen = data_digests(src, ranges, share, chunk)
+    if comm is not None:
+        problems = {i: p for part in distributed.all_gather_object(comm, problems) for i, p in part.items()}
+        seen = {i: d for part in distributed.all_gather_object(comm, seen) for i, d in part.items()}
+    changed = [ranges[i] for i in ids if seen[i] != finished[i].get("data_sha256")]
+    if changed:
+        raise store.StoreError(f"{folder}: the data differ from those its finished shards were computed from "
+                               f"({describe_rows(changed)}): other data, another order, or random transforms. "
+                               "Pass the same data in the same order, or rebuild the store (overwrite=True)")
+    for i in ids:
+        if problems[i] is not None:
+            warnings.warn(f"{folder}: {problems[i]}; recomputing that shard", UserWarning, stacklevel=5)
+    return {i: finished[i] for i in ids if problems[i] is None}
+
+
+def _fill_shard(sim: Similarity, proj: ft.Projection, report: RankReport, array: np.ndarray,
+                pieces: Iterator[tuple[int, Batch]], span: tuple[int, int], width: int, n: int) -> dict[str, Any]:
+    """Write the rows of the shard [start, stop) into ``array``; its manifest entry."""
+    start, stop = span
+    zero: list[int] = []
+    digest = DataDigest()
+    filled = start
+    for s, batch in pieces:
+        digest.update(batch)
+        feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
+        _write_rows(array, s - start, feats, width)
+        zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
+        filled = s + feats.shape[0]
+    if filled != stop:
+        raise InputError(f"data yielded {filled} samples, but its length is {n}: a sized data set must yield "
+                         "exactly len(data) samples")
+    return {"start": start, "stop": stop, "zero_rows": zero, "data_sha256": digest.hexdigest()}
+
+
 def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], proj: ft.Projection,
-          comm: dist_mod.Comm | None = None) -> None:
+          comm: distributed.Comm | None = None) -> None:
     """Compute every shard not yet finished (verifying the finished ones), then mark the store complete.
 
     Finished shards are those of the manifest and those whose entry a (crashed) multi-process build
     published next to them; their checksum and the digest of their data in ``src`` must match. With
     ``comm``, the ranks verify and compute balanced shares of the shards and rank 0 alone writes the manifest."""
     cfg, width = manifest["config"], manifest["layout"]["width"]
-    ranges = st.shard_ranges(cfg["n"], cfg["shard_size"])
+    ranges = store.shard_ranges(cfg["n"], cfg["shard_size"])
     main = comm is None or comm.rank == 0
     rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
-    finished: dict[int, dict[str, Any]] = {}
-    published = st.read_entries(folder)
-    for entry in [*manifest["shards"], *published.values()]:
-        i = entry["start"] // cfg["shard_size"]
-        if i >= len(ranges) or (entry["start"], entry["stop"]) != ranges[i]:
-            if entry in published.values():
-                continue  # a stray published entry (another layout): its shard is computed again
-            raise st.StoreError(f"{folder / st.MANIFEST} is corrupted: shard {entry['file']} covers rows "
-                                f"[{entry['start']}, {entry['stop']}), not a shard of this layout; rebuild it "
-                                "(overwrite=True)")
-        finished.setdefault(i, entry)
+    finished, published = _finished(folder, manifest, ranges)
     chunk = ft.compute_chunk(sim, src, width)
-    # Verifying is one read of every finished shard and of its data: each rank checks its share.
-    ids = sorted(finished)
-    share = ids[rank::world]
-    problems = {i: st.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share}
-    seen = data_digests(src, ranges, share, chunk)
-    if comm is not None:
-        problems = {i: p for part in dist_mod.all_gather_object(comm, problems) for i, p in part.items()}
-        seen = {i: d for part in dist_mod.all_gather_object(comm, seen) for i, d in part.items()}
-    changed = [ranges[i] for i in ids if seen[i] != finished[i].get("data_sha256")]
-    if changed:
-        raise st.StoreError(f"{folder}: the data differ from those its finished shards were computed from "
-                            f"({describe_rows(changed)}): other data, another order, or random transforms. "
-                            "Pass the same data in the same order, or rebuild the store (overwrite=True)")
-    done = {i: finished[i] for i in ids if problems[i] is None}
-    for i in ids:
-        if problems[i] is not None:
-            warnings.warn(f"{folder}: {problems[i]}; recomputing that shard", UserWarning, stacklevel=4)
+    done = _verified(src, folder, manifest, ranges, finished, chunk, comm)
     if main and [e["start"] for e in manifest["shards"]] != [done[i]["start"] for i in sorted(done)]:
         manifest["shards"] = [done[i] for i in sorted(done)]
         manifest["complete"] = False
-        st.write_manifest(folder, manifest)
+        store.write_manifest(folder, manifest)
     manifest["shards"] = [done[i] for i in sorted(done)]
     todo = [i for i in range(len(ranges)) if i not in done]
-    a, b = dist_mod.split(len(todo), rank, world)
+    a, b = distributed.split(len(todo), rank, world)
     mine = todo[a:b]
-    report = ft.RankNotes("data")
+    report = ft.rank_notes("data")
 
     def compute() -> list[dict[str, Any]]:
         written: list[dict[str, Any]] = []
@@ -330,50 +357,43 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
 
                 def fill(array: np.ndarray, pieces: Iterator[tuple[int, Batch]] = pieces,
                          start: int = start, stop: int = stop) -> dict[str, Any]:
-                    zero: list[int] = []
-                    digest = DataDigest()
-                    filled = start
-                    for s, batch in pieces:
-                        digest.update(batch)
-                        feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
-                        _write_rows(array, s - start, feats, width)
-                        zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
-                        filled = s + feats.shape[0]
-                    if filled != stop:
-                        raise InputError(f"data yielded {filled} samples, but its length is {cfg['n']}: a "
-                                         "sized data set must yield exactly len(data) samples")
-                    return {"start": start, "stop": stop, "zero_rows": zero, "data_sha256": digest.hexdigest()}
+                    return _fill_shard(sim, proj, report, array, pieces, (start, stop), width, cfg["n"])
 
-                entry = st.write_shard(folder, i, stop - start, width, cfg["dtype"], fill)
+                entry = store.write_shard(folder, i, stop - start, width, cfg["dtype"], fill)
                 written.append(entry)
                 if comm is None:
                     manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["start"])
-                    st.write_manifest(folder, manifest)
+                    store.write_manifest(folder, manifest)
                 else:  # the manifest is rank 0's: publish the entry next to the shard
-                    st.write_entry(folder, i, entry)
+                    store.write_entry(folder, i, entry)
                 bar.update(1)
         return written
 
     if comm is None:
         compute()
     else:
-        written = dist_mod.run_together(comm, compute)
-        new = [e for part in dist_mod.all_gather_object(comm, written) for e in part]
+        written = distributed.run_together(comm, compute)
+        new = [e for part in distributed.all_gather_object(comm, written) for e in part]
         manifest["shards"] = sorted([*manifest["shards"], *new], key=lambda e: e["start"])
-        notes = dist_mod.all_gather_object(comm, (report.zero, report.deficient))
-        report.zero = sorted({r for z, _ in notes for r in z})
-        report.deficient = sorted({r for _, low in notes for r in low})
+        report.merge(distributed.all_gather_object(comm, report.notes()))
     report.emit()
-    if len(manifest["shards"]) != len(ranges):
-        raise InputError(f"data yielded fewer samples than its length {cfg['n']}")
+    _complete(folder, manifest, len(ranges), bool(published), comm)
+
+
+def _complete(folder: Path, manifest: dict[str, Any], n_shards: int, published: bool,
+              comm: distributed.Comm | None) -> None:
+    """Mark the store complete (with the digest of its data), on disk by rank 0, once every shard is there."""
+    if len(manifest["shards"]) != n_shards:
+        raise InputError(f"data yielded fewer samples than its length {manifest['config']['n']}")
     data = {"scheme": DATA_SCHEME, "sha256": combine_digests([e["data_sha256"] for e in manifest["shards"]])}
+    main = comm is None or comm.rank == 0
     if main and (not manifest["complete"] or published or comm is not None or manifest.get("data") != data):
         manifest["complete"], manifest["data"] = True, data
-        st.write_manifest(folder, manifest)
-        st.remove_entries(folder)
+        store.write_manifest(folder, manifest)
+        store.remove_entries(folder)
     manifest["complete"], manifest["data"] = True, data
     if comm is not None:
-        dist_mod.barrier(comm.group)  # every rank returns once the manifest is complete on disk
+        distributed.barrier(comm.group)  # every rank returns once the manifest is complete on disk
 
 
 def _same_centre(stored: Any, now: list[float] | None) -> bool:
@@ -385,7 +405,7 @@ def _same_centre(stored: Any, now: list[float] | None) -> bool:
 
 def _write_rows(array: np.ndarray, row: int, feats: Tensor, width: int) -> None:
     if feats.shape[1] != width:
-        raise st.StoreError(f"the features have width {feats.shape[1]}, the store {width}: the model or output "
+        raise store.StoreError(f"the features have width {feats.shape[1]}, the store {width}: the model or output "
                             "changed; rebuild the store")
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()  # numpy has no bfloat16

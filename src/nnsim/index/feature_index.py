@@ -21,12 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import InputError, RankDeficiencyWarning
-from ..inputs import Source, as_source
+from ..inputs import Source, TensorSource, as_source
 from ..similarity import Similarity
 from . import build as bd
 from . import features as ft
 from . import search as sr
-from . import store as st
+from . import store
 from .features import model_fingerprint
 
 __all__ = ["DEFAULT_DIM", "FeatureIndex", "default_candidates", "model_fingerprint"]
@@ -142,27 +142,27 @@ class FeatureIndex:
         if not isinstance(sim, Similarity):
             raise InputError(f"sim must be an nnsim.Similarity, got {type(sim).__name__}")
         folder = Path(path)
-        manifest = st.read_manifest(folder)
+        manifest = store.read_manifest(folder)
         cfg = manifest["config"]
-        ranges = st.shard_ranges(cfg["n"], cfg["shard_size"])
+        ranges = store.shard_ranges(cfg["n"], cfg["shard_size"])
         covered = [(e["start"], e["stop"]) for e in manifest["shards"]]
         if not manifest["complete"] or covered != ranges:
-            raise st.StoreError(
+            raise store.StoreError(
                 f"{folder} is incomplete ({len(covered)} of {len(ranges)} shards finished): resume the build "
                 f"(`nnsim index build --index {folder}` with the same settings, or FeatureIndex.build(sim, data, "
                 f"{str(folder)!r}, dim={cfg['dim']}, seed={cfg['seed']}, dtype={cfg['dtype']!r})) on the same data")
-        diffs = st.describe_differences({k: cfg.get(k) for k in ft.MODEL_KEYS}, ft.model_config(sim), ft.MODEL_KEYS)
+        diffs = store.describe_differences({k: cfg.get(k) for k in ft.MODEL_KEYS}, ft.model_config(sim), ft.MODEL_KEYS)
         if diffs:
-            raise st.StoreError(f"{folder} was built for another model or similarity settings:\n  "
+            raise store.StoreError(f"{folder} was built for another model or similarity settings:\n  "
                                 + "\n  ".join(diffs) + "\nBuild a new index for this model.")
         probe = ft.projection_probe(cfg["dim"], cfg["seed"])
         if not ft.probe_matches(manifest.get("projection_probe"), probe):
-            raise st.StoreError(f"{folder}: the random projection of this nnsim/torch version differs from the one "
+            raise store.StoreError(f"{folder}: the random projection of this nnsim/torch version differs from the one "
                                 "the store was built with; rebuild it (overwrite=True)")
         for entry in manifest["shards"]:
-            problem = st.check_shard(folder, entry, manifest["layout"]["width"], cfg["dtype"], checksum=verify)
+            problem = store.check_shard(folder, entry, manifest["layout"]["width"], cfg["dtype"], checksum=verify)
             if problem is not None:
-                raise st.StoreError(f"{folder}: {problem}. Rebuild that shard with nnsim.FeatureIndex.build(sim, "
+                raise store.StoreError(f"{folder}: {problem}. Rebuild that shard with nnsim.FeatureIndex.build(sim, "
                                     f"data, {str(folder)!r}, dim={cfg['dim']}, seed={cfg['seed']}) (it recomputes "
                                     "only failing shards)")
         index = cls(folder, sim, manifest)
@@ -190,19 +190,7 @@ class FeatureIndex:
         never returned.
         """
         qsrc = as_source(queries, "queries")
-        usable = self.n - len(self.zero_rows)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n:
-            raise InputError(f"k must be an integer in [1, {self.n}], got {k!r}")
-        if candidates is None:
-            candidates = default_candidates(k)
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < k:
-            raise InputError(f"candidates must be an integer >= k = {k}, got {candidates!r}")
-        candidates = min(candidates, max(usable, k))
-        if backend not in ("auto", "faiss", "torch"):
-            raise InputError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
-        faiss = sr.faiss_module() if backend in ("auto", "faiss") else None
-        if backend == "faiss" and faiss is None:
-            raise InputError("backend='faiss' needs the faiss package: pip install faiss-cpu (or nnsim[index])")
+        candidates, faiss = self._search_settings(k, candidates, backend)
         self._check_inputs(qsrc, "queries")
         dsrc = None
         if data is not None:
@@ -215,7 +203,7 @@ class FeatureIndex:
         block = max(1, min(len(qsrc), ft._FEATURE_BYTES // (4 * self.width), 4096))
         out_v = torch.full((len(qsrc), k), float("nan"), dtype=sim.dtype)
         out_i = torch.full((len(qsrc), k), -1, dtype=torch.long)
-        report = ft.RankNotes("queries")
+        report = ft.rank_notes("queries")
         n_blocks = math.ceil(len(qsrc) / block)
         with tqdm(total=n_blocks, disable=not sim.progress or n_blocks < 2, desc="nnsim search", unit="block") as bar:
             for q0, qbatch in qsrc.chunks(block):
@@ -241,12 +229,28 @@ class FeatureIndex:
         report.emit()
         return out_v, out_i
 
+    def _search_settings(self, k: int, candidates: int | None, backend: str) -> tuple[int, Any]:
+        """The checked number of candidates per query, and the faiss module to search with (or None)."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n:
+            raise InputError(f"k must be an integer in [1, {self.n}], got {k!r}")
+        if candidates is None:
+            candidates = default_candidates(k)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < k:
+            raise InputError(f"candidates must be an integer >= k = {k}, got {candidates!r}")
+        if backend not in ("auto", "faiss", "torch"):
+            raise InputError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+        faiss = sr.faiss_module() if backend in ("auto", "faiss") else None
+        if backend == "faiss" and faiss is None:
+            raise InputError("backend='faiss' needs the faiss package: pip install faiss-cpu (or nnsim[index])")
+        return min(candidates, max(self.n - len(self.zero_rows), k)), faiss
+
     def _check_layout(self, width: int) -> None:
         layout = self.manifest["layout"]
         if self.sim.d != layout["d"] or self.sim.d_eff != layout["d_eff"]:
-            raise st.StoreError(f"the analysed output has d = {self.sim.d}, the store was built with d = {layout['d']}")
+            raise store.StoreError(f"the analysed output has d = {self.sim.d}, the store was built with "
+                                   f"d = {layout['d']}")
         if width != self.width:
-            raise st.StoreError(f"the query features have width {width}, the stored rows {self.width}: the "
+            raise store.StoreError(f"the query features have width {width}, the stored rows {self.width}: the "
                                 "projection or model layout differs from the store's")
 
     def _check_inputs(self, src: Source, name: str) -> None:
@@ -303,7 +307,7 @@ class FeatureIndex:
 
 def _tensor_key(src: Source) -> tuple[Any, ...] | None:
     """Identity and version counters of in-memory tensor data (changed by any in-place write), else None."""
-    if src.kind != "tensors":
+    if not isinstance(src, TensorSource):
         return None
     return tuple((id(t), t.data_ptr(), t._version, tuple(t.shape)) for t in src.data)
 
@@ -319,6 +323,6 @@ def _dtype_name(dtype: Any) -> str:
     try:
         return names[dtype]
     except (KeyError, TypeError):
-        if isinstance(dtype, np.dtype) and dtype.name in st.DTYPES:
+        if isinstance(dtype, np.dtype) and dtype.name in store.DTYPES:
             return dtype.name
         raise InputError(f"dtype must be 'float32' or 'float16', got {dtype!r}") from None

@@ -7,22 +7,20 @@ kernel K~, :meth:`nnsim.Similarity.corrected_factors`), sim(x, x') = <u(x), u(x'
 so the plain inner product of the two is an unbiased estimate of the similarity.
 
 Also here: the fingerprints that tie a store to a model and its settings (checked on open and resume), the
-one-warning-per-kind report of zero-gradient and rank-deficient samples, and row access to a data source.
+one-warning-per-kind report of zero-gradient and rank-deficient samples.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, Subset
 
-from ..errors import RankDeficiencyWarning
+from ..engine import ALL, RankReport
 from ..factors import Dense, Outer, batch_sum, inner
 from ..inputs import Batch, Source, as_source, sample_signature
 from ..similarity import Similarity
@@ -130,28 +128,11 @@ def probe_matches(stored: Any, now: list[float]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- features
-class RankNotes:
-    """Zero-gradient and rank-deficient samples seen while computing features; one warning each at the end."""
-
-    def __init__(self, side: str) -> None:
-        self.side = side
-        self.zero: list[int] = []
-        self.deficient: list[int] = []
-
-    def add(self, start: int, rank: Tensor, full: int) -> None:
-        self.zero += (torch.nonzero(rank == 0).flatten() + start).tolist()
-        self.deficient += (torch.nonzero((rank > 0) & (rank < full)).flatten() + start).tolist()
-
-    def emit(self) -> None:
-        if self.zero:
-            effect = ("they are stored but never returned as neighbours" if self.side == "data"
-                      else "their similarities are NaN and their indices -1")
-            warnings.warn(f"{len(self.zero)} sample(s) of {self.side} have a zero gradient (no direction): {effect}. "
-                          f"Samples: {self.zero[:20]}", RankDeficiencyWarning, stacklevel=3)
-        if self.deficient:
-            warnings.warn(f"{len(self.deficient)} sample(s) of {self.side} have a rank-deficient K(x, x): normalised "
-                          f"on its range (self-similarity rank/d < 1). Samples: {self.deficient[:20]}",
-                          RankDeficiencyWarning, stacklevel=3)
+def rank_notes(side: str) -> RankReport:
+    """The report of zero-gradient and rank-deficient samples of ``side`` ("data" or "queries")."""
+    effect = ("they are stored but never returned as neighbours" if side == "data"
+              else "their similarities are NaN and their indices -1")
+    return RankReport("features", effect=effect, stacklevel=3)
 
 
 @dataclass
@@ -207,7 +188,7 @@ def make_projection(sim: Similarity, src: Source, dim: int, seed: int) -> Projec
     N = len(src)
     M = min(N, CENTRE_ROWS)
     ids = sorted({round(i * (N - 1) / max(1, M - 1)) for i in range(M)})
-    rows = fetch_rows(src, ids, _CENTRE_CHUNK)
+    rows = src.take(ids, _CENTRE_CHUNK)
     ref = as_source(rows, "data")
     total: dict[str, Tensor] = {}
     projected = torch.zeros(width, dtype=torch.float64)
@@ -220,23 +201,23 @@ def make_projection(sim: Similarity, src: Source, dim: int, seed: int) -> Projec
     return proj
 
 
-def data_rows(sim: Similarity, batch: Batch, start: int, proj: Projection, report: RankNotes | None = None
+def data_rows(sim: Similarity, batch: Batch, start: int, proj: Projection, report: RankReport | None = None
               ) -> tuple[Tensor, Tensor]:
     """Store rows of one chunk of data, [B, width + 1] = [S u(x), <u(x), c>], and the ranks [B]."""
     factors, rank = sim.corrected_factors(batch, start, "data")
     if report is not None:
-        report.add(start, rank, sim.d_eff)
+        report.note("data", ALL, start, rank, sim.d_eff)
     rows = proj.sketch(sim, factors)
     score = proj.centre_scores(sim, factors).to(device=rows.device, dtype=rows.dtype)
     return torch.cat([rows, score[:, None]], dim=1), rank
 
 
 def query_rows(sim: Similarity, batch: Batch, start: int, width: int, seed: int, exact: bool,
-               centre: Tensor | None, report: RankNotes | None = None) -> tuple[Tensor, Tensor]:
+               centre: Tensor | None, report: RankReport | None = None) -> tuple[Tensor, Tensor]:
     """Query vectors of one chunk, [B, width + 1] = [S u(q) - S c, 1], and the ranks [B]."""
     factors, rank = sim.corrected_factors(batch, start, "queries")
     if report is not None:
-        report.add(start, rank, sim.d_eff)
+        report.note("queries", ALL, start, rank, sim.d_eff)
     rows = Projection(width, seed, exact).sketch(sim, factors)
     if centre is not None:
         rows = rows - centre.to(device=rows.device, dtype=rows.dtype)
@@ -244,7 +225,7 @@ def query_rows(sim: Similarity, batch: Batch, start: int, width: int, seed: int,
 
 
 def chunk_features(sim: Similarity, batch: Batch, start: int, proj: Projection, name: str,
-                   report: RankNotes | None = None) -> tuple[Tensor, Tensor]:
+                   report: RankReport | None = None) -> tuple[Tensor, Tensor]:
     """Rows of one chunk: store rows for ``name="data"``, query vectors otherwise (see :class:`Projection`)."""
     if name == "data":
         return data_rows(sim, batch, start, proj, report)
@@ -257,33 +238,3 @@ def compute_chunk(sim: Similarity, src: Source, width: int | None) -> int:
     if width:
         size = min(size, max(1, _FEATURE_BYTES // (8 * width)))
     return max(1, size)
-
-
-def loader_random_access(loader: DataLoader) -> bool:
-    bs = loader.batch_sampler
-    return (not isinstance(loader.dataset, IterableDataset) and type(bs) is BatchSampler
-            and isinstance(bs.sampler, SequentialSampler))
-
-
-def fetch_rows(src: Source, idx: list[int], chunk: int) -> Any:
-    """The samples ``idx`` (sorted, unique) of ``src`` as something ``Similarity`` accepts."""
-    if src.kind == "tensors":
-        where = torch.tensor(idx, dtype=torch.long)
-        rows = tuple(t[where.to(t.device)] for t in src.data)
-        return rows if src.keys is None else dict(zip(src.keys, rows, strict=True))  # keyword inputs stay so
-    if src.kind == "dataset":
-        return Subset(src.data, idx)
-    loader = src.data
-    if loader_random_access(loader):
-        return DataLoader(Subset(loader.dataset, idx), batch_size=loader.batch_size, shuffle=False,
-                          collate_fn=loader.collate_fn)
-    # Custom sampler or iterable dataset: one streaming pass picks the rows.
-    want = torch.tensor(idx, dtype=torch.long)
-    parts: list[Batch] = []
-    for s, batch in src.chunks(chunk):
-        n = batch[0].shape[0]
-        lo, hi = torch.searchsorted(want, torch.tensor([s, s + n])).tolist()
-        if hi > lo:
-            local = want[lo:hi] - s
-            parts.append(tuple(t[local.to(t.device)] for t in batch))
-    return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))

@@ -19,17 +19,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import store as st
+from . import store
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-LOCK = st.LOCK
+LOCK = store.LOCK
 
 
-class LockedError(st.StoreError):
+class LockedError(store.StoreError):
     """Another build holds the store folder's lock."""
 
 

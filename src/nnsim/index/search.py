@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from ..errors import RankDeficiencyWarning
-from ..inputs import Batch, Source
+from ..inputs import Batch, Source, as_source
 from ..similarity import Similarity
-from . import store as st
-from .features import _FEATURE_BYTES, fetch_rows, loader_random_access
+from . import store
+from .features import _FEATURE_BYTES
 
 _SCORE_ELEMS = 2**25  # elements of one [queries, rows] score block
 _RERANK_ROWS = 4096  # candidate rows re-ranked in one exact tile
@@ -70,7 +70,7 @@ def candidates(folder: Path, shards: list[dict[str, Any]], width: int, fq: Tenso
     rows_per_block = max(1, min(_SCORE_ELEMS // Q, _FEATURE_BYTES // (4 * width)))
     fq_np = fq.cpu().numpy() if faiss is not None else None
     for entry in shards:
-        array = st.load_shard(folder, entry)
+        array = store.load_shard(folder, entry)
         zero = torch.tensor(entry.get("zero_rows", []), dtype=torch.long) - entry["start"]
         for a in range(0, array.shape[0], rows_per_block):
             b = min(array.shape[0], a + rows_per_block)
@@ -96,6 +96,17 @@ def candidates(folder: Path, shards: list[dict[str, Any]], width: int, fq: Tenso
     return top
 
 
+def _readable(dsrc: Source, cand: Tensor, n: int, chunk: int) -> tuple[Source, Tensor | None]:
+    """Where the candidates are read: ``dsrc`` itself, or for a loader without random access the candidates of
+    the whole block, fetched in one streaming pass, with the map [n] from data indices to their rows."""
+    if dsrc.random_access:
+        return dsrc, None
+    union = sorted(set(cand[cand >= 0].tolist()))
+    remap = torch.full((n,), -1, dtype=torch.long)
+    remap[torch.tensor(union, dtype=torch.long)] = torch.arange(len(union))
+    return as_source(dsrc.take(union, chunk), "data"), remap
+
+
 def rerank(sim: Similarity, n: int, sample_bytes: int, qbatch: Batch, cand: Tensor, valid: Tensor, dsrc: Source,
            k: int, chunk: int) -> tuple[Tensor, Tensor]:
     """Exact similarities of each query with its candidates [Q, C] (best k first), grouping queries that
@@ -108,21 +119,12 @@ def rerank(sim: Similarity, n: int, sample_bytes: int, qbatch: Batch, cand: Tens
     # tile (measured: 7-230 us vs 0.02-0.1 us on the digits models), so queries that share candidates are
     # re-ranked together against the union of their candidates, up to ``cap`` rows (also bounded in bytes).
     cap = max(C, min(_RERANK_ROWS, _FEATURE_BYTES // max(1, sample_bytes)))
-    source = dsrc
-    if dsrc.kind == "loader" and not loader_random_access(dsrc.data):
-        # One streaming pass fetches the candidates of the whole block, then tensors are indexed.
-        union = sorted(set(cand[cand >= 0].tolist()))
-        rows = fetch_rows(dsrc, union, chunk)
-        source = Source(rows, len(union), "tensors")
-        remap = torch.full((n,), -1, dtype=torch.long)
-        remap[torch.tensor(union, dtype=torch.long)] = torch.arange(len(union))
-    else:
-        remap = None
+    source, remap = _readable(dsrc, cand, n, chunk)
 
     def flush(group: list[int], union: set[int]) -> None:
         ids = sorted(union)
         where = torch.tensor(ids, dtype=torch.long)
-        rows = fetch_rows(source, ids if remap is None else remap[where].tolist(), chunk)
+        rows = source.take(ids if remap is None else remap[where].tolist(), chunk)
         qs = torch.tensor(group, dtype=torch.long)
         qinput = tuple(t[qs.to(t.device)] for t in qbatch)
         progress = sim.progress

@@ -1,25 +1,38 @@
-"""Streaming reductions of similarity tiles: neighbour counts and exact top-k, never the N x M matrix."""
+"""The k most similar samples, exact: tiles of the similarity reduced by a running top-k (bounded memory)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..distributed import Ranks
+from ..engine import ALL, Chunker, Form, Quantity, RankReport, Request, sweep
+from ..inputs import Source
 
-def row_statistic(tile: Tensor, method: str, threshold: float | None = None, power: float | None = None) -> Tensor:
-    """Per-entry contribution of a similarity tile [R, C] to a neighbour count (spec §9.1).
 
-    NaN entries (excluded pairs, zero gradients) contribute nothing.
-    """
-    if method == "soft":
-        v = tile
-    elif method == "hard":
-        v = (tile > threshold).to(tile.dtype)  # strict, as the authors' count
-    elif method == "less_soft":
-        v = tile.clamp_min(0.0) ** power
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return torch.nan_to_num(v, nan=0.0)
+def top_k(chunker: Chunker, src: Source, ref: Source, k: int, *, same: bool, exclude_self: bool, ranks: Ranks,
+          progress: bool) -> tuple[Tensor, Tensor]:
+    """(similarities [Q, k], indices [Q, k]) of the k samples of ``ref`` most similar to each of ``src``
+    (``same``: ``ref`` is ``src``, swept as a triangle; ``exclude_self`` then skips each sample itself)."""
+    report = RankReport("neighbors", int(chunker.fisher))
+    top: TopK | None = None
+    with ranks.together():
+        for ca, cb, tiles in sweep(chunker, src, ref, Request(Quantity.SIMILARITY, Form.TRACE), report,
+                                   ("queries", "data"), symmetric=same, plan=ranks.tiles, progress=progress):
+            t = tiles[ALL]
+            if top is None:
+                top = TopK(len(src), k, t.dtype, t.device)
+            if same and exclude_self and ca.start == cb.start:
+                t.fill_diagonal_(float("nan"))
+            top.update(ca.rows, t, cb.start)
+            if same and cb.start != ca.start:
+                top.update(cb.rows, t.T, ca.start)
+    if top is None:  # a process without tiles (more processes than tiles)
+        top = TopK(len(src), k, chunker.dtype, chunker.device)
+    top.values, top.indices = ranks.topk(top.values, top.indices, k)
+    ranks.merge(report)
+    report.emit()
+    return top.result()
 
 
 class TopK:

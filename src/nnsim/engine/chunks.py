@@ -1,0 +1,219 @@
+"""Chunks: a bounded number of samples' factors on the device, with the metric mixed in, their K(x, x), and
+what the request needs of it (the inverse square root is folded into the factors; K^+ kept for influence)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .. import algebra
+from .._model import analysis_mode, input_failure
+from ..backends.base import Problem, checked_output
+from ..errors import InputError, ModelError
+from ..factors import Factor, compact, prepare, self_gram
+from ..inputs import Batch, Source, check_finite
+from .request import ALL, Form, Quantity, Request
+
+CHUNK_BYTES = 2**28  # budget of one chunk's factors
+TILE_BYTES = 2**28  # budget of one result tile, counted in float32 entries (4 bytes)
+MIN_CHUNK, MAX_CHUNK = 8, 256  # samples per chunk when measured
+PROBE_SAMPLES = 2  # factor bytes grow linearly with the batch: a batch of 2 measures the bytes per sample
+FORWARD_CHUNK = 1024  # samples per forward-only pass
+
+
+@dataclass
+class Chunk:
+    """Samples [start, start + size) prepared for a :class:`~nnsim.engine.request.Request`.
+
+    ``groups``: factors per group ({ALL: ...}, or per layer), mixed with K(x, x)^-1/2 for the similarity;
+    ``K``: K(x, x) per group [B, d, d]; ``pinv``: K(x, x)^+ per group (influence only); ``rank``: rank of
+    K(x, x) per group [B] (similarity and influence); ``y``: the analysed outputs [B, d]."""
+
+    start: int
+    size: int
+    groups: dict[str, list[Factor]]
+    K: dict[str, Tensor]
+    pinv: dict[str, Tensor] = field(default_factory=dict)
+    rank: dict[str, Tensor] = field(default_factory=dict)
+    y: Tensor | None = None
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.size)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for fs in self.groups.values() for f in fs for t in vars(f).values()
+                   if isinstance(t, Tensor))
+
+
+class Chunker:
+    """Turns batches of a source into prepared :class:`Chunk` s for one model, metric and rank guard.
+
+    Measures the output dimension ``d`` on the first batch (then checks it never changes)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], problem: Problem, factor_fn: Callable,
+                 metric: Tensor | str, backend: str, chunk_size: int | None, rtol: float | None, atol: float,
+                 singular: algebra.Singular, cache_bytes: int) -> None:
+        self.model, self.params, self.problem, self.factor_fn = model, params, problem, factor_fn
+        self.metric, self.fisher, self.backend = metric, isinstance(metric, str) and metric == "fisher", backend
+        self.chunk_size, self.rtol, self.atol, self.singular = chunk_size, rtol, atol, singular
+        self.cache_bytes = cache_bytes
+        first = next(iter(params.values()))
+        self.device, self.dtype = first.device, first.dtype
+        self.d: int | None = None
+        self._per_sample_bytes: dict[tuple, int] = {}  # measured factor bytes per sample, by request and shapes
+
+    @property
+    def d_eff(self) -> int:
+        """The rank of a full-rank normalised kernel: d, or d - 1 with the Fisher metric."""
+        assert self.d is not None
+        return self.d - 1 if self.fisher else self.d
+
+    def to_device(self, batch: Batch, start: int, name: str) -> Batch:
+        check_finite(batch, start, name)
+        for k, t in enumerate(batch):
+            if t.is_floating_point() and t.dtype != self.dtype:
+                raise InputError(f"{name}: input {k} has dtype {t.dtype} but the model's parameters are "
+                                 f"{self.dtype}; convert the inputs (e.g. x.to({self.dtype}))")
+        return tuple(t.to(self.device) for t in batch)
+
+    def _measure(self, d: int) -> None:
+        if self.d is None:
+            self.d = d
+            if isinstance(self.metric, Tensor):
+                algebra.check_metric(self.metric, d)
+            if self.fisher and d < 2:
+                raise InputError("metric='fisher' needs logits with at least 2 classes as the output")
+        elif d != self.d:
+            raise InputError(f"the output dimension changed from {self.d} to {d} between chunks")
+
+    def _factor_groups(self, batch: Batch, start: int, by_layer: bool) -> tuple[dict[str, list[Factor]], Tensor]:
+        with analysis_mode(self.model, self.params):
+            factors, y = self.factor_fn(batch, start)
+        self._measure(y.shape[1])
+        half = None  # K_M = M^1/2 K M^1/2: M^1/2 is mixed into the factors
+        if isinstance(self.metric, Tensor):
+            half = algebra.sqrt_psd(self.metric.to(device=y.device, dtype=y.dtype)).expand(y.shape[0], self.d, self.d)
+        elif self.fisher:
+            half = algebra.sqrt_psd(algebra.softmax_fisher(y))
+        if half is not None:
+            factors = [f.mix(half) for f in factors]
+        if not by_layer:
+            return {ALL: factors}, y
+        groups: dict[str, list[Factor]] = {}
+        for f in factors:
+            groups.setdefault(f.layer, []).append(f)
+        return groups, y
+
+    def prepare(self, batch: Batch, start: int, name: str, request: Request) -> Chunk:
+        """One batch's chunk (``name``: the argument named in errors)."""
+        batch = self.to_device(batch, start, name)
+        try:
+            groups, y = self._factor_groups(batch, start, request.by_layer)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            # Before the model has run once, a failure is most likely the inputs: say which and how to fix.
+            if self.d is not None or isinstance(e, (InputError, ModelError)):
+                raise
+            if self._forward_runs(batch):  # the inputs suit the model: the gradient computation failed
+                raise ModelError(f"the {self.backend!r} backend failed on this model, whose forward pass runs on "
+                                 f"these inputs: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
+                                 "try backend='structured' (the default) or backend='loop'") from e
+            raise input_failure(e, batch, name, self.dtype) from e
+        with torch.no_grad():
+            chunk = self._normalise(groups, start, batch[0].shape[0], name, request)
+        chunk.y = y
+        return chunk
+
+    def _forward_runs(self, batch: Batch) -> bool:
+        try:
+            with torch.no_grad():
+                self.problem.call(batch)
+        except Exception:
+            return False
+        return True
+
+    def _normalise(self, groups: dict[str, list[Factor]], start: int, size: int, name: str, request: Request
+                   ) -> Chunk:
+        chunk = Chunk(start, size, {}, {})
+        for g, fs in groups.items():
+            fs = compact(fs)
+            K = self_gram(fs)
+            bad = ~torch.isfinite(K).flatten(1).all(1)
+            if bool(bad.any()):
+                idx = (torch.nonzero(bad).flatten() + start).tolist()
+                raise ModelError(f"{name}: the output gradients are not finite (overflow or NaN) at samples "
+                                 f"{idx[:20]}; rescale the output or check the model in float64")
+            chunk.K[g] = K
+            if request.quantity is Quantity.SIMILARITY:
+                # Kernel-corrected gradients U = G^T K^-1/2 (docs/method.md, "Kernel-corrected gradients"):
+                # their Gram is K~ directly.
+                inv, chunk.rank[g] = algebra.inv_sqrt_psd(K, self.rtol, self.atol, self.singular)
+                fs = [f.mix(inv) for f in fs]
+            elif request.quantity is Quantity.INFLUENCE:
+                chunk.pinv[g], chunk.rank[g] = algebra.pinv_psd(K, self.rtol, self.atol, self.singular)
+            chunk.groups[g] = fs if request.form is Form.RAW else prepare(fs, request.form.value)
+        return chunk
+
+    def chunk_size_for(self, src: Source, name: str, request: Request) -> int:
+        """Samples per chunk: ``chunk_size`` when set, else from the measured factor bytes per sample."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        self.problem.keys = src.keys  # keyword inputs: the model is called with these names
+        probe = next(src.chunks(PROBE_SAMPLES))
+        # The size per sample depends only on the sample shapes and the request: measured once per Chunker
+        # (a reused Similarity then pays no probe pass per call).
+        key = (request, src.keys, tuple((tuple(t.shape[1:]), t.dtype) for t in tree_flatten(probe[1])[0]
+                                        if isinstance(t, Tensor)))
+        if key not in self._per_sample_bytes:
+            c = self.prepare(probe[1], 0, name, request)
+            self._per_sample_bytes[key] = max(1, c.nbytes() // c.size)
+        entries = (self.d or 1) ** 2 if request.form is Form.FULL else 1
+        tile_cap = int(math.sqrt(TILE_BYTES / (4 * entries)))
+        return int(max(MIN_CHUNK, min(MAX_CHUNK, tile_cap, CHUNK_BYTES // self._per_sample_bytes[key])))
+
+    def chunks(self, src: Source, name: str, request: Request, size: int | None = None, first: int = 0,
+               stop: int | None = None) -> Iterator[Chunk]:
+        """Prepared chunks of ``src``; those starting before ``first`` are skipped without being prepared.
+
+        Only the samples [first, stop) are read where the source allows random access (tensors, map-style
+        datasets); ``first`` is a multiple of ``size``."""
+        size = size or self.chunk_size_for(src, name, request)
+        self.problem.keys = src.keys
+        stop = len(src) if stop is None else min(stop, len(src))
+        if first >= stop:
+            return
+        for start, batch in src.rows(first, stop).chunks(size):
+            yield self.prepare(batch, first + start, name, request)
+
+    def cached(self, src: Source, name: str, request: Request, size: int, first: int = 0, stop: int | None = None
+               ) -> list[Chunk] | None:
+        """All chunks of ``src`` (of samples [first, stop)) when they fit in ``cache_bytes`` (judged from the
+        first), else None."""
+        chunks, used = [], 0
+        n_chunks = math.ceil((min(len(src), stop if stop is not None else len(src)) - first) / size)
+        for c in self.chunks(src, name, request, size, first, stop):
+            used += c.nbytes()
+            if used > self.cache_bytes or (len(chunks) == 0 and c.nbytes() * n_chunks > 1.1 * self.cache_bytes):
+                return None
+            chunks.append(c)
+        return chunks
+
+    def reader(self, src: Source, name: str, request: Request, size: int, first: int = 0, stop: int | None = None
+               ) -> Callable[[], Iterator[Chunk]]:
+        """A re-iterable of the chunks of [first, stop): kept in memory when they fit, else recomputed."""
+        cache = self.cached(src, name, request, size, first, stop)
+        return lambda: iter(cache) if cache is not None else self.chunks(src, name, request, size, first, stop)
+
+    def forward(self, src: Source) -> Tensor:
+        """The analysed outputs [N, d] of every sample (no gradients)."""
+        parts = []
+        for start, batch in src.chunks(self.chunk_size or FORWARD_CHUNK):
+            batch = self.to_device(batch, start, "data")
+            with analysis_mode(self.model, self.params), torch.no_grad():
+                parts.append(checked_output(self.problem, self.model(*batch), batch, start))
+        return torch.cat(parts)

@@ -1,0 +1,110 @@
+"""The one tile sweep: chunk pairs of two sources over a tile plan, with the second source's chunks cached when
+they fit, and the dense pairwise results assembled from it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import algebra
+from ..errors import ResultTooLargeError
+from ..factors import gram
+from ..inputs import Source
+from .chunks import Chunk, Chunker
+from .rank_report import RankReport
+from .request import Form, Quantity, Request
+
+Segments = list[tuple[int, int, int]]  # (row chunk i, first column chunk, end column chunk)
+Plan = Callable[[int, int, bool], Segments]  # (row chunks, column chunks, symmetric) -> the tiles to sweep
+
+
+def full_plan(n_a: int, n_b: int, symmetric: bool) -> Segments:
+    """Every tile (symmetric: the upper triangle j >= i only)."""
+    return [(i, i if symmetric else 0, n_b) for i in range(n_a)]
+
+
+def tile(ca: Chunk, cb: Chunk, g: str, request: Request, d_eff: int) -> Tensor:
+    """The tile of group ``g`` between two chunks: [Ra, Cb] (trace) or [Ra, Cb, d, d] (full)."""
+    with torch.no_grad():
+        t = gram(ca.groups[g], cb.groups[g], request.form.value)
+        if request.quantity is Quantity.SIMILARITY:
+            if request.form is Form.TRACE:
+                t = t / d_eff
+            t[ca.rank[g] == 0] = float("nan")
+            t[:, cb.rank[g] == 0] = float("nan")
+        elif request.quantity is Quantity.INFLUENCE:
+            t = algebra.influence_from_kernel(t, ca.pinv[g])
+            t[ca.rank[g] == 0] = float("nan")
+    return t
+
+
+def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, report: RankReport,
+          names: tuple[str, str] = ("xa", "xb"), *, symmetric: bool, plan: Plan = full_plan, progress: bool = True
+          ) -> Iterator[tuple[Chunk, Chunk, dict[str, Tensor]]]:
+    """Yield (chunk a, chunk b, {group: tile}) for the tiles of ``plan``, row segment by row segment.
+
+    Symmetric sweeps (``src_b`` is ``src_a``) visit only tiles with cb.start >= ca.start. Every chunk swept is
+    added to ``report`` once (columns too when not symmetric)."""
+    size = chunker.chunk_size_for(src_a, names[0], request)
+    segments = plan(math.ceil(len(src_a) / size), math.ceil(len(src_b) / size), symmetric)
+    if not segments:
+        return
+    name_b = names[0] if src_b is src_a else names[1]
+    c0, c1 = min(s[1] for s in segments), max(s[2] for s in segments)
+    r0, r1 = segments[0][0], segments[-1][0] + 1
+    if symmetric:  # rows and columns come from the same chunks; every row index is below its columns
+        c0 = min(c0, r0)
+    # The second argument is swept once per row chunk: keep its factors when they fit.
+    cache = chunker.cached(src_b, name_b, request, size, c0 * size, c1 * size)
+
+    def columns(j0: int, j1: int) -> Iterator[Chunk]:
+        if cache is not None:
+            return iter(cache[j0 - c0 : j1 - c0])
+        return chunker.chunks(src_b, name_b, request, size, j0 * size, j1 * size)
+
+    rows = columns(r0, r1) if symmetric else chunker.chunks(src_a, names[0], request, size, r0 * size, r1 * size)
+    total = sum(j1 - j0 for _, j0, j1 in segments)
+    seen_b: set[int] = set()
+    with tqdm(total=total, disable=not progress or total < 2, desc=f"nnsim {request.label}", unit="tile") as bar:
+        for (i, j0, j1), ca in zip(segments, rows, strict=True):
+            assert ca.start == i * size
+            report.add(names[0], ca)
+            for cb in columns(j0, j1):
+                if not symmetric and cb.start not in seen_b:
+                    seen_b.add(cb.start)
+                    report.add(names[1], cb)
+                yield ca, cb, {g: tile(ca, cb, g, request, chunker.d_eff) for g in ca.groups}
+                bar.update(1)
+
+
+def allocate(chunker: Chunker, groups: list[str], N: int, M: int, form: Form, max_bytes: int) -> dict[str, Tensor]:
+    """Empty [N, M] (trace) or [N, M, d, d] (full) results per group, refused above ``max_bytes``."""
+    d = chunker.d
+    assert d is not None
+    shape = (N, M) + ((d, d) if form is Form.FULL else ())
+    need = math.prod(shape) * (torch.finfo(chunker.dtype).bits // 8) * len(groups)
+    if need > max_bytes:
+        raise ResultTooLargeError(
+            f"the result would take {need / 2**30:.2f} GiB (N={N}, M={M}, d={d}, {len(groups)} "
+            f"group(s)) > max_result_bytes = {max_bytes / 2**30:.2f} GiB; use reduce='trace' "
+            "for an [N, M] summary, split the inputs, or raise max_result_bytes")
+    return {g: torch.empty(shape, dtype=chunker.dtype, device=chunker.device) for g in groups}
+
+
+def pairwise(chunker: Chunker, src_a: Source, src_b: Source, request: Request, report: RankReport, *,
+             symmetric: bool, max_bytes: int, progress: bool) -> dict[str, Tensor]:
+    """Every tile of ``src_a`` x ``src_b`` assembled into dense results {group: [N, M(, d, d)]}."""
+    results: dict[str, Tensor] = {}
+    for ca, cb, tiles in sweep(chunker, src_a, src_b, request, report, symmetric=symmetric, progress=progress):
+        if not results:
+            results = allocate(chunker, list(tiles), len(src_a), len(src_b), request.form, max_bytes)
+        for g, t in tiles.items():
+            results[g][ca.rows, cb.rows] = t
+            if symmetric and cb.start != ca.start:
+                t = t.transpose(0, 1)
+                results[g][cb.rows, ca.rows] = t.transpose(-1, -2) if request.form is Form.FULL else t
+    return results
