@@ -9,7 +9,8 @@ the methods
   * ``torch.func``: the PyTorch NTK tutorial recipe, ``vmap(jacrev(functional_call))`` per-sample Jacobians and
     a per-parameter ``einsum('Naf,Mbf->NMab')``, normalised by hand (``bench_kernel.tutorial_kernel``);
   * ``loop``: ``backend="loop"``, per-sample autograd (the oracle), on the first ``--loop-n`` samples, its time
-    extrapolated linearly to N (a lower bound: the pairwise part grows as N^2);
+    extrapolated linearly to N, plus the part of its Gram that grows faster than N (the GEMM of its explicit
+    gradients [N e, P] with themselves, e = 1 at d=1 and d at d=10, timed here; still a lower bound);
 run side by side in this process, interleaved, after a warm-up call on 4 samples; each timed run builds a new
 ``Similarity`` (planning and verification included). Times are medians of ``--repeats`` runs.
 
@@ -266,6 +267,11 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
             print(f"  {name} {case} {m} run {rep + 1}: {times[m][-1]:.3f} s (others {meter.share:.0%})",
                   file=sys.stderr, flush=True)
     med = {m: statistics.median(t) * args.n / sizes[m] for m, t in times.items() if t}
+    if "loop" in med and sizes["loop"] < args.n:
+        # The loop's Gram grows as N^2: add what its explicit gradients' Gram costs at N beyond the linear share.
+        e = 1 if case == "d=1" else int(results["loop"].shape[-1])
+        gram_n, gram_k = gram_seconds(args.n * e, P), gram_seconds(sizes["loop"] * e, P)
+        med["loop"] += max(0.0, gram_n - gram_k * args.n / sizes["loop"])
     row.update(times=med, errors=errors, others=statistics.median(others) if others else float("nan"))
     if "loop" in results:
         k = sizes["loop"]
@@ -276,13 +282,24 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
     return row
 
 
+def gram_seconds(rows: int, P: int, budget: int = 2**28) -> float:
+    """Seconds of the Gram GEMM [rows, P] x [P, rows] of explicit gradients (float32, this process), timed on
+    an inner slab that fits ``budget`` bytes and scaled to P (GEMM time is linear in the inner size)."""
+    inner = max(1, min(P, budget // (4 * rows)))
+    A = torch.randn(rows, inner)
+    A @ A.T
+    t0 = time.perf_counter()
+    A @ A.T
+    return (time.perf_counter() - t0) * P / inner
+
+
 def fmt_t(t: float | None) -> str:
     return "failed" if t is None else f"{t:.3f}"
 
 
 def table(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
     head = (f"| model | P | output | nnsim [s] | vs torch.func | vs loop (≥) | vs nnsim functorch | torch.func [s] | "
-            f"loop [s] (≥, from N={args.loop_n}) | nnsim functorch [s] | nnsim peak RSS Δ [MiB] | "
+            f"loop [s] (≥, from N={args.loop_n} + Gram at N) | nnsim functorch [s] | nnsim peak RSS Δ [MiB] | "
             "nnsim max rel err vs loop | floor % | others' CPU | layer rules (describe) |")
     lines = [head, "|" + "---|" * 15]
     for r in rows:

@@ -22,6 +22,7 @@ from oracles import rel_err
 from torch import Tensor, nn
 
 import nnsim
+from nnsim.backends.rules.linear import linear as linear_rule
 from nnsim.factors import Dense
 
 torch.set_num_threads(1)
@@ -291,6 +292,73 @@ def test_failing_rule_falls_back_for_its_module_only_with_one_warning(cls, reaso
     assert sim.describe() == {"0": "fallback", "2": "linear", "4": "linear"}
 
 
+def _rolled_rule(module, layer, calls, names):
+    """A subtly broken rule: every sample gets the exact gradient of the next sample."""
+    return [f.select(torch.roll(torch.arange(f.batch_size), 1)) for f in linear_rule(module, layer, calls, names)]
+
+
+def _one_output_wrong_rule(module, layer, calls, names):
+    """A subtly broken rule: the last output's gradient of the first sample is doubled."""
+    out = []
+    for f in linear_rule(module, layer, calls, names):
+        g = f.dense().g.clone()
+        g[0, -1] *= 2
+        out.append(Dense(layer, g, f.params))
+    return out
+
+
+class RolledLinear(nn.Linear):
+    pass
+
+
+class OneOutputWrongLinear(nn.Linear):
+    pass
+
+
+nnsim.register_rule(RolledLinear, _rolled_rule)
+nnsim.register_rule(OneOutputWrongLinear, _one_output_wrong_rule)
+
+
+@pytest.mark.parametrize("cls", [RolledLinear, OneOutputWrongLinear])
+@pytest.mark.parametrize("d", [3, 7])
+def test_the_verification_catches_gradients_of_the_wrong_sample_or_output(cls, d):
+    """The check combines all (sample, output) gradients of the probe in one weighted sum: a rule that hands a
+    sample another sample's gradient, or gets one output of one sample wrong, must still be caught."""
+    torch.manual_seed(1)
+    model = nn.Sequential(cls(4, 5), nn.Tanh(), nn.Linear(5, d)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, progress=False)
+    with pytest.warns(nnsim.FallbackWarning, match="disagrees with autograd"):
+        K = sim.kernel(x)
+    assert rel_err(K, ref) <= 1e-10
+    assert sim.describe()["0"] == "fallback"
+
+
+class BatchMixing(nn.Module):
+    """Scales by the batch mean: the samples of a batch are not independent, so no per-sample gradient of a
+    batched pass is the gradient of the sample alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h * h.mean(0, keepdim=True)
+
+
+def test_a_model_that_mixes_the_batch_is_not_verified_on_the_batched_pass():
+    torch.manual_seed(0)
+    model = BatchMixing().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, progress=False)
+    assert rel_err(sim.kernel(x), ref) <= 1e-10
+    # the Linear rule on the batched pass disagrees with each sample run alone: the whole-model fallback
+    assert all(how.startswith("functorch") for how in sim.describe().values())
+
+
 def test_first_call_failure_leaves_no_plan_and_second_call_is_exact():
     """The issue's reproduction: broadcast position ids used to raise on the first call and leave a plan that
     made the second call silently wrong."""
@@ -393,3 +461,34 @@ def test_rule_raising_after_planning_steps_down_with_a_warning_and_stays_exact()
         K = sim.kernel(x)
     assert rel_err(K, ref) <= 1e-10
     assert sim.describe() == {"0": "fallback", "2": "linear"}
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize(("conv", "shape"), [
+    (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3), (3, 9, 9)),
+    (lambda: nn.Conv2d(4, 4, 3, padding="same", padding_mode="reflect", bias=False), (4, 7, 7)),
+    (lambda: nn.Conv2d(2, 4, (2, 3), padding=(1, 2), dilation=2, padding_mode="circular"), (2, 8, 8)),
+    (lambda: nn.Conv1d(3, 5, 4, stride=2, padding=2), (3, 11)),
+    (lambda: nn.Conv1d(4, 4, 3, groups=4, padding="same"), (4, 10)),
+])
+def test_conv_explicit_gradient_by_convolution_backward_and_patches_agree_with_the_loop(monkeypatch, conv, shape,
+                                                                                      explicit):
+    """Both ways of the conv rule (the explicit per-sample gradient by one grouped convolution_backward, and
+    the patches' Outer factor), forced in turn, against per-sample autograd, d = 1 and d = 3."""
+    from nnsim.backends.rules import conv as conv_rules
+
+    calls = []
+    monkeypatch.setattr(conv_rules, "_explicit_preferred", lambda *a: calls.append(1) is None and explicit)
+    monkeypatch.setattr(conv_rules, "_BACKWARD_MIN_POSITIONS", 1)
+    monkeypatch.setattr(conv_rules, "_BACKWARD_MAX_PAIRS", 0)
+    monkeypatch.setattr(conv_rules, "_BACKWARD_MAX_D", 10)
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    model(x)
+    for out in (None, lambda o, i: o[:, :1]):
+        ref = nnsim.Similarity(model, backend="loop", output=out, progress=False).kernel(x)
+        sim = nnsim.Similarity(model, output=out, progress=False)
+        assert rel_err(sim.kernel(x), ref) <= 1e-12
+        assert sim.describe()["0"] == "conv"
+    assert calls

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...factors import Factor, Outer
+from ...factors import Dense, Factor, Outer
 
 
 @dataclass
@@ -142,6 +142,36 @@ def outer(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[s
     if bias is not None:
         a = nn.functional.pad(a, (0, 1), value=1.0)
     return Outer(layer, a, delta, weight, bias, weight_transposed=weight_transposed)
+
+
+def outer_or_dense(layer: str, module: nn.Module, a: Tensor, delta: Tensor, names: dict[str, str],
+                   weight_transposed: bool = False, graph: bool = False) -> list[Factor]:
+    """``outer(...)``, or, where the cost model would materialise it in both Gram modes anyway, the explicit
+    gradients built at once: one batched GEMM per sample for the weight and a sum over positions for the bias,
+    as two Dense factors (no concatenation copy; a Dense factor's self-kernel and mix are cheap, an Outer
+    factor's self-kernel is a product over position pairs). ``graph``: keep the Outer factor (differentiable)."""
+    weight = (names["weight"], module.weight.shape) if "weight" in names else None
+    bias = (names["bias"], module.bias.shape) if "bias" in names and module.bias is not None else None
+    B, d, G, T, n = delta.shape
+    m = a.shape[-1] if weight is not None else 0
+    # the cost model reads shapes only: ask it with a stand-in, so that the padded inputs are never built here
+    stub = Outer(layer, a.new_zeros(()).expand(B, G, T, m + (bias is not None)), delta, weight, bias)
+    if graph or not a.is_floating_point() or not (stub.prefers_dense("trace") and stub.prefers_dense("full")):
+        return [outer(layer, module, a, delta, names, weight_transposed)]
+    out: list[Factor] = []
+    if weight is not None:
+        dl = delta.permute(0, 2, 3, 1, 4).reshape(B * G, T, d * n)  # [B G, T, d n]
+        xs = a.reshape(B * G, T, m)
+        if weight_transposed:  # weight [m, G n]: per output c, a^T delta_c  -> [B, d, m, n]
+            if G != 1:
+                return [outer(layer, module, a, delta, names, weight_transposed)]
+            g = (xs.transpose(1, 2) @ dl).view(B, m, d, n).transpose(1, 2)
+        else:  # weight [G n, m]: delta_c^T a -> [B, d, G, n, m]
+            g = (dl.transpose(1, 2) @ xs).view(B, G, d, n, m).transpose(1, 2)
+        out.append(Dense(layer, g.reshape(B, d, -1), [weight]))
+    if bias is not None:
+        out.append(Dense(layer, delta.sum(3).reshape(B, d, G * n), [bias]))
+    return out
 
 
 # Registration side effects: each family module registers its rules.

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ...factors import Factor
-from . import Call, outer, register, register_match
+from . import Call, outer_or_dense, register, register_match
 
 
 def _cat(parts: list, dim: int) -> torch.Tensor:
@@ -29,7 +29,8 @@ def _affine(module: nn.Module, layer: str, calls: list[Call], names: dict[str, s
         a_parts.append(x.reshape(B, -1, n_in))
         d_parts.append(c.deltas[0].reshape(B, d, -1, n_out))
     a, delta = _cat(a_parts, 1), _cat(d_parts, 2)
-    return [outer(layer, module, a[:, None], delta[:, :, None], names, weight_transposed=transposed)]
+    return outer_or_dense(layer, module, a[:, None], delta[:, :, None], names, weight_transposed=transposed,
+                          graph=calls[0].graph)
 
 
 @register(nn.Linear)
