@@ -179,16 +179,20 @@ def _load(n: int, sigma: float, draw: int) -> tuple[ShiftNet, dict]:
     return model.eval(), saved
 
 
+def _analysed(n: int, sigma: float, draw: int) -> tuple[ShiftNet, tuple[Tensor, Tensor], nnsim.Similarity]:
+    """One noisy network, its training set (the first n patches) and a Similarity on it."""
+    pool = _SHARED["pool"]
+    model, _ = _load(n, sigma, draw)
+    return model, (pool["image"][:n], pool["polygons"][:n]), nnsim.Similarity(model, progress=False)
+
+
 def _analysis_task(task: tuple[int, float, int]) -> str:
     """nnsim's label-free statistics of one noisy network on its own training set."""
     torch.set_num_threads(1)
     n, sigma, draw = task
     path = _part("analysis", n, sigma, draw)
     if not path.exists():
-        pool = _SHARED["pool"]
-        model, _ = _load(n, sigma, draw)
-        data = (pool["image"][:n], pool["polygons"][:n])
-        sim = nnsim.Similarity(model, progress=False)
+        _, data, sim = _analysed(n, sigma, draw)
         t1 = time.perf_counter()
         lin = sim.denoising(data, targets=_labels(n, sigma, draw), method="linearized")
         t_lin = time.perf_counter() - t1
@@ -214,17 +218,15 @@ def _realized_task(task: tuple[int, float, int]) -> str:
     n, sigma, draw = task
     path = _part("realized", n, sigma, draw)
     if not path.exists():
-        pool = _SHARED["pool"]
-        model, _ = _load(n, sigma, draw)
-        data = (pool["image"][:n], pool["polygons"][:n])
-        sim = nnsim.Similarity(model, progress=False)
+        model, data, sim = _analysed(n, sigma, draw)
         t1 = time.perf_counter()
         K = sim.kernel(data).double()  # [N, N, d, d]
         d = K.shape[-1]
         spec = linearized.exact_spectrum(K.permute(0, 2, 1, 3).reshape(n * d, n * d))
         f = predict(model, *data).double()
-        fit = linearized.linearized_fit(spec, _labels(n, sigma, draw), f)
-        sig, n_signal, D = linearized.realized_fit(spec, _labels(n, sigma, draw), fit)
+        y = _labels(n, sigma, draw)
+        fit = linearized.linearized_fit(spec, y, f)
+        sig, n_signal, D = linearized.realized_fit(spec, y, fit)
         torch.save({"ridge_realized": (D.diagonal(dim1=-2, dim2=-1).sum(-1) / d).sqrt(), "sigma_realized": sig,
                     "n_signal": n_signal, "lam_realized": fit.lam, "seconds_realized": time.perf_counter() - t1}, path)
     return str(path)
