@@ -1,7 +1,8 @@
 """Mutation score per module from a mutmut 3 run (the ``mutants/*.meta`` files) and docs/testing.md.
 
 The equivalent mutants are the names listed in docs/testing.md (section "Equivalent mutants"); the score is
-killed / (run - equivalent), timeouts counted as killed.  Usage, after ``make mutants``:
+killed / (run - equivalent), timeouts counted as killed.  ``benchmarks/mutants.py GROUP --score`` prints it
+for a group's scratch project (``mutants/GROUP``); this script alone reads a mutmut run in the repository root:
 
     python benchmarks/mutation_score.py [PATTERN ...]     # fnmatch patterns on mutant names, default all run
 """
@@ -30,11 +31,12 @@ def equivalents() -> set[str]:
     return set(re.findall(r"nnsim\.[^`\s]*__mutmut_\d+", section))
 
 
-def main(patterns: list[str]) -> None:
+def main(patterns: list[str], project: Path = ROOT) -> None:
+    """The table for the mutmut project ``project`` (its ``mutants/`` directory): the root, or a group's."""
     eq = equivalents()
     rows: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     survivors = []
-    for meta in sorted((ROOT / "mutants" / "src").rglob("*.meta")):
+    for meta in sorted((project / "mutants" / "src").rglob("*.meta")):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             if code is None or (patterns and not any(fnmatch.fnmatch(name, p) for p in patterns)):
                 continue

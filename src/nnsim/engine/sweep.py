@@ -74,7 +74,8 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
             assert ca.start == i * size
             report.add(names[0], ca)
             for cb in columns(j0, j1):
-                if not symmetric and cb.start not in seen_b:
+                # An influence column is defined whatever its K(x', x') (a zero gradient is moved by nothing).
+                if not symmetric and cb.start not in seen_b and request.quantity is not Quantity.INFLUENCE:
                     seen_b.add(cb.start)
                     report.add(names[1], cb)
                 yield ca, cb, {g: tile(ca, cb, g, request, chunker.d_eff) for g in ca.groups}

@@ -1,0 +1,380 @@
+"""nnsim.engine (chunks, the tile sweep, the rank report) and the density / neighbour sweeps, written against the
+survivors of a mutmut run (docs/testing.md).
+
+Oracles: the brute-force kernels of tests/test_estimators_asymmetric.py (per-sample autograd in float64, the
+normalisation by the SVD of each G(x); no nnsim inside), on a two-hidden-layer MLP (d = 3) with chunks of 3
+samples (ragged last chunk, off-diagonal tiles) and samples whose gradient is exactly zero (an output gate).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from oracles import jacobian
+from test_estimators_asymmetric import Brute, mlp2
+from torch import nn
+
+import nnsim
+import nnsim.engine.chunks as chunks_mod
+from nnsim.engine import ALL, Form, Quantity, RankReport, Request, sweep
+from nnsim.errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
+from nnsim.inputs import as_source
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def close(a, b, tol=1e-9):
+    torch.testing.assert_close(a, b.to(a.dtype), atol=tol, rtol=tol, equal_nan=True)
+
+
+def alive(out, inputs):
+    """The outputs, switched off entirely (a zero gradient) where x_0 == 0."""
+    return out * (inputs[0][:, :1] != 0).to(out.dtype)
+
+
+@pytest.fixture(scope="module")
+def data():
+    model, x = mlp2(3)
+    x = x[:8].clone()
+    x[4, 0] = 0.0  # sample 4 (second chunk of 3) has a zero gradient
+    xb = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    xb[3, 0] = 0.0  # and sample 3 of the second argument
+    return model, x, xb, Brute(model, x, alive), Brute(model, xb, alive)
+
+
+def sim_of(model, **kw):
+    return nnsim.Similarity(model, alive, chunk_size=3, progress=False, **kw)
+
+
+def _nan_sim(bf, other=None):
+    with torch.no_grad():
+        S = bf.sim(other)  # SVD-based: a zero G gives a zero row; the library's answer there is NaN
+    return S
+
+
+# ------------------------------------------------------------------------------------------ pairwise results
+
+def test_zero_gradient_samples_are_nan_rows_and_columns_and_named(data):
+    model, x, xb, bf, bb = data
+    sim = sim_of(model)
+    with pytest.warns(RankDeficiencyWarning) as rec:
+        S = sim.similarity(x)
+    assert len(rec) == 1 and rec[0].filename == __file__  # stacklevel: the caller's line
+    assert str(rec[0].message) == ("1 sample(s) of xa have a zero gradient (no direction): their similarity "
+                                   "values are NaN. Samples: [4]")
+    expected = _nan_sim(bf)
+    expected[4, :] = float("nan")
+    expected[:, 4] = float("nan")
+    close(S, expected)
+    with pytest.warns(RankDeficiencyWarning) as rec:
+        S = sim.similarity(x, xb, reduce=None)
+    assert sorted(str(r.message).split(" have")[0] for r in rec) == ["1 sample(s) of xa", "1 sample(s) of xb"]
+    assert any(str(r.message).endswith("Samples: [3]") for r in rec)
+    expected = bf.ktilde(bb)
+    expected[4] = float("nan")
+    expected[:, 3] = float("nan")
+    close(S, expected)
+    # The kernel itself is defined (zero); the influence is NaN on the rows of a zero-gradient xa only.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        K = sim.kernel(x, xb)
+    close(K, torch.einsum("icp,jep->ijce", bf.G, bb.G))
+    # Only xa's zero gradient is reported: the columns of a zero-gradient xb are zeros, not NaN (the report
+    # used to name them too, as "xb" even for influence(x); fixed in engine/sweep.py).
+    message = "1 sample(s) of xa have a zero gradient (no direction): their influence values are NaN. Samples: [4]"
+    for args in [(x, xb), (x,)]:
+        with pytest.warns(RankDeficiencyWarning) as rec:
+            inf = sim.influence(*args)
+        assert [str(r.message) for r in rec] == [message]
+    with pytest.warns(RankDeficiencyWarning) as rec:
+        inf = sim.influence(x, xb)
+    Kaa = bf.K.diagonal(dim1=0, dim2=1).permute(2, 0, 1)
+    expected = torch.einsum("icp,jep->ijce", bf.G, bb.G).transpose(-1, -2) @ torch.linalg.pinv(Kaa)[:, None]
+    expected[4] = float("nan")
+    close(inf, expected)
+    assert not inf[[0, 1, 2, 3, 5, 6, 7], 3].isnan().any()  # a zero-gradient xb is moved by nothing: zeros
+
+
+def test_by_layer_results_are_the_layer_kernels(data):
+    model, x, xb, _, _ = data
+    sim = sim_of(model)
+    K = sim.kernel(x, xb, by="layer")
+    assert sorted(K) == ["0", "2", "4"]
+    total = 0
+    for name, layer in [("0", model[0]), ("2", model[2]), ("4", model[4])]:
+        Ga = jacobian(model, (x,), alive, params=list(layer.parameters()))
+        Gb = jacobian(model, (xb,), alive, params=list(layer.parameters()))
+        close(K[name], torch.einsum("icp,jep->ijce", Ga, Gb))
+        total = total + K[name]
+    close(total, sim.kernel(x, xb))
+
+
+def test_trace_similarity_is_divided_by_d_minus_one_with_the_fisher_metric():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(7, 3, dtype=F64)
+    sim = nnsim.Similarity(model, metric="fisher", chunk_size=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rank d - 1 is full rank for the Fisher metric: no warning
+        S = sim.similarity(x)
+        Kf = sim.similarity(x, reduce=None)
+    assert sim.d_eff == 3
+    close(S, Kf.diagonal(dim1=-2, dim2=-1).sum(-1) / 3)
+    close(S.diagonal(), torch.ones(7, dtype=F64))
+    one = nn.Linear(3, 1).double()
+    with pytest.raises(InputError, match="at least 2 classes"):
+        nnsim.Similarity(one, metric="fisher", progress=False).similarity(x)
+
+
+def test_results_above_max_result_bytes_are_refused_with_the_sizes(data):
+    model, x, xb, _, _ = data
+    need = 8 * 5 * 9 * 8  # N M d d float64 bytes
+    sim = sim_of(model, max_result_bytes=need)
+    sim.kernel(x, xb)  # exactly at the limit: allowed
+    sim = sim_of(model, max_result_bytes=need - 1)
+    with pytest.raises(ResultTooLargeError) as e:
+        sim.kernel(x, xb)
+    assert (f"the result would take {need / 2**30:.2f} GiB (N=8, M=5, d=3, 1 group(s)) > max_result_bytes = "
+            f"{(need - 1) / 2**30:.2f} GiB; use reduce='trace'") in str(e.value)
+    with pytest.raises(ResultTooLargeError, match=r"N=8, M=5, d=3, 3 group\(s\)"):
+        sim_of(model, max_result_bytes=3 * 8 * 5 * 8 - 1).similarity(x, xb, by="layer")
+    with pytest.warns(RankDeficiencyWarning):  # trace results: [N, M] per group, exactly at the limit
+        sim_of(model, max_result_bytes=3 * 8 * 5 * 8).similarity(x, xb, by="layer")
+
+
+# ------------------------------------------------------------------------------------------ density, neighbours
+
+def test_density_of_zero_gradient_samples_is_nan_and_they_count_for_nobody(data):
+    model, x, xb, bf, bb = data
+    sim = sim_of(model)
+    S = _nan_sim(bf)  # zero rows and columns for sample 4: it adds nothing to the others
+    Sab = _nan_sim(bf, bb)
+    off = S - torch.diag(S.diagonal())
+    cases = [
+        (dict(), S.sum(1)),
+        (dict(algorithm="tiles"), S.sum(1)),
+        (dict(include_self=False), off.sum(1)),
+        (dict(include_self=False, algorithm="tiles"), off.sum(1)),
+        (dict(reference=xb), Sab.sum(1)),
+        (dict(reference=xb, algorithm="tiles"), Sab.sum(1)),
+        (dict(method="hard", threshold=0.2), (S > 0.2).sum(1).double()),
+        (dict(method="hard", threshold=0.2, reference=xb), (Sab > 0.2).sum(1).double()),
+        (dict(method="less_soft", power=2, include_self=False), (off.clamp_min(0) ** 2).sum(1)),
+    ]
+    for kw, expected in cases:
+        expected = expected.clone()
+        expected[4] = float("nan")
+        with pytest.warns(RankDeficiencyWarning) as rec:
+            got = sim.density(x, **kw)
+        assert rec[0].filename == __file__
+        assert "their density values are NaN" in str(rec[0].message)
+        close(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unnormalised: no rank guard, nothing to report
+        got = sim.density(x, normalized=False, include_self=False)
+    trK = bf.K.diagonal(dim1=-2, dim2=-1).sum(-1) / 3
+    close(got, trK.sum(1) - trK.diagonal())  # unnormalised: a zero gradient is a defined zero
+
+
+def test_neighbors_of_zero_gradient_queries_are_missing_and_zero_gradient_data_never_chosen(data):
+    model, x, xb, bf, bb = data
+    sim = sim_of(model)
+    for k, exclude in [(3, False), (7, True)]:
+        with pytest.warns(RankDeficiencyWarning) as rec:
+            vals, idx = sim.neighbors(x, k=k, exclude_self=exclude)
+        assert rec[0].filename == __file__ and "their neighbors values are NaN" in str(rec[0].message)
+        S = _nan_sim(bf)
+        S[4, :] = -9.0
+        S[:, 4] = -9.0
+        if exclude:
+            S.fill_diagonal_(-9.0)
+        for q in range(8):
+            order = sorted(range(8), key=lambda j: (-float(S[q, j]), j))
+            keep = [j for j in order if S[q, j] > -9][:k]
+            if q == 4:
+                assert idx[q].tolist() == [-1] * k and vals[q].isnan().all()
+                continue
+            assert idx[q, : len(keep)].tolist() == keep
+            close(vals[q, : len(keep)], S[q, keep])
+            assert idx[q, len(keep):].tolist() == [-1] * (k - len(keep))
+            assert vals[q, len(keep):].isnan().all()
+    with pytest.warns(RankDeficiencyWarning):
+        vals, idx = sim.neighbors(x, xb, k=5)
+    # 4 of the 5 data have a direction: the 5th neighbour is missing for every query; sample 3 is never chosen.
+    assert (idx[:, -1] == -1).all() and (idx[4] == -1).all() and (idx[:, :4] >= 0).sum() == 28
+    assert (idx == 3).sum() == 0
+
+
+# ------------------------------------------------------------------------------------------ the sweep itself
+
+def test_sweep_follows_a_partial_plan(data):
+    model, x, xb, bf, _ = data
+    sim = sim_of(model)
+    src = as_source(x[:7].clone(), "xa")
+    sim.similarity(x[:1])  # measures d
+    ch = sim._chunker
+    S = _nan_sim(bf)
+    S[4, :] = float("nan")
+    S[:, 4] = float("nan")
+    for symmetric, segments in [(True, [(1, 1, 3), (2, 2, 3)]), (True, [(2, 2, 3)]), (False, [(0, 1, 2), (1, 0, 1)]),
+                                (False, [(1, 0, 3), (2, 1, 2)]),
+                                (True, [])]:
+        report = RankReport("similarity")
+        seen = []
+        for ca, cb, tiles in sweep(ch, src, src, Request(Quantity.SIMILARITY, Form.TRACE), report,
+                                   symmetric=symmetric, plan=lambda na, nb, sym, s=segments: s, progress=False):
+            seen.append((ca.start, cb.start))
+            close(tiles[ALL], S[ca.rows, cb.rows])
+            assert torch.equal(tiles[ALL].isnan(), S[ca.rows, cb.rows].isnan())
+        assert seen == [(3 * i, 3 * j) for i, j0, j1 in segments for j in range(j0, j1)]
+    # a plan of (rows, columns, symmetric) -> segments receives the chunk counts
+    got = []
+    list(sweep(ch, src, as_source(xb, "xb"), Request(Quantity.KERNEL, Form.TRACE), RankReport("k"), symmetric=False,
+               plan=lambda na, nb, sym: got.append((na, nb, sym)) or [], progress=False))
+    assert got == [(3, 2, False)]
+
+
+def test_rank_report_notes_merges_and_emits():
+    r = RankReport("kernel", nullity=1, stacklevel=2)
+    r.note("xa", ALL, 10, torch.tensor([0, 2, 1, 2, 0]), 2)
+    r.note("xa", "layer1", 3, torch.tensor([1, 2]), 2)
+    assert r.notes() == ({("xa", ""): [10, 14]}, {("xa", ""): [12], ("xa", "layer1"): [3]})
+    other = RankReport("kernel")
+    other.note("xa", ALL, 0, torch.tensor([0, 1]), 3)
+    r.merge([r.notes(), other.notes()])
+    assert r.zero == {("xa", ""): [0, 10, 14]}
+    assert r.deficient == {("xa", ""): [1, 12], ("xa", "layer1"): [3]}
+    shown = []
+    r.emit(lambda msg, cls, stacklevel: shown.append((msg, cls, stacklevel)))
+    assert shown == [
+        ("3 sample(s) of xa have a zero gradient (no direction): their kernel values are NaN. Samples: [0, 10, 14]",
+         RankDeficiencyWarning, 2),
+        ("2 sample(s) of xa have a rank-deficient K(x, x): normalised on its range (self-similarity rank/d < 1). "
+         "Samples: [1, 12]", RankDeficiencyWarning, 2),
+        ("1 sample(s) of xa have a rank-deficient K(x, x) in layer 'layer1': normalised on its range "
+         "(self-similarity rank/d < 1). Samples: [3]", RankDeficiencyWarning, 2),
+    ]
+    many = RankReport("x", effect="ignored")
+    many.note("q", "L", 0, torch.zeros(25, dtype=torch.long), 3)
+    many.emit(lambda msg, cls, stacklevel: shown.append(msg))
+    assert shown[-1] == (f"25 sample(s) of q have a zero gradient in layer 'L' (no direction): ignored. "
+                         f"Samples: {list(range(20))}")
+    assert RankReport("y").stacklevel == 4 and RankReport("y").nullity == 0
+
+
+def test_rank_report_add_counts_full_rank_as_d_minus_the_nullity():
+    class C:
+        start, rank, K = 5, {ALL: torch.tensor([3, 2, 0])}, {ALL: torch.zeros(3, 3, 3)}
+
+    r = RankReport("s")
+    r.add("xa", C)
+    assert r.notes() == ({("xa", ""): [7]}, {("xa", ""): [6]})
+    r = RankReport("s", nullity=1)
+    r.add("xa", C)
+    assert r.notes() == ({("xa", ""): [7]}, {})
+
+
+# ------------------------------------------------------------------------------------------ chunks
+
+def _factor_bytes(sim, x):
+    fs, _ = sim.corrected_factors((x,))
+    return sum(t.numel() * t.element_size() for f in fs for t in vars(f).values() if isinstance(t, torch.Tensor))
+
+
+def test_measured_chunk_size_is_the_bounded_budget(data, monkeypatch):
+    model, x, _, _, _ = data
+    per = _factor_bytes(nnsim.Similarity(model, progress=False), x[:2]) // 2
+    cases = [  # (chunk bytes, tile bytes, form, expected samples per chunk)
+        (per * 20, 2**28, Form.RAW, 20), (per * 20 + per - 1, 2**28, Form.RAW, 20), (1, 2**28, Form.RAW, 8),
+        (2**40, 2**28, Form.RAW, 256),
+        # the tile cap: a full d x d result counts d^2 = 9 float32 entries per pair, a trace result one
+        (2**40, 4 * 9 * 100, Form.FULL, 10), (2**40, 4 * 9 * 100 - 1, Form.FULL, 9),
+        (2**40, 4 * 9 * 100, Form.TRACE, 30), (2**40, 4 * 30 * 30 - 1, Form.TRACE, 29),
+    ]
+    src = as_source(x, "x")
+    for chunk_bytes, tile_bytes, form, expected in cases:
+        monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(chunks_mod, "TILE_BYTES", tile_bytes)
+        sim = nnsim.Similarity(model, progress=False)
+        sim.similarity(x[:1])  # d measured
+        got = sim._chunker.chunk_size_for(src, "x", Request(Quantity.SIMILARITY, form))
+        assert got == expected, (chunk_bytes, tile_bytes, form)
+        if form is Form.RAW:
+            assert sim.chunk_size_for(x) == expected
+    assert nnsim.Similarity(model, chunk_size=5, progress=False).chunk_size_for(x) == 5
+
+
+def test_cached_chunks_fit_the_budget_judged_from_the_first(data):
+    model, x, _, _, _ = data
+    sim = sim_of(model)
+    ch = sim._chunker
+    src = as_source(x[:7].clone(), "x")  # chunks of 3, 3, 1 samples
+    req = Request(Quantity.KERNEL, Form.RAW)
+    per = _factor_bytes(sim, x[:3]) // 3  # KERNEL factors: as the rules made them
+    first_times_n = 3 * per * 3  # the first chunk's bytes times the number of chunks
+    for budget, kept in [(7 * per, False), (math.ceil(first_times_n / 1.1), True), (first_times_n // 1.1 - 1, False)]:
+        ch.cache_bytes = budget
+        got = ch.cached(src, "x", req, 3)
+        assert (got is not None) == kept, budget
+        if kept:
+            assert [c.start for c in got] == [0, 3, 6] and [c.size for c in got] == [3, 3, 1]
+            assert [c.rows for c in got] == [slice(0, 3), slice(3, 6), slice(6, 7)]
+            assert sum(c.nbytes() for c in got) == 7 * per
+    ch.cache_bytes = 10 * per  # the rows [3, 7): two chunks, 3 + 1 samples
+    got = ch.cached(src, "x", req, 3, 3, 7)
+    assert [c.start for c in got] == [3, 6]
+    ch.cache_bytes = 4 * per - 1  # judged from the first: 2 chunks of 3 = 6 per > 1.1 budget
+    assert ch.cached(src, "x", req, 3, 3, 7) is None
+    for budget in (10 * per, 0):
+        ch.cache_bytes = budget
+        read = ch.reader(src, "x", req, 3, 3)
+        assert [c.start for c in read()] == [3, 6] and [c.start for c in read()] == [3, 6]  # re-iterable
+    assert list(ch.chunks(src, "x", req, 3, 7)) == [] and list(ch.chunks(src, "x", req, 3, 9, 4)) == []
+
+
+def test_forward_is_the_analysed_output_of_every_sample(data, monkeypatch):
+    model, x, _, bf, _ = data
+    for chunk in (3, None):
+        sim = sim_of(model) if chunk else nnsim.Similarity(model, alive, progress=False)
+        monkeypatch.setattr(chunks_mod, "FORWARD_CHUNK", 2)
+        close(sim._chunker.forward(as_source(x, "x")), bf.y)
+
+
+def test_chunk_errors_name_the_samples_and_the_fix(data):
+    model, x, _, _, _ = data
+    sim = sim_of(model)
+    with pytest.raises(InputError, match=r"xa: input 0 has dtype torch.float32 but the model's parameters are "
+                                         r"torch.float64; convert the inputs \(e.g. x.to\(torch.float64\)\)"):
+        sim.similarity(x.float())
+
+    def huge(out, inputs):
+        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
+
+    xs = x.clone()
+    xs[4, 0] = 10.0  # second chunk: the message names the sample's index in the data, not in its chunk
+    with pytest.raises(ModelError, match=r"xa: the output gradients are not finite \(overflow or NaN\) at samples "
+                                         r"\[4\]; rescale the output or check the model in float64"):
+        nnsim.Similarity(model, huge, chunk_size=3, progress=False).similarity(xs)
+
+    def shrinking(out, inputs):  # two outputs where x_1 > 100
+        return out[:, :2] if bool((inputs[0][:, 1] > 100).any()) else out
+
+    xs = x[:7].clone()
+    xs[6, 1] = 1000.0  # the third chunk
+    with pytest.raises(InputError, match="the output dimension changed from 3 to 2 between chunks"):
+        nnsim.Similarity(model, shrinking, chunk_size=3, progress=False).similarity(xs)
+
+
+def test_a_metric_tensor_is_checked_and_mixed_into_the_factors(data):
+    model, x, xb, bf, bb = data
+    M = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.25]], dtype=F64)
+    L, V = torch.linalg.eigh(M)
+    half = V @ torch.diag(L.sqrt()) @ V.T
+    sim = sim_of(model, metric=M)
+    close(sim.kernel(x, xb), half @ torch.einsum("icp,jep->ijce", bf.G, bb.G) @ half)
+    with pytest.raises(InputError, match="metric"):
+        sim_of(model, metric=torch.eye(2, dtype=F64)).kernel(x)
