@@ -39,16 +39,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_kernel.py
 
 # Mutation testing of the math core (docs/testing.md); slow, never part of `make test`.
-# MUTANTS selects mutant names (fnmatch), e.g. MUTANTS='nnsim.algebra*'; JOBS the parallel workers.
-# The default is the math core of docs/testing.md: algebra, estimators/ (density incl. its argument checks,
-# neighbours, denoising, linearized), outputs, and Similarity.influence.
-MUTANTS ?= nnsim.algebra* nnsim.estimators* nnsim.outputs* nnsim.similarity.xǁSimilarityǁinfluence*
+# GROUP: core (algebra, outputs, denoising, linearized), factors, engine (engine/, density, neighbours) or all,
+# each with its own fast tests (benchmarks/mutants.py); MUTANTS selects mutant names (fnmatch), e.g.
+# MUTANTS='nnsim.factors.xǁOuterǁgram*'; JOBS the parallel workers.
+GROUP ?= all
+MUTANTS ?=
 JOBS ?= 1
 mutants: $(STAMP)
 	$(PY) -m pip install -q "mutmut>=3.3"
-	env -u PYTHONPATH nice -n 10 $(VENV)/bin/mutmut run --max-children $(JOBS) $(foreach m,$(MUTANTS),'$(m)')
-	$(VENV)/bin/mutmut results
-	$(PY) benchmarks/mutation_score.py $(foreach m,$(MUTANTS),'$(m)')
+	env -u PYTHONPATH $(PY) benchmarks/mutants.py $(GROUP) --jobs $(JOBS) $(foreach m,$(MUTANTS),'$(m)')
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis mutants

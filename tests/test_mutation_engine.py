@@ -220,9 +220,10 @@ def test_sweep_follows_a_partial_plan(data):
     S = _nan_sim(bf)
     S[4, :] = float("nan")
     S[:, 4] = float("nan")
-    for symmetric, segments in [(True, [(1, 1, 3), (2, 2, 3)]), (True, [(2, 2, 3)]), (False, [(0, 1, 2), (1, 0, 1)]),
-                                (False, [(1, 0, 3), (2, 1, 2)]),
-                                (True, [])]:
+    plans = [(True, [(1, 1, 3), (2, 2, 3)]), (True, [(2, 2, 3)]), (True, [(1, 2, 3)]), (True, [(0, 1, 2), (1, 2, 3)]),
+             (False, [(0, 1, 2), (1, 0, 1)]), (False, [(1, 0, 3), (2, 1, 2)]), (True, [])]
+    for (symmetric, segments), cache in [(p, 2**30) for p in plans] + [(p, 0) for p in plans]:
+        ch.cache_bytes = cache  # columns kept in memory, or recomputed for every row chunk
         report = RankReport("similarity")
         seen = []
         for ca, cb, tiles in sweep(ch, src, src, Request(Quantity.SIMILARITY, Form.TRACE), report,
@@ -378,3 +379,111 @@ def test_a_metric_tensor_is_checked_and_mixed_into_the_factors(data):
     close(sim.kernel(x, xb), half @ torch.einsum("icp,jep->ijce", bf.G, bb.G) @ half)
     with pytest.raises(InputError, match="metric"):
         sim_of(model, metric=torch.eye(2, dtype=F64)).kernel(x)
+
+
+def test_failures_before_the_first_chunk_name_the_inputs_or_the_backend(data):
+    model, x, _, _, _ = data
+    with pytest.raises(InputError, match=r"xa: the model failed on inputs of shape \[3, 5\] \(torch.float64\)"):
+        sim_of(model).similarity(torch.randn(8, 5, dtype=F64))
+    sim = sim_of(model)
+
+    def broken(batch, start):
+        raise RuntimeError("boom\nsecond line")
+
+    sim._chunker.factor_fn = broken
+    with pytest.raises(ModelError, match=r"^the 'auto' backend failed on this model, whose forward pass runs on these "
+                                         r"inputs: RuntimeError: boom; try backend='structured' \(the default\) or "
+                                         r"backend='loop'$"):
+        sim.similarity(x)
+
+    def refuses(batch, start):
+        raise InputError("as raised")
+
+    sim._chunker.factor_fn = refuses
+    with pytest.raises(InputError, match="^as raised$"):
+        sim.similarity(x)
+    sim = sim_of(model)
+    sim.similarity(x[:2])  # d measured: later failures are the model's, raised as they are
+    sim._chunker.factor_fn = broken
+    with pytest.raises(RuntimeError, match="^boom"):
+        sim.similarity(x)
+
+
+def test_integer_inputs_and_keyword_inputs_reach_the_model():
+    torch.manual_seed(5)
+    emb = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+    ids = torch.randint(0, 7, (5, 2))
+    sim = nnsim.Similarity(emb, chunk_size=2, progress=False)
+    G = jacobian(emb, (ids,))
+    close(sim.kernel(ids), torch.einsum("icp,jep->ijce", G, G))
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, scale):
+            return self.lin(x) * scale
+
+    kw = Keyword().double()
+    x, s = torch.randn(5, 3, dtype=F64), torch.rand(5, 1, dtype=F64) + 0.5
+    G = torch.stack([jacobian(kw.lin, (x[i : i + 1],))[0] * s[i] for i in range(5)])
+    sim = nnsim.Similarity(kw, progress=False)  # chunk size measured on a probe called with the keywords
+    close(sim.kernel({"x": x, "scale": s}), torch.einsum("icp,jep->ijce", G, G))
+
+
+def test_measured_bytes_per_sample_are_kept_per_sample_shape(monkeypatch):
+    class Tokens(nn.Module):  # an Embedding over T tokens: its factors (indices, signals) grow with T
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(1000, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.emb(x).mean(1))
+
+    torch.manual_seed(6)
+    model = Tokens().double()
+    small, big = torch.randint(0, 1000, (4, 2)), torch.randint(0, 1000, (4, 6))
+    req = Request(Quantity.SIMILARITY, Form.RAW)
+    fresh = {}
+    for name, x in [("small", small), ("big", big)]:
+        sim = nnsim.Similarity(model, progress=False)
+        sim.similarity(x[:1])
+        per = _factor_bytes(sim, x[:2]) // 2
+        monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", per * 30)
+        fresh[name] = sim._chunker.chunk_size_for(as_source(x, "x"), "x", req)
+        assert fresh[name] == 30
+    # One Chunker measuring both shapes (CHUNK_BYTES as for the big samples): each shape keeps its own bytes.
+    sim = nnsim.Similarity(model, progress=False)
+    sim.similarity(small[:1])
+    ch = sim._chunker
+    small_size = ch.chunk_size_for(as_source(small, "x"), "x", req)
+    assert ch.chunk_size_for(as_source(big, "x"), "x", req) == 30
+    assert small_size > 30 and ch.chunk_size_for(as_source(small, "x"), "x", req) == small_size
+
+
+def test_fisher_metric_kernel_against_the_written_out_metric():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(5, 3, dtype=F64)
+    G = jacobian(model, (x,))
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=1)
+    half = []
+    for i in range(5):
+        Fm = torch.diag(p[i]) - torch.outer(p[i], p[i])
+        L, V = torch.linalg.eigh(Fm)
+        half.append(V @ torch.diag(L.clamp_min(0).sqrt()) @ V.T)
+    Gm = torch.stack(half) @ G
+    sim = nnsim.Similarity(model, metric="fisher", chunk_size=2, progress=False)
+    close(sim.kernel(x), torch.einsum("icp,jep->ijce", Gm, Gm), 1e-8)
+
+
+def test_progress_bars_only_for_more_than_one_tile(data, capsys):
+    model, x, _, _, _ = data
+    nnsim.Similarity(model, chunk_size=3, progress=True).similarity(x[:7])  # 3 x 3 chunks: 6 tiles of a triangle
+    assert "nnsim similarity" in capsys.readouterr().err
+    nnsim.Similarity(model, chunk_size=3, progress=True).similarity(x[:3])  # one tile
+    assert "nnsim" not in capsys.readouterr().err
+    nnsim.Similarity(model, chunk_size=3, progress=False).similarity(x[:7])
+    assert "nnsim" not in capsys.readouterr().err

@@ -94,11 +94,12 @@ def test_layer_seed_is_the_documented_mix_and_stays_in_the_int64_range():
 
 
 def test_gaussian_is_a_float64_draw_scaled_by_one_over_root_rows():
-    like = torch.zeros(1, dtype=torch.float32)
-    P = F._gaussian(3, 5, 11, like)
+    # Drawn in float64 whatever the model's dtype: float32 and float64 models get the same sketch (to rounding).
     ref = torch.randn(3, 5, generator=_gen(11), dtype=f64) / math.sqrt(3)
+    P = F._gaussian(3, 5, 11, torch.zeros(1, dtype=torch.float32))
     assert P.dtype == torch.float32 and P.shape == (3, 5)
     torch.testing.assert_close(P, ref.float())
+    assert torch.equal(F._gaussian(3, 5, 11, torch.zeros(1, dtype=f64)), ref)  # not a float32 draw
 
 
 # ----------------------------------------------------------------------------------------- Dense
@@ -149,6 +150,11 @@ def test_dense_projection_draws_the_matrix_block_by_block(monkeypatch):
     gen = _gen(F.layer_seed(4, "dense", "dense"))
     R = torch.cat([torch.randn(5, w, generator=gen, dtype=f64) for w in (3, 3, 1)], 1)  # [k, n]
     _close(f.project(5, 4), torch.einsum("bcn,kn->bck", f.g, R) / math.sqrt(5))
+    f32 = Dense("dense", f.g.float(), f.params)  # the float64 draw is cast to the gradient's dtype
+    p32 = f32.project(5, 4)
+    assert p32.dtype == torch.float32
+    torch.testing.assert_close(p32, (torch.einsum("bcn,kn->bck", f.g, R) / math.sqrt(5)).float(), rtol=1e-5,
+                               atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- Outer: explicit rows
@@ -284,6 +290,7 @@ def _kron_oracle(rows_blocks, k1, m, k2, n, seed, layer, like):
     (6, 3, 5, 2, 3),    # n > m: the input side keeps min(3, 3) = 3 (full width), the output side ceil(5 / 3) = 2
     (7, 4, 10, 3, 4),   # n > m: k1 = min(4, 4) = 4, k2 = ceil(10 / 4) = 3
     (5, 5, 7, 3, 3),    # n == m: the n <= m branch, k2 = min(5, 3) = 3, k1 = ceil(7 / 3) = 3
+    (5, 5, 10, 4, 3),   # n == m: the output side keeps ceil(sqrt 10) = 4 (a stored sketch must be redrawn alike)
 ])
 def test_outer_kronecker_projection_dims_and_values(n, m, k, k2, k1):
     B, d, G, T = 3, 2, 2, 3
@@ -296,6 +303,10 @@ def test_outer_kronecker_projection_dims_and_values(n, m, k, k2, k1):
     assert p.shape == (B, d, G * k2 * k1)
     _close(p, _kron_oracle(blocks, k1, m, k2, n, 5, "kron", delta))
     _close(F.project([f, f], k, 5), torch.cat([p, p], -1))
+    f32 = Outer("kron", a.float(), delta.float(), ("w", torch.Size([G * n, m])))  # float64 draws, cast
+    p32 = f32.project(k, 5)
+    assert p32.dtype == torch.float32
+    torch.testing.assert_close(p32, p.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_outer_projection_of_small_layers_is_exact_and_of_embeddings_uses_rows():
@@ -311,6 +322,12 @@ def test_outer_projection_of_small_layers_is_exact_and_of_embeddings_uses_rows()
                 blocks[b, :, 0, :, fe.a[b, 0, t]] += fe.delta[b, :, 0, t]
         assert fe.project(k, 3).shape == (3, 2, k1 * k2)
         _close(fe.project(k, 3), _kron_oracle(blocks, k1, vocab, k2, 4, 3, "emb", fe.delta))
+    # Indices that never reach the last rows of the vocabulary: the one-hot rows are still vocab wide.
+    fe, _ = _embedding(29, 3, 2, 4, 4, 3)
+    low = Outer("emb", torch.zeros_like(fe.a), fe.delta, fe.weight, vocab=3, weight_transposed=True)
+    blocks = torch.zeros(3, 2, 1, 4, 3, dtype=f64)
+    blocks[..., 0] = fe.delta[:, :, 0].sum(2)[:, :, None]
+    _close(low.project(7, 3), _kron_oracle(blocks, 3, 3, 3, 4, 3, "emb", fe.delta))
 
 
 # ----------------------------------------------------------------------------------------- cost model
@@ -377,6 +394,10 @@ def test_compact_picks_the_strictly_smaller_representation(T, dense):
     # Indexed: d G n vocab = 12 against d G T n + G T = 4 T (+ no input width): equal at T = 3.
     e = _zeros_outer(1, 1, T + 1, 3, 0, vocab=4)
     assert isinstance(e.compact(), Dense) == (T + 1 > 3)
+    # Two groups: d G n m = 32 against d G T n + G T m = 16 T: equal at T = 2, explicit from T = 3.
+    assert isinstance(_zeros_outer(1, 2, T, 4, 4).compact(), Dense) == dense
+    # One index per position costs 1, not 1 / T: n vocab = 3 against T n + T = 4 at T = 2 (explicit).
+    assert isinstance(_zeros_outer(1, 1, 2, 1, 0, vocab=3).compact(), Dense)
 
 
 def test_prepare_converts_exactly_the_factors_the_cost_model_prefers():
