@@ -174,6 +174,10 @@ def test_outer_dense_batch_grad_and_inner_equal_the_autograd_rows(bias, transpos
     S = [torch.randn(4, *s, generator=_gen(7), dtype=f64) for s in shapes]
     flat = torch.cat([s.reshape(4, -1) for s in S], 1)
     _close(f.inner(S), torch.einsum("bcp,ep->bce", rows, flat))
+    # parameter sums of another dtype are cast to the factor's
+    got = f.inner([s.float() for s in S])
+    assert got.dtype == f64
+    _close(got, torch.einsum("bcp,ep->bce", rows, flat.float().double()))
     _close(F.inner([f], {name: s for (name, _), s in zip(f.params, S)}), torch.einsum("bcp,ep->bce", rows, flat))
     _close(f.select(torch.tensor([2, 0])).dense().g, rows[[2, 0]])
 
@@ -246,7 +250,9 @@ def test_outer_gram_is_differentiable_and_leaves_its_inputs_alone():
 
 def test_pair_gram_for_each_kind_of_layer():
     I, J = torch.tensor([0, 3, 1, 1, 2]), torch.tensor([2, 3, 0, 1, 3])
-    for f, rows in [_linear(20, 4, 2, 2, 3, 2, 3), _linear(21, 4, 3, 2, 1, 2, 3), _embedding(22, 4, 2, 3, 2, 4)]:
+    cases = [_linear(20, 4, 2, 2, 3, 2, 3), _linear(21, 4, 3, 2, 1, 2, 3), _linear(31, 4, 2, 1, 2, 2, 3),
+             _embedding(22, 4, 2, 3, 2, 4)]  # T = 3, 1 (the one-position shortcut), 2
+    for f, rows in cases:
         K, _ = _kernel(rows, rows)
         _close(f.pair_gram(I, J), K[I, J])
         _close(F.pair_gram([f, f.dense()], I, J), 2 * K[I, J])
@@ -256,7 +262,8 @@ def test_pair_gram_for_each_kind_of_layer():
 def test_self_gram_for_each_kind_of_layer(path, monkeypatch):
     monkeypatch.setattr(Outer, "prefers_dense", lambda self, mode, partners=256: path == "explicit")
     monkeypatch.setattr(F, "_PAIR_BLOCK_ELEMS", 2 * (3 * 3 + 2 * 3 * 2))  # two samples per block: 2, 2, 1
-    cases = [_linear(23, 5, 2, 2, 3, 2, 3), _linear(24, 5, 2, 2, 1, 2, 3), _embedding(25, 5, 2, 3, 2, 4)]
+    cases = [_linear(23, 5, 2, 2, 3, 2, 3), _linear(24, 5, 2, 2, 1, 2, 3), _embedding(25, 5, 2, 3, 2, 4),
+             _linear(32, 5, 2, 1, 2, 2, 3)]
     for f, rows in cases:
         K, _ = _kernel(rows, rows)
         _close(f.self_gram(), K.diagonal(dim1=0, dim2=1).permute(2, 0, 1))
@@ -406,6 +413,10 @@ def test_prepare_converts_exactly_the_factors_the_cost_model_prefers():
     d = Dense("x", torch.zeros(1, 1, 3), [("p", torch.Size([3]))])
     out = F.prepare([cheap, wide, d], "trace")
     assert isinstance(out[0], Dense) and out[1] is wide and out[2] is d
+    # The choice depends on the mode: d x d blocks make this layer's explicit gradient the cheaper path.
+    f = _zeros_outer(2, 1, 2, 32, 8)
+    assert not f.prefers_dense("trace") and f.prefers_dense("full")
+    assert F.prepare([f], "trace")[0] is f and isinstance(F.prepare([f], "full")[0], Dense)
 
 
 # ----------------------------------------------------------------------------------------- sums over factors
