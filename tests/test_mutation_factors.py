@@ -236,6 +236,61 @@ def test_outer_gram_embedding_counts_equal_indices():
     _close(fa.gram(fb, "trace"), Kt)
 
 
+@pytest.mark.parametrize("mode,elems,blocks", [
+    ("full", 2 * 4 * 3 * 3 * 4, [2, 2, 1]), ("trace", 2 * 4 * 3 * 3, [2, 2, 1]), ("trace", 4 * 3 * 3 + 1, [1] * 5),
+    ("trace", 2, [2, 2, 1]),
+])
+def test_outer_gram_row_blocks_stay_within_the_element_budget(mode, elems, blocks, monkeypatch):
+    # Elements per row of the [rows, T1, B2, T2] intermediates (times d^2 in full mode): 4 * 3 * 3 (* 4) here,
+    # or 1 with one position and one partner; a budget of 2 rows gives blocks of 2, 2, 1 for 5 rows.
+    fa, ra = _linear(33, 5, 2, 1, 3, 2, 2) if elems > 2 else _linear(33, 5, 2, 1, 1, 2, 2)
+    fb, rb = _linear(34, 4, 2, 1, 3, 2, 2) if elems > 2 else _linear(34, 1, 2, 1, 1, 2, 2)
+    monkeypatch.setattr(F, "_PAIR_BLOCK_ELEMS", elems)
+    sizes = []
+    products = Outer._position_products
+
+    def counted(self, other, g, rows):
+        sizes.append(rows.stop - rows.start)
+        return products(self, other, g, rows)
+
+    monkeypatch.setattr(Outer, "_position_products", counted)
+    K, Kt = _kernel(ra, rb)
+    _close(fa.gram(fb, mode), K.permute(0, 2, 1, 3) if mode == "full" else Kt)
+    assert sizes == blocks
+
+
+@pytest.mark.parametrize("mode", ["full", "trace"])
+def test_outer_gram_with_one_position_against_two(mode):
+    fa, ra = _linear(35, 3, 2, 1, 1, 2, 3)  # T1 = 1
+    fb, rb = _linear(36, 4, 2, 1, 2, 2, 3)  # T2 = 2 (a sequence of another length)
+    K, Kt = _kernel(ra, rb)
+    _close(fa.gram(fb, mode), K.permute(0, 2, 1, 3) if mode == "full" else Kt)
+    Kba, Ktba = _kernel(rb, ra)
+    _close(fb.gram(fa, mode), Kba.permute(0, 2, 1, 3) if mode == "full" else Ktba)
+
+
+def test_gram_of_factor_lists_of_different_lengths_is_refused():
+    f, _ = _linear(37, 2, 1, 1, 1, 2, 2)
+    with pytest.raises(ValueError):
+        F.gram([f], [f, f], "trace")
+
+
+@pytest.mark.parametrize("grad", ["inputs", "signals", "both"])
+def test_outer_gram_is_differentiable_in_its_inputs_and_signals(grad):
+    # The training criterion differentiates the kernel through both a (the layer inputs) and delta.
+    fa, _ = _linear(38, 3, 2, 1, 3, 2, 2)
+    leaves = {}
+    for path in ("pairwise", "explicit"):
+        a = fa.a.clone().requires_grad_(grad != "signals")
+        delta = fa.delta.clone().requires_grad_(grad != "inputs")
+        f = Outer("lin", a, delta, fa.weight, fa.bias)
+        K = f.gram(f, "full") if path == "pairwise" else F._dense_gram(f.dense().g, f.dense().g, "full")
+        wrt = [t for t in (a, delta) if t.requires_grad]
+        leaves[path] = torch.autograd.grad(K.square().sum(), wrt)
+    for x, y in zip(leaves["pairwise"], leaves["explicit"], strict=True):
+        _close(x, y)
+
+
 def test_outer_gram_is_differentiable_and_leaves_its_inputs_alone():
     fa, _ = _linear(19, 3, 2, 1, 3, 2, 2)
     delta = fa.delta.clone().requires_grad_(True)
