@@ -257,23 +257,13 @@ class Similarity:
             raise InputError(f"noise_std must be a non-negative number, got {noise_std!r}")
         if method not in ("paper", "linearized"):
             raise InputError(f"method must be 'paper' or 'linearized', got {method!r}")
-        if method == "linearized":
-            return self._linearized(data, predictions, targets, noise_std, approximate, landmarks, seed, smoother,
-                                    group)
-        src = denoising.check_paper(self._chunker, data, predictions, targets, approximate, dim)
-        ranks = self._ranks(group, "denoising", (src,), (
-            None if predictions is None else distributed.params_checksum({"predictions": predictions}),
-            noise_std, approximate, dim, seed))
-        return denoising.paper(self._chunker, src, predictions, noise_std, approximate, dim, seed, ranks=ranks,
-                               progress=self._shows(ranks))
-
-    def _linearized(self, data: Any, predictions: Tensor | None, targets: Tensor | None, noise_std: float | None,
-                    approximate: bool, landmarks: int, seed: int, smoother: str, group: Any) -> DenoisingReport:
-        arrays = {"targets": targets, "predictions": predictions}
-        src = denoising.check_linearized(data, smoother, landmarks, arrays)
-        ranks = self._ranks(group, "denoising", (src,), (
-            distributed.params_checksum({k: v for k, v in arrays.items() if v is not None}), noise_std, approximate,
-            landmarks, seed, smoother, "linearized"))
+        src = denoising.check(self._chunker, data, method, predictions, targets, approximate, dim, smoother, landmarks)
+        arrays = {k: v for k, v in (("predictions", predictions), ("targets", targets)) if v is not None}
+        ranks = self._ranks(group, "denoising", (src,), (distributed.params_checksum(arrays), noise_std, approximate,
+                                                          dim, landmarks, seed, smoother, method))
+        if method == "paper":
+            return denoising.paper(self._chunker, src, predictions, noise_std, approximate, dim, seed, ranks=ranks,
+                                   progress=self._shows(ranks))
         assert targets is not None
         return denoising.linearized_report(self._chunker, src, predictions, targets, noise_std, approximate,
                                            landmarks, seed, smoother, ranks=ranks, progress=self._shows(ranks))

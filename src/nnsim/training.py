@@ -20,12 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import backends, outputs, pairs
+from . import backends, outputs
 from ._model import ParamSelection, analysis_mode, check_model, select_params
 from .backends import functorch
 from .backends.base import Problem
 from .errors import InputError, ModelError
 from .factors import pair_gram, prepare, self_gram
+from .inputs import as_source, check_finite
+from .pairs import check as check_pairs
 
 Variant = Literal["one_minus", "authors", "distance"]
 BatchMode = Literal["per_pair", "mean_gradient"]
@@ -111,10 +113,7 @@ class SimilarityLoss:
         if backend not in ("auto", "structured", "functorch"):
             raise InputError(f"backend must be 'auto', 'structured' or 'functorch', got {backend!r}")
         self.needs_targets = isinstance(output, str)
-        if self.needs_targets and output != "posnegflat":
-            raise InputError(f"output must be None, a callable (model_output, inputs) -> [B, d] or 'posnegflat', "
-                             f"got {output!r}")
-        if output is not None and not isinstance(output, str) and not callable(output):
+        if output != "posnegflat" and not (output is None or (callable(output) and not self.needs_targets)):
             raise InputError(f"output must be None, a callable (model_output, inputs) -> [B, d] or 'posnegflat', "
                              f"got {output!r}")
         self.model = model
@@ -177,10 +176,15 @@ class SimilarityLoss:
 
     def _blocks(self, inputs: Any, pairs: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor]:
         """K(A_p, B_p), K(A_p, A_p), K(B_p, B_p) per pair, [n, d, d] each (mean-gradient mode: n = 1)."""
-        batch, keys = self._check_inputs(inputs)
+        if not isinstance(inputs, (Tensor, tuple, Mapping)):
+            raise InputError(f"inputs must be a tensor [B, ...], a tuple or a mapping of tensors, got "
+                             f"{type(inputs).__name__}")
+        src = as_source(inputs, "inputs")  # the checks of Similarity's inputs: tensors, one sample count, not empty
+        batch, keys = src.data, src.keys
+        check_finite(batch, 0, "inputs")
         self._problem.keys = None if keys is None else keys + ((_TARGETS,) if self.needs_targets else ())
         B = batch[0].shape[0]
-        I, J = _check_pairs(pairs, B, batch[0].device)
+        I, J = check_pairs(pairs, B).to(batch[0].device).unbind(1)
         if self.needs_targets:
             t = _check_targets(targets, B, batch[0].device)
             if self._num_classes is None:  # one sample through the model tells the number of classes
@@ -213,28 +217,6 @@ class SimilarityLoss:
             blocks = K.view(3, n * n, *K.shape[1:]).mean(1, keepdim=True)
             return blocks[0], blocks[1], blocks[2]
 
-    def _check_inputs(self, inputs: Any) -> tuple[tuple[Tensor, ...], tuple[str, ...] | None]:
-        """The inputs as a tuple of tensors, and their keyword names when they are a mapping."""
-        keys = None
-        if isinstance(inputs, Mapping):  # keyword inputs (a dict, a Hugging Face BatchEncoding)
-            keys = tuple(inputs.keys())
-            if not all(isinstance(k, str) for k in keys):
-                raise InputError(f"a mapping of inputs needs string keys (the model's argument names), got {keys!r}")
-            inputs = tuple(inputs.values())
-        batch = (inputs,) if isinstance(inputs, Tensor) else inputs
-        if not isinstance(batch, tuple) or not batch or not all(isinstance(t, Tensor) for t in batch):
-            raise InputError(f"inputs must be a tensor [B, ...], a tuple or a mapping of tensors, got "
-                             f"{type(inputs).__name__}")
-        B = batch[0].shape[0] if batch[0].dim() else 0
-        for k, t in enumerate(batch):
-            if t.dim() == 0 or t.shape[0] != B:
-                raise InputError(f"every input tensor needs the same leading batch size; input {k} has shape "
-                                 f"{tuple(t.shape)}, input 0 has {B} samples")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InputError(f"input {k} contains NaN or Inf")
-        if B == 0:
-            raise InputError("inputs are empty (batch size 0)")
-        return batch, keys
 
 
 class _WithTargets(nn.Module):
@@ -257,11 +239,6 @@ def _posnegflat_score(out: Any, inputs: tuple[Tensor, ...]) -> Tensor:
     t = inputs[_TARGETS] if isinstance(inputs, Mapping) else inputs[-1]
     m = outputs.posnegflat_mask(t, z.shape[1], z.dtype)
     return (m * torch.log_softmax(z, dim=-1)).sum(-1, keepdim=True)
-
-
-def _check_pairs(given: Any, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    checked = pairs.check(given, B).to(device)
-    return checked[:, 0], checked[:, 1]
 
 
 def _check_targets(targets: Any, B: int, device: torch.device) -> Tensor:

@@ -167,21 +167,33 @@ def paper(chunker: Chunker, src: Source, predictions: Tensor | None, noise_std: 
     return report
 
 
-def check_paper(chunker: Chunker, data: object, predictions: Tensor | None, targets: Tensor | None,
-                approximate: bool, dim: int) -> Source:
-    """The data's source, after refusing arguments the paper's method does not take or cannot use (measures
-    d when needed)."""
-    if targets is not None:
+def check(chunker: Chunker, data: object, method: str, predictions: Tensor | None, targets: Tensor | None,
+          approximate: bool, dim: int, smoother: str, landmarks: int) -> Source:
+    """The data's source, after refusing arguments ``method`` does not take or cannot use (measures d when
+    the paper's predictions need it)."""
+    linear = method == "linearized"
+    if linear and smoother not in linearized.SMOOTHERS:
+        raise InputError(f"smoother must be one of {linearized.SMOOTHERS}, got {smoother!r}")
+    if linear and (not isinstance(landmarks, int) or isinstance(landmarks, bool) or landmarks < 1):
+        raise InputError(f"landmarks must be a positive integer, got {landmarks!r}")
+    if not linear and targets is not None:
         raise InputError("targets are used by method='linearized' only; the paper's factor is label-free "
                          "(pass method='linearized' to estimate sigma from the targets)")
-    if approximate and not (isinstance(dim, int) and dim >= 1):
+    if not linear and approximate and not (isinstance(dim, int) and dim >= 1):
         raise InputError(f"dim must be a positive integer (the projection size of approximate=True), got {dim!r}")
     src = as_source(data, "data")
-    if predictions is not None:
-        if not isinstance(predictions, Tensor) or predictions.dim() != 2 or predictions.shape[0] != len(src):
-            raise InputError(f"predictions must be a [N, d] tensor with N = {len(src)} rows")
-        if not torch.isfinite(predictions).all():
-            raise InputError("predictions contain NaN or Inf")
+    N = len(src)
+    for name, t in (("targets", targets), ("predictions", predictions)):
+        if t is not None and (not isinstance(t, Tensor) or t.dim() not in ((1, 2) if linear else (2,))
+                              or t.shape[0] != N):
+            raise InputError(f"{name} must be a [N, d] tensor with N = {N} rows, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t is not None and not torch.isfinite(t).all():
+            raise InputError(f"{name} contain NaN or Inf")
+    if linear and targets is None:
+        raise InputError("method='linearized' needs the noisy training targets: denoising(data, targets=y, "
+                         "method='linearized'), y [N, d] the labels the network was trained on")
+    if not linear and predictions is not None:
         if chunker.d is None:  # the output dimension is known after one sample's factors
             chunker.prepare(src.first(), 0, "data", Request(Quantity.KERNEL, Form.RAW))
         if predictions.shape[1] != chunker.d:
@@ -276,28 +288,6 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
 
 
 # ---------------------------------------------------------------------------------------------- linearized
-def check_linearized(data: object, smoother: str, landmarks: int, arrays: dict[str, Tensor | None]) -> Source:
-    """The data's source, after checking the settings and the [N, d] ``arrays`` (targets, predictions)."""
-    if smoother not in linearized.SMOOTHERS:
-        raise InputError(f"smoother must be one of {linearized.SMOOTHERS}, got {smoother!r}")
-    if not isinstance(landmarks, int) or isinstance(landmarks, bool) or landmarks < 1:
-        raise InputError(f"landmarks must be a positive integer, got {landmarks!r}")
-    src = as_source(data, "data")
-    N = len(src)
-    for name, t in arrays.items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.dim() not in (1, 2) or t.shape[0] != N:
-            raise InputError(f"{name} must be a [N, d] tensor with N = {N} rows, got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if not torch.isfinite(t).all():
-            raise InputError(f"{name} contain NaN or Inf")
-    if arrays["targets"] is None:
-        raise InputError("method='linearized' needs the noisy training targets: denoising(data, targets=y, "
-                         "method='linearized'), y [N, d] the labels the network was trained on")
-    return src
-
-
 def linearized_report(chunker: Chunker, src: Source, predictions: Tensor | None, targets: Tensor,
                       noise_std: float | None, approximate: bool, landmarks: int, seed: int, smoother: str, *,
                       ranks: Ranks, progress: bool) -> DenoisingReport:

@@ -93,25 +93,20 @@ def by_tiles(chunker: Chunker, src: Source, ref: Source, *, same: bool, method: 
     """Any count by tiles of the [N, M] similarity (symmetric when ``same``), [N]."""
     report = RankReport("density", int(chunker.fisher))
     out = torch.zeros(len(src), dtype=torch.float64, device=chunker.device)
-    zero_rows: list[int] = []
     quantity = Quantity.SIMILARITY if normalized else Quantity.KERNEL  # only method="soft" allows normalized=False
     with ranks.together():
         for ca, cb, tiles in sweep(chunker, src, ref, Request(quantity, Form.TRACE), report, ("data", "reference"),
                                    symmetric=same, plan=ranks.tiles, progress=progress):
             t = tiles[ALL] if normalized else tiles[ALL] / chunker.d_eff
-            if normalized and (cb.start == 0 or (same and cb.start == ca.start)):
-                zero_rows += (torch.nonzero(ca.rank[ALL] == 0).flatten() + ca.start).tolist()
             if same and not include_self and ca.start == cb.start:
                 t.fill_diagonal_(float("nan"))
             v = row_statistic(t, method, threshold, power).double()
             out[ca.rows] += v.sum(1)
             if same and cb.start != ca.start:
                 out[cb.rows] += v.sum(0)
-    out = ranks.sum({"counts": out})["counts"]
-    zero = ranks.union(zero_rows)
+    out = ranks.sum({"counts": out})["counts"].to(chunker.dtype)
     ranks.merge(report)
     report.emit()
-    out = out.to(chunker.dtype)
-    if zero:
-        out[torch.tensor(zero, dtype=torch.long, device=out.device)] = float("nan")
+    zero = report.zero.get(("data", ALL), [])  # every row chunk is swept by some rank: all zero-gradient rows
+    out[torch.tensor(zero, dtype=torch.long, device=out.device)] = float("nan")
     return out
