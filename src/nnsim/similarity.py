@@ -341,7 +341,7 @@ class Similarity:
             raise InputError(f"by must be None or 'layer', got {by!r}")
         src_a, src_b = self._sources(xa, xb)
         request = Request(quantity, form, by_layer=by == "layer")
-        report = RankReport(request.label, int(self._chunker.fisher))
+        report = RankReport(request.quantity.value, int(self._chunker.fisher))
         results = pairwise(self._chunker, src_a, src_b, request, report, max_bytes=self.max_result_bytes,
                            symmetric=xb is None and quantity is not Quantity.INFLUENCE, progress=self.progress)
         report.emit()
