@@ -52,6 +52,11 @@ class Similarity:
         max_result_bytes: refuse dense results larger than this (suggesting ``reduce="trace"``).
         cache_bytes: keep the factors of the second argument in memory up to this size instead of
             recomputing them for every chunk of the first.
+
+    The dataset-scale methods (:meth:`density`, :meth:`neighbors`, :meth:`denoising`) take ``group``, a
+    ``torch.distributed`` process group (default: the initialised default group, if any; ``False``: this
+    process alone): every rank passes the same arguments (they are not broadcast: under torchrun every rank
+    runs the same script), computes its share and gets the full result (``docs/scaling.md``).
     """
 
     def __init__(
@@ -102,7 +107,6 @@ class Similarity:
         """The output dimension, measured by a first computation (None before)."""
         return self._chunker.d
 
-    # ------------------------------------------------------------------ public API
     def self_kernel(self, x: Any) -> Tensor:
         """K(x, x) for every sample: [N, d, d] (with the output metric applied)."""
         chunks = self._chunker.chunks(as_source(x, "x"), "x", Request(Quantity.KERNEL, Form.FULL))
@@ -140,7 +144,6 @@ class Similarity:
         """
         return self._pairwise(xa, xb, Quantity.INFLUENCE, Form.FULL, None)
 
-    # ------------------------------------------------------------------ dataset-scale estimators
     def density(
         self,
         data: Any,
@@ -166,10 +169,8 @@ class Similarity:
         ``include_self=False`` drops j = i (only meaningful when ``reference`` is ``data``). Samples with a
         zero gradient get NaN (with a warning) and contribute nothing to the others' counts.
 
-        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
-        ``False``: this process alone). Every rank passes the same arguments and gets the full result; each
-        computes its share (soft: its chunks, then one all-reduce of S; tiles: a balanced share of the tiles,
-        then one all-reduce of the counts). See ``docs/scaling.md``.
+        ``group`` (class docstring): soft: each rank its chunks, then one all-reduce of S; tiles: a balanced
+        share of the tiles, then one all-reduce of the counts.
         """
         density.check_args(method, normalized, threshold, power, algorithm)
         same = reference is None or reference is data
@@ -195,11 +196,8 @@ class Similarity:
         themselves; ``exclude_self`` then skips each query's own index. Queries with a zero gradient get
         NaN similarities and index -1. Among equal similarities the lowest index comes first.
 
-        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
-        ``False``: this process alone). Every rank passes the same queries and data (they are not broadcast:
-        under torchrun every rank runs the same script) and gets the full result; each sweeps its share of
-        the tiles (a shard of the data, or of the triangle when ``data=None``), then the ranks' top-k lists
-        are merged exactly.
+        ``group`` (class docstring): each rank sweeps its share of the tiles (a shard of the data, or of the
+        triangle when ``data=None``), then the ranks' top-k lists are merged exactly.
         """
         same = data is None or data is queries
         src, ref = self._sources(queries, None if same else data, ("queries", "data"))
@@ -245,10 +243,8 @@ class Similarity:
         ``predictions`` [N, d] default to the model's analysed outputs; ``noise_std`` (the label-noise
         level sigma) enables ``predicted_error = sigma sqrt(tr D / d)``.
 
-        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
-        ``False``: this process alone). Every rank passes the same arguments and gets the full report; the
-        exact tiles (or, approximate, the chunks of both passes) are spread over the ranks and the per-sample
-        sums all-reduced.
+        ``group`` (class docstring): the exact tiles (or, approximate, the chunks of both passes) are spread
+        over the ranks and the per-sample sums all-reduced.
         """
         if isinstance(self.metric, Tensor) or self._chunker.fisher:
             raise InputError("denoising is derived for a squared loss on the outputs: use metric='euclidean'")
@@ -317,7 +313,6 @@ class Similarity:
         plan = getattr(getattr(fn, "__self__", None), "plan", None)
         return plan.describe() if plan is not None else {}
 
-    # ------------------------------------------------------------------ shared by the public methods
     def _sources(self, xa: Any, xb: Any, names: tuple[str, str] = ("xa", "xb")) -> tuple[Source, Source]:
         src_a = as_source(xa, names[0])
         src_b = src_a if xb is None else as_source(xb, names[1])
@@ -329,11 +324,9 @@ class Similarity:
         return src_a, src_b
 
     def _ranks(self, group: Any, op: str, sources: tuple[Source, ...], args: Any) -> distributed.Ranks:
-        """The processes of a dataset-scale operation, checked to have been called alike."""
         return distributed.for_call(group, op, sources, self.params, args, self.device)
 
-    def _shows(self, ranks: distributed.Ranks) -> bool:
-        """Progress bars: on, and on rank 0 only."""
+    def _shows(self, ranks: distributed.Ranks) -> bool:  # progress bars on rank 0 only
         return self.progress and ranks.main
 
     def _pairwise(self, xa: Any, xb: Any, quantity: Quantity, form: Form, by: By) -> Tensor | dict[str, Tensor]:

@@ -1,14 +1,11 @@
 """Enforcing similarity during training: a differentiable criterion on pairs of inputs (docs/method.md,
 "Training with the similarity criterion").
 
-:class:`SimilarityLoss` turns the network's similarity of known-similar pairs (same class, an input and its
-augmented copy, or any explicit index pairs) into a scalar to add to the task loss. Its gradient needs
-second-order differentiation: the per-sample parameter gradients g(x) are themselves functions of the
-parameters. Instead of one ``autograd.grad(create_graph=True)`` per sample, the criterion runs the core's
-structured pass with its layer factors kept in the autograd graph (one forward pass and d backward passes
-to the layer outputs for the whole batch, with ``create_graph``) and evaluates only the requested pair
-inner products and self-norms from the factors (for a Linear layer <g_i, g_j> = (a_i . a_j)(delta_i . delta_j)),
-never the [B, P] per-sample gradients unless a layer's explicit gradient is the cheaper form.
+Its gradient differentiates the per-sample gradients g(x) (double backward). Instead of one
+``autograd.grad(create_graph=True)`` per sample, the structured pass runs with its layer factors kept in the
+graph (one forward and d backward passes for the batch) and only the requested pair inner products and
+self-norms are evaluated from the factors (Linear: <g_i, g_j> = (a_i . a_j)(delta_i . delta_j)), never the
+[B, P] per-sample gradients unless a layer's explicit gradient is the cheaper form.
 """
 
 from __future__ import annotations
@@ -32,8 +29,6 @@ from .pairs import check as check_pairs
 Variant = Literal["one_minus", "authors", "distance"]
 BatchMode = Literal["per_pair", "mean_gradient"]
 VARIANTS = ("one_minus", "authors", "distance")
-# The development specification's names for the same variants (docs/method.md, "Training with the similarity
-# criterion").
 _ALIASES = {"enforce": "one_minus", "authors_literal": "authors"}
 
 __all__ = ["SimilarityLoss", "VARIANTS"]
@@ -137,7 +132,6 @@ class SimilarityLoss:
         return (f"SimilarityLoss(variant={self.variant!r}, weight={self.weight}, batch_mode={self.batch_mode!r}, "
                 f"params={len(self.params)} tensors)")
 
-    # ------------------------------------------------------------------ public API
     def __call__(
         self, inputs: Tensor | tuple[Tensor, ...], pairs: Tensor, targets: Tensor | None = None, *,
         return_similarities: bool = False,
@@ -165,7 +159,6 @@ class SimilarityLoss:
         cross, left, right = self._blocks(inputs, pairs, targets)
         return _similarity(cross, left, right, self.eps)
 
-    # ------------------------------------------------------------------ internals
     def _criterion(self, cross: Tensor, left: Tensor, right: Tensor) -> Tensor:
         if self.variant == "distance":
             tl, tr_ = _trace(left), _trace(right)
@@ -254,7 +247,6 @@ def _check_targets(targets: Any, B: int, device: torch.device) -> Tensor:
     return targets.to(device=device, dtype=torch.long)
 
 
-# ---------------------------------------------------------------------- similarity of blocks
 def _trace(K: Tensor) -> Tensor:
     return K.diagonal(dim1=-2, dim2=-1).sum(-1)
 

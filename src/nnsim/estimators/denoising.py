@@ -150,13 +150,11 @@ def denoising_from_sums(
                            noise_std=None if noise_std is None else float(noise_std))
 
 
-# ---------------------------------------------------------------------------------------------- paper factor
 def paper(chunker: Chunker, src: Source, predictions: Tensor | None, noise_std: float | None, approximate: bool,
           dim: int, seed: int, *, ranks: Ranks, progress: bool) -> DenoisingReport:
     """The paper's W_ij = (sum_l K_il)^-1 K_ij statistics, exact by tiles or from sketched sums."""
-    sums = approximate_sums(chunker, src, predictions, dim, seed, ranks) if approximate else \
+    R, Q, Y, yhat, norm_sum = approximate_sums(chunker, src, predictions, dim, seed, ranks) if approximate else \
         exact_sums(chunker, src, predictions, ranks, progress)
-    R, Q, Y, yhat, norm_sum = sums if len(sums) == 5 else (*sums, None)
     report = denoising_from_sums(R, Q, Y, yhat, noise_std, chunker.rtol, approximate, norm_sum)
     assert report.singular is not None
     if bool(report.singular.any()):
@@ -252,7 +250,6 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
     request = Request(Quantity.KERNEL, Form.RAW)
     size = chunker.chunk_size_for(src, "data", request)
     a0, a1 = ranks.samples(len(src), size)
-    chunks = chunker.reader(src, "data", request, size, a0, a1)
 
     def preds(c: Chunk) -> Tensor:
         return c.y if predictions is None else predictions[c.start : c.start + c.size].to(c.y)
@@ -264,7 +261,8 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
     Sy: dict[str, Tensor] = {}
     C: dict[str, Tensor] = {}
     with torch.no_grad():
-        with ranks.together():
+        with ranks.together():  # (reading, and caching, the chunks may fail on one rank)
+            chunks = chunker.reader(src, "data", request, size, a0, a1)
             for c in chunks():
                 fs = c.groups[ALL]
                 batch_sum(fs, S)
@@ -283,10 +281,9 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
                 q = phi @ C["C"] @ psi.transpose(-1, -2)
                 Q.append(0.5 * (q + q.transpose(-1, -2)))
                 yhat.append(preds(c))
-    return tuple(ranks.rows(p, a0, len(src)) for p in (R, Q, Y, yhat))
+    return (*(ranks.rows(p, a0, len(src)) for p in (R, Q, Y, yhat)), None)  # no norm sums: no cancellation flag
 
 
-# ---------------------------------------------------------------------------------------------- linearized
 def linearized_report(chunker: Chunker, src: Source, predictions: Tensor | None, targets: Tensor,
                       noise_std: float | None, approximate: bool, landmarks: int, seed: int, smoother: str, *,
                       ranks: Ranks, progress: bool) -> DenoisingReport:
@@ -339,11 +336,9 @@ def kernel_matrix(chunker: Chunker, src_a: Source, src_b: Source, ranks: Ranks, 
             d = t.shape[-1]
             if not out:
                 out["K"] = t.new_zeros(len(src_a) * d, len(src_b) * d)
-            M = out["K"]
-            ia = slice(ca.start * d, (ca.start + ca.size) * d)
-            ib = slice(cb.start * d, (cb.start + cb.size) * d)
+            ia, ib = slice(ca.start * d, (ca.start + ca.size) * d), slice(cb.start * d, (cb.start + cb.size) * d)
             block = t.permute(0, 2, 1, 3).reshape(ca.size * d, cb.size * d)
-            M[ia, ib] = block
+            out["K"][ia, ib] = block
             if symmetric and cb.start != ca.start:
-                M[ib, ia] = block.T
+                out["K"][ib, ia] = block.T
     return ranks.sum(out)["K"]

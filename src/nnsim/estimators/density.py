@@ -61,15 +61,14 @@ def soft_linear(chunker: Chunker, src: Source, ref: Source, *, normalized: bool,
     # Processes split both passes by chunks: S is summed between them, the scores gathered after.
     f0, f1 = ranks.samples(len(ref), size)
     a0, a1 = ranks.samples(len(src), size)
-    cached = chunker.cached(ref, "reference", request, size, f0, f1)
     S: dict[str, Tensor] = {}
     with torch.no_grad():
-        with ranks.together():
-            summed = cached if cached is not None else chunker.chunks(ref, "reference", request, size, f0, f1)
-            for c in tqdm(summed, disable=not progress, desc="nnsim density: sum", unit="chunk"):
+        with ranks.together():  # (reading, and caching, the chunks may fail on one rank)
+            refs = chunker.reader(ref, "reference", request, size, f0, f1)
+            for c in tqdm(refs(), disable=not progress, desc="nnsim density: sum", unit="chunk"):
                 batch_sum(c.groups[ALL], S)
         S = ranks.sum(S)
-        scored = cached if ref is src and cached is not None else chunker.chunks(src, "data", request, size, a0, a1)
+        scored = refs() if ref is src else chunker.chunks(src, "data", request, size, a0, a1)
         out = torch.empty(a1 - a0, dtype=chunker.dtype, device=chunker.device)
         with ranks.together():
             for c in tqdm(scored, disable=not progress, desc="nnsim density: score", unit="chunk"):
