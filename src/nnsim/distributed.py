@@ -79,7 +79,6 @@ def resolve(group: Any = None) -> Comm | None:
     return None if world == 1 else Comm(group, rank, world)
 
 
-# ------------------------------------------------------------------------------------------ rank-0 helpers
 def rank() -> int:
     """This process's rank in the default group (0 when torch.distributed is not initialised)."""
     return dist.get_rank() if _AVAILABLE and dist.is_initialized() else 0
@@ -157,7 +156,6 @@ def setup_from_env(backend: str | None = None) -> Comm | None:
     return resolve(None)
 
 
-# ------------------------------------------------------------------------------------------ partitions
 def split(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rank's contiguous share [a, b) of range(n): sizes differ by at most one, earlier ranks larger."""
     base, extra = divmod(n, world)
@@ -192,7 +190,6 @@ def tile_segments(n_a: int, n_b: int, symmetric: bool, rank: int, world: int) ->
     return [(i, 0, n_b) for i in range(r0, r1)]
 
 
-# ------------------------------------------------------------------------------------------ collectives
 def all_gather_object(comm: Comm, obj: Any) -> list[Any]:
     """Every rank's ``obj`` (small picklable values), indexed by rank."""
     out: list[Any] = [None] * comm.world

@@ -241,21 +241,17 @@ def as_source(x: Any, name: str) -> Source:
             raise InputError(f"{name}: the tensors of a multi-input tuple have different sample counts "
                              f"{[t.shape[0] for t in x]}")
         src = TensorSource(tuple(x), n, names)
-    elif isinstance(x, DataLoader):
-        if isinstance(x.sampler, RandomSampler):
+    elif isinstance(x, (DataLoader, Dataset)):
+        loader = isinstance(x, DataLoader)
+        if loader and isinstance(x.sampler, RandomSampler):
             raise InputError(f"{name}: DataLoader(shuffle=True) yields a new order on every pass, so results "
                              "could not be matched to samples; pass shuffle=False")
         try:
-            n = len(x.dataset)  # type: ignore[arg-type]
+            n = len(x.dataset if loader else x)  # type: ignore[arg-type]
         except TypeError as err:
-            raise InputError(f"{name}: the DataLoader's dataset has no length; nnsim needs a sized dataset") from err
-        src = LoaderSource(x, n)
-    elif isinstance(x, Dataset):
-        try:
-            n = len(x)  # type: ignore[arg-type]
-        except TypeError as err:
-            raise InputError(f"{name}: the Dataset has no __len__; nnsim needs a sized dataset") from err
-        src = DatasetSource(x, n)
+            what = "the DataLoader's dataset has no length" if loader else "the Dataset has no __len__"
+            raise InputError(f"{name}: {what}; nnsim needs a sized dataset") from err
+        src = LoaderSource(x, n) if loader else DatasetSource(x, n)
     else:
         hint = "; convert it with torch.from_numpy(x)" if type(x).__module__ == "numpy" else ""
         raise InputError(f"{name}: expected a tensor, a tuple of tensors, a mapping of tensors, a Dataset or a "

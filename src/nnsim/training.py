@@ -53,8 +53,6 @@ class SimilarityLoss:
     * ``"distance"``: mean of ``|g_A - g_B|^2 / (|g_A| |g_B|)`` (the authors' disabled alternative; it also
       penalises a norm mismatch). For d > 1 the Frobenius norms of the [d, P] Jacobians are used.
 
-    The result is multiplied by ``weight``.
-
     Args:
         model: any ``nn.Module``. The criterion evaluates it with eval-mode semantics (BatchNorm running
             statistics, no dropout: per-sample gradients are otherwise coupled or random) and restores its
@@ -62,13 +60,10 @@ class SimilarityLoss:
         output: what is compared: ``None`` (the model output flattened to [B, d]), a callable
             ``(model_output, inputs) -> [B, d]`` (e.g. from :mod:`nnsim.outputs`), or ``"posnegflat"``, the
             authors' scalar score s = sum_c m_c log_softmax(z)_c with m = +1 at the sample's label and
-            -1/(C-1) elsewhere, which needs ``targets`` in the call. For a pair of the same class this is
-            exactly the authors' mask (they build it from the label of the second image and use it for both);
-            for a cross-class pair each input uses its own label, an explicit choice (docs/method.md,
-            "Classification outputs").
+            -1/(C-1) elsewhere, which needs ``targets`` in the call (each input uses its own label: the
+            authors' mask for same-class pairs; docs/method.md, "Classification outputs").
         params: the parameters whose gradients are compared: ``None`` (all with ``requires_grad``), names,
             glob patterns or submodules. The criterion's gradient flows to every parameter it depends on.
-        variant: ``"one_minus"``, ``"authors"`` or ``"distance"`` (see above).
         weight: multiplier of the criterion (the authors use sqrt(batch size) = 1).
         batch_mode: ``"per_pair"`` (mean over pairs of the per-pair criterion) or ``"mean_gradient"`` (the
             authors' behaviour for batches: one criterion between the *mean* gradient of the first elements
@@ -77,9 +72,6 @@ class SimilarityLoss:
             (and, for d > 1, eigenvalues of K(x, x) below eps * largest are raised to it).
         backend: ``"auto"`` / ``"structured"`` (layer factors in the graph, exact per-module fallback for
             layers without a rule) or ``"functorch"`` (per-sample Jacobians with ``torch.func``, in the graph).
-
-    Raises:
-        InputError / ModelError with a message saying how to fix bad arguments.
     """
 
     def __init__(
