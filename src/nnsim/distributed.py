@@ -257,14 +257,10 @@ class Ranks:
     reductions below; each of them handles a rank that got no work (an empty dict, no rows), and each is the
     identity in a single process."""
 
-    def __init__(self, comm: Comm | None, device: torch.device) -> None:
+    def __init__(self, comm: Comm | None, device: torch.device, progress: bool = False) -> None:
         self.comm, self.device = comm, device
         self.rank, self.world = (0, 1) if comm is None else (comm.rank, comm.world)
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 (or a single process): the one that shows progress bars."""
-        return self.rank == 0
+        self.progress = progress and self.rank == 0  # progress bars: asked for, and on rank 0 only
 
     def tiles(self, n_a: int, n_b: int, symmetric: bool) -> list[tuple[int, int, int]]:
         """This rank's tiles of an n_a x n_b chunk grid (:func:`tile_segments`)."""
@@ -343,7 +339,7 @@ class Ranks:
 
 
 def for_call(group: Any, op: str, sources: tuple[Any, ...], params: dict[str, Tensor], args: Any,
-             device: torch.device) -> Ranks:
+             device: torch.device, progress: bool) -> Ranks:
     """The :class:`Ranks` of a dataset-scale operation, after checking that every rank called it alike
     (sample counts, first-sample digests, model parameters, arguments)."""
     comm = resolve(group)
@@ -351,7 +347,7 @@ def for_call(group: Any, op: str, sources: tuple[Any, ...], params: dict[str, Te
         seen = [(len(s), batch_digest(s.first())) for s in sources]
         agree(comm, f"the {op} call (sample counts and first-sample digests, model parameters, arguments)",
               (op, seen, params_checksum(params), repr(args)))
-    return Ranks(comm, device)
+    return Ranks(comm, device, progress)
 
 
 def batch_digest(batch: tuple[Tensor, ...]) -> str:

@@ -182,10 +182,9 @@ class Similarity:
                                                             algorithm, same))
         if method == "soft" and algorithm != "tiles":
             return density.soft_linear(self._chunker, src, ref, normalized=normalized, include_self=include_self,
-                                       ranks=ranks, progress=self._shows(ranks))
+                                       ranks=ranks)
         return density.by_tiles(self._chunker, src, ref, same=same, method=method, threshold=threshold, power=power,
-                                include_self=include_self, normalized=normalized, ranks=ranks,
-                                progress=self._shows(ranks))
+                                include_self=include_self, normalized=normalized, ranks=ranks)
 
     def neighbors(
         self, queries: Any, data: Any = None, k: int = 10, exclude_self: bool = False, *, group: Any = None
@@ -205,8 +204,7 @@ class Similarity:
         if not isinstance(k, int) or not 1 <= k <= limit:
             raise InputError(f"k must be an integer in [1, {limit}], got {k!r}")
         ranks = self._ranks(group, "neighbors", (src, ref), (k, exclude_self, same))
-        return neighbors.top_k(self._chunker, src, ref, k, same=same, exclude_self=exclude_self, ranks=ranks,
-                               progress=self._shows(ranks))
+        return neighbors.top_k(self._chunker, src, ref, k, same=same, exclude_self=exclude_self, ranks=ranks)
 
     def denoising(
         self,
@@ -258,11 +256,10 @@ class Similarity:
         ranks = self._ranks(group, "denoising", (src,), (distributed.params_checksum(arrays), noise_std, approximate,
                                                           dim, landmarks, seed, smoother, method))
         if method == "paper":
-            return denoising.paper(self._chunker, src, predictions, noise_std, approximate, dim, seed, ranks=ranks,
-                                   progress=self._shows(ranks))
+            return denoising.paper(self._chunker, src, predictions, noise_std, approximate, dim, seed, ranks=ranks)
         assert targets is not None
         return denoising.linearized_report(self._chunker, src, predictions, targets, noise_std, approximate,
-                                           landmarks, seed, smoother, ranks=ranks, progress=self._shows(ranks))
+                                           landmarks, seed, smoother, ranks=ranks)
 
     def features(self, x: Any, dim: int = 1024, seed: int = 0, normalized: bool = True) -> Tensor:
         """Seeded random projections of the per-sample (kernel-corrected if ``normalized``) gradients.
@@ -324,10 +321,7 @@ class Similarity:
         return src_a, src_b
 
     def _ranks(self, group: Any, op: str, sources: tuple[Source, ...], args: Any) -> distributed.Ranks:
-        return distributed.for_call(group, op, sources, self.params, args, self.device)
-
-    def _shows(self, ranks: distributed.Ranks) -> bool:  # progress bars on rank 0 only
-        return self.progress and ranks.main
+        return distributed.for_call(group, op, sources, self.params, args, self.device, self.progress)
 
     def _pairwise(self, xa: Any, xb: Any, quantity: Quantity, form: Form, by: By) -> Tensor | dict[str, Tensor]:
         if by not in (None, "layer"):

@@ -151,10 +151,10 @@ def denoising_from_sums(
 
 
 def paper(chunker: Chunker, src: Source, predictions: Tensor | None, noise_std: float | None, approximate: bool,
-          dim: int, seed: int, *, ranks: Ranks, progress: bool) -> DenoisingReport:
+          dim: int, seed: int, *, ranks: Ranks) -> DenoisingReport:
     """The paper's W_ij = (sum_l K_il)^-1 K_ij statistics, exact by tiles or from sketched sums."""
     R, Q, Y, yhat, norm_sum = approximate_sums(chunker, src, predictions, dim, seed, ranks) if approximate else \
-        exact_sums(chunker, src, predictions, ranks, progress)
+        exact_sums(chunker, src, predictions, ranks)
     report = denoising_from_sums(R, Q, Y, yhat, noise_std, chunker.rtol, approximate, norm_sum)
     assert report.singular is not None
     if bool(report.singular.any()):
@@ -200,14 +200,13 @@ def check(chunker: Chunker, data: object, method: str, predictions: Tensor | Non
     return src
 
 
-def exact_sums(chunker: Chunker, src: Source, predictions: Tensor | None, ranks: Ranks, progress: bool
-               ) -> tuple[Tensor, ...]:
+def exact_sums(chunker: Chunker, src: Source, predictions: Tensor | None, ranks: Ranks) -> tuple[Tensor, ...]:
     """R = sum_j K_ij, Q = sum_j K_ij K_ij^T, Y = sum_j K_ij yhat_j, yhat and A = sum_j ||K_ij||_F (exact tiles)."""
     report = RankReport("kernel", int(chunker.fisher))
     sums: dict[str, Tensor] = {}
     with ranks.together():
         for ca, cb, tiles in sweep(chunker, src, src, Request(Quantity.KERNEL, Form.FULL), report, ("data", "data"),
-                                   symmetric=True, plan=ranks.tiles, progress=progress):
+                                   symmetric=True, plan=ranks.tiles, progress=ranks.progress):
             t = tiles[ALL]  # [Ra, Cb, d, d], t[i, j] = K(a_i, b_j)
             if not sums:
                 N, d = len(src), t.shape[-1]
@@ -286,7 +285,7 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
 
 def linearized_report(chunker: Chunker, src: Source, predictions: Tensor | None, targets: Tensor,
                       noise_std: float | None, approximate: bool, landmarks: int, seed: int, smoother: str, *,
-                      ranks: Ranks, progress: bool) -> DenoisingReport:
+                      ranks: Ranks) -> DenoisingReport:
     """``method="linearized"`` (see :mod:`nnsim.estimators.linearized`), on checked arguments."""
     N = len(src)
     f = (chunker.forward(src) if predictions is None else predictions.reshape(N, -1)).double()
@@ -299,11 +298,11 @@ def linearized_report(chunker: Chunker, src: Source, predictions: Tensor | None,
             raise InputError(f"method='linearized' exact needs the eigendecomposition of an [N d, N d] = "
                              f"[{N * d}, {N * d}] kernel (limit {LINEARIZED_EXACT_MAX}); pass "
                              "approximate=True for the Nystroem version (landmarks=...)")
-        spec = linearized.exact_spectrum(kernel_matrix(chunker, src, src, ranks, progress))
+        spec = linearized.exact_spectrum(kernel_matrix(chunker, src, src, ranks))
     else:
         m = min(landmarks, N)
         idx = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:m].sort().values
-        K_nm = kernel_matrix(chunker, src, as_source(src.take(idx.tolist()), "landmarks"), ranks, progress)
+        K_nm = kernel_matrix(chunker, src, as_source(src.take(idx.tolist()), "landmarks"), ranks)
         K_mm = K_nm.reshape(N, d, m * d)[idx].reshape(m * d, m * d)
         spec = linearized.nystroem_spectrum(K_nm, K_mm)
     fit = linearized.linearized_fit(spec, y, f, smoother, noise_std)
@@ -324,14 +323,15 @@ def linearized_report(chunker: Chunker, src: Source, predictions: Tensor | None,
         smoother=smoother, lam=fit.lam, dof=fit.trace, fit_error=fit.fit_error)
 
 
-def kernel_matrix(chunker: Chunker, src_a: Source, src_b: Source, ranks: Ranks, progress: bool) -> Tensor:
+def kernel_matrix(chunker: Chunker, src_a: Source, src_b: Source, ranks: Ranks) -> Tensor:
     """The unnormalised kernel as a float64 [Na d, Nb d] matrix, row (i, c), column (j, e); summed over ranks."""
     symmetric = src_b is src_a
     report = RankReport("kernel", int(chunker.fisher))
     out: dict[str, Tensor] = {}
     with ranks.together():
         for ca, cb, tiles in sweep(chunker, src_a, src_b, Request(Quantity.KERNEL, Form.FULL), report,
-                                   ("data", "landmarks"), symmetric=symmetric, plan=ranks.tiles, progress=progress):
+                                   ("data", "landmarks"), symmetric=symmetric, plan=ranks.tiles,
+                                   progress=ranks.progress):
             t = tiles[ALL].double()  # [Ra, Cb, d, d]
             d = t.shape[-1]
             if not out:

@@ -10,15 +10,15 @@ from ..engine import ALL, Chunker, Form, Quantity, RankReport, Request, sweep
 from ..inputs import Source
 
 
-def top_k(chunker: Chunker, src: Source, ref: Source, k: int, *, same: bool, exclude_self: bool, ranks: Ranks,
-          progress: bool) -> tuple[Tensor, Tensor]:
+def top_k(chunker: Chunker, src: Source, ref: Source, k: int, *, same: bool, exclude_self: bool, ranks: Ranks
+          ) -> tuple[Tensor, Tensor]:
     """(similarities [Q, k], indices [Q, k]) of the k samples of ``ref`` most similar to each of ``src``
     (``same``: ``ref`` is ``src``, swept as a triangle; ``exclude_self`` then skips each sample itself)."""
     report = RankReport("neighbors", int(chunker.fisher))
     top = TopK(len(src), k, chunker.dtype, chunker.device)  # a process without tiles keeps it empty
     with ranks.together():
         for ca, cb, tiles in sweep(chunker, src, ref, Request(Quantity.SIMILARITY, Form.TRACE), report,
-                                   ("queries", "data"), symmetric=same, plan=ranks.tiles, progress=progress):
+                                   ("queries", "data"), symmetric=same, plan=ranks.tiles, progress=ranks.progress):
             t = tiles[ALL]
             if same and exclude_self and ca.start == cb.start:
                 t.fill_diagonal_(float("nan"))
