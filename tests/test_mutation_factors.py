@@ -167,10 +167,13 @@ def test_outer_dense_batch_grad_and_inner_equal_the_autograd_rows(bias, transpos
     assert (f.batch_size, f.outputs, f.positions, f.m, f.indexed) == (B, d, T, m + bias, False)
     assert [p for p, _ in f.params] == (["w", "b"] if bias else ["w"])
     _close(f.dense().g, rows)
+    assert f.dense().layer == "lin" and f.dense().params == f.params  # named alike: seeds, per-layer results
     shapes = [s for _, s in f.params]
     parts = f.batch_grad()
     assert [p.shape[1:] for p in parts] == shapes
     _close(torch.cat([p.reshape(d, -1) for p in parts], 1), rows.sum(0))
+    for x, y in zip(f.dense().batch_grad(), parts, strict=True):
+        _close(x, y)
     S = [torch.randn(4, *s, generator=_gen(7), dtype=f64) for s in shapes]
     flat = torch.cat([s.reshape(4, -1) for s in S], 1)
     _close(f.inner(S), torch.einsum("bcp,ep->bce", rows, flat))
@@ -328,12 +331,45 @@ def test_self_gram_for_each_kind_of_layer(path, monkeypatch):
     _close(F.self_gram(fs), (K0 + K1).diagonal(dim1=0, dim2=1).permute(2, 0, 1))
 
 
-def test_self_gram_follows_the_cost_model_choice():
+def test_self_gram_follows_the_cost_model_choice(monkeypatch):
     # Many positions, few weights: the explicit gradient is cheaper (partners=1) and gives the same kernel.
     f, rows = _linear(26, 2, 1, 1, 40, 2, 2)
     assert f.prefers_dense("full", partners=1)
     K, _ = _kernel(rows, rows)
     _close(f.self_gram(), K.diagonal(dim1=0, dim2=1).permute(2, 0, 1))
+    # The choice is made for one partner (the sample itself), in full mode.
+    calls = []
+    dense = Outer.dense
+    monkeypatch.setattr(Outer, "dense", lambda self: calls.append(1) or dense(self))
+    g, rows = _linear(39, 2, 1, 1, 2, 2, 2, bias=False)  # pairwise for one partner, explicit for two or more
+    assert not g.prefers_dense("full", partners=1)
+    assert g.prefers_dense("full", partners=2) and g.prefers_dense("full")
+    K, _ = _kernel(rows, rows)
+    _close(g.self_gram(), K.diagonal(dim1=0, dim2=1).permute(2, 0, 1))
+    assert not calls
+    _close(f.self_gram(), f.dense().self_gram())
+    assert calls
+
+
+def test_self_gram_row_blocks_stay_within_the_element_budget(monkeypatch):
+    f, rows = _linear(40, 5, 2, 1, 3, 2, 2)  # T T + d T n = 9 + 12 = 21 elements per row
+    monkeypatch.setattr(Outer, "prefers_dense", lambda self, mode, partners=256: False)
+    K, _ = _kernel(rows, rows)
+    einsum, seen = torch.einsum, []
+
+    def spy(eq, *ops):
+        if eq == "bts,besn->betn":  # the position products of one block of rows
+            seen.append(ops[0].shape[0])
+        return einsum(eq, *ops)
+
+    for elems, blocks in [(42, [2, 2, 1]), (21, [1] * 5), (20, [1] * 5), (10**6, [5])]:
+        monkeypatch.setattr(F, "_PAIR_BLOCK_ELEMS", elems)
+        seen.clear()
+        monkeypatch.setattr(torch, "einsum", spy)
+        got = f.self_gram()
+        monkeypatch.setattr(torch, "einsum", einsum)
+        _close(got, K.diagonal(dim1=0, dim2=1).permute(2, 0, 1))
+        assert seen == blocks, elems
 
 
 # ----------------------------------------------------------------------------------------- projections
@@ -420,8 +456,8 @@ def _costs_written_out(d, G, T, n, m, indexed, mode, partners):
     return explicit, G * (pp + dd)
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 5, 4, 6, 0), (2, 1, 17, 128, 65, 0), (3, 1, 7, 4, 0, 11)],
-                         ids=["grouped", "vit-mlp", "embedding"])
+@pytest.mark.parametrize("shape", [(3, 2, 5, 4, 6, 0), (2, 1, 17, 128, 65, 0), (3, 1, 7, 4, 0, 11), (2, 3, 5, 4, 0, 9)],
+                         ids=["grouped", "vit-mlp", "embedding", "grouped-indices"])
 @pytest.mark.parametrize("mode", ["full", "trace"])
 def test_costs_are_the_documented_formula(shape, mode):
     d, G, T, n, m, vocab = shape
@@ -442,6 +478,9 @@ def test_explicit_gradient_memory_cap_is_64_mib_per_sample_inclusive():
     assert at_cap.prefers_dense("trace")
     over = _zeros_outer(1, 1, 1024, 4096, 4097)
     assert over.costs("trace")[0] < over.costs("trace")[1] and not over.prefers_dense("trace")
+    # Two groups count twice.
+    assert _zeros_outer(1, 2, 1024, 2048, 4096).prefers_dense("trace")
+    assert not _zeros_outer(1, 2, 1024, 2048, 4097).prefers_dense("trace")
     # float64 entries count 8 bytes: half as many fit.
     assert not _zeros_outer(1, 1, 1024, 4096, 4096, dtype=f64).prefers_dense("trace")
     assert _zeros_outer(1, 1, 1024, 2048, 4096, dtype=f64).prefers_dense("trace")
