@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("patterns", nargs="*", help="fnmatch patterns on mutant names (default: every mutant)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel mutmut workers")
     ap.add_argument("--score", action="store_true", help="print the score table of the last runs only")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     for group in GROUPS if args.group == "all" else [args.group]:
         work = ROOT / "mutants" / group
         if not args.score:
