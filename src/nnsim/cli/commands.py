@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .. import FeatureIndex, Similarity, outputs
-from .._files import atomic_path
 from ..errors import InputError
+from ..io import atomic_path
 from .analysis import nonzero_gradients
 from .loading import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CLIError, Data, check_model_accepts, load_data, load_model
 from .runtime import Runtime, main_process, write_csv, write_text

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import datasets, distributed
-from .._files import atomic_path
+from ..io import atomic_path
 
 NOISE_FRACTION = 0.10
 CANVAS = 12  # the 8x8 digits on a 12x12 canvas

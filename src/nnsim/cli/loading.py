@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import datasets
-from .._model import exported_training_op
 
 #: Exit codes of the ``nnsim`` command (documented in docs/cli.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -162,10 +161,9 @@ def _exported_model(spec: str) -> nn.Module:
     finally:
         logger.setLevel(level)
     model = program.module()
-    _check_exported_eval_mode(model, spec)
     # torch.export's module() replaces train()/eval() by methods that raise, because the graph's mode was
-    # fixed at export time. nnsim switches modes around its analysis; with the graph already in eval mode
-    # (checked above) the flag changes nothing, so the ordinary nn.Module methods are restored.
+    # fixed at export time; the ordinary nn.Module methods are restored (the flags then change nothing).
+    # nnsim.Similarity refuses a graph exported in training mode.
     del model.train, model.eval
     # Exported parameters do not keep the flags that said what was trained: analyse all of them.
     for p in model.parameters():
@@ -199,14 +197,6 @@ def _state_dict_mismatch(model: nn.Module, state: dict[str, Any], show: int = 4)
             parts.append(f"the file's keys carry the prefix {prefix!r} (a wrapper such as DataParallel): save "
                          "the inner model's state_dict()")
     return "; ".join(parts)
-
-
-def _check_exported_eval_mode(model: nn.Module, spec: str) -> None:
-    """Refuse a program exported in training mode (dropout active, batch norm on batch statistics)."""
-    name = exported_training_op(model)
-    if name is not None:
-        raise CLIError(f"{spec} was exported in training mode ({name} with training=True): call model.eval() "
-                       "before torch.export.export and export it again", EXIT_MODEL)
 
 
 def check_model_accepts(model: nn.Module, x: Tensor, device: str) -> Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from .._files import atomic_path, write_atomic
+from ..io import atomic_path, write_atomic
 
 
 def launched_rank() -> int:

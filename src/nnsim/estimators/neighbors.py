@@ -44,10 +44,12 @@ class TopK:
         self.values = torch.full((rows, k), float("-inf"), dtype=dtype, device=device)
         self.indices = torch.full((rows, k), -1, dtype=torch.long, device=device)
 
-    def update(self, rows: slice, tile: Tensor, col_start: int) -> None:
-        """Merge a tile [R, C] whose columns are data indices col_start .. col_start + C - 1."""
+    def update(self, rows: slice, tile: Tensor, col_start: int = 0, indices: Tensor | None = None) -> None:
+        """Merge a tile [R, C] whose columns are data indices col_start .. col_start + C - 1, or ``indices``
+        [R, C] (any order, e.g. a search library's candidates)."""
         scores = torch.nan_to_num(tile, nan=float("-inf"))
-        cols = torch.arange(col_start, col_start + tile.shape[1], device=tile.device).expand(tile.shape[0], -1)
+        cols = indices if indices is not None else torch.arange(
+            col_start, col_start + tile.shape[1], device=tile.device).expand(tile.shape[0], -1)
         values = torch.cat([self.values[rows], scores], dim=1)
         indices = torch.cat([self.indices[rows], cols], dim=1)
         k = min(self.k, values.shape[1])
@@ -55,13 +57,15 @@ class TopK:
         order = top.indices[:, :k]
         # torch.topk breaks ties arbitrarily. Among equal similarities the lowest index must win, whatever the
         # tiling or the number of processes whose lists are merged afterwards: rows with a finite tie among
-        # their k + 1 best are re-ordered by a stable sort (kept entries have lower indices than the tile's
-        # columns, which arrive in increasing order). Ties are rare; a sort of every row costs ~5x a topk.
+        # their k + 1 best are sorted by index, then stably by value. Ties are rare; a sort of every row costs
+        # ~5x a topk.
         tv = top.values
         ties = ((tv[:, 1:] == tv[:, :-1]) & torch.isfinite(tv[:, 1:])).any(1)
         if bool(ties.any()):
             order = order.clone()
-            order[ties] = values[ties].argsort(dim=1, descending=True, stable=True)[:, :k]
+            by_index = indices[ties].argsort(dim=1, stable=True)
+            by_value = values[ties].gather(1, by_index).argsort(dim=1, descending=True, stable=True)
+            order[ties] = by_index.gather(1, by_value[:, :k])
         self.values[rows] = values.gather(1, order)
         self.indices[rows] = indices.gather(1, order)
 

@@ -9,10 +9,13 @@ world size and chunk size. A resume checks the finished shards' data, a search o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import warnings
 from collections.abc import Iterator
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -70,66 +73,41 @@ def combine_digests(shard_digests: list[str]) -> str:
     return hashlib.sha256(("\0".join([DATA_SCHEME, *shard_digests])).encode()).hexdigest()
 
 
-def _slice(batch: Batch, a: int, b: int) -> Batch:
-    return tuple(t[a:b] for t in batch)
-
-
 def shard_pieces(src: Source, ranges: list[tuple[int, int]], todo: list[int], chunk: int
-                 ) -> Iterator[tuple[int, Iterator[tuple[int, Batch]]]]:
-    """For each shard of ``todo`` (sorted): (shard id, iterator of (global start, batch) pieces covering it).
+                 ) -> Iterator[tuple[int, int, Batch]]:
+    """(shard id, global start, batch) pieces covering the shards ``todo`` (sorted), in order; group them by
+    shard with :func:`itertools.groupby`.
 
-    Tensors and map-style datasets are read only where needed; a DataLoader is streamed from the start
-    (the samples of the shards not wanted are read and dropped)."""
+    A sliceable source (tensors, map-style dataset) is read only where needed (``rows(a, b)``); any other is
+    streamed once from the start up to the last wanted shard, its chunks split at shard boundaries (the
+    samples of the shards not wanted are read and dropped)."""
     if src.sliceable:
         for i in todo:
             a, b = ranges[i]
-            yield i, ((a + s, batch) for s, batch in src.rows(a, b).chunks(chunk))
+            yield from ((i, a + s, batch) for s, batch in src.rows(a, b).chunks(chunk))
         return
-    size = ranges[0][1] - ranges[0][0]
-    wanted = set(todo)
-    stream = src.chunks(chunk)
-    pending: list[tuple[int, Batch]] = []  # pieces read ahead that belong to the next shard
-
-    def pieces(i: int) -> Iterator[tuple[int, Batch]]:
-        a, b = ranges[i]
-        while pending:
-            s, batch = pending.pop(0)
-            if s >= b:
-                pending.insert(0, (s, batch))
-                return
-            yield s, batch
-        for s, batch in stream:
-            n = batch[0].shape[0]
-            pos = s
-            while pos < s + n:  # split a chunk at shard boundaries
-                end = min(s + n, (pos // size + 1) * size)
-                piece = (pos, _slice(batch, pos - s, end - s))
-                if pos >= b:
-                    pending.append(piece)
-                elif pos >= a:
-                    yield piece
-                pos = end
-            if pending:
-                return
-
-    for i in range(max(todo) + 1 if todo else 0):  # nothing after the last wanted shard is read
-        if i in wanted:
-            yield i, pieces(i)
-        else:
-            for _ in pieces(i):
-                pass
+    if not todo:
+        return
+    size, wanted, end = ranges[0][1] - ranges[0][0], set(todo), ranges[todo[-1]][1]
+    for s, batch in src.chunks(chunk):
+        if s >= end:
+            return
+        pos, stop = s, s + batch[0].shape[0]
+        while pos < stop:
+            i, cut = pos // size, min(stop, (pos // size + 1) * size)
+            if i in wanted:
+                yield i, pos, tuple(t[pos - s : cut - s] for t in batch)
+            pos = cut
 
 
 def data_digests(src: Source, ranges: list[tuple[int, int]], ids: list[int], chunk: int) -> dict[int, str]:
     """{shard id: data digest of its rows in ``src``} for the shards ``ids`` (reads only, computes nothing)."""
-    out: dict[int, str] = {}
-    for i, pieces in shard_pieces(src, ranges, sorted(ids), chunk):
+    out = {i: "<0 rows>" for i in ids}
+    for i, pieces in groupby(shard_pieces(src, ranges, sorted(ids), chunk), key=itemgetter(0)):
         digest = DataDigest()
-        for _, batch in pieces:
+        for _, _, batch in pieces:
             digest.update(batch)
-        out[i] = digest.hexdigest()
-        if digest.rows != ranges[i][1] - ranges[i][0]:
-            out[i] = f"<{digest.rows} rows>"
+        out[i] = digest.hexdigest() if digest.rows == ranges[i][1] - ranges[i][0] else f"<{digest.rows} rows>"
     return out
 
 
@@ -304,18 +282,20 @@ def _verified(src: Source, folder: Path, manifest: dict[str, Any], ranges: list[
 
 
 def _fill_shard(sim: Similarity, proj: ft.Projection, report: RankReport, array: np.ndarray,
-                pieces: Iterator[tuple[int, Batch]], span: tuple[int, int], width: int, n: int) -> dict[str, Any]:
+                pieces: Iterator[tuple[int, int, Batch]], span: tuple[int, int], width: int, n: int) -> dict[str, Any]:
     """Write the rows of the shard [start, stop) into ``array``; its manifest entry."""
     start, stop = span
     zero: list[int] = []
     digest = DataDigest()
     filled = start
-    for s, batch in pieces:
+    for _, s, batch in pieces:
         digest.update(batch)
         feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
         _write_rows(array, s - start, feats, width)
         zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
         filled = s + feats.shape[0]
+        if filled == stop:  # read nothing more before the shard is published (groupby would read ahead)
+            break
     if filled != stop:
         raise InputError(f"data yielded {filled} samples, but its length is {n}: a sized data set must yield "
                          "exactly len(data) samples")
@@ -352,13 +332,10 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
             return written
         with tqdm(total=len(ranges), initial=len(done), disable=not sim.progress or not main, desc="nnsim index",
                   unit="shard") as bar:
-            for i, pieces in shard_pieces(src, ranges, mine, chunk):
+            for i, pieces in groupby(shard_pieces(src, ranges, mine, chunk), key=itemgetter(0)):
                 start, stop = ranges[i]
-
-                def fill(array: np.ndarray, pieces: Iterator[tuple[int, Batch]] = pieces,
-                         start: int = start, stop: int = stop) -> dict[str, Any]:
-                    return _fill_shard(sim, proj, report, array, pieces, (start, stop), width, cfg["n"])
-
+                fill = functools.partial(_fill_shard, sim, proj, report, pieces=pieces, span=ranges[i], width=width,
+                                         n=cfg["n"])
                 entry = store.write_shard(folder, i, stop - start, width, cfg["dtype"], fill)
                 written.append(entry)
                 if comm is None:
@@ -384,7 +361,8 @@ def _complete(folder: Path, manifest: dict[str, Any], n_shards: int, published: 
               comm: distributed.Comm | None) -> None:
     """Mark the store complete (with the digest of its data), on disk by rank 0, once every shard is there."""
     if len(manifest["shards"]) != n_shards:
-        raise InputError(f"data yielded fewer samples than its length {manifest['config']['n']}")
+        raise InputError(f"data yielded fewer samples than its length {manifest['config']['n']}: a sized data "
+                         "set must yield exactly len(data) samples")
     data = {"scheme": DATA_SCHEME, "sha256": combine_digests([e["data_sha256"] for e in manifest["shards"]])}
     main = comm is None or comm.rank == 0
     if main and (not manifest["complete"] or published or comm is not None or manifest.get("data") != data):

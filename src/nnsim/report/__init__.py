@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._files import write_atomic
+from ..io import write_atomic
 
 __all__ = ["write_report", "is_image_data"]
 
