@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from .. import Similarity, distributed
 from ..errors import InputError, ModelError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -165,20 +167,21 @@ def input_knn_disagreement(x: Tensor, y: Tensor, k: int) -> np.ndarray:
     return out
 
 
-def nonzero_gradients(compute: Callable[[], Tensor]) -> Tensor:
-    """``compute()`` (per-sample values that are NaN where a sample's gradient is zero), refused with a
-    :class:`ModelError` when every value is NaN: all gradients are zero and nothing can be compared. The
-    library's per-sample warnings are held meanwhile, and shown when only some samples are affected."""
+def nonzero_gradients(compute: Callable[[], T], values: Callable[[T], Tensor] = lambda r: r) -> T:
+    """``compute()``, refused with a :class:`ModelError` when ``values`` of it (per-sample values, NaN where a
+    sample's gradient is zero) are all NaN: all gradients are zero and nothing can be compared. The library's
+    per-sample warnings are held meanwhile, and shown when only some samples are affected."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        values = compute()
-    if len(values) and not bool(torch.isfinite(values).any()):
+        result = compute()
+    v = values(result)
+    if len(v) and not bool(torch.isfinite(v).any()):
         raise ModelError("the model's gradients are zero for every sample, so their similarity is undefined: a "
                          "constant output (e.g. a dead ReLU before the output), or parameters the output does not "
                          "depend on (check --params / params=)")
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return values
+    return result
 
 
 def _finish(cols: dict[str, np.ndarray], report: Any, one_hot_labels: bool, nn_idx: np.ndarray, nn_sim: np.ndarray,
