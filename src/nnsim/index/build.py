@@ -13,11 +13,11 @@ import functools
 import hashlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .lock import BuildLock
 
 _SHARD_BYTES = 2**26  # default target size of one shard file
 DATA_SCHEME = "nnsim-data/1"
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------- data digest
@@ -118,10 +119,7 @@ def differing_rows(src: Source, manifest: dict[str, Any], chunk: int, comm: dist
     ranges = store.shard_ranges(cfg["n"], cfg["shard_size"])
     entries = {e["start"] // cfg["shard_size"]: e for e in manifest["shards"]}
     ids = sorted(entries)
-    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
-    now = data_digests(src, ranges, ids[rank::world], chunk)
-    if comm is not None:
-        now = {i: d for part in distributed.all_gather_object(comm, now) for i, d in part.items()}
+    now = _gathered(comm, data_digests(src, ranges, _share(ids, comm), chunk))
     return [ranges[i] for i in ids if now[i] != entries[i].get("data_sha256")]
 
 
@@ -145,32 +143,39 @@ def build_store(sim: Similarity, src: Source, folder: Path, dim: int, seed: int,
     try:
         if comm is not None:
             distributed.agree(comm, "the index build (model, data, settings, path)",
-                           (config, shard_size, overwrite, str(folder)))
-            fresh = distributed.broadcast_object(comm, distributed.run_together(
-                comm, lambda: _take(folder, lock) if comm.rank == 0 else None))
-            # Every rank computes the same centre from the same rows (it is needed to fill rows).
-            proj = distributed.run_together(comm, lambda: ft.make_projection(sim, src, dim, seed))
-
-            def start() -> dict[str, Any] | None:
-                return _start(sim, folder, config, shard_size, probe, overwrite, proj, src, fresh) \
-                    if comm.rank == 0 else None
-
-            manifest = distributed.broadcast_object(comm, distributed.run_together(comm, start))
-
-            def visible() -> None:
-                if not (folder / store.MANIFEST).is_file():
-                    raise InputError(f"{folder} holds no manifest on this rank although rank 0 wrote one: the "
-                                     "store must be on a filesystem shared by all ranks")
-
-            distributed.run_together(comm, visible)
-        else:
-            fresh = _take(folder, lock)
-            proj = ft.make_projection(sim, src, dim, seed)
-            manifest = _start(sim, folder, config, shard_size, probe, overwrite, proj, src, fresh)
+                              (config, shard_size, overwrite, str(folder)))
+        fresh = _on_rank0(comm, lambda: _take(folder, lock))
+        # Every rank computes the same centre from the same rows (it is needed to fill rows).
+        proj = distributed.run_together(comm, lambda: ft.make_projection(sim, src, dim, seed))
+        manifest = _on_rank0(comm, lambda: _start(sim, folder, config, shard_size, probe, overwrite, proj, src,
+                                                  fresh))
+        distributed.run_together(comm, lambda: _check_visible(folder))
         _fill(sim, src, folder, manifest, proj, comm)
     finally:
         lock.release()  # rank 0's; _fill ends with a barrier, so every rank is done writing
     return manifest
+
+
+def _on_rank0(comm: distributed.Comm | None, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 (raised on every rank if it fails there), its result broadcast to every rank."""
+    if comm is None:
+        return fn()
+    return distributed.broadcast_object(comm, distributed.run_together(comm, lambda: fn() if comm.rank == 0 else None))
+
+
+def _check_visible(folder: Path) -> None:
+    if not (folder / store.MANIFEST).is_file():
+        raise InputError(f"{folder} holds no manifest on this rank although rank 0 wrote one: the store must be on "
+                         "a filesystem shared by all ranks")
+
+
+def _share(ids: list[int], comm: distributed.Comm | None) -> list[int]:
+    return ids if comm is None else ids[comm.rank::comm.world]
+
+
+def _gathered(comm: distributed.Comm | None, part: dict[int, Any]) -> dict[int, Any]:
+    """The union of every rank's ``part`` ({shard id: value})."""
+    return part if comm is None else {i: v for p in distributed.all_gather_object(comm, part) for i, v in p.items()}
 
 
 def _take(folder: Path, lock: BuildLock) -> bool:
@@ -262,14 +267,10 @@ def _verified(src: Source, folder: Path, manifest: dict[str, Any], ranges: list[
     that differ from those they were computed from. One read of every finished shard and of its data, each
     rank checking its share."""
     cfg, width = manifest["config"], manifest["layout"]["width"]
-    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
     ids = sorted(finished)
-    share = ids[rank::world]
-    problems = {i: store.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share}
-    seen = data_digests(src, ranges, share, chunk)
-    if comm is not None:
-        problems = {i: p for part in distributed.all_gather_object(comm, problems) for i, p in part.items()}
-        seen = {i: d for part in distributed.all_gather_object(comm, seen) for i, d in part.items()}
+    share = _share(ids, comm)
+    problems = _gathered(comm, {i: store.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share})
+    seen = _gathered(comm, data_digests(src, ranges, share, chunk))
     changed = [ranges[i] for i in ids if seen[i] != finished[i].get("data_sha256")]
     if changed:
         raise store.StoreError(f"{folder}: the data differ from those its finished shards were computed from "
@@ -312,18 +313,16 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
     cfg, width = manifest["config"], manifest["layout"]["width"]
     ranges = store.shard_ranges(cfg["n"], cfg["shard_size"])
     main = comm is None or comm.rank == 0
-    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
     finished, published = _finished(folder, manifest, ranges)
     chunk = ft.compute_chunk(sim, src, width)
     done = _verified(src, folder, manifest, ranges, finished, chunk, comm)
-    if main and [e["start"] for e in manifest["shards"]] != [done[i]["start"] for i in sorted(done)]:
-        manifest["shards"] = [done[i] for i in sorted(done)]
-        manifest["complete"] = False
+    kept = [done[i] for i in sorted(done)]
+    if main and [e["start"] for e in manifest["shards"]] != [e["start"] for e in kept]:
+        manifest["shards"], manifest["complete"] = kept, False
         store.write_manifest(folder, manifest)
-    manifest["shards"] = [done[i] for i in sorted(done)]
+    manifest["shards"] = kept
     todo = [i for i in range(len(ranges)) if i not in done]
-    a, b = distributed.split(len(todo), rank, world)
-    mine = todo[a:b]
+    mine = todo[slice(*distributed.split(len(todo), *((0, 1) if comm is None else (comm.rank, comm.world))))]
     report = ft.rank_notes("data")
 
     def compute() -> list[dict[str, Any]]:
@@ -346,10 +345,8 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
                 bar.update(1)
         return written
 
-    if comm is None:
-        compute()
-    else:
-        written = distributed.run_together(comm, compute)
+    written = distributed.run_together(comm, compute)
+    if comm is not None:
         new = [e for part in distributed.all_gather_object(comm, written) for e in part]
         manifest["shards"] = sorted([*manifest["shards"], *new], key=lambda e: e["start"])
         report.merge(distributed.all_gather_object(comm, report.notes()))
