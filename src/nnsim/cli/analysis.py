@@ -204,8 +204,15 @@ def _finish(cols: dict[str, np.ndarray], report: Any, one_hot_labels: bool, nn_i
             score = score + cols["label_consistency"] / np.sqrt(2.0)  # consistency of one-hot labels is <= ~sqrt(2)
         cols["mislabel_score"] = score
 
-    summary = _summary(cols, n, d, k, exact_denoising, dim)
-    return Analysis(cols, nn_idx, nn_sim, summary, timings)
+    mode = "exact" if exact_denoising else f"approximate (dim={dim}); label consistency exact"
+    s: dict[str, Any] = {"samples": n, "output_dim": d, "k": k, "denoising": mode, "density": _stats(cols["density"]),
+                         "effective_neighbors": _stats(cols["effective_neighbors"])}
+    if "prediction_matches_label" in cols:
+        s["accuracy"] = float(cols["prediction_matches_label"].mean())
+    for key in ("neighbor_label_agreement", "label_consistency", "prediction_consistency"):
+        if key in cols:
+            s[key] = _stats(cols[key])
+    return Analysis(cols, nn_idx, nn_sim, s, timings)
 
 
 def _stats(v: np.ndarray) -> dict[str, float]:
@@ -213,18 +220,3 @@ def _stats(v: np.ndarray) -> dict[str, float]:
     if len(v) == 0:
         return {}
     return {"min": float(v.min()), "median": float(np.median(v)), "mean": float(v.mean()), "max": float(v.max())}
-
-
-def _summary(cols: dict[str, np.ndarray], n: int, d: int | None, k: int, exact: bool, dim: int) -> dict[str, Any]:
-    s: dict[str, Any] = {"samples": n, "output_dim": d, "k": k,
-                         "denoising": "exact" if exact else f"approximate (dim={dim}); label consistency exact",
-                         "density": _stats(cols["density"]), "effective_neighbors": _stats(cols["effective_neighbors"])}
-    if "prediction_matches_label" in cols:
-        s["accuracy"] = float(cols["prediction_matches_label"].mean())
-    if "neighbor_label_agreement" in cols:
-        s["neighbor_label_agreement"] = _stats(cols["neighbor_label_agreement"])
-    for key in ("label_consistency", "prediction_consistency"):
-        if key in cols:
-            s[key] = _stats(cols[key])
-    return s
-
