@@ -188,7 +188,7 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
         result.summary["data"] = f"{out}/data.npz"
         result.summary["model"] = f"{out}/model.pt2"
         result.timings["total"] = round(time.perf_counter() - t0, 2)
-        write_outputs(out, Data(data.x, data.y, str(out / "data.npz")), result, args,
+        write_outputs(out, Data(data.x, data.y), result, args,
                       title="nnsim demo: a CNN on scikit-learn digits with 10 % flipped labels",
                       subtitle=f"{len(data.x)} digits, shifted, with random contrast and noise; {int(flipped.sum())} "
                                "labels flipped at random; the network's own similarity finds them")

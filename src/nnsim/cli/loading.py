@@ -39,11 +39,10 @@ class CLIError(Exception):
 
 @dataclass
 class Data:
-    """Loaded samples: inputs ``x [N, ...]`` (float32), labels ``y [N]`` (int64) or None, and where they came from."""
+    """Loaded samples: inputs ``x [N, ...]`` (float32) and labels ``y [N]`` (int64) or None."""
 
     x: Tensor
     y: Tensor | None
-    source: str
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -277,7 +276,7 @@ def load_data(spec: str, labels: str | None = None, limit: int | None = None, x_
     if limit is not None:
         x_arr = x_arr[:limit]
         y_arr = None if y_arr is None else y_arr[:limit]
-    return Data(_to_float(x_arr, spec, is_idx=_looks_like_idx(path)), _to_labels(y_arr, len(x_arr), spec), spec)
+    return Data(_to_float(x_arr, spec, is_idx=_looks_like_idx(path)), _to_labels(y_arr, len(x_arr), spec))
 
 
 def _read_npz(path: Path, x_key: str | None, y_key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -401,4 +400,4 @@ def _from_factory(spec: str, limit: int | None) -> Data:
         if len(ys) != n:
             raise CLIError(f"{spec}: some items have labels and some do not")
         y = torch.tensor(ys, dtype=torch.int64)
-    return Data(_to_float(x.numpy(), spec, is_idx=False), y, spec)
+    return Data(_to_float(x.numpy(), spec, is_idx=False), y)

@@ -20,7 +20,6 @@ from ..errors import RankDeficiencyWarning
 from ..estimators import TopK
 from ..inputs import Batch, Source, as_source
 from ..similarity import Similarity
-from . import store
 from .features import _FEATURE_BYTES
 
 _SCORE_ELEMS = 2**25  # elements of one [queries, rows] score block
@@ -42,7 +41,7 @@ def candidates(folder: Path, shards: list[dict[str, Any]], width: int, fq: Tenso
     rows_per_block = max(1, min(_SCORE_ELEMS // Q, _FEATURE_BYTES // (4 * width)))
     fq_np = fq.cpu().numpy() if faiss is not None else None
     for entry in shards:
-        array = store.load_shard(folder, entry)
+        array = np.load(folder / entry["file"], mmap_mode="r")  # rows are read from disk only when touched
         zero = torch.tensor(entry.get("zero_rows", []), dtype=torch.long) - entry["start"]
         for a in range(0, array.shape[0], rows_per_block):
             b = min(array.shape[0], a + rows_per_block)

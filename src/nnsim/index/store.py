@@ -180,11 +180,6 @@ def check_shard(folder: Path, entry: dict[str, Any], width: int, dtype: str, che
     return None
 
 
-def load_shard(folder: Path, entry: dict[str, Any]) -> np.ndarray:
-    """The shard as a read-only memmap (rows are read from disk only when touched)."""
-    return np.load(folder / entry["file"], mmap_mode="r")
-
-
 def is_store_file(name: str) -> bool:
     """Whether a file name is one the store writes (manifest, shards, and their temporary forms)."""
     return (name in (MANIFEST, MANIFEST + ".tmp", LOCK) or _SHARD_RE.match(name) is not None
