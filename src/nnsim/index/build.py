@@ -57,9 +57,7 @@ class DataDigest:
         if len(batch) != len(self._hashes):
             raise InputError(f"data chunks hold {len(batch)} inputs, earlier ones {len(self._hashes)}")
         for h, t in zip(self._hashes, batch):
-            t = t.detach().to("cpu").contiguous()
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy())
+            ft.hash_bytes(h, t)
         self.rows += batch[0].shape[0]
 
     def hexdigest(self) -> str:

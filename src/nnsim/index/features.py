@@ -34,8 +34,13 @@ _FEATURE_BYTES = 2**27  # bytes of one block of computed or loaded features
 # ---------------------------------------------------------------------------------------------- fingerprints
 def hash_tensor(h: Any, kind: str, name: str, t: Tensor) -> None:
     """Feed a tensor's name, shape, dtype and bytes to the hash ``h``."""
-    t = t.detach().to("cpu").contiguous()
     h.update(f"{kind}\0{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+    hash_bytes(h, t)
+
+
+def hash_bytes(h: Any, t: Tensor) -> None:
+    """Feed a tensor's row-major bytes to the hash ``h``."""
+    t = t.detach().to("cpu").contiguous()
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy())
 
