@@ -395,23 +395,6 @@ def test_zero_gradient_samples(tmp_path):
     torch.testing.assert_close(v[[0, 2]], ev)
 
 
-def test_topk_with_explicit_indices_keeps_the_lowest_index_among_ties():
-    """The index feeds nnsim's one TopK with candidates in any order (FAISS's); oracle: sort by (-value, index)."""
-    from nnsim.estimators import TopK
-
-    g = torch.Generator().manual_seed(0)
-    values = torch.randint(0, 4, (5, 30), generator=g).float()  # many ties
-    values[0, :7] = float("nan")
-    indices = torch.stack([torch.randperm(30, generator=g) for _ in range(5)])
-    top = TopK(5, 6, torch.float32, torch.device("cpu"))
-    for a in range(0, 30, 8):  # blocks of candidates, indices in no order
-        top.update(slice(None), values[:, a:a + 8], indices=indices[:, a:a + 8])
-    got_v, got_i = top.result()
-    for r in range(5):
-        want = sorted((-float(v), int(i)) for v, i in zip(values[r], indices[r]) if not torch.isnan(v))[:6]
-        assert got_i[r].tolist() == [i for _, i in want] and got_v[r].tolist() == [-v for v, _ in want]
-
-
 def test_faiss_backend_matches_torch(tmp_path):
     sim, x = _sim(), _data()
     index = FeatureIndex.build(sim, x, tmp_path / "s", dim=PROJ_DIM, shard_size=16)

@@ -61,7 +61,7 @@ def candidates(folder: Path, shards: list[dict[str, Any]], width: int, fq: Tenso
                 if len(local_zero):
                     scores[:, local_zero.to(fq.device)] = float("-inf")
                 values, local = scores.topk(min(C, b - a), dim=1)
-            top.update(slice(None), values, indices=local.clamp_min(0) + entry["start"] + a)
+            top.update(slice(None), values, local.clamp_min(0) + entry["start"] + a)
     return top
 
 
