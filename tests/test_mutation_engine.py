@@ -9,6 +9,7 @@ samples (ragged last chunk, off-diagonal tiles) and samples whose gradient is ex
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -63,7 +64,7 @@ def test_zero_gradient_samples_are_nan_rows_and_columns_and_named(data):
     sim = sim_of(model)
     with pytest.warns(RankDeficiencyWarning) as rec:
         S = sim.similarity(x)
-    assert len(rec) == 1 and rec[0].filename == __file__  # stacklevel: the caller's line
+    assert len(rec) == 1
     assert str(rec[0].message) == ("1 sample(s) of xa have a zero gradient (no direction): their similarity "
                                    "values are NaN. Samples: [4]")
     expected = _nan_sim(bf)
@@ -170,7 +171,6 @@ def test_density_of_zero_gradient_samples_is_nan_and_they_count_for_nobody(data)
         expected[4] = float("nan")
         with pytest.warns(RankDeficiencyWarning) as rec:
             got = sim.density(x, **kw)
-        assert rec[0].filename == __file__
         assert "their density values are NaN" in str(rec[0].message)
         close(got, expected)
     with warnings.catch_warnings():
@@ -186,7 +186,7 @@ def test_neighbors_of_zero_gradient_queries_are_missing_and_zero_gradient_data_n
     for k, exclude in [(3, False), (7, True)]:
         with pytest.warns(RankDeficiencyWarning) as rec:
             vals, idx = sim.neighbors(x, k=k, exclude_self=exclude)
-        assert rec[0].filename == __file__ and "their neighbors values are NaN" in str(rec[0].message)
+        assert "their neighbors values are NaN" in str(rec[0].message)
         S = _nan_sim(bf)
         S[4, :] = -9.0
         S[:, 4] = -9.0
@@ -487,3 +487,15 @@ def test_progress_bars_only_for_more_than_one_tile(data, capsys):
     assert "nnsim" not in capsys.readouterr().err
     nnsim.Similarity(model, chunk_size=3, progress=False).similarity(x[:7])
     assert "nnsim" not in capsys.readouterr().err
+
+
+def test_rank_warnings_point_at_the_callers_line(data):
+    model, x, _, _, _ = data
+    sim = sim_of(model)
+    for call in (lambda: sim.similarity(x), lambda: sim.density(x), lambda: sim.density(x, algorithm="tiles"),
+                 lambda: sim.neighbors(x, k=2)):
+        with pytest.warns(RankDeficiencyWarning) as rec:
+            call()
+        # Under mutmut every library function gains a trampoline frame, which moves the stacklevel's target.
+        if "MUTANT_UNDER_TEST" not in os.environ:
+            assert [r.filename for r in rec] == [__file__]
