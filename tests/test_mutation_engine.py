@@ -20,6 +20,7 @@ from torch import nn
 
 import nnsim
 import nnsim.engine.chunks as chunks_mod
+from nnsim.distributed import Ranks
 from nnsim.engine import ALL, Form, Quantity, RankReport, Request, sweep
 from nnsim.errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
 from nnsim.inputs import as_source
@@ -487,6 +488,14 @@ def test_progress_bars_only_for_more_than_one_tile(data, capsys):
     assert "nnsim" not in capsys.readouterr().err
     nnsim.Similarity(model, chunk_size=3, progress=False).similarity(x[:7])
     assert "nnsim" not in capsys.readouterr().err
+    xs = x[:7].clone()
+    xs[4, 0] = 1.0  # every gradient nonzero: no warning
+    for progress in (True, False):
+        sim = nnsim.Similarity(model, chunk_size=3, progress=progress)
+        sim.neighbors(xs, k=2)
+        assert ("nnsim similarity" in capsys.readouterr().err) == progress
+        sim.density(xs, algorithm="tiles")
+        assert ("nnsim similarity" in capsys.readouterr().err) == progress
 
 
 def test_rank_warnings_point_at_the_callers_line(data):
@@ -499,3 +508,79 @@ def test_rank_warnings_point_at_the_callers_line(data):
         # Under mutmut every library function gains a trampoline frame, which moves the stacklevel's target.
         if "MUTANT_UNDER_TEST" not in os.environ:
             assert [r.filename for r in rec] == [__file__]
+
+
+def test_forward_names_the_argument_and_the_samples_of_bad_inputs_and_outputs(data):
+    model, x, _, _, _ = data
+    ch = sim_of(model)._chunker
+    bad = x.clone()
+    bad[4, 1] = float("nan")
+    with pytest.raises(InputError, match=r"^data: input 0 contains NaN or Inf at samples \[4\]"):
+        ch.forward(as_source(bad, "data"))
+    with pytest.raises(InputError, match="^data: input 0 has dtype torch.float32"):
+        ch.forward(as_source(x.float(), "data"))
+
+    def huge(out, inputs):
+        return out + torch.where(inputs[0][:, :1] > 5, float("inf"), 0.0)
+
+    xs = x.clone()
+    xs[4, 0] = 10.0
+    with pytest.raises(ModelError, match=r"the model output contains NaN or Inf at samples \[4\]"):
+        nnsim.Similarity(model, huge, chunk_size=3, progress=False)._chunker.forward(as_source(xs, "data"))
+
+
+def test_fisher_metric_counts_and_neighbours_report_no_rank_deficiency():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(7, 3, dtype=F64)
+    sim = nnsim.Similarity(model, metric="fisher", chunk_size=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rank d - 1 is full rank with the Fisher metric
+        S = sim.similarity(x)
+        close(sim.density(x), S.sum(1))
+        close(sim.density(x, algorithm="tiles"), S.sum(1))
+        vals, idx = sim.neighbors(x, k=2)
+    assert vals.dtype == F64  # kept in the model's dtype
+    assert torch.equal(idx[:, 0], torch.arange(7))
+
+
+def test_side_names_in_the_warnings_of_counts_and_neighbours(data):
+    model, x, xb, _, _ = data
+    sim = sim_of(model)
+    for call, side in [(lambda: sim.neighbors(x, k=2), "queries"), (lambda: sim.neighbors(xb, x, k=2), "queries"),
+                       (lambda: sim.density(x, algorithm="tiles"), "data"), (lambda: sim.density(x), "data")]:
+        with pytest.warns(RankDeficiencyWarning) as rec:
+            call()
+        assert any(str(r.message).startswith(f"1 sample(s) of {side} have") for r in rec), [str(r.message) for r in rec]
+
+
+class _FirstChunkOnly(Ranks):
+    """One process that owns only the tiles of the first row chunk and the first chunk of samples."""
+
+    def tiles(self, n_a, n_b, symmetric):
+        return [s for s in super().tiles(n_a, n_b, symmetric) if s[0] == 0]
+
+    def samples(self, n, size):
+        return 0, min(n, size)
+
+
+def test_estimators_sweep_only_their_share_of_the_work(data):
+    from nnsim.estimators import density, neighbors
+
+    model, x, _, bf, _ = data
+    sim = sim_of(model)
+    sim.similarity(x[:1])
+    src = as_source(x[:6].clone(), "data")  # chunks [0, 3), [3, 6)
+    S = _nan_sim(bf)[:6, :6]
+    mine = _FirstChunkOnly(None, torch.device("cpu"))
+    vals, idx = neighbors.top_k(sim._chunker, src, src, 2, same=True, exclude_self=False, ranks=mine)
+    # Row chunk 0's tiles (0, 0) and (0, 1) also update the rows of chunk 1 (the symmetric sweep's transpose).
+    top = S.topk(2, dim=1)
+    assert torch.equal(idx[:3], top.indices[:3])
+    cols = S[3:, :3].topk(2, dim=1)  # chunk 1's rows only see the columns of chunk 0 (row 4: no gradient)
+    assert torch.equal(idx[[3, 5]], cols.indices[[0, 2]]) and idx[4].tolist() == [-1, -1]
+    got = density.by_tiles(sim._chunker, src, src, same=True, method="soft", threshold=None, power=None,
+                           include_self=True, normalized=True, ranks=mine)
+    close(got, torch.cat([S[:3].sum(1), S[3:, :3].sum(1)]))
+    got = density.soft_linear(sim._chunker, src, src, normalized=True, include_self=True, ranks=mine)
+    close(got, S[:3, :3].sum(1))  # the sums of the first chunk, scored on the first chunk
