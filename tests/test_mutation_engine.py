@@ -548,7 +548,9 @@ def test_side_names_in_the_warnings_of_counts_and_neighbours(data):
     model, x, xb, _, _ = data
     sim = sim_of(model)
     for call, side in [(lambda: sim.neighbors(x, k=2), "queries"), (lambda: sim.neighbors(xb, x, k=2), "queries"),
-                       (lambda: sim.density(x, algorithm="tiles"), "data"), (lambda: sim.density(x), "data")]:
+                       (lambda: sim.neighbors(xb, x, k=2), "data"),
+                       (lambda: sim.density(x, algorithm="tiles"), "data"), (lambda: sim.density(x), "data"),
+                       (lambda: sim.density(xb, x, algorithm="tiles"), "reference")]:
         with pytest.warns(RankDeficiencyWarning) as rec:
             call()
         assert any(str(r.message).startswith(f"1 sample(s) of {side} have") for r in rec), [str(r.message) for r in rec]
@@ -563,6 +565,14 @@ class _FirstChunkOnly(Ranks):
     def samples(self, n, size):
         return 0, min(n, size)
 
+    def topk(self, values, indices, k):  # the lists of several processes would be merged to k here
+        self.merged_k = k
+        return super().topk(values, indices, k)
+
+    def merge(self, report):  # and the processes' rank reports united here
+        self.merged_report = report
+        return super().merge(report)
+
 
 def test_estimators_sweep_only_their_share_of_the_work(data):
     from nnsim.estimators import density, neighbors
@@ -574,6 +584,7 @@ def test_estimators_sweep_only_their_share_of_the_work(data):
     S = _nan_sim(bf)[:6, :6]
     mine = _FirstChunkOnly(None, torch.device("cpu"))
     vals, idx = neighbors.top_k(sim._chunker, src, src, 2, same=True, exclude_self=False, ranks=mine)
+    assert mine.merged_k == 2 and isinstance(mine.merged_report, RankReport)
     # Row chunk 0's tiles (0, 0) and (0, 1) also update the rows of chunk 1 (the symmetric sweep's transpose).
     top = S.topk(2, dim=1)
     assert torch.equal(idx[:3], top.indices[:3])
