@@ -148,8 +148,7 @@ class SimilarityLoss:
 
         In ``batch_mode="mean_gradient"``: the single similarity of the two mean gradients, [1].
         """
-        cross, left, right = self._blocks(inputs, pairs, targets)
-        return _similarity(cross, left, right, self.eps)
+        return _similarity(*self._blocks(inputs, pairs, targets), self.eps)
 
     def _criterion(self, cross: Tensor, left: Tensor, right: Tensor) -> Tensor:
         if self.variant == "distance":

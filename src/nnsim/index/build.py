@@ -289,7 +289,7 @@ def _fill_shard(sim: Similarity, proj: ft.Projection, report: RankReport, array:
     filled = start
     for _, s, batch in pieces:
         digest.update(batch)
-        feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
+        feats, rank = ft.chunk_features(sim, batch, s, proj, report)
         _write_rows(array, s - start, feats, width)
         zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
         filled = s + feats.shape[0]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -110,12 +111,9 @@ class _Tiles:
             self._uris[i] = _data_uri(buf.getvalue())
         return self._uris[i]
 
-    def values(self, i: int, limit: int = 12) -> list[float] | None:
-        return None if self.image else [float(v) for v in self.x[i].reshape(-1)[:limit]]
-
     def info(self, i: int) -> dict[str, Any]:
-        """What the page's script knows of sample i (embedded as JSON)."""
-        return {"img": self.uri(i), "values": self.values(i),
+        """What the page's script knows of sample i (embedded as JSON; non-image samples: 12 values)."""
+        return {"img": self.uri(i), "values": None if self.image else [float(v) for v in self.x[i].reshape(-1)[:12]],
                 "label": None if self.label is None else int(self.label[i]),
                 "pred": None if self.pred is None else int(self.pred[i]), "density": float(self.density[i])}
 
@@ -382,9 +380,7 @@ def _class_options(classes: np.ndarray | None, class_names: Sequence[str] | None
 
 
 def _label_text(info: dict[str, Any], class_names: Sequence[str] | None) -> tuple[str, bool]:
-    def name(c: int) -> str:
-        return _class_name(c, class_names)
-
+    name = functools.partial(_class_name, class_names=class_names)
     lab, pred = info["label"], info["pred"]
     if lab is None:
         return ("" if pred is None else f"pred {name(pred)}"), False
