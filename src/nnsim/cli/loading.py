@@ -253,22 +253,19 @@ def load_data(spec: str, labels: str | None = None, limit: int | None = None, x_
     y_arr = None
     if path.suffix == ".npz":
         x_arr, y_arr = _read_npz(path, x_key, y_key)
-        if labels is not None:
-            if y_arr is not None:
-                raise CLIError(f"{spec} already holds labels; drop --labels or choose the array with --y-key",
-                               EXIT_USAGE)
-            y_arr = _read_labels(labels)
     elif path.suffix == ".npy":
         x_arr = _read_npy(path)
-        y_arr = None if labels is None else _read_labels(labels)
     elif _looks_like_idx(path):
         x_arr = _read_idx(path)
         if x_arr.ndim == 3:
             x_arr = x_arr[:, None]  # [N, H, W] images -> [N, 1, H, W]
-        y_arr = None if labels is None else _read_labels(labels)
     else:
         raise CLIError(f"{spec}: unknown data format {path.suffix or '(no extension)'!r}; use .npz, .npy, an IDX "
                        "file, or package.module:factory returning a Dataset")
+    if labels is not None:
+        if y_arr is not None:  # only an .npz holds its own
+            raise CLIError(f"{spec} already holds labels; drop --labels or choose the array with --y-key", EXIT_USAGE)
+        y_arr = _read_labels(labels)
     if limit is not None:
         x_arr = x_arr[:limit]
         y_arr = None if y_arr is None else y_arr[:limit]

@@ -279,10 +279,8 @@ def _page_data(tiles: _Tiles, columns: dict[str, np.ndarray], neighbor_index: np
     """The JSON the page's script reads: every sample when the data set is small (MAX_EMBEDDED), else those
     drawn and their neighbours; their neighbour lists, the table's rows and the class-by-class matrix."""
     n = len(tiles.density)
-    if n <= MAX_EMBEDDED:
-        embed = set(range(n))
-    else:
-        embed = set(tiles.drawn) | {int(j) for i in tiles.drawn for j in neighbor_index[i] if j >= 0}
+    embed = set(range(n)) if n <= MAX_EMBEDDED else (
+        set(tiles.drawn) | {int(j) for i in tiles.drawn for j in neighbor_index[i] if j >= 0})
     names, ids = tiles.class_names, sorted(embed)
     table = [c for c in TABLE_COLUMNS if c in columns]
     return {
