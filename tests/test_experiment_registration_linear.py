@@ -136,18 +136,19 @@ def test_quick_run_end_to_end_and_resumes(tmp_path):
     s = replace(rl.Settings.quick(), base=replace(rl.Settings.quick().base, steps=60), checkpoints=(30,))
     res = rl.run(s, tmp_path, log=lambda m: None)
     summ = res["summary"]
-    assert set(summ["models"]) == {"real", "linear"}
-    for row in summ["models"].values():
+    assert set(summ["models"]) == {"real", "linear", "linear_at_clean"}
+    kernels = {"real": ("K0", "KT_noisy", "KT_clean", "K_checkpoint_avg", "K0_adam"),
+               "linear_at_clean": ("KT_clean", "KT_clean_adam")}
+    for m, row in summ["models"].items():
         assert row["actual_noise_rms"] > 0
-        assert set(row["estimators"]) == {f"{k}/{sm}" for k in ("K0", "KT_noisy", "KT_clean", "K_checkpoint_avg",
-                                                                 "K0_adam") for sm in rl.SMOOTHERS}
+        assert set(row["estimators"]) == {f"{k}/{sm}" for k in kernels.get(m, kernels["real"]) for sm in rl.SMOOTHERS}
         for cell in row["estimators"].values():
             assert cell["calibration_true_sigma"] > 0 and -1 <= cell["spearman_true_sigma"] <= 1
             assert cell["calibration_sigma_hat"] / cell["calibration_true_sigma"] == pytest.approx(
                 cell["sigma_hat_over_sigma"], rel=0.3)
     assert summ["drift_noisy"] > 0 and summ["drift_clean"] > 0
     parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
-    assert len(parts) == 2 + 3 * s.draws  # real and linear per training (clean + draws), eval per draw
+    assert len(parts) == 3 + 4 * s.draws  # real, twin and linear-at-clean per training (clean + draws); eval per draw
     again = rl.run(s, tmp_path, log=lambda m: None)
     assert json.dumps(again["summary"], sort_keys=True) == json.dumps(summ, sort_keys=True)
     model = ShiftNet(**s.base.net)
