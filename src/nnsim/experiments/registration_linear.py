@@ -166,6 +166,17 @@ def rel_fro(A: Tensor, B: Tensor) -> float:
     return float((A - B).norm() / B.norm())
 
 
+def kernel_cosine(A: Tensor, B: Tensor) -> float:
+    """<A, B>_F / (||A||_F ||B||_F): 1 when two kernels differ only by scale (which the smoothers, with their
+    fitted lam, ignore), lower the more their shapes differ."""
+    return float((A * B).sum() / (A.norm() * B.norm()))
+
+
+def _shape_numbers(KT: Tensor, K0: Tensor, K_clean: Tensor) -> dict:
+    return {"cos_noisy_K0": kernel_cosine(KT, K0), "cos_noisy_clean": kernel_cosine(KT, K_clean),
+            "scale_noisy_K0": float(KT.norm() / K0.norm())}
+
+
 # ---------------------------------------------------------------------- the run
 class _Run:
     """The data, the parts folder and the saved trainings of one run."""
@@ -231,10 +242,15 @@ def _evaluate_draw(r: _Run, k: int, J0: Tensor, K0: Tensor, spec0: linearized.Sp
                    spec_clean: linearized.Spectrum, f0: Tensor) -> dict:
     """Every kernel's estimator for the real network and the twin of draw k, the drift and alignment numbers."""
     path = r.part("eval", k)
-    if path.exists():
-        return torch.load(path, weights_only=False)
     s, t1 = r.s, time.perf_counter()
     real, lin = r.real(k), r.linear(k, J0, f0)
+    if path.exists():
+        res = torch.load(path, weights_only=False)
+        if "shape" not in res:  # parts saved before the shape numbers existed: add them
+            KT = kernel_matrix(jacobian(r.model(real["state"]), r.image, r.polygons))
+            res["shape"] = _shape_numbers(KT, K0, K_clean)
+            torch.save(res, path)
+        return res
     y = r.labels(k).double()
     eps = (y - r.shift.double()).reshape(-1)
     model = r.model(real["state"])
@@ -252,6 +268,7 @@ def _evaluate_draw(r: _Run, k: int, J0: Tensor, K0: Tensor, spec0: linearized.Sp
         res["linear"][name] = smoother_predictions(spec, y, lin["f"], s.sigma, y - r.shift)
     res["drift_noisy"] = rel_fro(KT, K0)
     res["drift_noisy_vs_clean"] = rel_fro(KT, K_clean)
+    res["shape"] = _shape_numbers(KT, K0, K_clean)
     res["alignment"] = {"K0": noise_alignment(K0, eps), "KT_noisy": noise_alignment(KT, eps),
                         "KT_clean": noise_alignment(K_clean, eps), "K_checkpoint_avg": noise_alignment(K_avg, eps),
                         "K0_adam": noise_alignment(K_adam, eps)}
@@ -304,6 +321,8 @@ def run(s: Settings, out: Path, log=None) -> dict:
     summary: dict = {"models": {}, "drift_clean": rel_fro(K_clean, K0),
                      "drift_noisy": float(np.mean([e["drift_noisy"] for e in evals])),
                      "drift_noisy_vs_clean": float(np.mean([e["drift_noisy_vs_clean"] for e in evals])),
+                     "cos_clean_K0": kernel_cosine(K_clean, K0), "scale_clean_K0": float(K_clean.norm() / K0.norm()),
+                     **{n: float(np.mean([e["shape"][n] for e in evals])) for n in evals[0]["shape"]},
                      "alignment": {n: float(np.mean([e["alignment"][n] for e in evals])) for n in kernels},
                      "alignment_per_draw": {n: [e["alignment"][n] for e in evals] for n in kernels}}
     half = s.draws // 2
