@@ -148,6 +148,8 @@ def test_quick_run_end_to_end_and_resumes(tmp_path):
                 cell["sigma_hat_over_sigma"], rel=0.3)
     assert summ["drift_noisy"] > 0 and summ["drift_clean"] > 0
     assert 0 < summ["cos_noisy_K0"] <= 1 + 1e-12 and 0 < summ["cos_clean_K0"] <= 1 + 1e-12
+    dec = summ["decomposition"]
+    assert dec["noise_term_rms"] > 0 and dec["signal_term_rms"] > 0 and -1 <= dec["sum_vs_actual_corr"] <= 1
     parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
     assert len(parts) == 3 + 4 * s.draws  # real, twin and linear-at-clean per training (clean + draws); eval per draw
     again = rl.run(s, tmp_path, log=lambda m: None)

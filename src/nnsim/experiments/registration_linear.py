@@ -172,6 +172,25 @@ def kernel_cosine(A: Tensor, B: Tensor) -> float:
     return float((A * B).sum() / (A.norm() * B.norm()))
 
 
+def smooth(spec: linearized.Spectrum, lam: float, v: Tensor, smoother: str = "ridge") -> Tensor:
+    """S v for the smoother of ``spec`` at ``lam`` (v [N, d])."""
+    s = linearized.filter_values(spec.ev, lam, smoother)
+    return (spec.U @ (s * (spec.U.T @ v.double().reshape(-1)))).reshape(v.shape)
+
+
+def decomposition(spec_noisy: linearized.Spectrum, y: Tensor, f_noisy: Tensor, spec_clean: linearized.Spectrum,
+                  t: Tensor, f_clean: Tensor) -> dict:
+    """With each network modelled as the ridge smoother of its own final kernel (f_noisy ~ S_n y, f_clean ~ S_c t,
+    lam fitted to each), f_noisy - f_clean ~ S_n eps + (S_n - S_c) t: the noise averaged by the noisy network's
+    smoother, plus the difference in how the two networks' kernels smooth the *signal*. Returns both terms
+    [N, d] and the fit errors."""
+    fit_n = linearized.linearized_fit(spec_noisy, y, f_noisy)
+    fit_c = linearized.linearized_fit(spec_clean, t, f_clean)
+    Sn_t = smooth(spec_noisy, fit_n.lam, t)
+    return {"noise_term": smooth(spec_noisy, fit_n.lam, y - t), "signal_term": Sn_t - smooth(spec_clean, fit_c.lam, t),
+            "fit_error_noisy": fit_n.fit_error, "fit_error_clean": fit_c.fit_error}
+
+
 def _shape_numbers(KT: Tensor, K0: Tensor, K_clean: Tensor) -> dict:
     return {"cos_noisy_K0": kernel_cosine(KT, K0), "cos_noisy_clean": kernel_cosine(KT, K_clean),
             "scale_noisy_K0": float(KT.norm() / K0.norm())}
@@ -244,14 +263,16 @@ def _evaluate_draw(r: _Run, k: int, J0: Tensor, K0: Tensor, spec0: linearized.Sp
     path = r.part("eval", k)
     s, t1 = r.s, time.perf_counter()
     real, lin = r.real(k), r.linear(k, J0, f0)
+    y = r.labels(k).double()
+    t, f_clean = r.shift.double(), r.real(-1)["f"]
     if path.exists():
         res = torch.load(path, weights_only=False)
-        if "shape" not in res:  # parts saved before the shape numbers existed: add them
+        if "shape" not in res or "decomposition" not in res:  # parts saved before these numbers existed
             KT = kernel_matrix(jacobian(r.model(real["state"]), r.image, r.polygons))
             res["shape"] = _shape_numbers(KT, K0, K_clean)
+            res["decomposition"] = decomposition(linearized.exact_spectrum(KT), y, real["f"], spec_clean, t, f_clean)
             torch.save(res, path)
         return res
-    y = r.labels(k).double()
     eps = (y - r.shift.double()).reshape(-1)
     model = r.model(real["state"])
     KT = kernel_matrix(jacobian(model, r.image, r.polygons))
@@ -269,6 +290,7 @@ def _evaluate_draw(r: _Run, k: int, J0: Tensor, K0: Tensor, spec0: linearized.Sp
     res["drift_noisy"] = rel_fro(KT, K0)
     res["drift_noisy_vs_clean"] = rel_fro(KT, K_clean)
     res["shape"] = _shape_numbers(KT, K0, K_clean)
+    res["decomposition"] = decomposition(spectra["KT_noisy"], y, real["f"], spec_clean, t, f_clean)
     res["alignment"] = {"K0": noise_alignment(K0, eps), "KT_noisy": noise_alignment(KT, eps),
                         "KT_clean": noise_alignment(K_clean, eps), "K_checkpoint_avg": noise_alignment(K_avg, eps),
                         "K0_adam": noise_alignment(K_adam, eps)}
@@ -349,6 +371,21 @@ def run(s: Settings, out: Path, log=None) -> dict:
                 cell["smoothed_noise_ratio"] = float(np.mean([e[m][kern][sm]["smoothed_noise_ratio"] for e in evals]))
                 row["estimators"][f"{kern}/{sm}"] = cell
         summary["models"][m] = row
+    # The noise-induced error of the real network split into noise averaging and signal-smoothing difference.
+    actual_real = (torch.stack(models["real"][0]) - clean["f"]).pow(2).mean((0, 2)).sqrt().numpy()
+    dec = {}
+    for term in ("noise_term", "signal_term"):
+        per = torch.stack([e["decomposition"][term] for e in evals])  # [draws, N, d]
+        dec[f"{term}_rms"] = _rms(per)
+        dec[f"{term}_spearman"] = reg.spearman(per.pow(2).mean((0, 2)).sqrt().numpy(), actual_real)
+    both = torch.stack([e["decomposition"]["noise_term"] + e["decomposition"]["signal_term"] for e in evals])
+    dec["sum_rms"] = _rms(both)
+    dec["sum_spearman"] = reg.spearman(both.pow(2).mean((0, 2)).sqrt().numpy(), actual_real)
+    dec["sum_vs_actual_corr"] = float(np.corrcoef(both.reshape(-1).numpy(), (torch.stack(models["real"][0])
+                                                                             - clean["f"]).reshape(-1).numpy())[0, 1])
+    dec["fit_error_noisy"] = float(np.mean([e["decomposition"]["fit_error_noisy"] for e in evals]))
+    dec["fit_error_clean"] = evals[0]["decomposition"]["fit_error_clean"]
+    summary["decomposition"] = dec
     # (c) How far the real network is from its linearised twin trained on the same labels.
     noise_real = torch.stack([r.real(k)["f"] - clean["f"] for k in range(s.draws)]).reshape(-1)
     noise_twin = torch.stack([r.linear(k, J0, f0)["f"] - lin_clean["f"] for k in range(s.draws)]).reshape(-1)
