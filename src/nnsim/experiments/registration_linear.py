@@ -1,5 +1,5 @@
 """Why the registration network's noise-induced error exceeds the linear-smoother predictions (issue 12's
-closing question; docs/experiments/registration.md, "Why the prediction falls short").
+closing question; docs/experiments/registration.md, section 4, "Why the label-free predictions fall short").
 
 The label-free estimators of docs/method.md, "Self-denoising", model the trained network as a linear smoother
 in one fixed kernel. The registration stand-in's actual noise-induced error f_noisy - f_clean is ~2x what
