@@ -443,6 +443,7 @@ class Structured:
                     return t + z
                 return t
 
+            call.output = out if graph else _map(_detach, out)
             new = _map(tap, out)
             calls[mod].append(call)
             return new
