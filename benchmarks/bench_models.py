@@ -40,11 +40,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernel import OthersMeter, machine, nnsim_revision, normalise, peak_rss, reset_peak_rss  # noqa: E402
+from bench_kernel import OthersMeter, machine, nnsim_revision, normalise, peak_rss, reset_peak_rss, tutorial_kernel  # noqa: E402
 from zoo_models import ZOO  # noqa: E402
 
 import nnsim  # noqa: E402
@@ -68,41 +67,6 @@ def run(method: str, model: nn.Module, x: tuple[Tensor, ...], case: str) -> Tens
     backend = {"nnsim": "auto", "nnsim-functorch": "functorch", "loop": "loop"}[method]
     sim = nnsim.Similarity(model, output=output_fn(case), backend=backend, progress=False)
     return sim.similarity(*x, reduce=reduce_of(case))
-
-
-def tutorial_kernel(model: nn.Module, x: Tensor, output: Callable | None, budget_bytes: float = 2**31) -> Tensor:
-    """The NTK tutorial's recipe, K [N, N, d, d] (as bench_kernel.tutorial_kernel; any input dtype): per-sample
-    Jacobians by vmap(jacrev(functional_call)), a per-parameter einsum, in row blocks of at most
-    ``budget_bytes`` of Jacobians, the column blocks' Jacobians recomputed (upper triangle only)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    select = output or (lambda out, inputs: out)
-
-    def fnet_single(p: dict[str, Tensor], x1: Tensor) -> Tensor:
-        return select(functional_call(model, p, (x1.unsqueeze(0),)), None).squeeze(0)
-
-    jac_fn = vmap(jacrev(fnet_single), (None, 0))
-
-    def jacobians(xs: Tensor) -> list[Tensor]:
-        return [j.flatten(2) for j in jac_fn(params, xs).values()]
-
-    def contract(j1: list[Tensor], j2: list[Tensor]) -> Tensor:
-        return torch.stack([torch.einsum("Naf,Mbf->NMab", a, b) for a, b in zip(j1, j2, strict=True)]).sum(0)
-
-    N = x.shape[0]
-    dtype = next(iter(params.values())).dtype
-    d = select(model(x[:1]), None).shape[-1]
-    per_sample = d * sum(p.numel() for p in params.values()) * dtype.itemsize
-    K = torch.empty(N, N, d, d, dtype=dtype)
-    block = max(1, min(N, int(budget_bytes // (2 * per_sample))))
-    for s in range(0, N, block):
-        ja = jacobians(x[s : s + block])
-        for t in range(s, N, block):
-            jb = ja if t == s else jacobians(x[t : t + block])
-            k = contract(ja, jb)
-            K[s : s + block, t : t + block] = k
-            if t != s:
-                K[t : t + block, s : s + block] = k.transpose(0, 1).transpose(-1, -2)
-    return K
 
 
 def mlp_ntk_by_hand(model: nn.Sequential, x: Tensor) -> Tensor:

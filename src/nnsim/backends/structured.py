@@ -291,13 +291,15 @@ class Structured:
             for (name, _), g in zip(f.params, f.mix(M).batch_grad(), strict=True):
                 rule_grads[name] = rule_grads[name] + g if name in rule_grads else g
         tol = _CHECK_RTOL.get(dtype, _CHECK_RTOL[torch.float32])
+        names = list(self.problem.params)
+        ref = [reference[n] for n in names]
+        rule = [rule_grads[n][0].to(g.dtype) if n in rule_grads else torch.zeros_like(g) for n, g in zip(names, ref,
+                                                                                                          strict=True)]
+        errs = _norms([r - g for r, g in zip(rule, ref, strict=True)])
         bad: dict[str, str] = {}
-        for name, p in self.problem.params.items():
-            g = reference[name]
-            r = torch.zeros_like(p) if name not in rule_grads else rule_grads[name][0].to(g.dtype)
-            err = float((r - g).norm())
-            if err > tol * (max(float(g.norm()), float(r.norm())) + 1e-3 * scale) + 1e-30:
-                bad[name] = f"disagrees with autograd on {name} (error {err:.2g}, gradient norm {float(g.norm()):.2g})"
+        for name, err, g_norm, r_norm in zip(names, errs, _norms(ref), _norms(rule), strict=True):
+            if err > tol * (max(g_norm, r_norm) + 1e-3 * scale) + 1e-30:
+                bad[name] = f"disagrees with autograd on {name} (error {err:.2g}, gradient norm {g_norm:.2g})"
         return bad
 
     def _reference(self, probe: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor], float]:
@@ -337,7 +339,7 @@ class Structured:
         for k, v in enumerate(V):
             auto = torch.autograd.grad((Y @ v) @ w_sample, tensors, retain_graph=k < V.shape[0] - 1,
                                        allow_unused=True)
-            scale = max([scale] + [float(g.norm()) for g in auto if g is not None])
+            scale = max([scale] + _norms([g for g in auto if g is not None]))
             for n, g in zip(names, auto, strict=True):
                 if g is not None:
                     total[n] += w_dir[k] * g.detach()
@@ -576,6 +578,16 @@ def _probe(batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
         return tuple(t[:n] for t in batch)
     idx = torch.arange(n, device=batch[0].device) % B
     return tuple(t[idx] for t in batch)
+
+
+def _norms(tensors: list[Tensor]) -> list[float]:
+    """The 2-norm of each tensor (in float64), in a few vectorised operations instead of one per tensor."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    sizes = torch.tensor([t.numel() for t in tensors], device=flat.device)
+    seg = torch.repeat_interleave(torch.arange(len(tensors), device=flat.device), sizes)
+    return flat.new_zeros(len(tensors)).index_add_(0, seg, flat * flat).sqrt().tolist()
 
 
 def _has_batched(flat: list, axes: dict[int, int] | None, B: int) -> bool:
