@@ -1,7 +1,8 @@
 """Speed paths of the structured backend that must change no number: plans kept per model object across
 ``Similarity`` instances (re-verified on every new one, replaced when the model changed), the symmetric Gram
-of a chunk with itself (blocks above the diagonal, mirrored), the one-output mix (a scale per sample).
-Each against an independent oracle in float64: the per-sample loop, the plain matrix product, the einsum."""
+of a chunk with itself (blocks above the diagonal, mirrored), the one-output mix (a scale per sample), the
+explicit gradients of the sequence rules. Each against an independent oracle in float64: the per-sample loop,
+the plain matrix product, the einsum."""
 
 from __future__ import annotations
 
@@ -174,3 +175,37 @@ def test_the_one_output_mix_is_the_einsum():
     delta = torch.randn(5, 1, 2, 3, 6, dtype=torch.float64, generator=gen)
     f = Outer("l", a, delta, ("l.weight", torch.Size([12, 4])))
     assert torch.equal(f.mix(M).delta, torch.einsum("bcgtn,bce->begtn", delta, M))
+
+
+class _Sequence(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.seq = nn.MultiheadAttention(8, 2, batch_first=True) if kind == "attention" else \
+            getattr(nn, kind)(8, 6, batch_first=True)
+        self.head = nn.Linear(8 if kind == "attention" else 6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.seq(x, x, x, need_weights=False)[0] if self.kind == "attention" else self.seq(x)[0]
+        return self.head(torch.tanh(out).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "attention"])
+@pytest.mark.parametrize("explicit", [True, False])
+def test_sequence_rules_on_both_paths_agree_with_the_loop(kind, explicit, monkeypatch):
+    """The recurrent and attention rules build explicit weight and bias gradients (separate Dense factors, no
+    copy) where the cost model prefers them, position factors otherwise: both exact, the rule itself used."""
+    from nnsim._model import analysis_mode
+
+    monkeypatch.setattr(Outer, "prefers_dense", lambda self, mode, partners=256: explicit)
+    torch.manual_seed(6)
+    model = _Sequence(kind).double()
+    x = torch.randn(5, 4, 8, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, progress=False)
+    assert rel_err(sim.kernel(x), ref) <= 1e-10
+    assert sim.describe()["seq"] == ("multihead_attention" if kind == "attention" else "recurrent")
+    with analysis_mode(model, sim.params):
+        factors, _ = sim._factor_fn((x,), 0)
+    seq = [f for f in factors if f.layer.startswith("seq")]
+    assert all(isinstance(f, Dense if explicit else Outer) for f in seq), [type(f).__name__ for f in seq]
