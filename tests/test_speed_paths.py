@@ -209,3 +209,48 @@ def test_sequence_rules_on_both_paths_agree_with_the_loop(kind, explicit, monkey
         factors, _ = sim._factor_fn((x,), 0)
     seq = [f for f in factors if f.layer.startswith("seq")]
     assert all(isinstance(f, Dense if explicit else Outer) for f in seq), [type(f).__name__ for f in seq]
+
+
+class _OldStyleTanh(torch.autograd.Function):
+    """A custom autograd function whose backward branches on its values (a NaN check): vmap cannot batch it, so
+    the d outputs' signals are back-propagated one output at a time."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (y,) = ctx.saved_tensors
+        if bool(torch.isnan(g).any()):
+            raise FloatingPointError("NaN signal")
+        return g * (1 - y * y)
+
+
+class _Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(_OldStyleTanh.apply(self.a(x)))
+
+
+@pytest.mark.parametrize(("model_fn", "batched"), [(_mlp, True), (lambda: _Custom().double(), False)])
+def test_the_signals_of_d_outputs_in_one_batched_backward_or_d_passes_agree_with_the_loop(model_fn, batched,
+                                                                                         monkeypatch):
+    from nnsim.backends import structured
+
+    seen: list[bool] = []
+    real = structured._batched_signals
+    monkeypatch.setattr(structured, "_batched_signals", lambda y, leaves: seen.append(r := real(y, leaves)) or r)
+    torch.manual_seed(7)
+    model = model_fn()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, progress=False)
+    assert rel_err(sim.kernel(x), ref) <= 1e-10
+    assert sim.describe() == {"a" if not batched else "0": "linear", "b" if not batched else "2": "linear"}
+    assert seen and all((r is not None) == batched for r in seen)

@@ -460,7 +460,8 @@ class Structured:
         leaves = [z for cs in calls.values() for c in cs for z in c.leaves]
         d = y.shape[1]
         per_c: list[tuple] = []
-        if leaves:
+        batched = _batched_signals(y, leaves) if leaves and d > 1 and not graph else None
+        if leaves and batched is None:
             for c in range(d):
                 per_c.append(torch.autograd.grad(y[:, c].sum(), leaves, retain_graph=graph or c < d - 1,
                                                  create_graph=graph, allow_unused=True))
@@ -469,8 +470,11 @@ class Structured:
             for call in cs:
                 for j, z in enumerate(call.leaves):
                     axis = (call.out_batched or {}).get(j, 0)  # the rules get signals [B, d, ...]
-                    parts = [(torch.zeros_like(z) if g[k] is None else g[k]).movedim(axis, 0) for g in per_c]
-                    delta = parts[0].unsqueeze(1) if d == 1 else torch.stack(parts, dim=1)  # d = 1: a view
+                    if batched is not None:  # [d, *z.shape] -> [B, d, ...]
+                        delta = batched[k].movedim(axis + 1, 0).contiguous()
+                    else:
+                        parts = [(torch.zeros_like(z) if g[k] is None else g[k]).movedim(axis, 0) for g in per_c]
+                        delta = parts[0].unsqueeze(1) if d == 1 else torch.stack(parts, dim=1)  # d = 1: a view
                     call.deltas.append(delta if graph else delta.detach())
                     k += 1
         factors: list[Factor] = []
@@ -578,6 +582,22 @@ def _probe(batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
         return tuple(t[:n] for t in batch)
     idx = torch.arange(n, device=batch[0].device) % B
     return tuple(t[idx] for t in batch)
+
+
+def _batched_signals(y: Tensor, leaves: list[Tensor]) -> list[Tensor] | None:
+    """d y[:, c].sum() / d leaf for all d outputs in one vmapped backward pass ([d, *leaf.shape] per leaf), or
+    None where autograd cannot batch it (an operation without a batching rule: the caller runs d passes)."""
+    d = y.shape[1]
+    basis = torch.eye(d, dtype=y.dtype, device=y.device)[:, None, :].expand(d, *y.shape)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a slow per-sample fallback of vmap: d plain passes instead
+            grads = torch.autograd.grad(y, leaves, basis, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+    except Exception:  # noqa: BLE001  (vmap could not run this backward: the sequential passes are exact)
+        return None
+    return [torch.zeros(d, *z.shape, dtype=z.dtype, device=z.device) if g is None else g
+            for g, z in zip(grads, leaves, strict=True)]
 
 
 def _norms(tensors: list[Tensor]) -> list[float]:
