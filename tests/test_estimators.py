@@ -200,3 +200,25 @@ def test_features_are_unbiased_projections_and_exact_for_small_layers():
     est = torch.stack([torch.einsum("ick,jek->ijce", p, p) for p in
                        (sim.features(x, dim=8, seed=s) for s in range(300))]).mean(0)
     assert float((est - Kt).abs().max()) < 0.15  # Monte-Carlo mean of unbiased sketches
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_with_index_tensors_in_any_order_keeps_the_lowest_index_ties(seed):
+    # TopK.update(rows, tile, cols) with explicit [R, C] indices (the index's candidate blocks): columns fed in a
+    # random order, many ties and NaN; the oracle sorts each row by (-score, index).
+    from nnsim.estimators import TopK
+
+    g = torch.Generator().manual_seed(seed)
+    Q, M, k = 4, 30, 7
+    scores = torch.randint(0, 4, (Q, M), generator=g).double() / 2
+    scores[torch.rand(Q, M, generator=g) < 0.2] = float("nan")
+    perm = torch.randperm(M, generator=g)
+    top = TopK(Q, k, torch.float64, torch.device("cpu"))
+    for block in perm.split(6):
+        top.update(slice(0, Q), scores[:, block], block.expand(Q, -1))
+    values, indices = top.result()
+    for q in range(Q):
+        want = sorted((-float(s), j) for j, s in enumerate(scores[q].tolist()) if s == s)[:k]
+        assert indices[q, : len(want)].tolist() == [j for _, j in want]
+        assert values[q, : len(want)].tolist() == [-s for s, _ in want]
+        assert (indices[q, len(want):] == -1).all()

@@ -1,23 +1,17 @@
 """Running nnsim's dataset-scale operations on several processes with ``torch.distributed``.
 
-Every rank calls the same nnsim function with the same arguments (``torchrun`` runs the same script on
-every rank): the same model, the same ``data`` (a tensor, Dataset or DataLoader, each rank reading only the
-rows it needs), the same queries. The work is split by rank in *chunk* units, so that every chunk, and
-therefore every per-sample quantity and every tile, is computed exactly as in a single process; only small
-reductions cross the network (parameter-shaped sums, per-sample vectors, top-k lists, short status
-messages), never the data or the per-sample gradients. Every rank returns the full result.
-
-The helpers here know nothing of models: they resolve a process group, split ranges, and wrap the few
-collectives nnsim needs so that they work on gloo (CPU tensors) and NCCL (tensors moved to the rank's
-current CUDA device and back).
-
-For scripts (the CLI among them): :func:`is_main_process`, :func:`main_only` and :func:`print0` keep
-reports and prints on rank 0.
+Every rank calls the same nnsim function with the same arguments (``torchrun`` runs the same script on every
+rank). The work is split by rank in whole chunks, so every per-sample quantity and every tile is computed
+exactly as in one process; only small reductions cross the network (parameter-shaped sums, per-sample vectors,
+top-k lists, status messages), never the data or the per-sample gradients. Every rank returns the full result.
+The collectives work on gloo (CPU tensors) and NCCL (tensors moved to the rank's CUDA device and back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -85,7 +79,6 @@ def resolve(group: Any = None) -> Comm | None:
     return None if world == 1 else Comm(group, rank, world)
 
 
-# ------------------------------------------------------------------------------------------ rank-0 helpers
 def rank() -> int:
     """This process's rank in the default group (0 when torch.distributed is not initialised)."""
     return dist.get_rank() if _AVAILABLE and dist.is_initialized() else 0
@@ -142,7 +135,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0, group: Any = None) -
     root = src if comm.group is dist.group.WORLD else dist.get_global_rank(comm.group, src)
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            buf = _to(comm, t.detach()).contiguous()
+            buf = t.detach().to(comm.device).contiguous()
             dist.broadcast(buf, src=root, group=comm.group)
             t.copy_(buf.to(t.device))
     return module
@@ -163,7 +156,6 @@ def setup_from_env(backend: str | None = None) -> Comm | None:
     return resolve(None)
 
 
-# ------------------------------------------------------------------------------------------ partitions
 def split(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rank's contiguous share [a, b) of range(n): sizes differ by at most one, earlier ranks larger."""
     base, extra = divmod(n, world)
@@ -196,11 +188,6 @@ def tile_segments(n_a: int, n_b: int, symmetric: bool, rank: int, world: int) ->
         return [(i, c0, c1) for i in range(n_a)] if c1 > c0 else []
     r0, r1 = split(n_a, rank, world)
     return [(i, 0, n_b) for i in range(r0, r1)]
-
-
-# ------------------------------------------------------------------------------------------ collectives
-def _to(comm: Comm, t: Tensor) -> Tensor:
-    return t.to(comm.device)
 
 
 def all_gather_object(comm: Comm, obj: Any) -> list[Any]:
@@ -239,7 +226,7 @@ def agree(comm: Comm | None, what: str, value: Any) -> None:
                                f"and arguments (the data are split by rank, not sent):\n  {lines}")
 
 
-class together:  # noqa: N801 - used as a context manager, like a function
+class together(contextlib.AbstractContextManager):  # noqa: N801 - used as a context manager, like a function
     """Context manager around a rank's local work (no collective inside): if it raises on any rank, every
     rank raises when leaving the block, so that no rank is left waiting in the next collective. The failing
     rank re-raises its own exception, the others a :class:`DistributedError` naming it."""
@@ -247,19 +234,13 @@ class together:  # noqa: N801 - used as a context manager, like a function
     def __init__(self, comm: Comm | None) -> None:
         self.comm = comm
 
-    def __enter__(self) -> together:
-        return self
-
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
         if self.comm is None or (error is not None and not isinstance(error, Exception)):
             return False  # interrupts are not negotiated: the launcher tears the group down
         status = all_gather_object(self.comm, None if error is None else f"{type(error).__name__}: {error}")
-        if error is not None:
-            return False
         failed = [(r, s) for r, s in enumerate(status) if s is not None]
-        if failed:
-            r, s = failed[0]
-            raise DistributedError(f"rank {r} failed: {s}")
+        if error is None and failed:  # the failing rank re-raises its own exception (returning False)
+            raise DistributedError(f"rank {failed[0][0]} failed: {failed[0][1]}")
         return False
 
 
@@ -276,14 +257,10 @@ class Ranks:
     reductions below; each of them handles a rank that got no work (an empty dict, no rows), and each is the
     identity in a single process."""
 
-    def __init__(self, comm: Comm | None, device: torch.device) -> None:
+    def __init__(self, comm: Comm | None, device: torch.device, progress: bool = False) -> None:
         self.comm, self.device = comm, device
         self.rank, self.world = (0, 1) if comm is None else (comm.rank, comm.world)
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 (or a single process): the one that shows progress bars."""
-        return self.rank == 0
+        self.progress = progress and self.rank == 0  # progress bars: asked for, and on rank 0 only
 
     def tiles(self, n_a: int, n_b: int, symmetric: bool) -> list[tuple[int, int, int]]:
         """This rank's tiles of an n_a x n_b chunk grid (:func:`tile_segments`)."""
@@ -309,7 +286,7 @@ class Ranks:
         for dtype in sorted({dt for _, dt in spec.values()}, key=str):
             keys = sorted(k for k, (_, dt) in spec.items() if dt == dtype)
             local = [sums[k] if k in sums else torch.zeros(spec[k][0], dtype=dtype, device=self.device) for k in keys]
-            flat = torch.cat([_to(self.comm, t).reshape(-1) for t in local])
+            flat = torch.cat([t.to(self.comm.device).reshape(-1) for t in local])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.comm.group)
             for k, t, part in zip(keys, local, flat.split([t.numel() for t in local]), strict=True):
                 out[k] = part.reshape(t.shape).to(t.device)
@@ -333,8 +310,8 @@ class Ranks:
         shape, dtype = next(span[2] for span in spans if span[2] is not None)
         if local is None:
             local = torch.zeros(0, *shape, dtype=dtype, device=self.device)
-        buf = _to(self.comm, local).new_zeros((max(m for _, m, _ in spans), *shape))
-        buf[: local.shape[0]] = _to(self.comm, local)
+        buf = local.to(self.comm.device).new_zeros((max(m for _, m, _ in spans), *shape))
+        buf[: local.shape[0]] = local
         gathered = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(gathered, buf, group=self.comm.group)
         out = buf.new_empty((n, *shape))
@@ -349,15 +326,11 @@ class Ranks:
             return values, indices
         gathered = []
         for t in (values, indices):
-            t = _to(self.comm, t).contiguous()
+            t = t.to(self.comm.device).contiguous()
             parts = [torch.empty_like(t) for _ in range(self.world)]
             dist.all_gather(parts, t, group=self.comm.group)
             gathered.append(torch.cat(parts, 1))
         return topk_lowest_index(*gathered, k, values.device)
-
-    def union(self, ids: list[int]) -> list[int]:
-        """The sorted union of every rank's sample indices."""
-        return sorted(set().union(*([ids] if self.comm is None else all_gather_object(self.comm, ids))))
 
     def merge(self, report: Any) -> None:
         """Every rank's notes of a :class:`nnsim.engine.RankReport` merged into ``report`` (on every rank)."""
@@ -366,7 +339,7 @@ class Ranks:
 
 
 def for_call(group: Any, op: str, sources: tuple[Any, ...], params: dict[str, Tensor], args: Any,
-             device: torch.device) -> Ranks:
+             device: torch.device, progress: bool) -> Ranks:
     """The :class:`Ranks` of a dataset-scale operation, after checking that every rank called it alike
     (sample counts, first-sample digests, model parameters, arguments)."""
     comm = resolve(group)
@@ -374,13 +347,11 @@ def for_call(group: Any, op: str, sources: tuple[Any, ...], params: dict[str, Te
         seen = [(len(s), batch_digest(s.first())) for s in sources]
         agree(comm, f"the {op} call (sample counts and first-sample digests, model parameters, arguments)",
               (op, seen, params_checksum(params), repr(args)))
-    return Ranks(comm, device)
+    return Ranks(comm, device, progress)
 
 
 def batch_digest(batch: tuple[Tensor, ...]) -> str:
     """sha256 of a small batch's shapes, dtypes and bytes (to check that ranks see the same samples)."""
-    import hashlib
-
     h = hashlib.sha256()
     for t in batch:
         t = t.detach().to("cpu").contiguous()

@@ -53,20 +53,14 @@ def _keyed_input(item: Any, where: str) -> tuple[Batch, tuple[str, ...] | None]:
         return _mapping(item, where)
     if isinstance(item, (tuple, list)) and item:
         first = item[0]
-        if isinstance(first, Tensor):
-            return (first,), None
-        if isinstance(first, Mapping):
-            return _mapping(first, where)
+        if isinstance(first, (Tensor, Mapping)):
+            return _keyed_input(first, where)
         if isinstance(first, (tuple, list)) and first and all(isinstance(t, Tensor) for t in first):
             return tuple(first), None
     raise InputError(
         f"{where}: expected a tensor, a mapping of tensors or a sequence whose first element is the input (a "
         f"tensor, a tuple of tensors or a mapping), got {type(item).__name__}"
     )
-
-
-def _as_input(item: Any, where: str) -> Batch:
-    return _keyed_input(item, where)[0]
 
 
 class Source:
@@ -161,7 +155,7 @@ class DatasetSource(_Streamed):
 
     def _batches(self, size: int) -> Iterator[Batch]:
         loader = DataLoader(self.data, batch_size=size, shuffle=False, collate_fn=default_collate)
-        return (_as_input(b, self._where) for b in loader)
+        return (_keyed_input(b, self._where)[0] for b in loader)
 
     def rows(self, a: int, b: int) -> Source:
         return self if (a, b) == (0, self.n) else DatasetSource(Subset(self.data, range(a, b)), b - a)
@@ -188,7 +182,7 @@ class LoaderSource(_Streamed):
         return next(iter(self.data))
 
     def _batches(self, size: int) -> Iterator[Batch]:
-        return (_as_input(b, self._where) for b in self.data)
+        return (_keyed_input(b, self._where)[0] for b in self.data)
 
     def rows(self, a: int, b: int) -> Source:
         return self if (a, b) == (0, self.n) else _Window(self, a, b)
@@ -247,21 +241,17 @@ def as_source(x: Any, name: str) -> Source:
             raise InputError(f"{name}: the tensors of a multi-input tuple have different sample counts "
                              f"{[t.shape[0] for t in x]}")
         src = TensorSource(tuple(x), n, names)
-    elif isinstance(x, DataLoader):
-        if isinstance(x.sampler, RandomSampler):
+    elif isinstance(x, (DataLoader, Dataset)):
+        loader = isinstance(x, DataLoader)
+        if loader and isinstance(x.sampler, RandomSampler):
             raise InputError(f"{name}: DataLoader(shuffle=True) yields a new order on every pass, so results "
                              "could not be matched to samples; pass shuffle=False")
         try:
-            n = len(x.dataset)  # type: ignore[arg-type]
+            n = len(x.dataset if loader else x)  # type: ignore[arg-type]
         except TypeError as err:
-            raise InputError(f"{name}: the DataLoader's dataset has no length; nnsim needs a sized dataset") from err
-        src = LoaderSource(x, n)
-    elif isinstance(x, Dataset):
-        try:
-            n = len(x)  # type: ignore[arg-type]
-        except TypeError as err:
-            raise InputError(f"{name}: the Dataset has no __len__; nnsim needs a sized dataset") from err
-        src = DatasetSource(x, n)
+            what = "the DataLoader's dataset has no length" if loader else "the Dataset has no __len__"
+            raise InputError(f"{name}: {what}; nnsim needs a sized dataset") from err
+        src = LoaderSource(x, n) if loader else DatasetSource(x, n)
     else:
         hint = "; convert it with torch.from_numpy(x)" if type(x).__module__ == "numpy" else ""
         raise InputError(f"{name}: expected a tensor, a tuple of tensors, a mapping of tensors, a Dataset or a "

@@ -1,15 +1,6 @@
 """Pair builders for :class:`nnsim.SimilarityLoss`: which inputs are known to be similar (docs/method.md,
-"Training with the similarity criterion").
-
-Every builder returns ``pairs``, a LongTensor [n_pairs, 2] of row indices (into the batch, or into the
-dataset for :func:`sample_same_class`):
-
-* :func:`same_label`: pairs of distinct rows of a batch that share a label (all of them, or a random subset);
-* :func:`augmented`: a batch and its transformed copy, concatenated, with the pairs (x_i, augment(x_i));
-* :func:`sample_same_class`: the authors' sampler: a class drawn uniformly, then two images of that class
-  drawn with replacement, per pair (docs/method.md, "Training with the similarity criterion"), as indices into
-  a labelled dataset;
-* :func:`check`: validate explicit index pairs.
+"Training with the similarity criterion"). Each returns ``pairs``, a LongTensor [n_pairs, 2] of row indices
+(into the batch, or into the dataset for :func:`sample_same_class`); :func:`check` validates explicit pairs.
 """
 
 from __future__ import annotations

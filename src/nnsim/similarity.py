@@ -52,6 +52,11 @@ class Similarity:
         max_result_bytes: refuse dense results larger than this (suggesting ``reduce="trace"``).
         cache_bytes: keep the factors of the second argument in memory up to this size instead of
             recomputing them for every chunk of the first.
+
+    The dataset-scale methods (:meth:`density`, :meth:`neighbors`, :meth:`denoising`) take ``group``, a
+    ``torch.distributed`` process group (default: the initialised default group, if any; ``False``: this
+    process alone): every rank passes the same arguments (they are not broadcast: under torchrun every rank
+    runs the same script), computes its share and gets the full result (``docs/scaling.md``).
     """
 
     def __init__(
@@ -102,7 +107,6 @@ class Similarity:
         """The output dimension, measured by a first computation (None before)."""
         return self._chunker.d
 
-    # ------------------------------------------------------------------ public API
     def self_kernel(self, x: Any) -> Tensor:
         """K(x, x) for every sample: [N, d, d] (with the output metric applied)."""
         chunks = self._chunker.chunks(as_source(x, "x"), "x", Request(Quantity.KERNEL, Form.FULL))
@@ -140,7 +144,6 @@ class Similarity:
         """
         return self._pairwise(xa, xb, Quantity.INFLUENCE, Form.FULL, None)
 
-    # ------------------------------------------------------------------ dataset-scale estimators
     def density(
         self,
         data: Any,
@@ -166,10 +169,8 @@ class Similarity:
         ``include_self=False`` drops j = i (only meaningful when ``reference`` is ``data``). Samples with a
         zero gradient get NaN (with a warning) and contribute nothing to the others' counts.
 
-        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
-        ``False``: this process alone). Every rank passes the same arguments and gets the full result; each
-        computes its share (soft: its chunks, then one all-reduce of S; tiles: a balanced share of the tiles,
-        then one all-reduce of the counts). See ``docs/scaling.md``.
+        ``group`` (class docstring): soft: each rank its chunks, then one all-reduce of S; tiles: a balanced
+        share of the tiles, then one all-reduce of the counts.
         """
         density.check_args(method, normalized, threshold, power, algorithm)
         same = reference is None or reference is data
@@ -181,10 +182,9 @@ class Similarity:
                                                             algorithm, same))
         if method == "soft" and algorithm != "tiles":
             return density.soft_linear(self._chunker, src, ref, normalized=normalized, include_self=include_self,
-                                       ranks=ranks, progress=self._shows(ranks))
+                                       ranks=ranks)
         return density.by_tiles(self._chunker, src, ref, same=same, method=method, threshold=threshold, power=power,
-                                include_self=include_self, normalized=normalized, ranks=ranks,
-                                progress=self._shows(ranks))
+                                include_self=include_self, normalized=normalized, ranks=ranks)
 
     def neighbors(
         self, queries: Any, data: Any = None, k: int = 10, exclude_self: bool = False, *, group: Any = None
@@ -195,11 +195,8 @@ class Similarity:
         themselves; ``exclude_self`` then skips each query's own index. Queries with a zero gradient get
         NaN similarities and index -1. Among equal similarities the lowest index comes first.
 
-        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
-        ``False``: this process alone). Every rank passes the same queries and data (they are not broadcast:
-        under torchrun every rank runs the same script) and gets the full result; each sweeps its share of
-        the tiles (a shard of the data, or of the triangle when ``data=None``), then the ranks' top-k lists
-        are merged exactly.
+        ``group`` (class docstring): each rank sweeps its share of the tiles (a shard of the data, or of the
+        triangle when ``data=None``), then the ranks' top-k lists are merged exactly.
         """
         same = data is None or data is queries
         src, ref = self._sources(queries, None if same else data, ("queries", "data"))
@@ -207,8 +204,7 @@ class Similarity:
         if not isinstance(k, int) or not 1 <= k <= limit:
             raise InputError(f"k must be an integer in [1, {limit}], got {k!r}")
         ranks = self._ranks(group, "neighbors", (src, ref), (k, exclude_self, same))
-        return neighbors.top_k(self._chunker, src, ref, k, same=same, exclude_self=exclude_self, ranks=ranks,
-                               progress=self._shows(ranks))
+        return neighbors.top_k(self._chunker, src, ref, k, same=same, exclude_self=exclude_self, ranks=ranks)
 
     def denoising(
         self,
@@ -245,10 +241,8 @@ class Similarity:
         ``predictions`` [N, d] default to the model's analysed outputs; ``noise_std`` (the label-noise
         level sigma) enables ``predicted_error = sigma sqrt(tr D / d)``.
 
-        ``group``: a ``torch.distributed`` process group (default: the initialised default group, if any;
-        ``False``: this process alone). Every rank passes the same arguments and gets the full report; the
-        exact tiles (or, approximate, the chunks of both passes) are spread over the ranks and the per-sample
-        sums all-reduced.
+        ``group`` (class docstring): the exact tiles (or, approximate, the chunks of both passes) are spread
+        over the ranks and the per-sample sums all-reduced.
         """
         if isinstance(self.metric, Tensor) or self._chunker.fisher:
             raise InputError("denoising is derived for a squared loss on the outputs: use metric='euclidean'")
@@ -257,26 +251,15 @@ class Similarity:
             raise InputError(f"noise_std must be a non-negative number, got {noise_std!r}")
         if method not in ("paper", "linearized"):
             raise InputError(f"method must be 'paper' or 'linearized', got {method!r}")
-        if method == "linearized":
-            return self._linearized(data, predictions, targets, noise_std, approximate, landmarks, seed, smoother,
-                                    group)
-        src = denoising.check_paper(self._chunker, data, predictions, targets, approximate, dim)
-        ranks = self._ranks(group, "denoising", (src,), (
-            None if predictions is None else distributed.params_checksum({"predictions": predictions}),
-            noise_std, approximate, dim, seed))
-        return denoising.paper(self._chunker, src, predictions, noise_std, approximate, dim, seed, ranks=ranks,
-                               progress=self._shows(ranks))
-
-    def _linearized(self, data: Any, predictions: Tensor | None, targets: Tensor | None, noise_std: float | None,
-                    approximate: bool, landmarks: int, seed: int, smoother: str, group: Any) -> DenoisingReport:
-        arrays = {"targets": targets, "predictions": predictions}
-        src = denoising.check_linearized(data, smoother, landmarks, arrays)
-        ranks = self._ranks(group, "denoising", (src,), (
-            distributed.params_checksum({k: v for k, v in arrays.items() if v is not None}), noise_std, approximate,
-            landmarks, seed, smoother, "linearized"))
+        src = denoising.check(self._chunker, data, method, predictions, targets, approximate, dim, smoother, landmarks)
+        arrays = {k: v for k, v in (("predictions", predictions), ("targets", targets)) if v is not None}
+        ranks = self._ranks(group, "denoising", (src,), (distributed.params_checksum(arrays), noise_std, approximate,
+                                                          dim, landmarks, seed, smoother, method))
+        if method == "paper":
+            return denoising.paper(self._chunker, src, predictions, noise_std, approximate, dim, seed, ranks=ranks)
         assert targets is not None
         return denoising.linearized_report(self._chunker, src, predictions, targets, noise_std, approximate,
-                                           landmarks, seed, smoother, ranks=ranks, progress=self._shows(ranks))
+                                           landmarks, seed, smoother, ranks=ranks)
 
     def features(self, x: Any, dim: int = 1024, seed: int = 0, normalized: bool = True) -> Tensor:
         """Seeded random projections of the per-sample (kernel-corrected if ``normalized``) gradients.
@@ -327,7 +310,6 @@ class Similarity:
         plan = getattr(getattr(fn, "__self__", None), "plan", None)
         return plan.describe() if plan is not None else {}
 
-    # ------------------------------------------------------------------ shared by the public methods
     def _sources(self, xa: Any, xb: Any, names: tuple[str, str] = ("xa", "xb")) -> tuple[Source, Source]:
         src_a = as_source(xa, names[0])
         src_b = src_a if xb is None else as_source(xb, names[1])
@@ -339,19 +321,14 @@ class Similarity:
         return src_a, src_b
 
     def _ranks(self, group: Any, op: str, sources: tuple[Source, ...], args: Any) -> distributed.Ranks:
-        """The processes of a dataset-scale operation, checked to have been called alike."""
-        return distributed.for_call(group, op, sources, self.params, args, self.device)
-
-    def _shows(self, ranks: distributed.Ranks) -> bool:
-        """Progress bars: on, and on rank 0 only."""
-        return self.progress and ranks.main
+        return distributed.for_call(group, op, sources, self.params, args, self.device, self.progress)
 
     def _pairwise(self, xa: Any, xb: Any, quantity: Quantity, form: Form, by: By) -> Tensor | dict[str, Tensor]:
         if by not in (None, "layer"):
             raise InputError(f"by must be None or 'layer', got {by!r}")
         src_a, src_b = self._sources(xa, xb)
         request = Request(quantity, form, by_layer=by == "layer")
-        report = RankReport(request.label, int(self._chunker.fisher))
+        report = RankReport(request.quantity.value, int(self._chunker.fisher))
         results = pairwise(self._chunker, src_a, src_b, request, report, max_bytes=self.max_result_bytes,
                            symmetric=xb is None and quantity is not Quantity.INFLUENCE, progress=self.progress)
         report.emit()

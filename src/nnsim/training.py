@@ -1,14 +1,11 @@
 """Enforcing similarity during training: a differentiable criterion on pairs of inputs (docs/method.md,
 "Training with the similarity criterion").
 
-:class:`SimilarityLoss` turns the network's similarity of known-similar pairs (same class, an input and its
-augmented copy, or any explicit index pairs) into a scalar to add to the task loss. Its gradient needs
-second-order differentiation: the per-sample parameter gradients g(x) are themselves functions of the
-parameters. Instead of one ``autograd.grad(create_graph=True)`` per sample, the criterion runs the core's
-structured pass with its layer factors kept in the autograd graph (one forward pass and d backward passes
-to the layer outputs for the whole batch, with ``create_graph``) and evaluates only the requested pair
-inner products and self-norms from the factors (for a Linear layer <g_i, g_j> = (a_i . a_j)(delta_i . delta_j)),
-never the [B, P] per-sample gradients unless a layer's explicit gradient is the cheaper form.
+Its gradient differentiates the per-sample gradients g(x) (double backward). Instead of one
+``autograd.grad(create_graph=True)`` per sample, the structured pass runs with its layer factors kept in the
+graph (one forward and d backward passes for the batch) and only the requested pair inner products and
+self-norms are evaluated from the factors (Linear: <g_i, g_j> = (a_i . a_j)(delta_i . delta_j)), never the
+[B, P] per-sample gradients unless a layer's explicit gradient is the cheaper form.
 """
 
 from __future__ import annotations
@@ -20,18 +17,18 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import backends, outputs, pairs
+from . import backends, outputs
 from ._model import ParamSelection, analysis_mode, check_model, select_params
 from .backends import functorch
 from .backends.base import Problem
 from .errors import InputError, ModelError
 from .factors import pair_gram, prepare, self_gram
+from .inputs import as_source, check_finite
+from .pairs import check as check_pairs
 
 Variant = Literal["one_minus", "authors", "distance"]
 BatchMode = Literal["per_pair", "mean_gradient"]
 VARIANTS = ("one_minus", "authors", "distance")
-# The development specification's names for the same variants (docs/method.md, "Training with the similarity
-# criterion").
 _ALIASES = {"enforce": "one_minus", "authors_literal": "authors"}
 
 __all__ = ["SimilarityLoss", "VARIANTS"]
@@ -56,8 +53,6 @@ class SimilarityLoss:
     * ``"distance"``: mean of ``|g_A - g_B|^2 / (|g_A| |g_B|)`` (the authors' disabled alternative; it also
       penalises a norm mismatch). For d > 1 the Frobenius norms of the [d, P] Jacobians are used.
 
-    The result is multiplied by ``weight``.
-
     Args:
         model: any ``nn.Module``. The criterion evaluates it with eval-mode semantics (BatchNorm running
             statistics, no dropout: per-sample gradients are otherwise coupled or random) and restores its
@@ -65,13 +60,10 @@ class SimilarityLoss:
         output: what is compared: ``None`` (the model output flattened to [B, d]), a callable
             ``(model_output, inputs) -> [B, d]`` (e.g. from :mod:`nnsim.outputs`), or ``"posnegflat"``, the
             authors' scalar score s = sum_c m_c log_softmax(z)_c with m = +1 at the sample's label and
-            -1/(C-1) elsewhere, which needs ``targets`` in the call. For a pair of the same class this is
-            exactly the authors' mask (they build it from the label of the second image and use it for both);
-            for a cross-class pair each input uses its own label, an explicit choice (docs/method.md,
-            "Classification outputs").
+            -1/(C-1) elsewhere, which needs ``targets`` in the call (each input uses its own label: the
+            authors' mask for same-class pairs; docs/method.md, "Classification outputs").
         params: the parameters whose gradients are compared: ``None`` (all with ``requires_grad``), names,
             glob patterns or submodules. The criterion's gradient flows to every parameter it depends on.
-        variant: ``"one_minus"``, ``"authors"`` or ``"distance"`` (see above).
         weight: multiplier of the criterion (the authors use sqrt(batch size) = 1).
         batch_mode: ``"per_pair"`` (mean over pairs of the per-pair criterion) or ``"mean_gradient"`` (the
             authors' behaviour for batches: one criterion between the *mean* gradient of the first elements
@@ -80,9 +72,6 @@ class SimilarityLoss:
             (and, for d > 1, eigenvalues of K(x, x) below eps * largest are raised to it).
         backend: ``"auto"`` / ``"structured"`` (layer factors in the graph, exact per-module fallback for
             layers without a rule) or ``"functorch"`` (per-sample Jacobians with ``torch.func``, in the graph).
-
-    Raises:
-        InputError / ModelError with a message saying how to fix bad arguments.
     """
 
     def __init__(
@@ -111,10 +100,7 @@ class SimilarityLoss:
         if backend not in ("auto", "structured", "functorch"):
             raise InputError(f"backend must be 'auto', 'structured' or 'functorch', got {backend!r}")
         self.needs_targets = isinstance(output, str)
-        if self.needs_targets and output != "posnegflat":
-            raise InputError(f"output must be None, a callable (model_output, inputs) -> [B, d] or 'posnegflat', "
-                             f"got {output!r}")
-        if output is not None and not isinstance(output, str) and not callable(output):
+        if output != "posnegflat" and not (output is None or (callable(output) and not self.needs_targets)):
             raise InputError(f"output must be None, a callable (model_output, inputs) -> [B, d] or 'posnegflat', "
                              f"got {output!r}")
         self.model = model
@@ -138,7 +124,6 @@ class SimilarityLoss:
         return (f"SimilarityLoss(variant={self.variant!r}, weight={self.weight}, batch_mode={self.batch_mode!r}, "
                 f"params={len(self.params)} tensors)")
 
-    # ------------------------------------------------------------------ public API
     def __call__(
         self, inputs: Tensor | tuple[Tensor, ...], pairs: Tensor, targets: Tensor | None = None, *,
         return_similarities: bool = False,
@@ -166,7 +151,6 @@ class SimilarityLoss:
         cross, left, right = self._blocks(inputs, pairs, targets)
         return _similarity(cross, left, right, self.eps)
 
-    # ------------------------------------------------------------------ internals
     def _criterion(self, cross: Tensor, left: Tensor, right: Tensor) -> Tensor:
         if self.variant == "distance":
             tl, tr_ = _trace(left), _trace(right)
@@ -177,10 +161,15 @@ class SimilarityLoss:
 
     def _blocks(self, inputs: Any, pairs: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor]:
         """K(A_p, B_p), K(A_p, A_p), K(B_p, B_p) per pair, [n, d, d] each (mean-gradient mode: n = 1)."""
-        batch, keys = self._check_inputs(inputs)
+        if not isinstance(inputs, (Tensor, tuple, Mapping)):
+            raise InputError(f"inputs must be a tensor [B, ...], a tuple or a mapping of tensors, got "
+                             f"{type(inputs).__name__}")
+        src = as_source(inputs, "inputs")  # the checks of Similarity's inputs: tensors, one sample count, not empty
+        batch, keys = src.data, src.keys
+        check_finite(batch, 0, "inputs")
         self._problem.keys = None if keys is None else keys + ((_TARGETS,) if self.needs_targets else ())
         B = batch[0].shape[0]
-        I, J = _check_pairs(pairs, B, batch[0].device)
+        I, J = check_pairs(pairs, B).to(batch[0].device).unbind(1)
         if self.needs_targets:
             t = _check_targets(targets, B, batch[0].device)
             if self._num_classes is None:  # one sample through the model tells the number of classes
@@ -213,28 +202,6 @@ class SimilarityLoss:
             blocks = K.view(3, n * n, *K.shape[1:]).mean(1, keepdim=True)
             return blocks[0], blocks[1], blocks[2]
 
-    def _check_inputs(self, inputs: Any) -> tuple[tuple[Tensor, ...], tuple[str, ...] | None]:
-        """The inputs as a tuple of tensors, and their keyword names when they are a mapping."""
-        keys = None
-        if isinstance(inputs, Mapping):  # keyword inputs (a dict, a Hugging Face BatchEncoding)
-            keys = tuple(inputs.keys())
-            if not all(isinstance(k, str) for k in keys):
-                raise InputError(f"a mapping of inputs needs string keys (the model's argument names), got {keys!r}")
-            inputs = tuple(inputs.values())
-        batch = (inputs,) if isinstance(inputs, Tensor) else inputs
-        if not isinstance(batch, tuple) or not batch or not all(isinstance(t, Tensor) for t in batch):
-            raise InputError(f"inputs must be a tensor [B, ...], a tuple or a mapping of tensors, got "
-                             f"{type(inputs).__name__}")
-        B = batch[0].shape[0] if batch[0].dim() else 0
-        for k, t in enumerate(batch):
-            if t.dim() == 0 or t.shape[0] != B:
-                raise InputError(f"every input tensor needs the same leading batch size; input {k} has shape "
-                                 f"{tuple(t.shape)}, input 0 has {B} samples")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InputError(f"input {k} contains NaN or Inf")
-        if B == 0:
-            raise InputError("inputs are empty (batch size 0)")
-        return batch, keys
 
 
 class _WithTargets(nn.Module):
@@ -259,11 +226,6 @@ def _posnegflat_score(out: Any, inputs: tuple[Tensor, ...]) -> Tensor:
     return (m * torch.log_softmax(z, dim=-1)).sum(-1, keepdim=True)
 
 
-def _check_pairs(given: Any, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    checked = pairs.check(given, B).to(device)
-    return checked[:, 0], checked[:, 1]
-
-
 def _check_targets(targets: Any, B: int, device: torch.device) -> Tensor:
     if targets is None:
         raise InputError("output='posnegflat' needs targets: the class label of every input row, int64 [B]")
@@ -277,7 +239,6 @@ def _check_targets(targets: Any, B: int, device: torch.device) -> Tensor:
     return targets.to(device=device, dtype=torch.long)
 
 
-# ---------------------------------------------------------------------- similarity of blocks
 def _trace(K: Tensor) -> Tensor:
     return K.diagonal(dim1=-2, dim2=-1).sum(-1)
 

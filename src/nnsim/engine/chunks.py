@@ -9,14 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from .. import algebra
 from .._model import analysis_mode, input_failure
 from ..backends.base import Problem, checked_output
 from ..errors import InputError, ModelError
 from ..factors import Factor, compact, prepare, self_gram
-from ..inputs import Batch, Source, check_finite
+from ..inputs import Batch, Source, check_finite, sample_signature
 from .request import ALL, Form, Quantity, Request
 
 CHUNK_BYTES = 2**28  # budget of one chunk's factors
@@ -167,8 +166,7 @@ class Chunker:
         probe = next(src.chunks(PROBE_SAMPLES))
         # The size per sample depends only on the sample shapes and the request: measured once per Chunker
         # (a reused Similarity then pays no probe pass per call).
-        key = (request, src.keys, tuple((tuple(t.shape[1:]), t.dtype) for t in tree_flatten(probe[1])[0]
-                                        if isinstance(t, Tensor)))
+        key = (request, src.keys, tuple(sample_signature(probe[1])))
         if key not in self._per_sample_bytes:
             c = self.prepare(probe[1], 0, name, request)
             self._per_sample_bytes[key] = max(1, c.nbytes() // c.size)

@@ -55,12 +55,10 @@ class RankReport:
         self.zero, self.deficient = ({k: sorted(v) for k, v in sorted(m.items())} for m in merged)
 
     def emit(self, show: Callable[..., None] = warnings.warn) -> None:
-        for (side, g), idx in self.zero.items():
-            where = f" in layer {g!r}" if g else ""
-            show(f"{len(idx)} sample(s) of {side} have a zero gradient{where} (no direction): {self.effect}. "
-                 f"Samples: {sorted(set(idx))[:20]}", RankDeficiencyWarning, stacklevel=self.stacklevel)
-        for (side, g), idx in self.deficient.items():
-            where = f" in layer {g!r}" if g else ""
-            show(f"{len(idx)} sample(s) of {side} have a rank-deficient K(x, x){where}: normalised on its "
-                 f"range (self-similarity rank/d < 1). Samples: {sorted(set(idx))[:20]}", RankDeficiencyWarning,
-                 stacklevel=self.stacklevel)
+        for notes, what, why in ((self.zero, "a zero gradient", f" (no direction): {self.effect}"),
+                                 (self.deficient, "a rank-deficient K(x, x)",
+                                  ": normalised on its range (self-similarity rank/d < 1)")):
+            for (side, g), idx in notes.items():
+                where = f" in layer {g!r}" if g else ""
+                show(f"{len(idx)} sample(s) of {side} have {what}{where}{why}. Samples: {sorted(set(idx))[:20]}",
+                     RankDeficiencyWarning, stacklevel=self.stacklevel)

@@ -31,8 +31,3 @@ class Request:
     quantity: Quantity
     form: Form
     by_layer: bool = False
-
-    @property
-    def label(self) -> str:
-        """The name shown in progress bars and rank warnings."""
-        return self.quantity.value

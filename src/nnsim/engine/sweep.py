@@ -22,11 +22,6 @@ Segments = list[tuple[int, int, int]]  # (row chunk i, first column chunk, end c
 Plan = Callable[[int, int, bool], Segments]  # (row chunks, column chunks, symmetric) -> the tiles to sweep
 
 
-def full_plan(n_a: int, n_b: int, symmetric: bool) -> Segments:
-    """Every tile (symmetric: the upper triangle j >= i only)."""
-    return [(i, i if symmetric else 0, n_b) for i in range(n_a)]
-
-
 def tile(ca: Chunk, cb: Chunk, g: str, request: Request, d_eff: int) -> Tensor:
     """The tile of group ``g`` between two chunks: [Ra, Cb] (trace) or [Ra, Cb, d, d] (full)."""
     with torch.no_grad():
@@ -43,14 +38,16 @@ def tile(ca: Chunk, cb: Chunk, g: str, request: Request, d_eff: int) -> Tensor:
 
 
 def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, report: RankReport,
-          names: tuple[str, str] = ("xa", "xb"), *, symmetric: bool, plan: Plan = full_plan, progress: bool = True
+          names: tuple[str, str] = ("xa", "xb"), *, symmetric: bool, plan: Plan | None = None, progress: bool = True
           ) -> Iterator[tuple[Chunk, Chunk, dict[str, Tensor]]]:
-    """Yield (chunk a, chunk b, {group: tile}) for the tiles of ``plan``, row segment by row segment.
+    """Yield (chunk a, chunk b, {group: tile}) for the tiles of ``plan`` (default: every tile), row segment by row
+    segment.
 
     Symmetric sweeps (``src_b`` is ``src_a``) visit only tiles with cb.start >= ca.start. Every chunk swept is
     added to ``report`` once (columns too when not symmetric)."""
     size = chunker.chunk_size_for(src_a, names[0], request)
-    segments = plan(math.ceil(len(src_a) / size), math.ceil(len(src_b) / size), symmetric)
+    n_a, n_b = math.ceil(len(src_a) / size), math.ceil(len(src_b) / size)
+    segments = plan(n_a, n_b, symmetric) if plan else [(i, i if symmetric else 0, n_b) for i in range(n_a)]
     if not segments:
         return
     name_b = names[0] if src_b is src_a else names[1]
@@ -69,7 +66,8 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
     rows = columns(r0, r1) if symmetric else chunker.chunks(src_a, names[0], request, size, r0 * size, r1 * size)
     total = sum(j1 - j0 for _, j0, j1 in segments)
     seen_b: set[int] = set()
-    with tqdm(total=total, disable=not progress or total < 2, desc=f"nnsim {request.label}", unit="tile") as bar:
+    label = f"nnsim {request.quantity.value}"
+    with tqdm(total=total, disable=not progress or total < 2, desc=label, unit="tile") as bar:
         for (i, j0, j1), ca in zip(segments, rows, strict=True):
             assert ca.start == i * size
             report.add(names[0], ca)
@@ -81,27 +79,22 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
                 bar.update(1)
 
 
-def allocate(chunker: Chunker, groups: list[str], N: int, M: int, form: Form, max_bytes: int) -> dict[str, Tensor]:
-    """Empty [N, M] (trace) or [N, M, d, d] (full) results per group, refused above ``max_bytes``."""
-    d = chunker.d
-    assert d is not None
-    shape = (N, M) + ((d, d) if form is Form.FULL else ())
-    need = math.prod(shape) * (torch.finfo(chunker.dtype).bits // 8) * len(groups)
-    if need > max_bytes:
-        raise ResultTooLargeError(
-            f"the result would take {need / 2**30:.2f} GiB (N={N}, M={M}, d={d}, {len(groups)} "
-            f"group(s)) > max_result_bytes = {max_bytes / 2**30:.2f} GiB; use reduce='trace' "
-            "for an [N, M] summary, split the inputs, or raise max_result_bytes")
-    return {g: torch.empty(shape, dtype=chunker.dtype, device=chunker.device) for g in groups}
-
-
 def pairwise(chunker: Chunker, src_a: Source, src_b: Source, request: Request, report: RankReport, *,
              symmetric: bool, max_bytes: int, progress: bool) -> dict[str, Tensor]:
-    """Every tile of ``src_a`` x ``src_b`` assembled into dense results {group: [N, M(, d, d)]}."""
+    """Every tile of ``src_a`` x ``src_b`` assembled into dense results {group: [N, M(, d, d)]}, refused above
+    ``max_bytes``."""
     results: dict[str, Tensor] = {}
     for ca, cb, tiles in sweep(chunker, src_a, src_b, request, report, symmetric=symmetric, progress=progress):
-        if not results:
-            results = allocate(chunker, list(tiles), len(src_a), len(src_b), request.form, max_bytes)
+        if not results:  # d is known now
+            N, M, d = len(src_a), len(src_b), chunker.d
+            shape = (N, M) + ((d, d) if request.form is Form.FULL else ())
+            need = math.prod(shape) * (torch.finfo(chunker.dtype).bits // 8) * len(tiles)
+            if need > max_bytes:
+                raise ResultTooLargeError(
+                    f"the result would take {need / 2**30:.2f} GiB (N={N}, M={M}, d={d}, {len(tiles)} "
+                    f"group(s)) > max_result_bytes = {max_bytes / 2**30:.2f} GiB; use reduce='trace' "
+                    "for an [N, M] summary, split the inputs, or raise max_result_bytes")
+            results = {g: torch.empty(shape, dtype=chunker.dtype, device=chunker.device) for g in tiles}
         for g, t in tiles.items():
             results[g][ca.rows, cb.rows] = t
             if symmetric and cb.start != ca.start:

@@ -150,13 +150,11 @@ def denoising_from_sums(
                            noise_std=None if noise_std is None else float(noise_std))
 
 
-# ---------------------------------------------------------------------------------------------- paper factor
 def paper(chunker: Chunker, src: Source, predictions: Tensor | None, noise_std: float | None, approximate: bool,
-          dim: int, seed: int, *, ranks: Ranks, progress: bool) -> DenoisingReport:
+          dim: int, seed: int, *, ranks: Ranks) -> DenoisingReport:
     """The paper's W_ij = (sum_l K_il)^-1 K_ij statistics, exact by tiles or from sketched sums."""
-    sums = approximate_sums(chunker, src, predictions, dim, seed, ranks) if approximate else \
-        exact_sums(chunker, src, predictions, ranks, progress)
-    R, Q, Y, yhat, norm_sum = sums if len(sums) == 5 else (*sums, None)
+    R, Q, Y, yhat, norm_sum = approximate_sums(chunker, src, predictions, dim, seed, ranks) if approximate else \
+        exact_sums(chunker, src, predictions, ranks)
     report = denoising_from_sums(R, Q, Y, yhat, noise_std, chunker.rtol, approximate, norm_sum)
     assert report.singular is not None
     if bool(report.singular.any()):
@@ -167,21 +165,33 @@ def paper(chunker: Chunker, src: Source, predictions: Tensor | None, noise_std: 
     return report
 
 
-def check_paper(chunker: Chunker, data: object, predictions: Tensor | None, targets: Tensor | None,
-                approximate: bool, dim: int) -> Source:
-    """The data's source, after refusing arguments the paper's method does not take or cannot use (measures
-    d when needed)."""
-    if targets is not None:
+def check(chunker: Chunker, data: object, method: str, predictions: Tensor | None, targets: Tensor | None,
+          approximate: bool, dim: int, smoother: str, landmarks: int) -> Source:
+    """The data's source, after refusing arguments ``method`` does not take or cannot use (measures d when
+    the paper's predictions need it)."""
+    linear = method == "linearized"
+    if linear and smoother not in linearized.SMOOTHERS:
+        raise InputError(f"smoother must be one of {linearized.SMOOTHERS}, got {smoother!r}")
+    if linear and (not isinstance(landmarks, int) or isinstance(landmarks, bool) or landmarks < 1):
+        raise InputError(f"landmarks must be a positive integer, got {landmarks!r}")
+    if not linear and targets is not None:
         raise InputError("targets are used by method='linearized' only; the paper's factor is label-free "
                          "(pass method='linearized' to estimate sigma from the targets)")
-    if approximate and not (isinstance(dim, int) and dim >= 1):
+    if not linear and approximate and not (isinstance(dim, int) and dim >= 1):
         raise InputError(f"dim must be a positive integer (the projection size of approximate=True), got {dim!r}")
     src = as_source(data, "data")
-    if predictions is not None:
-        if not isinstance(predictions, Tensor) or predictions.dim() != 2 or predictions.shape[0] != len(src):
-            raise InputError(f"predictions must be a [N, d] tensor with N = {len(src)} rows")
-        if not torch.isfinite(predictions).all():
-            raise InputError("predictions contain NaN or Inf")
+    N = len(src)
+    for name, t in (("targets", targets), ("predictions", predictions)):
+        if t is not None and (not isinstance(t, Tensor) or t.dim() not in ((1, 2) if linear else (2,))
+                              or t.shape[0] != N):
+            raise InputError(f"{name} must be a [N, d] tensor with N = {N} rows, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t is not None and not torch.isfinite(t).all():
+            raise InputError(f"{name} contain NaN or Inf")
+    if linear and targets is None:
+        raise InputError("method='linearized' needs the noisy training targets: denoising(data, targets=y, "
+                         "method='linearized'), y [N, d] the labels the network was trained on")
+    if not linear and predictions is not None:
         if chunker.d is None:  # the output dimension is known after one sample's factors
             chunker.prepare(src.first(), 0, "data", Request(Quantity.KERNEL, Form.RAW))
         if predictions.shape[1] != chunker.d:
@@ -190,14 +200,13 @@ def check_paper(chunker: Chunker, data: object, predictions: Tensor | None, targ
     return src
 
 
-def exact_sums(chunker: Chunker, src: Source, predictions: Tensor | None, ranks: Ranks, progress: bool
-               ) -> tuple[Tensor, ...]:
+def exact_sums(chunker: Chunker, src: Source, predictions: Tensor | None, ranks: Ranks) -> tuple[Tensor, ...]:
     """R = sum_j K_ij, Q = sum_j K_ij K_ij^T, Y = sum_j K_ij yhat_j, yhat and A = sum_j ||K_ij||_F (exact tiles)."""
     report = RankReport("kernel", int(chunker.fisher))
     sums: dict[str, Tensor] = {}
     with ranks.together():
         for ca, cb, tiles in sweep(chunker, src, src, Request(Quantity.KERNEL, Form.FULL), report, ("data", "data"),
-                                   symmetric=True, plan=ranks.tiles, progress=progress):
+                                   symmetric=True, plan=ranks.tiles, progress=ranks.progress):
             t = tiles[ALL]  # [Ra, Cb, d, d], t[i, j] = K(a_i, b_j)
             if not sums:
                 N, d = len(src), t.shape[-1]
@@ -205,8 +214,7 @@ def exact_sums(chunker: Chunker, src: Source, predictions: Tensor | None, ranks:
                         "Y": t.new_zeros(N, d, dtype=torch.float64), "yhat": t.new_zeros(N, d),
                         "A": t.new_zeros(N, dtype=torch.float64)}
             _add_tile(sums, ca, cb, t, predictions)
-    sums = ranks.sum(sums)
-    ranks.merge(report)
+    sums = ranks.sum(sums)  # (a kernel sweep notes no ranks: nothing to merge into the report)
     return sums["R"], sums["Q"], sums["Y"], sums["yhat"], sums["A"]
 
 
@@ -241,7 +249,6 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
     request = Request(Quantity.KERNEL, Form.RAW)
     size = chunker.chunk_size_for(src, "data", request)
     a0, a1 = ranks.samples(len(src), size)
-    chunks = chunker.reader(src, "data", request, size, a0, a1)
 
     def preds(c: Chunk) -> Tensor:
         return c.y if predictions is None else predictions[c.start : c.start + c.size].to(c.y)
@@ -253,7 +260,8 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
     Sy: dict[str, Tensor] = {}
     C: dict[str, Tensor] = {}
     with torch.no_grad():
-        with ranks.together():
+        with ranks.together():  # (reading, and caching, the chunks may fail on one rank)
+            chunks = chunker.reader(src, "data", request, size, a0, a1)
             for c in chunks():
                 fs = c.groups[ALL]
                 batch_sum(fs, S)
@@ -272,35 +280,12 @@ def approximate_sums(chunker: Chunker, src: Source, predictions: Tensor | None, 
                 q = phi @ C["C"] @ psi.transpose(-1, -2)
                 Q.append(0.5 * (q + q.transpose(-1, -2)))
                 yhat.append(preds(c))
-    return tuple(ranks.rows(p, a0, len(src)) for p in (R, Q, Y, yhat))
-
-
-# ---------------------------------------------------------------------------------------------- linearized
-def check_linearized(data: object, smoother: str, landmarks: int, arrays: dict[str, Tensor | None]) -> Source:
-    """The data's source, after checking the settings and the [N, d] ``arrays`` (targets, predictions)."""
-    if smoother not in linearized.SMOOTHERS:
-        raise InputError(f"smoother must be one of {linearized.SMOOTHERS}, got {smoother!r}")
-    if not isinstance(landmarks, int) or isinstance(landmarks, bool) or landmarks < 1:
-        raise InputError(f"landmarks must be a positive integer, got {landmarks!r}")
-    src = as_source(data, "data")
-    N = len(src)
-    for name, t in arrays.items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.dim() not in (1, 2) or t.shape[0] != N:
-            raise InputError(f"{name} must be a [N, d] tensor with N = {N} rows, got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if not torch.isfinite(t).all():
-            raise InputError(f"{name} contain NaN or Inf")
-    if arrays["targets"] is None:
-        raise InputError("method='linearized' needs the noisy training targets: denoising(data, targets=y, "
-                         "method='linearized'), y [N, d] the labels the network was trained on")
-    return src
+    return (*(ranks.rows(p, a0, len(src)) for p in (R, Q, Y, yhat)), None)  # no norm sums: no cancellation flag
 
 
 def linearized_report(chunker: Chunker, src: Source, predictions: Tensor | None, targets: Tensor,
                       noise_std: float | None, approximate: bool, landmarks: int, seed: int, smoother: str, *,
-                      ranks: Ranks, progress: bool) -> DenoisingReport:
+                      ranks: Ranks) -> DenoisingReport:
     """``method="linearized"`` (see :mod:`nnsim.estimators.linearized`), on checked arguments."""
     N = len(src)
     f = (chunker.forward(src) if predictions is None else predictions.reshape(N, -1)).double()
@@ -313,11 +298,11 @@ def linearized_report(chunker: Chunker, src: Source, predictions: Tensor | None,
             raise InputError(f"method='linearized' exact needs the eigendecomposition of an [N d, N d] = "
                              f"[{N * d}, {N * d}] kernel (limit {LINEARIZED_EXACT_MAX}); pass "
                              "approximate=True for the Nystroem version (landmarks=...)")
-        spec = linearized.exact_spectrum(kernel_matrix(chunker, src, src, ranks, progress))
+        spec = linearized.exact_spectrum(kernel_matrix(chunker, src, src, ranks))
     else:
         m = min(landmarks, N)
         idx = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:m].sort().values
-        K_nm = kernel_matrix(chunker, src, as_source(src.take(idx.tolist()), "landmarks"), ranks, progress)
+        K_nm = kernel_matrix(chunker, src, as_source(src.take(idx.tolist()), "landmarks"), ranks)
         K_mm = K_nm.reshape(N, d, m * d)[idx].reshape(m * d, m * d)
         spec = linearized.nystroem_spectrum(K_nm, K_mm)
     fit = linearized.linearized_fit(spec, y, f, smoother, noise_std)
@@ -338,25 +323,22 @@ def linearized_report(chunker: Chunker, src: Source, predictions: Tensor | None,
         smoother=smoother, lam=fit.lam, dof=fit.trace, fit_error=fit.fit_error)
 
 
-def kernel_matrix(chunker: Chunker, src_a: Source, src_b: Source, ranks: Ranks, progress: bool) -> Tensor:
+def kernel_matrix(chunker: Chunker, src_a: Source, src_b: Source, ranks: Ranks) -> Tensor:
     """The unnormalised kernel as a float64 [Na d, Nb d] matrix, row (i, c), column (j, e); summed over ranks."""
     symmetric = src_b is src_a
     report = RankReport("kernel", int(chunker.fisher))
     out: dict[str, Tensor] = {}
     with ranks.together():
         for ca, cb, tiles in sweep(chunker, src_a, src_b, Request(Quantity.KERNEL, Form.FULL), report,
-                                   ("data", "landmarks"), symmetric=symmetric, plan=ranks.tiles, progress=progress):
+                                   ("data", "landmarks"), symmetric=symmetric, plan=ranks.tiles,
+                                   progress=ranks.progress):
             t = tiles[ALL].double()  # [Ra, Cb, d, d]
             d = t.shape[-1]
             if not out:
                 out["K"] = t.new_zeros(len(src_a) * d, len(src_b) * d)
-            M = out["K"]
-            ia = slice(ca.start * d, (ca.start + ca.size) * d)
-            ib = slice(cb.start * d, (cb.start + cb.size) * d)
+            ia, ib = slice(ca.start * d, (ca.start + ca.size) * d), slice(cb.start * d, (cb.start + cb.size) * d)
             block = t.permute(0, 2, 1, 3).reshape(ca.size * d, cb.size * d)
-            M[ia, ib] = block
+            out["K"][ia, ib] = block
             if symmetric and cb.start != ca.start:
-                M[ib, ia] = block.T
-    out = ranks.sum(out)
-    ranks.merge(report)
-    return out["K"]
+                out["K"][ib, ia] = block.T
+    return ranks.sum(out)["K"]

@@ -52,8 +52,8 @@ def row_statistic(tile: Tensor, method: str, threshold: float | None = None, pow
     return torch.nan_to_num(v, nan=0.0)
 
 
-def soft_linear(chunker: Chunker, src: Source, ref: Source, *, normalized: bool, include_self: bool, ranks: Ranks,
-                progress: bool) -> Tensor:
+def soft_linear(chunker: Chunker, src: Source, ref: Source, *, normalized: bool, include_self: bool, ranks: Ranks
+                ) -> Tensor:
     """sum_j tr K~(x_i, x_j) / d_eff (or tr K) [N]: S = sum_j U_j in one pass, <U_i, S> in a second."""
     request = Request(Quantity.SIMILARITY if normalized else Quantity.KERNEL, Form.RAW)
     report = RankReport("density", int(chunker.fisher))
@@ -61,18 +61,17 @@ def soft_linear(chunker: Chunker, src: Source, ref: Source, *, normalized: bool,
     # Processes split both passes by chunks: S is summed between them, the scores gathered after.
     f0, f1 = ranks.samples(len(ref), size)
     a0, a1 = ranks.samples(len(src), size)
-    cached = chunker.cached(ref, "reference", request, size, f0, f1)
     S: dict[str, Tensor] = {}
     with torch.no_grad():
-        with ranks.together():
-            summed = cached if cached is not None else chunker.chunks(ref, "reference", request, size, f0, f1)
-            for c in tqdm(summed, disable=not progress, desc="nnsim density: sum", unit="chunk"):
+        with ranks.together():  # (reading, and caching, the chunks may fail on one rank)
+            refs = chunker.reader(ref, "reference", request, size, f0, f1)
+            for c in tqdm(refs(), disable=not ranks.progress, desc="nnsim density: sum", unit="chunk"):
                 batch_sum(c.groups[ALL], S)
         S = ranks.sum(S)
-        scored = cached if ref is src and cached is not None else chunker.chunks(src, "data", request, size, a0, a1)
+        scored = refs() if ref is src else chunker.chunks(src, "data", request, size, a0, a1)
         out = torch.empty(a1 - a0, dtype=chunker.dtype, device=chunker.device)
         with ranks.together():
-            for c in tqdm(scored, disable=not progress, desc="nnsim density: score", unit="chunk"):
+            for c in tqdm(scored, disable=not ranks.progress, desc="nnsim density: score", unit="chunk"):
                 report.add("data", c)
                 fs = c.groups[ALL]
                 score = inner(fs, S).diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -89,29 +88,24 @@ def soft_linear(chunker: Chunker, src: Source, ref: Source, *, normalized: bool,
 
 
 def by_tiles(chunker: Chunker, src: Source, ref: Source, *, same: bool, method: str, threshold: float | None,
-             power: float | None, include_self: bool, normalized: bool, ranks: Ranks, progress: bool) -> Tensor:
+             power: float | None, include_self: bool, normalized: bool, ranks: Ranks) -> Tensor:
     """Any count by tiles of the [N, M] similarity (symmetric when ``same``), [N]."""
     report = RankReport("density", int(chunker.fisher))
     out = torch.zeros(len(src), dtype=torch.float64, device=chunker.device)
-    zero_rows: list[int] = []
     quantity = Quantity.SIMILARITY if normalized else Quantity.KERNEL  # only method="soft" allows normalized=False
     with ranks.together():
         for ca, cb, tiles in sweep(chunker, src, ref, Request(quantity, Form.TRACE), report, ("data", "reference"),
-                                   symmetric=same, plan=ranks.tiles, progress=progress):
+                                   symmetric=same, plan=ranks.tiles, progress=ranks.progress):
             t = tiles[ALL] if normalized else tiles[ALL] / chunker.d_eff
-            if normalized and (cb.start == 0 or (same and cb.start == ca.start)):
-                zero_rows += (torch.nonzero(ca.rank[ALL] == 0).flatten() + ca.start).tolist()
             if same and not include_self and ca.start == cb.start:
                 t.fill_diagonal_(float("nan"))
             v = row_statistic(t, method, threshold, power).double()
             out[ca.rows] += v.sum(1)
             if same and cb.start != ca.start:
                 out[cb.rows] += v.sum(0)
-    out = ranks.sum({"counts": out})["counts"]
-    zero = ranks.union(zero_rows)
+    out = ranks.sum({"counts": out})["counts"].to(chunker.dtype)
     ranks.merge(report)
     report.emit()
-    out = out.to(chunker.dtype)
-    if zero:
-        out[torch.tensor(zero, dtype=torch.long, device=out.device)] = float("nan")
+    zero = report.zero.get(("data", ALL), [])  # every row chunk is swept by some rank: all zero-gradient rows
+    out[torch.tensor(zero, dtype=torch.long, device=out.device)] = float("nan")
     return out
