@@ -42,7 +42,10 @@ def key(problem: Problem, signature: tuple) -> tuple | None:
 
 def load(model: nn.Module, k: tuple | None) -> Any | None:
     """A copy of the plan stored under ``k``, bound to ``model``'s modules (None: nothing stored)."""
-    stored = None if k is None else _STORE.get(model, {}).get(k)
+    try:
+        stored = None if k is None else _STORE.get(model, {}).get(k)
+    except TypeError:  # not weakly referenceable: nothing is kept for it
+        return None
     if stored is None:
         return None
     modules = dict(model.named_modules())
