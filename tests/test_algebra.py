@@ -1,4 +1,5 @@
-"""Kernel algebra (spec §5.3-§5.6, §5.9, §6.2, §18.2 item 8) checked on random matrices.
+"""Kernel algebra (docs/method.md: "Normalisation", "Kernel-corrected gradients", "Influence", "Output metrics",
+"Classification outputs") checked on random matrices.
 
 Every reference is computed here by a route independent of ``nnsim.algebra`` (which uses ``eigh``):
 Denman-Beavers iteration for principal square roots, QR-built bases for projectors, ``torch.linalg.inv`` /

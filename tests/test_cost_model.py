@@ -1,5 +1,5 @@
 """Both paths of the cost model's choice (pairwise product over positions, explicit per-sample gradient) give
-the same numbers, so that the choice can never hide a wrong path (spec §7.3).
+the same numbers, so that the choice can never hide a wrong path (docs/method.md, "How the kernel is computed").
 
 The oracle is the explicit gradient written out position by position (tests/test_factors.py) or the per-sample
 autograd loop; each path is forced by monkeypatching ``Outer.prefers_dense`` and checked to have been taken.

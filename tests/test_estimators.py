@@ -1,4 +1,5 @@
-"""Density, neighbours and denoising against their O(N^2) brute-force definitions (spec §9, §10)."""
+"""Density, neighbours and denoising against their O(N^2) brute-force definitions (docs/method.md, "Density and
+neighbour counts", "Self-denoising")."""
 
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def test_denoising_equals_definition(d, tmp_path):
 
 
 def test_identical_gradients_give_one_over_n():
-    # N samples with identical gradients: D = 1/N (spec §18.2.5).
+    # N samples with identical gradients: D = 1/N (docs/method.md, "Self-denoising").
     model = nn.Sequential(nn.Linear(3, 1)).double()
     x = torch.ones(10, 3, dtype=torch.float64)
     rep = nnsim.Similarity(model, progress=False).denoising(x)

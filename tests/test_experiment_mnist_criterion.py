@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 def test_inner_conv_net_is_the_authors_model():
     m = mc.InnerConvNet()
-    assert sum(p.numel() for p in m.parameters()) == 317_069  # spec §15.1
+    assert sum(p.numel() for p in m.parameters()) == 317_069  # docs/method.md, "Experiments"
     assert [type(x).__name__ for x in m.children()] == [
         "Conv2d", "PReLU", "Conv2d", "PReLU", "Linear", "PReLU", "Linear"]
     assert m(torch.zeros(3, 1, 28, 28)).shape == (3, 10)

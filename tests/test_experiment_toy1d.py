@@ -56,7 +56,7 @@ def test_stacked_training_resumes_exactly():
 
 def test_mlp_is_the_authors_network():
     m = tt.make_mlp()
-    assert sum(p.numel() for p in m.parameters()) == 21_057  # spec §8.2 / §13.2
+    assert sum(p.numel() for p in m.parameters()) == 21_057  # docs/method.md, "Experiments"
     assert sum(isinstance(layer, torch.nn.ReLU) for layer in m) == 6
 
 
@@ -91,7 +91,8 @@ def test_estimators_match_brute_force():
     G = jacobian(model, (x,))[:, 0, :]  # [n, P]
     K = G @ G.T
     rho = K / torch.outer(G.norm(dim=1), G.norm(dim=1))
-    off = rho.clone().fill_diagonal_(0.0)  # the authors' zero diagonal (spec §4.6)
+    # the authors' zero diagonal (docs/method.md, "Density and neighbour counts": self-terms)
+    off = rho.clone().fill_diagonal_(0.0)
     want = {"soft": rho.sum(1), "soft_unnormalized": K.sum(1),
             "less_soft_n2": off.clamp_min(0).pow(2).sum(1), "less_soft_n3": off.clamp_min(0).pow(3).sum(1),
             "hard_t0.5": (off > 0.5).sum(1).double(), "hard_t0.9": (off > 0.9).sum(1).double()}
@@ -144,7 +145,7 @@ def test_quick_run_end_to_end(tmp_path):
         want = torch.stack(runs).median(dim=0).values.numpy()
         np.testing.assert_allclose(arrays[f"f{f}_soft"], want, rtol=1e-4, atol=1e-3)
     # A known effect on the seeded quick run: N_soft is larger where the target is flat than at its extrema
-    # (spec §15.3, Fig. 4), at the lowest frequency where the quick networks fit the sine.
+    # (the paper's Fig. 4), at the lowest frequency where the quick networks fit the sine.
     fp = res["per_frequency"]["1"]["soft_flat_vs_peak"]
     assert fp["low_curvature_decile"] > fp["high_curvature_decile"]
 

@@ -1,4 +1,5 @@
-"""Gram products of factored per-sample gradients equal those of the explicit gradients (spec §18.2.9)."""
+"""Gram products of factored per-sample gradients equal those of the explicit gradients (docs/method.md,
+"Layer-wise structure")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Identities of the similarity kernels on small random float64 models (spec §4, §5, §6, §18.2).
+"""Identities of the similarity kernels on small random float64 models (docs/method.md: "Kernels" to
+"Classification outputs").
 
 Oracles are computed in the tests only: per-sample, per-output gradients from ``torch.autograd.grad``
 (flattened, float64), inverse square roots by the Denman-Beavers iteration (no eigendecomposition),
@@ -162,7 +163,8 @@ ARCHS = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_kernel_equals_bruteforce_architectures(arch, backend):
-    """Per-layer rules (spec §7, §18.2 item 9) against explicit flattened gradients, several layer types."""
+    """Per-layer rules (docs/method.md, "Layer-wise structure") against explicit flattened gradients, several
+    layer types."""
     build, shape, output = ARCHS[arch]
     torch.manual_seed(3)
     model = build().double()
@@ -228,7 +230,7 @@ def test_normalised_kernel_matches_oracle(backend, seed, d, n, m, chunk):
 @SETTINGS
 @given(seed=seeds, d=st.integers(1, 4), n=st.integers(2, 6), backend=backends, chunk=chunks)
 def test_similarity_properties(seed, d, n, backend, chunk):
-    """§5.7 / §18.2 items 1-2: symmetry, sim(x,x) = 1, |sim| <= 1, K~(x,x) = I, K~(x',x) = K~(x,x')^T,
+    """Normalisation: symmetry, sim(x,x) = 1, |sim| <= 1, K~(x,x) = I, K~(x',x) = K~(x,x')^T,
     singular values of K~ in [0, 1]."""
     model = mlp(d, seed)
     xa, xb = inputs(n, seed + 1), inputs(3, seed + 2)
@@ -252,7 +254,8 @@ def test_similarity_properties(seed, d, n, backend, chunk):
 @SETTINGS
 @given(seed=seeds, n=st.integers(1, 6), backend=backends)
 def test_scalar_similarity_is_gradient_cosine(seed, n, backend):
-    """§5.6: for d = 1, sim = K~ = rho = cos(g(x), g(x')); influence = k / |g(x)|^2; rho^2 = k^C(x->x') k^C(x'->x)."""
+    """Normalisation, d = 1: sim = K~ = rho = cos(g(x), g(x')); influence = k / |g(x)|^2;
+    rho^2 = k^C(x->x') k^C(x'->x)."""
     model = mlp(1, seed)
     xa, xb = inputs(n, seed + 1), inputs(3, seed + 2)
     ga, gb = brute_jacobian(model, xa)[:, 0], brute_jacobian(model, xb)[:, 0]
@@ -273,7 +276,7 @@ def test_scalar_similarity_is_gradient_cosine(seed, n, backend):
 @SETTINGS
 @given(seed=seeds, d=st.integers(2, 4), backend=backends)
 def test_output_rotation_and_linear_change(seed, d, backend):
-    """§5.8 / §18.2 item 3."""
+    """Output metrics: rotation invariance."""
     model = mlp(d, seed)
     x, xb = inputs(5, seed + 1), inputs(3, seed + 2)
     base = make(model, backend)
@@ -298,7 +301,7 @@ def test_output_rotation_and_linear_change(seed, d, backend):
 @given(seed=seeds, lam=st.floats(0.01, 100.0) | st.floats(-100.0, -0.01), c=st.floats(-10.0, 10.0),
        backend=backends)
 def test_scalar_output_scale_and_shift_invariance(seed, lam, c, backend):
-    """§4.3: rho invariant to f -> lambda f + c (lambda != 0); k scales by lambda^2."""
+    """Kernels: rho invariant to f -> lambda f + c (lambda != 0); k scales by lambda^2."""
     model = mlp(1, seed)
     x, xb = inputs(5, seed + 1), inputs(3, seed + 2)
     base = make(model, backend)
@@ -313,7 +316,7 @@ def test_scalar_output_scale_and_shift_invariance(seed, lam, c, backend):
 @SETTINGS
 @given(seed=seeds, d=st.integers(1, 3), n=st.integers(1, 4), backend=backends, chunk=chunks)
 def test_influence_matches_formula(seed, d, n, backend, chunk):
-    """§5.2 / §5.9: influence[i, j] = K(xb_j, xa_i) K(xa_i, xa_i)^-1; influence(x, x) = I_d."""
+    """Influence: influence[i, j] = K(xb_j, xa_i) K(xa_i, xa_i)^-1; influence(x, x) = I_d."""
     model = mlp(d, seed)
     xa, xb = inputs(n, seed + 1), inputs(3, seed + 2)
     Ga, Gb = brute_jacobian(model, xa), brute_jacobian(model, xb)
@@ -329,7 +332,7 @@ def test_influence_matches_formula(seed, d, n, backend, chunk):
 @SETTINGS
 @given(seed=seeds, d=st.integers(1, 3), backend=backends)
 def test_influence_first_order_move(seed, d, backend):
-    """§18.2 item 11: theta += eps * G(x)^T K(x,x)^-1 v moves f(x') by eps * influence v + O(eps^2)."""
+    """Influence: theta += eps * G(x)^T K(x,x)^-1 v moves f(x') by eps * influence v + O(eps^2)."""
     model = mlp(d, seed)
     x, xb = inputs(1, seed + 1), inputs(3, seed + 2)
     G = brute_jacobian(model, x)[0]  # [d, P]
@@ -381,7 +384,7 @@ def _margin_score_error(seed: int, C: int, b: int, target) -> tuple[float, float
 @given(seed=seeds, C=st.sampled_from(EXACT_MASK_C), b=st.integers(1, 5),
        target=st.integers(0, 8) | st.just("predicted"))
 def test_posnegflat_is_logit_margin(seed, C, b, target):
-    """§6.3 / §18.2 item 10: sum_c m_c log_softmax(z)_c = z_t - mean_{c != t} z_c."""
+    """Classification outputs (posnegflat): sum_c m_c log_softmax(z)_c = z_t - mean_{c != t} z_c."""
     if isinstance(target, int):
         target = target % C
     err, scale = _margin_score_error(seed, C, b, target)
@@ -463,7 +466,8 @@ def _fisher_oracle(Ga, Gb, za, zb):
 @SETTINGS
 @given(seed=seeds, C=st.integers(2, 4), backend=backends)
 def test_fisher_metric_matches_oracle(seed, C, backend):
-    """§6.2: K_F = F^1/2 K F^1/2, normalised on its C-1 dimensional range, trace over C-1; sim(x, x) = 1."""
+    """Classification outputs (Fisher metric): K_F = F^1/2 K F^1/2, normalised on its C-1 dimensional range,
+    trace over C-1; sim(x, x) = 1."""
     model = mlp(C, seed)
     x, xb = inputs(4, seed + 1), inputs(3, seed + 2)
     Ga, Gb = brute_jacobian(model, x), brute_jacobian(model, xb)
@@ -533,7 +537,7 @@ def test_fisher_is_float64_accurate(check):
 @SETTINGS
 @given(seed=seeds, d=st.integers(1, 4), backend=backends)
 def test_custom_metric_tensor(seed, d, backend):
-    """§5.8: K_M(x, x') = M^1/2 K(x, x') M^1/2, then normalised as usual."""
+    """Output metrics: K_M(x, x') = M^1/2 K(x, x') M^1/2, then normalised as usual."""
     model = mlp(d, seed)
     x, xb = inputs(4, seed + 1), inputs(3, seed + 2)
     A = torch.randn(d, d, dtype=F64, generator=torch.Generator().manual_seed(seed + 3))
@@ -552,7 +556,8 @@ def test_custom_metric_tensor(seed, d, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d", [2, 3])
 def test_singular_custom_metric_normalises_on_range(backend, d):
-    """§5.4: a metric with a zero direction e_k gives rank d-1, K~(x,x) = I - e_k e_k^T and self-sim (d-1)/d."""
+    """Normalisation (rank-deficient K): a metric with a zero direction e_k gives rank d-1,
+    K~(x,x) = I - e_k e_k^T and self-sim (d-1)/d."""
     model = mlp(d, 21)
     x = inputs(4, 22)
     m = torch.linspace(0.5, 2.0, d, dtype=F64)

@@ -192,7 +192,8 @@ def test_only_paired_rows_run_and_unused_rows_are_ignored():
 
 def test_model_state_untouched_and_training_loop():
     """Modes, requires_grad and .grad are left alone; minimising one_minus raises the pairs' similarity,
-    minimising the authors' +cos lowers it (the sign issue of spec §11.3), in a plain training loop."""
+    minimising the authors' +cos lowers it (the sign issue, docs/method.md, "Training with the similarity
+    criterion"), in a plain training loop."""
     torch.manual_seed(1)
     x = torch.randn(16, 6)
     pairs = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])

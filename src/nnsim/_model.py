@@ -57,6 +57,8 @@ def layer_of(param_name: str) -> str:
 def check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.fx.GraphModule):
+        _check_exported_eval_mode(model)
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
             raise ModelError(
@@ -99,28 +101,24 @@ def _eval(model: nn.Module) -> None:
     try:
         model.eval()
     except NotImplementedError:
-        graph = getattr(model, "graph", None)
-        if graph is None:
+        if getattr(model, "graph", None) is None:
             raise
-        op = exported_training_op(model)
-        if op is not None:
-            raise ModelError(f"the torch.export program was exported in training mode ({op} with training=True): "
-                             "call model.eval() before torch.export.export and export it again") from None
+        _check_exported_eval_mode(model)
         for m in model.modules():
             m.training = False
 
 
-def exported_training_op(model: nn.Module) -> str | None:
-    """The first operation of an exported graph that runs in training mode (dropout active, batch norm on batch
-    statistics), or None."""
+def _check_exported_eval_mode(model: nn.Module) -> None:
+    """Refuse a graph (a ``torch.export`` program's module) exported in training mode: its dropout or batch
+    statistics are fixed in the graph, whatever the module's flags say."""
     for node in model.graph.nodes:  # type: ignore[union-attr]
         if node.op != "call_function":
             continue
-        name = str(node.target)
-        if ("dropout" in name and len(node.args) > 2 and node.args[2] is True) or (
-                "batch_norm" in name and "no_training" not in name and len(node.args) > 5 and node.args[5] is True):
-            return name
-    return None
+        op = str(node.target)
+        if ("dropout" in op and len(node.args) > 2 and node.args[2] is True) or (
+                "batch_norm" in op and "no_training" not in op and len(node.args) > 5 and node.args[5] is True):
+            raise ModelError(f"the torch.export program was exported in training mode ({op} with training=True): "
+                             "call model.eval() before torch.export.export and export it again")
 
 
 def input_failure(err: Exception, batch: tuple, name: str, dtype: torch.dtype) -> InputError:

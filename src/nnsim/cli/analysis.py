@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from .. import Similarity, distributed
 from ..errors import InputError, ModelError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -165,20 +167,21 @@ def input_knn_disagreement(x: Tensor, y: Tensor, k: int) -> np.ndarray:
     return out
 
 
-def nonzero_gradients(compute: Callable[[], Tensor]) -> Tensor:
-    """``compute()`` (per-sample values that are NaN where a sample's gradient is zero), refused with a
-    :class:`ModelError` when every value is NaN: all gradients are zero and nothing can be compared. The
-    library's per-sample warnings are held meanwhile, and shown when only some samples are affected."""
+def nonzero_gradients(compute: Callable[[], T], values: Callable[[T], Tensor] = lambda r: r) -> T:
+    """``compute()``, refused with a :class:`ModelError` when ``values`` of it (per-sample values, NaN where a
+    sample's gradient is zero) are all NaN: all gradients are zero and nothing can be compared. The library's
+    per-sample warnings are held meanwhile, and shown when only some samples are affected."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        values = compute()
-    if len(values) and not bool(torch.isfinite(values).any()):
+        result = compute()
+    v = values(result)
+    if len(v) and not bool(torch.isfinite(v).any()):
         raise ModelError("the model's gradients are zero for every sample, so their similarity is undefined: a "
                          "constant output (e.g. a dead ReLU before the output), or parameters the output does not "
                          "depend on (check --params / params=)")
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return values
+    return result
 
 
 def _finish(cols: dict[str, np.ndarray], report: Any, one_hot_labels: bool, nn_idx: np.ndarray, nn_sim: np.ndarray,
@@ -201,8 +204,15 @@ def _finish(cols: dict[str, np.ndarray], report: Any, one_hot_labels: bool, nn_i
             score = score + cols["label_consistency"] / np.sqrt(2.0)  # consistency of one-hot labels is <= ~sqrt(2)
         cols["mislabel_score"] = score
 
-    summary = _summary(cols, n, d, k, exact_denoising, dim)
-    return Analysis(cols, nn_idx, nn_sim, summary, timings)
+    mode = "exact" if exact_denoising else f"approximate (dim={dim}); label consistency exact"
+    s: dict[str, Any] = {"samples": n, "output_dim": d, "k": k, "denoising": mode, "density": _stats(cols["density"]),
+                         "effective_neighbors": _stats(cols["effective_neighbors"])}
+    if "prediction_matches_label" in cols:
+        s["accuracy"] = float(cols["prediction_matches_label"].mean())
+    for key in ("neighbor_label_agreement", "label_consistency", "prediction_consistency"):
+        if key in cols:
+            s[key] = _stats(cols[key])
+    return Analysis(cols, nn_idx, nn_sim, s, timings)
 
 
 def _stats(v: np.ndarray) -> dict[str, float]:
@@ -210,18 +220,3 @@ def _stats(v: np.ndarray) -> dict[str, float]:
     if len(v) == 0:
         return {}
     return {"min": float(v.min()), "median": float(np.median(v)), "mean": float(v.mean()), "max": float(v.max())}
-
-
-def _summary(cols: dict[str, np.ndarray], n: int, d: int | None, k: int, exact: bool, dim: int) -> dict[str, Any]:
-    s: dict[str, Any] = {"samples": n, "output_dim": d, "k": k,
-                         "denoising": "exact" if exact else f"approximate (dim={dim}); label consistency exact",
-                         "density": _stats(cols["density"]), "effective_neighbors": _stats(cols["effective_neighbors"])}
-    if "prediction_matches_label" in cols:
-        s["accuracy"] = float(cols["prediction_matches_label"].mean())
-    if "neighbor_label_agreement" in cols:
-        s["neighbor_label_agreement"] = _stats(cols["neighbor_label_agreement"])
-    for key in ("label_consistency", "prediction_consistency"):
-        if key in cols:
-            s[key] = _stats(cols[key])
-    return s
-

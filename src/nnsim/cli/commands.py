@@ -14,7 +14,6 @@ import pkgutil
 import runpy
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,10 @@ import torch
 from torch import nn
 
 from .. import FeatureIndex, Similarity, outputs
-from .._files import atomic_path
 from ..errors import InputError
 from .analysis import nonzero_gradients
 from .loading import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CLIError, Data, check_model_accepts, load_data, load_model
-from .runtime import Runtime, main_process, write_csv, write_text
+from .runtime import Runtime, main_process, write_csv, write_file
 
 
 def _parse_output(spec: str) -> Any:
@@ -184,7 +182,8 @@ def _write_outputs(out: Path, data: Data, result: Any, args: argparse.Namespace,
     write_report(out / "report.html", x=data.x.numpy(), columns=cols, neighbor_index=result.neighbor_index,
                  neighbor_similarity=result.neighbor_similarity, summary=summary, title=title, subtitle=subtitle,
                  class_names=class_names, figures_dir=out / "figures")
-    write_text(out / "summary.json", json.dumps({**summary, "complete": True}, indent=2) + "\n")
+    text = json.dumps({**summary, "complete": True}, indent=2) + "\n"
+    write_file(out / "summary.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def cmd_density(args: argparse.Namespace, rt: Runtime) -> int:
@@ -207,14 +206,8 @@ def cmd_neighbors(args: argparse.Namespace, rt: Runtime) -> int:
         k = args.k + (1 if args.exclude_self and qidx is not None else 0)
         if k > len(data):
             raise CLIError(f"-k {args.k} is more than the {len(data)} samples")
-    found: dict[str, torch.Tensor] = {}
-
-    def search() -> torch.Tensor:
-        found["vals"], found["idx"] = sim.neighbors(q, data.x, k=k)
-        return found["vals"].flatten()  # all NaN: every gradient (queries or data) is zero
-
-    nonzero_gradients(search)
-    vals, idx = found["vals"], found["idx"]
+    # all NaN: every gradient (queries or data) is zero
+    vals, idx = nonzero_gradients(lambda: sim.neighbors(q, data.x, k=k), values=lambda r: r[0].flatten())
     with rt.together():
         _write_neighbors(Path(args.out), vals, idx, qidx, rt, drop_self=args.exclude_self, k=args.k)
     rt.say(f"wrote {args.out}")
@@ -289,7 +282,8 @@ def _denoise_linearized(args: argparse.Namespace, rt: Runtime, sim: Similarity, 
                         noisy: torch.Tensor) -> None:
     report = sim.denoising(data.x, targets=noisy.to(data.x.dtype), method="linearized", noise_std=args.noise_std,
                            approximate=args.approximate, landmarks=args.landmarks)
-    _write_report_csv(Path(args.out), report, rt)
+    with rt.together():
+        write_file(Path(args.out), report.to_csv)
     assert report.predicted_error is not None
     pe, flag = report.predicted_error, report.ill_conditioned
     source = "given" if args.noise_std is not None else "estimated from the training residuals"
@@ -308,23 +302,20 @@ def _denoise_paper(args: argparse.Namespace, rt: Runtime, sim: Similarity, data:
                 raise CLIError("--targets labels needs labels (an .npz with y, or --labels)", EXIT_USAGE)
             _check_labels(args, data)
             targets = torch.nn.functional.one_hot(data.y).float()
-    # The library's per-sample warnings are held until it is known that not every gradient is zero.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            report = sim.denoising(data.x, predictions=targets, noise_std=args.noise_std,
-                                   approximate=args.approximate, dim=args.dim)
-        except InputError as e:
-            if targets is not None and "columns" in str(e):
-                raise CLIError(f"--targets labels: {e} (one-hot labels need an output with one value per "
-                               "class)") from e
-            raise
-    if bool(report.ill_conditioned.all()) and not bool(report.factor.abs().gt(0).any()):
+    def all_zero(r: Any) -> torch.Tensor:
         # R_i = sum_j K_ij is zero for every sample: all gradients are zero (the factors would be written as inf)
-        nonzero_gradients(lambda: torch.full((len(report.factor),), float("nan")))
-    for w in caught:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    _write_report_csv(Path(args.out), report, rt)
+        zero = bool(r.ill_conditioned.all()) and not bool(r.factor.abs().gt(0).any())
+        return torch.full((len(r.factor) if zero else 0,), float("nan"))
+
+    try:
+        report = nonzero_gradients(lambda: sim.denoising(data.x, predictions=targets, noise_std=args.noise_std,
+                                                         approximate=args.approximate, dim=args.dim), all_zero)
+    except InputError as e:
+        if targets is not None and "columns" in str(e):
+            raise CLIError(f"--targets labels: {e} (one-hot labels need an output with one value per class)") from e
+        raise
+    with rt.together():
+        write_file(Path(args.out), report.to_csv)
     eff = report.effective_neighbors
     flagged = int(report.ill_conditioned.sum())
     extra = ""
@@ -334,14 +325,6 @@ def _denoise_paper(args: argparse.Namespace, rt: Runtime, sim: Similarity, data:
                  "optimistic; pass --noisy-targets for the validated estimate)")
     rt.say(f"effective neighbours: median {eff.median():.2f} (min {eff.min():.2f}, max {eff.max():.2f}); {flagged} "
            f"of {len(eff)} samples flagged untrusted{extra}; wrote {args.out}")
-
-
-def _write_report_csv(path: Path, report: Any, rt: Runtime) -> None:
-    """A DenoisingReport's CSV (rank 0 only, atomically)."""
-    with rt.together():
-        if main_process():
-            with atomic_path(path) as tmp:
-                report.to_csv(tmp)
 
 
 def cmd_index_build(args: argparse.Namespace, rt: Runtime) -> int:

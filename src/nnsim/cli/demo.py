@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import datasets, distributed
-from .._files import atomic_path
+from .runtime import write_file
 
 NOISE_FRACTION = 0.10
 CANVAS = 12  # the 8x8 digits on a 12x12 canvas
@@ -126,13 +126,10 @@ def _train_and_save(out: Path, log: Callable[[str], None], progress: bool, comm:
         if main:
             log(f"[train] done in {time.perf_counter() - t:.1f} s: agrees with the noisy labels on {acc_noisy:.3f}, "
                 f"with the true labels on {acc_true:.3f}")
-            with atomic_path(out / "model.pt2") as tmp:
-                export_model(model, data.x, str(tmp))
-            with atomic_path(out / "weights.pt") as tmp:
-                torch.save(model.state_dict(), tmp)
-            with atomic_path(out / "data.npz") as tmp:
-                np.savez(tmp, x=data.x.numpy(), y=data.y.numpy(), y_true=data.y_true.numpy(),
-                         flipped=data.flipped.numpy())
+            write_file(out / "model.pt2", lambda tmp: export_model(model, data.x, str(tmp)))
+            write_file(out / "weights.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+            write_file(out / "data.npz", lambda tmp: np.savez(tmp, x=data.x.numpy(), y=data.y.numpy(),
+                                                              y_true=data.y_true.numpy(), flipped=data.flipped.numpy()))
             log(f"wrote {out}/model.pt2 (torch.export), {out}/weights.pt (state dict of nnsim.cli.demo:digits_cnn), "
                 f"{out}/data.npz (x, noisy labels y, y_true, flipped)")
     return data, model, acc_noisy, acc_true
@@ -191,7 +188,7 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
         result.summary["data"] = f"{out}/data.npz"
         result.summary["model"] = f"{out}/model.pt2"
         result.timings["total"] = round(time.perf_counter() - t0, 2)
-        write_outputs(out, Data(data.x, data.y, str(out / "data.npz")), result, args,
+        write_outputs(out, Data(data.x, data.y), result, args,
                       title="nnsim demo: a CNN on scikit-learn digits with 10 % flipped labels",
                       subtitle=f"{len(data.x)} digits, shifted, with random contrast and noise; {int(flipped.sum())} "
                                "labels flipped at random; the network's own similarity finds them")

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import datasets
-from .._model import exported_training_op
 
 #: Exit codes of the ``nnsim`` command (documented in docs/cli.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -40,11 +39,10 @@ class CLIError(Exception):
 
 @dataclass
 class Data:
-    """Loaded samples: inputs ``x [N, ...]`` (float32), labels ``y [N]`` (int64) or None, and where they came from."""
+    """Loaded samples: inputs ``x [N, ...]`` (float32) and labels ``y [N]`` (int64) or None."""
 
     x: Tensor
     y: Tensor | None
-    source: str
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -162,10 +160,9 @@ def _exported_model(spec: str) -> nn.Module:
     finally:
         logger.setLevel(level)
     model = program.module()
-    _check_exported_eval_mode(model, spec)
     # torch.export's module() replaces train()/eval() by methods that raise, because the graph's mode was
-    # fixed at export time. nnsim switches modes around its analysis; with the graph already in eval mode
-    # (checked above) the flag changes nothing, so the ordinary nn.Module methods are restored.
+    # fixed at export time; the ordinary nn.Module methods are restored (the flags then change nothing).
+    # nnsim.Similarity refuses a graph exported in training mode.
     del model.train, model.eval
     # Exported parameters do not keep the flags that said what was trained: analyse all of them.
     for p in model.parameters():
@@ -199,14 +196,6 @@ def _state_dict_mismatch(model: nn.Module, state: dict[str, Any], show: int = 4)
             parts.append(f"the file's keys carry the prefix {prefix!r} (a wrapper such as DataParallel): save "
                          "the inner model's state_dict()")
     return "; ".join(parts)
-
-
-def _check_exported_eval_mode(model: nn.Module, spec: str) -> None:
-    """Refuse a program exported in training mode (dropout active, batch norm on batch statistics)."""
-    name = exported_training_op(model)
-    if name is not None:
-        raise CLIError(f"{spec} was exported in training mode ({name} with training=True): call model.eval() "
-                       "before torch.export.export and export it again", EXIT_MODEL)
 
 
 def check_model_accepts(model: nn.Module, x: Tensor, device: str) -> Tensor:
@@ -287,7 +276,7 @@ def load_data(spec: str, labels: str | None = None, limit: int | None = None, x_
     if limit is not None:
         x_arr = x_arr[:limit]
         y_arr = None if y_arr is None else y_arr[:limit]
-    return Data(_to_float(x_arr, spec, is_idx=_looks_like_idx(path)), _to_labels(y_arr, len(x_arr), spec), spec)
+    return Data(_to_float(x_arr, spec, is_idx=_looks_like_idx(path)), _to_labels(y_arr, len(x_arr), spec))
 
 
 def _read_npz(path: Path, x_key: str | None, y_key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -411,4 +400,4 @@ def _from_factory(spec: str, limit: int | None) -> Data:
         if len(ys) != n:
             raise CLIError(f"{spec}: some items have labels and some do not")
         y = torch.tensor(ys, dtype=torch.int64)
-    return Data(_to_float(x.numpy(), spec, is_idx=False), y, spec)
+    return Data(_to_float(x.numpy(), spec, is_idx=False), y)

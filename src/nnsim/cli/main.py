@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import re
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.std import tqdm
 
 from .. import distributed
 from ..errors import InputError, ModelError, ResultTooLargeError
@@ -271,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             error(f"--threads must be a positive integer, got {args.threads}")
             return EXIT_USAGE
         torch.set_num_threads(args.threads)
+    # No tqdm monitor thread: a daemon thread still running at interpreter exit is a known source of aborts
+    # ("terminate called without an active exception") in torch processes; it only tunes the bars' refresh.
+    tqdm.monitor_interval = 0
     joined = distributed.dist is not None and distributed.dist.is_available() and not distributed.dist.is_initialized()
     try:
         rt = Runtime(quiet=bool(getattr(args, "quiet", False)), comm=distributed.setup_from_env())
@@ -289,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if joined:  # only a group this call created; a script that set one up keeps it
             with contextlib.suppress(Exception):
                 distributed.dist.destroy_process_group()
+            # Free the group's objects (gloo threads and their pending work) now, while the interpreter is
+            # alive, not during its finalisation.
+            del rt
+            gc.collect()
 
 
 def _exit_code(e: Exception) -> tuple[int, str]:

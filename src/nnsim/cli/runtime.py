@@ -6,13 +6,13 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from .._files import atomic_path, write_atomic
+from ..io import atomic_path
 
 
 def launched_rank() -> int:
@@ -39,31 +39,29 @@ def error(message: str, every_rank: bool = False) -> None:
         print(f"nnsim: error: {where}{' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Every text file the command writes (besides the library's own writers) goes through here: rank 0 only,
-    atomically (a temporary file renamed onto ``path``, so an interrupted run never leaves half a file)."""
+def write_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """Every file the command writes (besides the library's own writers) goes through here: rank 0 only,
+    atomically (``write`` fills a temporary file, renamed onto ``path``: an interrupted run never leaves half a
+    file)."""
     if main_process():
-        write_atomic(path, text)
+        with atomic_path(path) as tmp:
+            write(tmp)
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Any) -> None:
-    """A CSV file, like :func:`write_text` (rank 0 only, atomically)."""
-    if not main_process():
-        return
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+
+    write_file(path, write)
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """What every command knows about its run.
-
-    Attributes:
-        quiet: ``--quiet``: no progress bars and no messages.
-        comm: the process group under ``torchrun`` (two processes or more), None in a plain run.
-    """
+    """What every command knows about its run: ``--quiet``, and the process group under ``torchrun`` (None in a
+    plain run)."""
 
     quiet: bool = False
     comm: distributed.Comm | None = None

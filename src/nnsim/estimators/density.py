@@ -65,13 +65,15 @@ def soft_linear(chunker: Chunker, src: Source, ref: Source, *, normalized: bool,
     with torch.no_grad():
         with ranks.together():  # (reading, and caching, the chunks may fail on one rank)
             refs = chunker.reader(ref, "reference", request, size, f0, f1)
-            for c in tqdm(refs(), disable=not ranks.progress, desc="nnsim density: sum", unit="chunk"):
+            for c in tqdm(refs(), total=-(-(f1 - f0) // size), disable=not ranks.progress, desc="nnsim density: sum",
+                          unit="chunk"):
                 batch_sum(c.groups[ALL], S)
         S = ranks.sum(S)
         scored = refs() if ref is src else chunker.chunks(src, "data", request, size, a0, a1)
         out = torch.empty(a1 - a0, dtype=chunker.dtype, device=chunker.device)
         with ranks.together():
-            for c in tqdm(scored, disable=not ranks.progress, desc="nnsim density: score", unit="chunk"):
+            for c in tqdm(scored, total=-(-(a1 - a0) // size), disable=not ranks.progress,
+                          desc="nnsim density: score", unit="chunk"):
                 report.add("data", c)
                 fs = c.groups[ALL]
                 score = inner(fs, S).diagonal(dim1=-2, dim2=-1).sum(-1)

@@ -9,12 +9,15 @@ world size and chunk size. A resume checks the finished shards' data, a search o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from .lock import BuildLock
 
 _SHARD_BYTES = 2**26  # default target size of one shard file
 DATA_SCHEME = "nnsim-data/1"
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------- data digest
@@ -53,9 +57,7 @@ class DataDigest:
         if len(batch) != len(self._hashes):
             raise InputError(f"data chunks hold {len(batch)} inputs, earlier ones {len(self._hashes)}")
         for h, t in zip(self._hashes, batch):
-            t = t.detach().to("cpu").contiguous()
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy())
+            ft.hash_bytes(h, t)
         self.rows += batch[0].shape[0]
 
     def hexdigest(self) -> str:
@@ -70,66 +72,41 @@ def combine_digests(shard_digests: list[str]) -> str:
     return hashlib.sha256(("\0".join([DATA_SCHEME, *shard_digests])).encode()).hexdigest()
 
 
-def _slice(batch: Batch, a: int, b: int) -> Batch:
-    return tuple(t[a:b] for t in batch)
-
-
 def shard_pieces(src: Source, ranges: list[tuple[int, int]], todo: list[int], chunk: int
-                 ) -> Iterator[tuple[int, Iterator[tuple[int, Batch]]]]:
-    """For each shard of ``todo`` (sorted): (shard id, iterator of (global start, batch) pieces covering it).
+                 ) -> Iterator[tuple[int, int, Batch]]:
+    """(shard id, global start, batch) pieces covering the shards ``todo`` (sorted), in order; group them by
+    shard with :func:`itertools.groupby`.
 
-    Tensors and map-style datasets are read only where needed; a DataLoader is streamed from the start
-    (the samples of the shards not wanted are read and dropped)."""
+    A sliceable source (tensors, map-style dataset) is read only where needed (``rows(a, b)``); any other is
+    streamed once from the start up to the last wanted shard, its chunks split at shard boundaries (the
+    samples of the shards not wanted are read and dropped)."""
     if src.sliceable:
         for i in todo:
             a, b = ranges[i]
-            yield i, ((a + s, batch) for s, batch in src.rows(a, b).chunks(chunk))
+            yield from ((i, a + s, batch) for s, batch in src.rows(a, b).chunks(chunk))
         return
-    size = ranges[0][1] - ranges[0][0]
-    wanted = set(todo)
-    stream = src.chunks(chunk)
-    pending: list[tuple[int, Batch]] = []  # pieces read ahead that belong to the next shard
-
-    def pieces(i: int) -> Iterator[tuple[int, Batch]]:
-        a, b = ranges[i]
-        while pending:
-            s, batch = pending.pop(0)
-            if s >= b:
-                pending.insert(0, (s, batch))
-                return
-            yield s, batch
-        for s, batch in stream:
-            n = batch[0].shape[0]
-            pos = s
-            while pos < s + n:  # split a chunk at shard boundaries
-                end = min(s + n, (pos // size + 1) * size)
-                piece = (pos, _slice(batch, pos - s, end - s))
-                if pos >= b:
-                    pending.append(piece)
-                elif pos >= a:
-                    yield piece
-                pos = end
-            if pending:
-                return
-
-    for i in range(max(todo) + 1 if todo else 0):  # nothing after the last wanted shard is read
-        if i in wanted:
-            yield i, pieces(i)
-        else:
-            for _ in pieces(i):
-                pass
+    if not todo:
+        return
+    size, wanted, end = ranges[0][1] - ranges[0][0], set(todo), ranges[todo[-1]][1]
+    for s, batch in src.chunks(chunk):
+        if s >= end:
+            return
+        pos, stop = s, s + batch[0].shape[0]
+        while pos < stop:
+            i, cut = pos // size, min(stop, (pos // size + 1) * size)
+            if i in wanted:
+                yield i, pos, tuple(t[pos - s : cut - s] for t in batch)
+            pos = cut
 
 
 def data_digests(src: Source, ranges: list[tuple[int, int]], ids: list[int], chunk: int) -> dict[int, str]:
     """{shard id: data digest of its rows in ``src``} for the shards ``ids`` (reads only, computes nothing)."""
-    out: dict[int, str] = {}
-    for i, pieces in shard_pieces(src, ranges, sorted(ids), chunk):
+    out = {i: "<0 rows>" for i in ids}
+    for i, pieces in groupby(shard_pieces(src, ranges, sorted(ids), chunk), key=itemgetter(0)):
         digest = DataDigest()
-        for _, batch in pieces:
+        for _, _, batch in pieces:
             digest.update(batch)
-        out[i] = digest.hexdigest()
-        if digest.rows != ranges[i][1] - ranges[i][0]:
-            out[i] = f"<{digest.rows} rows>"
+        out[i] = digest.hexdigest() if digest.rows == ranges[i][1] - ranges[i][0] else f"<{digest.rows} rows>"
     return out
 
 
@@ -140,10 +117,7 @@ def differing_rows(src: Source, manifest: dict[str, Any], chunk: int, comm: dist
     ranges = store.shard_ranges(cfg["n"], cfg["shard_size"])
     entries = {e["start"] // cfg["shard_size"]: e for e in manifest["shards"]}
     ids = sorted(entries)
-    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
-    now = data_digests(src, ranges, ids[rank::world], chunk)
-    if comm is not None:
-        now = {i: d for part in distributed.all_gather_object(comm, now) for i, d in part.items()}
+    now = _gathered(comm, data_digests(src, ranges, _share(ids, comm), chunk))
     return [ranges[i] for i in ids if now[i] != entries[i].get("data_sha256")]
 
 
@@ -167,32 +141,39 @@ def build_store(sim: Similarity, src: Source, folder: Path, dim: int, seed: int,
     try:
         if comm is not None:
             distributed.agree(comm, "the index build (model, data, settings, path)",
-                           (config, shard_size, overwrite, str(folder)))
-            fresh = distributed.broadcast_object(comm, distributed.run_together(
-                comm, lambda: _take(folder, lock) if comm.rank == 0 else None))
-            # Every rank computes the same centre from the same rows (it is needed to fill rows).
-            proj = distributed.run_together(comm, lambda: ft.make_projection(sim, src, dim, seed))
-
-            def start() -> dict[str, Any] | None:
-                return _start(sim, folder, config, shard_size, probe, overwrite, proj, src, fresh) \
-                    if comm.rank == 0 else None
-
-            manifest = distributed.broadcast_object(comm, distributed.run_together(comm, start))
-
-            def visible() -> None:
-                if not (folder / store.MANIFEST).is_file():
-                    raise InputError(f"{folder} holds no manifest on this rank although rank 0 wrote one: the "
-                                     "store must be on a filesystem shared by all ranks")
-
-            distributed.run_together(comm, visible)
-        else:
-            fresh = _take(folder, lock)
-            proj = ft.make_projection(sim, src, dim, seed)
-            manifest = _start(sim, folder, config, shard_size, probe, overwrite, proj, src, fresh)
+                              (config, shard_size, overwrite, str(folder)))
+        fresh = _on_rank0(comm, lambda: _take(folder, lock))
+        # Every rank computes the same centre from the same rows (it is needed to fill rows).
+        proj = distributed.run_together(comm, lambda: ft.make_projection(sim, src, dim, seed))
+        manifest = _on_rank0(comm, lambda: _start(sim, folder, config, shard_size, probe, overwrite, proj, src,
+                                                  fresh))
+        distributed.run_together(comm, lambda: _check_visible(folder))
         _fill(sim, src, folder, manifest, proj, comm)
     finally:
         lock.release()  # rank 0's; _fill ends with a barrier, so every rank is done writing
     return manifest
+
+
+def _on_rank0(comm: distributed.Comm | None, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 (raised on every rank if it fails there), its result broadcast to every rank."""
+    if comm is None:
+        return fn()
+    return distributed.broadcast_object(comm, distributed.run_together(comm, lambda: fn() if comm.rank == 0 else None))
+
+
+def _check_visible(folder: Path) -> None:
+    if not (folder / store.MANIFEST).is_file():
+        raise InputError(f"{folder} holds no manifest on this rank although rank 0 wrote one: the store must be on "
+                         "a filesystem shared by all ranks")
+
+
+def _share(ids: list[int], comm: distributed.Comm | None) -> list[int]:
+    return ids if comm is None else ids[comm.rank::comm.world]
+
+
+def _gathered(comm: distributed.Comm | None, part: dict[int, Any]) -> dict[int, Any]:
+    """The union of every rank's ``part`` ({shard id: value})."""
+    return part if comm is None else {i: v for p in distributed.all_gather_object(comm, part) for i, v in p.items()}
 
 
 def _take(folder: Path, lock: BuildLock) -> bool:
@@ -284,14 +265,10 @@ def _verified(src: Source, folder: Path, manifest: dict[str, Any], ranges: list[
     that differ from those they were computed from. One read of every finished shard and of its data, each
     rank checking its share."""
     cfg, width = manifest["config"], manifest["layout"]["width"]
-    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
     ids = sorted(finished)
-    share = ids[rank::world]
-    problems = {i: store.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share}
-    seen = data_digests(src, ranges, share, chunk)
-    if comm is not None:
-        problems = {i: p for part in distributed.all_gather_object(comm, problems) for i, p in part.items()}
-        seen = {i: d for part in distributed.all_gather_object(comm, seen) for i, d in part.items()}
+    share = _share(ids, comm)
+    problems = _gathered(comm, {i: store.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share})
+    seen = _gathered(comm, data_digests(src, ranges, share, chunk))
     changed = [ranges[i] for i in ids if seen[i] != finished[i].get("data_sha256")]
     if changed:
         raise store.StoreError(f"{folder}: the data differ from those its finished shards were computed from "
@@ -304,18 +281,20 @@ def _verified(src: Source, folder: Path, manifest: dict[str, Any], ranges: list[
 
 
 def _fill_shard(sim: Similarity, proj: ft.Projection, report: RankReport, array: np.ndarray,
-                pieces: Iterator[tuple[int, Batch]], span: tuple[int, int], width: int, n: int) -> dict[str, Any]:
+                pieces: Iterator[tuple[int, int, Batch]], span: tuple[int, int], width: int, n: int) -> dict[str, Any]:
     """Write the rows of the shard [start, stop) into ``array``; its manifest entry."""
     start, stop = span
     zero: list[int] = []
     digest = DataDigest()
     filled = start
-    for s, batch in pieces:
+    for _, s, batch in pieces:
         digest.update(batch)
         feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
         _write_rows(array, s - start, feats, width)
         zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
         filled = s + feats.shape[0]
+        if filled == stop:  # read nothing more before the shard is published (groupby would read ahead)
+            break
     if filled != stop:
         raise InputError(f"data yielded {filled} samples, but its length is {n}: a sized data set must yield "
                          "exactly len(data) samples")
@@ -332,18 +311,16 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
     cfg, width = manifest["config"], manifest["layout"]["width"]
     ranges = store.shard_ranges(cfg["n"], cfg["shard_size"])
     main = comm is None or comm.rank == 0
-    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
     finished, published = _finished(folder, manifest, ranges)
     chunk = ft.compute_chunk(sim, src, width)
     done = _verified(src, folder, manifest, ranges, finished, chunk, comm)
-    if main and [e["start"] for e in manifest["shards"]] != [done[i]["start"] for i in sorted(done)]:
-        manifest["shards"] = [done[i] for i in sorted(done)]
-        manifest["complete"] = False
+    kept = [done[i] for i in sorted(done)]
+    if main and [e["start"] for e in manifest["shards"]] != [e["start"] for e in kept]:
+        manifest["shards"], manifest["complete"] = kept, False
         store.write_manifest(folder, manifest)
-    manifest["shards"] = [done[i] for i in sorted(done)]
+    manifest["shards"] = kept
     todo = [i for i in range(len(ranges)) if i not in done]
-    a, b = distributed.split(len(todo), rank, world)
-    mine = todo[a:b]
+    mine = todo[slice(*distributed.split(len(todo), *((0, 1) if comm is None else (comm.rank, comm.world))))]
     report = ft.rank_notes("data")
 
     def compute() -> list[dict[str, Any]]:
@@ -352,13 +329,10 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
             return written
         with tqdm(total=len(ranges), initial=len(done), disable=not sim.progress or not main, desc="nnsim index",
                   unit="shard") as bar:
-            for i, pieces in shard_pieces(src, ranges, mine, chunk):
+            for i, pieces in groupby(shard_pieces(src, ranges, mine, chunk), key=itemgetter(0)):
                 start, stop = ranges[i]
-
-                def fill(array: np.ndarray, pieces: Iterator[tuple[int, Batch]] = pieces,
-                         start: int = start, stop: int = stop) -> dict[str, Any]:
-                    return _fill_shard(sim, proj, report, array, pieces, (start, stop), width, cfg["n"])
-
+                fill = functools.partial(_fill_shard, sim, proj, report, pieces=pieces, span=ranges[i], width=width,
+                                         n=cfg["n"])
                 entry = store.write_shard(folder, i, stop - start, width, cfg["dtype"], fill)
                 written.append(entry)
                 if comm is None:
@@ -369,10 +343,8 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
                 bar.update(1)
         return written
 
-    if comm is None:
-        compute()
-    else:
-        written = distributed.run_together(comm, compute)
+    written = distributed.run_together(comm, compute)
+    if comm is not None:
         new = [e for part in distributed.all_gather_object(comm, written) for e in part]
         manifest["shards"] = sorted([*manifest["shards"], *new], key=lambda e: e["start"])
         report.merge(distributed.all_gather_object(comm, report.notes()))
@@ -384,7 +356,8 @@ def _complete(folder: Path, manifest: dict[str, Any], n_shards: int, published: 
               comm: distributed.Comm | None) -> None:
     """Mark the store complete (with the digest of its data), on disk by rank 0, once every shard is there."""
     if len(manifest["shards"]) != n_shards:
-        raise InputError(f"data yielded fewer samples than its length {manifest['config']['n']}")
+        raise InputError(f"data yielded fewer samples than its length {manifest['config']['n']}: a sized data "
+                         "set must yield exactly len(data) samples")
     data = {"scheme": DATA_SCHEME, "sha256": combine_digests([e["data_sha256"] for e in manifest["shards"]])}
     main = comm is None or comm.rank == 0
     if main and (not manifest["complete"] or published or comm is not None or manifest.get("data") != data):

@@ -217,10 +217,11 @@ class FeatureIndex:
                 self._check_layout(fq.shape[1])
                 top = sr.candidates(self.path, self.manifest["shards"], self.width, fq, candidates, faiss)
                 valid = (qrank > 0).to(top.values.device)
+                v, i = top.result()  # best first
                 if dsrc is None:
-                    v, i = top.result(k)
+                    v, i = v[:, :k], i[:, :k]
                 else:
-                    v, i = sr.rerank(sim, self.n, self._sample_bytes, qbatch, top.result()[1], valid, dsrc, k, chunk)
+                    v, i = sr.rerank(sim, self.n, self._sample_bytes, qbatch, i, valid, dsrc, k, chunk)
                 v, i = v.cpu(), i.cpu()
                 v[~valid.cpu()], i[~valid.cpu()] = float("nan"), -1
                 rows = slice(q0, q0 + qbatch[0].shape[0])

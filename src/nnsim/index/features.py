@@ -34,8 +34,13 @@ _FEATURE_BYTES = 2**27  # bytes of one block of computed or loaded features
 # ---------------------------------------------------------------------------------------------- fingerprints
 def hash_tensor(h: Any, kind: str, name: str, t: Tensor) -> None:
     """Feed a tensor's name, shape, dtype and bytes to the hash ``h``."""
-    t = t.detach().to("cpu").contiguous()
     h.update(f"{kind}\0{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+    hash_bytes(h, t)
+
+
+def hash_bytes(h: Any, t: Tensor) -> None:
+    """Feed a tensor's row-major bytes to the hash ``h``."""
+    t = t.detach().to("cpu").contiguous()
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy())
 
@@ -160,14 +165,10 @@ class Projection:
     def centre_scores(self, sim: Similarity, factors: list[Any]) -> Tensor:
         """<u(x), c> for the chunk, exact: [B]."""
         if not self.centre_sum:
-            return torch.zeros(factors_batch(factors), dtype=torch.float64)
+            return torch.zeros(factors[0].batch_size, dtype=torch.float64)
         with torch.no_grad():
             score = inner(factors, self.centre_sum).diagonal(dim1=-2, dim2=-1).sum(-1)
         return score / (self.centre_rows * sim.d_eff)
-
-
-def factors_batch(factors: list[Any]) -> int:
-    return factors[0].batch_size
 
 
 CENTRE_ROWS = 256  # reference rows of the centre c (any fixed vector keeps the estimate unbiased)
@@ -201,12 +202,18 @@ def make_projection(sim: Similarity, src: Source, dim: int, seed: int) -> Projec
     return proj
 
 
+def _corrected(sim: Similarity, batch: Batch, start: int, side: str, report: RankReport | None
+               ) -> tuple[list[Any], Tensor]:
+    factors, rank = sim.corrected_factors(batch, start, side)
+    if report is not None:
+        report.note(side, ALL, start, rank, sim.d_eff)
+    return factors, rank
+
+
 def data_rows(sim: Similarity, batch: Batch, start: int, proj: Projection, report: RankReport | None = None
               ) -> tuple[Tensor, Tensor]:
     """Store rows of one chunk of data, [B, width + 1] = [S u(x), <u(x), c>], and the ranks [B]."""
-    factors, rank = sim.corrected_factors(batch, start, "data")
-    if report is not None:
-        report.note("data", ALL, start, rank, sim.d_eff)
+    factors, rank = _corrected(sim, batch, start, "data", report)
     rows = proj.sketch(sim, factors)
     score = proj.centre_scores(sim, factors).to(device=rows.device, dtype=rows.dtype)
     return torch.cat([rows, score[:, None]], dim=1), rank
@@ -215,9 +222,7 @@ def data_rows(sim: Similarity, batch: Batch, start: int, proj: Projection, repor
 def query_rows(sim: Similarity, batch: Batch, start: int, width: int, seed: int, exact: bool,
                centre: Tensor | None, report: RankReport | None = None) -> tuple[Tensor, Tensor]:
     """Query vectors of one chunk, [B, width + 1] = [S u(q) - S c, 1], and the ranks [B]."""
-    factors, rank = sim.corrected_factors(batch, start, "queries")
-    if report is not None:
-        report.note("queries", ALL, start, rank, sim.d_eff)
+    factors, rank = _corrected(sim, batch, start, "queries", report)
     rows = Projection(width, seed, exact).sketch(sim, factors)
     if centre is not None:
         rows = rows - centre.to(device=rows.device, dtype=rows.dtype)

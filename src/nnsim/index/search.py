@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from ..errors import RankDeficiencyWarning
+from ..estimators import TopK
 from ..inputs import Batch, Source, as_source
 from ..similarity import Similarity
-from . import store
 from .features import _FEATURE_BYTES
 
 _SCORE_ELEMS = 2**25  # elements of one [queries, rows] score block
@@ -33,44 +33,15 @@ def faiss_module() -> Any:
         return None
 
 
-class Top:
-    """Running top-C of scores given as (values [Q, c], global indices [Q, c]) blocks."""
-
-    def __init__(self, rows: int, k: int, device: torch.device) -> None:
-        self.k = k
-        self.values = torch.full((rows, 0), float("-inf"), device=device)
-        self.indices = torch.full((rows, 0), -1, dtype=torch.long, device=device)
-
-    def update(self, values: Tensor, indices: Tensor) -> None:
-        v = torch.cat([self.values, torch.nan_to_num(values.float(), nan=float("-inf"))], 1)
-        i = torch.cat([self.indices, indices], 1)
-        if v.shape[1] > self.k:
-            top = v.topk(self.k, dim=1)
-            v, i = top.values, i.gather(1, top.indices)
-        self.values, self.indices = v, i
-
-    def result(self, k: int | None = None) -> tuple[Tensor, Tensor]:
-        """(values [Q, k], indices [Q, k]) sorted, padded with NaN / -1 where fewer valid entries exist."""
-        k = self.k if k is None else k
-        v, i = self.values, self.indices
-        if v.shape[1] < k:
-            pad = k - v.shape[1]
-            v = torch.cat([v, v.new_full((v.shape[0], pad), float("-inf"))], 1)
-            i = torch.cat([i, i.new_full((i.shape[0], pad), -1)], 1)
-        top = v.topk(k, dim=1)
-        v, i = top.values, i.gather(1, top.indices)
-        missing = torch.isneginf(v)
-        return v.masked_fill(missing, float("nan")), i.masked_fill(missing, -1)
-
-
-def candidates(folder: Path, shards: list[dict[str, Any]], width: int, fq: Tensor, C: int, faiss: Any) -> Top:
-    """Top-C inner products of the query vectors [Q, W] with every stored row, streaming the shards."""
+def candidates(folder: Path, shards: list[dict[str, Any]], width: int, fq: Tensor, C: int, faiss: Any) -> TopK:
+    """Top-C inner products of the query vectors [Q, W] with every stored row, streaming the shards (each
+    block's own top-C first, so that no [Q, block] index matrix is made; ties at that cut are arbitrary)."""
     Q = fq.shape[0]
-    top = Top(Q, C, fq.device)
+    top = TopK(Q, C, torch.float32, fq.device)
     rows_per_block = max(1, min(_SCORE_ELEMS // Q, _FEATURE_BYTES // (4 * width)))
     fq_np = fq.cpu().numpy() if faiss is not None else None
     for entry in shards:
-        array = store.load_shard(folder, entry)
+        array = np.load(folder / entry["file"], mmap_mode="r")  # rows are read from disk only when touched
         zero = torch.tensor(entry.get("zero_rows", []), dtype=torch.long) - entry["start"]
         for a in range(0, array.shape[0], rows_per_block):
             b = min(array.shape[0], a + rows_per_block)
@@ -85,14 +56,12 @@ def candidates(folder: Path, shards: list[dict[str, Any]], width: int, fq: Tenso
                 if len(local_zero):
                     values[torch.isin(local, local_zero.to(fq.device))] = float("-inf")
                 values[local < 0] = float("-inf")
-                top.update(values, local.clamp_min(0) + entry["start"] + a)
             else:
                 scores = fq @ torch.from_numpy(rows).to(fq.device).T
                 if len(local_zero):
                     scores[:, local_zero.to(fq.device)] = float("-inf")
-                c = min(C, b - a)
-                best = scores.topk(c, dim=1)
-                top.update(best.values, best.indices + entry["start"] + a)
+                values, local = scores.topk(min(C, b - a), dim=1)
+            top.update(slice(None), values, local.clamp_min(0) + entry["start"] + a)
     return top
 
 

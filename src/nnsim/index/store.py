@@ -71,16 +71,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Write ``manifest.json`` atomically: a temporary file, fsync, then ``os.replace``."""
-    tmp = folder / (MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=False)
-        f.write("\n")
+def _write_json(folder: Path, name: str, value: Any, tmp: str, indent: int | None = None) -> None:
+    """Write ``folder / name`` atomically and durably: the temporary file ``tmp``, fsync, ``os.replace``, fsync
+    of the folder."""
+    with open(folder / tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=indent)
+        f.write("\n" if indent is not None else "")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    os.replace(folder / tmp, folder / name)
     _fsync_dir(folder)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    _write_json(folder, MANIFEST, manifest, MANIFEST + ".tmp", indent=1)
 
 
 _REQUIRED = {"format": str, "version": int, "complete": bool, "config": dict, "layout": dict, "shards": list}
@@ -176,11 +180,6 @@ def check_shard(folder: Path, entry: dict[str, Any], width: int, dtype: str, che
     return None
 
 
-def load_shard(folder: Path, entry: dict[str, Any]) -> np.ndarray:
-    """The shard as a read-only memmap (rows are read from disk only when touched)."""
-    return np.load(folder / entry["file"], mmap_mode="r")
-
-
 def is_store_file(name: str) -> bool:
     """Whether a file name is one the store writes (manifest, shards, and their temporary forms)."""
     return (name in (MANIFEST, MANIFEST + ".tmp", LOCK) or _SHARD_RE.match(name) is not None
@@ -190,13 +189,7 @@ def is_store_file(name: str) -> bool:
 def write_entry(folder: Path, i: int, entry: dict[str, Any]) -> None:
     """Publish shard ``i``'s manifest entry as ``shard-0000i.json`` (atomically; the shard is already in place)."""
     name = f"shard-{i:05d}.json"
-    tmp = folder / f".{name}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(entry, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / name)
-    _fsync_dir(folder)
+    _write_json(folder, name, entry, f".{name}.tmp")
 
 
 def read_entries(folder: Path) -> dict[int, dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._files import write_atomic
+from ..io import write_atomic
 
 __all__ = ["write_report", "is_image_data"]
 
@@ -64,9 +64,12 @@ def is_image_data(x: np.ndarray) -> bool:
     return len(shape) == 3 and shape[0] in (1, 3) and min(shape[1:]) >= 4
 
 
-def _png(fig: Any) -> bytes:
+def _png(plt: Any, fig: Any) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
     return buf.getvalue()
 
 
@@ -203,10 +206,7 @@ def _density_figure(plt: Any, columns: dict[str, np.ndarray]) -> bytes:
         ax.hist(density, bins=edges, color="tab:blue")
     ax.set_xlabel("soft density N(x) = \u03a3\u2c7c sim(x, x\u2c7c)")
     ax.set_ylabel("samples")
-    fig.tight_layout()
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    return _png(plt, fig)
 
 
 def _denoising_figure(plt: Any, columns: dict[str, np.ndarray], neighbor_index: np.ndarray) -> bytes:
@@ -242,10 +242,7 @@ def _denoising_figure(plt: Any, columns: dict[str, np.ndarray], neighbor_index: 
         axes[2].set_title("Mislabel score", fontsize=10)
     else:
         axes[2].axis("off")
-    fig.tight_layout()
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    return _png(plt, fig)
 
 
 def _density_bins(tiles: _Tiles, finite: np.ndarray) -> str:
@@ -288,20 +285,18 @@ def _page_data(tiles: _Tiles, columns: dict[str, np.ndarray], neighbor_index: np
         embed = set(range(n))
     else:
         embed = set(tiles.drawn) | {int(j) for i in tiles.drawn for j in neighbor_index[i] if j >= 0}
-    names = tiles.class_names
-    data = {
+    names, ids = tiles.class_names, sorted(embed)
+    table = [c for c in TABLE_COLUMNS if c in columns]
+    return {
         "n": n, "class_names": list(names) if names is not None else None,
-        "samples": {str(i): tiles.info(i) for i in sorted(embed)},
+        "samples": {str(i): tiles.info(i) for i in ids},
         "neighbors": {str(i): {"index": [int(j) for j in neighbor_index[i] if j >= 0],
                                "similarity": [float(s) for j, s in zip(neighbor_index[i], neighbor_similarity[i])
                                               if j >= 0]}
-                      for i in sorted(embed)},
+                      for i in ids},
+        "table": {"columns": table, "rows": [[_num(columns[c][i]) for c in table] for i in ids]},
+        "class_matrix": _class_matrix(tiles.label, neighbor_index),
     }
-    table = {"columns": [c for c in TABLE_COLUMNS if c in columns]}
-    table["rows"] = [[_num(columns[c][i]) for c in table["columns"]] for i in sorted(embed)]
-    data["table"] = table
-    data["class_matrix"] = _class_matrix(tiles.label, neighbor_index)
-    return data
 
 
 def _num(v: Any) -> float | int | bool | None:
@@ -375,19 +370,20 @@ def _class_matrix(label: np.ndarray | None, neighbor_index: np.ndarray) -> dict[
             .tolist()}
 
 
+def _class_name(c: int, class_names: Sequence[str] | None) -> str:
+    return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+
 def _class_options(classes: np.ndarray | None, class_names: Sequence[str] | None) -> str:
     if classes is None:
         return ""
     present = sorted({int(c) for c in np.asarray(classes)})
-    def name(c: int) -> str:
-        return class_names[c] if class_names is not None and c < len(class_names) else str(c)
-
-    return "".join(f'<option value="{c}">{html.escape(name(c))}</option>' for c in present)
+    return "".join(f'<option value="{c}">{html.escape(_class_name(c, class_names))}</option>' for c in present)
 
 
 def _label_text(info: dict[str, Any], class_names: Sequence[str] | None) -> tuple[str, bool]:
     def name(c: int) -> str:
-        return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+        return _class_name(c, class_names)
 
     lab, pred = info["label"], info["pred"]
     if lab is None:
@@ -408,14 +404,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _summary_table(summary: dict[str, Any]) -> str:
-    cells = "".join(f'<div class="kv"><span>{html.escape(k)}</span> <b>{html.escape(_fmt(v))}</b></div>'
+    cells = "".join(f'<div class="kv"><span>{html.escape(k)}</span> '
+                    f'<b>{html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))}</b></div>'
                     for k, v in _flatten(summary))
     return f'<div class="summary">{cells}</div>'
 

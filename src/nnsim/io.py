@@ -1,4 +1,8 @@
-"""Writing result files so that an interrupted run never leaves a truncated file under the final name."""
+"""Writing result files so that an interrupted run never leaves a truncated file under the final name.
+
+Public (``nnsim.io``): the command line and the HTML report write every file through it, and so can a script.
+The library's computations never touch files; the index's store has its own, fsynced, format (index/store.py).
+"""
 
 from __future__ import annotations
 
