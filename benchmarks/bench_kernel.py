@@ -110,9 +110,12 @@ def run_nnsim(backend: str, model: nn.Module, x: Tensor, case: str) -> Tensor:
     return sim.similarity(x, reduce=case_reduce(case))
 
 
-def tutorial_kernel(model: nn.Module, x: Tensor, output: Callable | None, budget_bytes: float) -> Tensor:
-    """The NTK tutorial's recipe, K [N, N, d, d]: per-sample Jacobians + per-parameter einsum, in blocks."""
+def tutorial_kernel(model: nn.Module, x: Tensor, output: Callable | None, budget_bytes: float = 2**31) -> Tensor:
+    """The NTK tutorial's recipe, K [N, N, d, d] in the parameters' dtype (any input dtype, e.g. token ids):
+    per-sample Jacobians by vmap(jacrev(functional_call)) + a per-parameter einsum, in blocks of at most
+    ``budget_bytes`` of Jacobians (beyond it the column blocks' Jacobians are recomputed, upper triangle only)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
+    dtype = next(iter(params.values())).dtype
     select = output or (lambda out, inputs: out)
 
     def fnet_single(params: dict[str, Tensor], x1: Tensor) -> Tensor:
@@ -128,11 +131,11 @@ def tutorial_kernel(model: nn.Module, x: Tensor, output: Callable | None, budget
 
     N = x.shape[0]
     d = select(model(x[:1]), None).shape[-1]
-    per_sample = d * sum(p.numel() for p in params.values()) * x.element_size()
-    K = x.new_empty(N, N, d, d)
+    per_sample = d * sum(p.numel() for p in params.values()) * dtype.itemsize
+    K = torch.empty(N, N, d, d, dtype=dtype, device=x.device)
     if N * per_sample <= budget_bytes:  # all Jacobians fit: compute them once, then contract in row blocks
         block = max(1, min(N, int(2**28 // per_sample)))
-        jac = [x.new_empty(N, d, p.numel()) for p in params.values()]
+        jac = [torch.empty(N, d, p.numel(), dtype=dtype, device=x.device) for p in params.values()]
         for s in range(0, N, block):
             for j, part in zip(jac, jacobians(x[s : s + block]), strict=True):
                 j[s : s + block] = part

@@ -5,6 +5,8 @@ For each model, at N samples (default 256) and each output case
   * ``d=10``: the ten logits, ``sim.similarity(x, reduce=None)`` -> [N, N, 10, 10] (what the recipe computes),
 the methods
   * ``nnsim``: ``nnsim.Similarity(model, output)`` with default settings (structured backend);
+  * ``nnsim-new-plan``: the same as a first ``Similarity`` on the model (the verified plans that the structured
+    backend keeps per model object dropped first, so planning is paid again);
   * ``nnsim-functorch``: the same with ``backend="functorch"`` (nnsim's own torch.func backend);
   * ``torch.func``: the PyTorch NTK tutorial recipe, ``vmap(jacrev(functional_call))`` per-sample Jacobians and
     a per-parameter ``einsum('Naf,Mbf->NMab')``, normalised by hand (``bench_kernel.tutorial_kernel``);
@@ -12,7 +14,9 @@ the methods
     extrapolated linearly to N, plus the part of its Gram that grows faster than N (the GEMM of its explicit
     gradients [N e, P] with themselves, e = 1 at d=1 and d at d=10, timed here; still a lower bound);
 run side by side in this process, interleaved, after a warm-up call on 4 samples; each timed run builds a new
-``Similarity`` (planning and verification included). Times are medians of ``--repeats`` runs.
+``Similarity``: ``nnsim`` finds the plan kept from the warm-up and re-verifies it on its first batch,
+``nnsim-new-plan`` plans afresh. Times are medians of ``--repeats`` runs, wall clock; the CPU-time ratios
+(``time.process_time`` of this single-threaded process) are less sensitive to other processes' load.
 
 Also reported: the peak RSS increase of the ``nnsim`` call (VmHWM after resetting it with /proc/self/clear_refs,
 in this process: a lower bound when freed memory is reused), the max relative error of ``nnsim`` against the
@@ -40,17 +44,17 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernel import OthersMeter, machine, nnsim_revision, normalise, peak_rss, reset_peak_rss  # noqa: E402
+from bench_kernel import OthersMeter, machine, nnsim_revision, normalise, peak_rss, reset_peak_rss, tutorial_kernel  # noqa: E402
 from zoo_models import ZOO  # noqa: E402
 
 import nnsim  # noqa: E402
+from nnsim.backends import plan_cache  # noqa: E402
 
 warnings.filterwarnings("ignore")  # planning notes and fallback warnings: the describe() column says it
-METHODS = ("nnsim", "nnsim-functorch", "torch.func", "loop")
+METHODS = ("nnsim", "nnsim-new-plan", "nnsim-functorch", "torch.func", "loop")
 QUICK_MODELS = ("mlp", "resnet-small", "vit", "transformer-encoder", "hf-vit", "lstm")
 
 
@@ -65,44 +69,11 @@ def reduce_of(case: str) -> str | None:
 def run(method: str, model: nn.Module, x: tuple[Tensor, ...], case: str) -> Tensor:
     if method == "torch.func":
         return normalise(tutorial_kernel(model, x[0], output_fn(case)), reduce_of(case))
-    backend = {"nnsim": "auto", "nnsim-functorch": "functorch", "loop": "loop"}[method]
+    if method == "nnsim-new-plan":  # as a first Similarity on this model: no plan kept from an earlier one
+        plan_cache._STORE.pop(model, None)
+    backend = {"nnsim": "auto", "nnsim-new-plan": "auto", "nnsim-functorch": "functorch", "loop": "loop"}[method]
     sim = nnsim.Similarity(model, output=output_fn(case), backend=backend, progress=False)
     return sim.similarity(*x, reduce=reduce_of(case))
-
-
-def tutorial_kernel(model: nn.Module, x: Tensor, output: Callable | None, budget_bytes: float = 2**31) -> Tensor:
-    """The NTK tutorial's recipe, K [N, N, d, d] (as bench_kernel.tutorial_kernel; any input dtype): per-sample
-    Jacobians by vmap(jacrev(functional_call)), a per-parameter einsum, in row blocks of at most
-    ``budget_bytes`` of Jacobians, the column blocks' Jacobians recomputed (upper triangle only)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    select = output or (lambda out, inputs: out)
-
-    def fnet_single(p: dict[str, Tensor], x1: Tensor) -> Tensor:
-        return select(functional_call(model, p, (x1.unsqueeze(0),)), None).squeeze(0)
-
-    jac_fn = vmap(jacrev(fnet_single), (None, 0))
-
-    def jacobians(xs: Tensor) -> list[Tensor]:
-        return [j.flatten(2) for j in jac_fn(params, xs).values()]
-
-    def contract(j1: list[Tensor], j2: list[Tensor]) -> Tensor:
-        return torch.stack([torch.einsum("Naf,Mbf->NMab", a, b) for a, b in zip(j1, j2, strict=True)]).sum(0)
-
-    N = x.shape[0]
-    dtype = next(iter(params.values())).dtype
-    d = select(model(x[:1]), None).shape[-1]
-    per_sample = d * sum(p.numel() for p in params.values()) * dtype.itemsize
-    K = torch.empty(N, N, d, d, dtype=dtype)
-    block = max(1, min(N, int(budget_bytes // (2 * per_sample))))
-    for s in range(0, N, block):
-        ja = jacobians(x[s : s + block])
-        for t in range(s, N, block):
-            jb = ja if t == s else jacobians(x[t : t + block])
-            k = contract(ja, jb)
-            K[s : s + block, t : t + block] = k
-            if t != s:
-                K[t : t + block, s : s + block] = k.transpose(0, 1).transpose(-1, -2)
-    return K
 
 
 def mlp_ntk_by_hand(model: nn.Sequential, x: Tensor) -> Tensor:
@@ -237,6 +208,7 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
     row: dict[str, object] = {"model": name, "case": case, "P": P}
     sizes = {m: (min(args.n, args.loop_n) if m == "loop" else args.n) for m in METHODS}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}  # process CPU time: less sensitive to others' load
     results: dict[str, Tensor] = {}
     errors: dict[str, str] = {}
     for m in METHODS:  # warm-up (and the first failure, if any)
@@ -257,9 +229,10 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
             xs = tuple(t[: sizes[m]] for t in x)
             base = reset_peak_rss() if m == "nnsim" else 0
             with OthersMeter() as meter:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = run(m, model, xs, case)
                 times[m].append(time.perf_counter() - t0)
+                cpu[m].append(time.process_time() - c0)
             if m == "nnsim":
                 row["peak_mib"] = (peak_rss() - base) / 2**20
                 others.append(meter.share)
@@ -272,7 +245,8 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
         e = 1 if case == "d=1" else int(results["loop"].shape[-1])
         gram_n, gram_k = gram_seconds(args.n * e, P), gram_seconds(sizes["loop"] * e, P)
         med["loop"] += max(0.0, gram_n - gram_k * args.n / sizes["loop"])
-    row.update(times=med, errors=errors, others=statistics.median(others) if others else float("nan"))
+    med_cpu = {m: statistics.median(t) for m, t in cpu.items() if t and m != "loop"}
+    row.update(times=med, cpu=med_cpu, errors=errors, others=statistics.median(others) if others else float("nan"))
     if "loop" in results:
         k = sizes["loop"]
         row["err"] = {m: rel_err(r[:k, :k], results["loop"]) for m, r in results.items() if m != "loop"}
@@ -298,25 +272,29 @@ def fmt_t(t: float | None) -> str:
 
 
 def table(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
-    head = (f"| model | P | output | nnsim [s] | vs torch.func | vs loop (≥) | vs nnsim functorch | torch.func [s] | "
-            f"loop [s] (≥, from N={args.loop_n} + Gram at N) | nnsim functorch [s] | nnsim peak RSS Δ [MiB] | "
-            "nnsim max rel err vs loop | floor % | others' CPU | layer rules (describe) |")
-    lines = [head, "|" + "---|" * 15]
+    head = (f"| model | P | output | nnsim [s] | vs torch.func | vs loop (≥) | vs nnsim functorch "
+            f"| nnsim, new plan [s] | new plan vs torch.func "
+            "| CPU time: vs torch.func / vs functorch / new plan vs torch.func "
+            f"| torch.func [s] | loop [s] (≥, from N={args.loop_n} + Gram at N) | nnsim functorch [s] "
+            "| nnsim peak RSS Δ [MiB] | nnsim max rel err vs loop | floor % | others' CPU | layer rules (describe) |")
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
-        t = r["times"]
-        tn = t.get("nnsim")
+        t, c = r["times"], r.get("cpu", {})
 
-        def ratio(m: str, tn=tn, t=t) -> str:
-            return "n/a" if tn is None or m not in t else f"{t[m] / tn:.2f}×"
+        def ratio(m: str, t: dict = t, of: str = "nnsim") -> str:
+            return "n/a" if of not in t or m not in t else f"{t[m] / t[of]:.2f}×"
 
         err = r.get("err", {}).get("nnsim", float("nan"))
         lines.append(
-            f"| {r['model']} | {r['P']:,} | {r['case']} | {fmt_t(tn)} | {ratio('torch.func')} | {ratio('loop')} "
-            f"| {ratio('nnsim-functorch')} | {fmt_t(t.get('torch.func'))} | {fmt_t(t.get('loop'))} "
+            f"| {r['model']} | {r['P']:,} | {r['case']} | {fmt_t(t.get('nnsim'))} | {ratio('torch.func')} "
+            f"| {ratio('loop')} | {ratio('nnsim-functorch')} | {fmt_t(t.get('nnsim-new-plan'))} "
+            f"| {ratio('torch.func', of='nnsim-new-plan')} "
+            f"| {ratio('torch.func', c)} / {ratio('nnsim-functorch', c)} / {ratio('torch.func', c, 'nnsim-new-plan')} "
+            f"| {fmt_t(t.get('torch.func'))} | {fmt_t(t.get('loop'))} "
             f"| {fmt_t(t.get('nnsim-functorch'))} | {r.get('peak_mib', float('nan')):.0f} | {err:.1e} "
             f"| {r.get('floor_pct', float('nan')):.1f} | {r['others']:.0%} | {r.get('rules', '')} |")
         for m, e in r["errors"].items():
-            lines.append(f"| ↳ {m} failed: {e} |" + " |" * 14)
+            lines.append(f"| ↳ {m} failed: {e} |" + " |" * 17)
     return "\n".join(lines)
 
 

@@ -265,4 +265,4 @@ def test_reproduce_lists_the_papers_experiments(capsys):
     """The experiment modules shipped with the package are what `nnsim reproduce` offers."""
     assert main(["reproduce", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "available: denoising, label_noise, mnist_criterion, registration, toy1d" in err
+    assert "available: denoising, label_noise, mnist_criterion, registration, registration_linear, toy1d" in err

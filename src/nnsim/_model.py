@@ -127,7 +127,7 @@ def input_failure(err: Exception, batch: tuple, name: str, dtype: torch.dtype) -
     Integer inputs are not refused up front (they are right for a model that starts with an Embedding); only
     when the model fails on them does the message suggest converting them."""
     shapes = ", ".join(f"{list(t.shape)} ({t.dtype})" for t in batch)
-    what = f"{name}: the model failed on inputs of shape {shapes}: {type(err).__name__}: {_first_line(err)}"
+    what = f"{name}: the model failed on inputs of shape {shapes}: {type(err).__name__}: {first_line(err)}"
     hints = []
     if any(not (t.is_floating_point() or t.is_complex()) for t in batch) and dtype.is_floating_point:
         hints.append(f"the inputs are integers but the model's parameters are {dtype}: convert them, e.g. "
@@ -144,6 +144,7 @@ def input_failure(err: Exception, batch: tuple, name: str, dtype: torch.dtype) -
     return InputError(f"{what}; {'; '.join(hints)}")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message in one line of at most 300 characters (its type when the message is empty)."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]

@@ -49,10 +49,8 @@ class Comm:
     @property
     def device(self) -> torch.device:
         """Where collective tensors must live: the current CUDA device for NCCL, else the CPU."""
-        backend = str(dist.get_backend(self.group)).lower()
-        if "nccl" in backend:
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        nccl = "nccl" in str(dist.get_backend(self.group)).lower()
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 def resolve(group: Any = None) -> Comm | None:

@@ -29,6 +29,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ._gemm import self_gram as self_product
+
 ParamSpec = tuple[str, torch.Size]
 
 
@@ -100,6 +102,10 @@ def _dense_gram(ga: Tensor, gb: Tensor, mode: str) -> Tensor:
     """ga [B1, d, n], gb [B2, d, n] -> [B1, d, B2, d] (full; see ``gram`` for the layout) or [B1, B2] (trace)."""
     B1, d, n = ga.shape
     B2 = gb.shape[0]
+    if ga is gb:  # a tile of a chunk with itself: symmetric, the blocks below the diagonal are mirrored
+        if mode == "trace":
+            return self_product(ga.reshape(B1, d * n))
+        return self_product(ga.reshape(B1 * d, n)).view(B1, d, B1, d)
     if mode == "trace":
         return ga.reshape(B1, d * n) @ gb.reshape(B2, d * n).T
     return (ga.reshape(B1 * d, n) @ gb.reshape(B2 * d, n).T).view(B1, d, B2, d)
@@ -143,6 +149,8 @@ class Dense(_Batched):
 
     def mix(self, M: Tensor) -> Dense:
         """Replace output columns by ``G M``: M [B, d, e]."""
+        if M.shape[1] == M.shape[2] == 1:  # one output: a scale per sample (the same product, far faster)
+            return replace(self, g=self.g * M)
         return replace(self, g=torch.einsum("bcn,bce->ben", self.g, M))
 
     def gram(self, other: Factor, mode: str) -> Tensor:
@@ -235,6 +243,8 @@ class Outer(_Batched):
         return self.vocab if self.indexed else self.a.shape[-1]
 
     def mix(self, M: Tensor) -> Outer:
+        if M.shape[1] == M.shape[2] == 1:  # one output: a scale per sample
+            return replace(self, delta=self.delta * M[:, :, :, None, None])
         return replace(self, delta=torch.einsum("bcgtn,bce->begtn", self.delta, M))
 
     def costs(self, mode: str, partners: int = _NOMINAL_PARTNERS) -> tuple[float, float]:

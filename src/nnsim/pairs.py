@@ -84,8 +84,7 @@ def augmented(
                          f"got {got}")
     both = tuple(torch.cat([t, o.to(t.dtype)]) for t, o in zip(batch, outb))
     idx = torch.arange(B, device=batch[0].device)
-    pairs = torch.stack([idx, idx + B], dim=1)
-    return (both[0] if isinstance(x, Tensor) else both), pairs
+    return (both[0] if isinstance(x, Tensor) else both), torch.stack([idx, idx + B], dim=1)
 
 
 def sample_same_class(

@@ -109,8 +109,7 @@ class SimilarityLoss:
         self.weight, self.eps, self.backend = float(weight), float(eps), backend
         if self.needs_targets:
             # The labels travel as a last model input so that every backend slices them with the samples.
-            wrapped: nn.Module = _WithTargets(model)
-            problem = Problem(wrapped, {"model." + n: p for n, p in self.params.items()}, _posnegflat_score)
+            problem = Problem(_WithTargets(model), {"model." + n: p for n, p in self.params.items()}, _posnegflat_score)
         else:
             problem = Problem(model, self.params, outputs.flatten if output is None else output)
         self._problem = problem
@@ -148,8 +147,7 @@ class SimilarityLoss:
 
         In ``batch_mode="mean_gradient"``: the single similarity of the two mean gradients, [1].
         """
-        cross, left, right = self._blocks(inputs, pairs, targets)
-        return _similarity(cross, left, right, self.eps)
+        return _similarity(*self._blocks(inputs, pairs, targets), self.eps)
 
     def _criterion(self, cross: Tensor, left: Tensor, right: Tensor) -> Tensor:
         if self.variant == "distance":

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .._model import layer_of
 from ..errors import FallbackWarning, ModelError
 from ..factors import Dense, Factor
-from . import functorch, loop
+from . import functorch, loop, plan_cache
 from .base import Problem, checked_output, dense_by_layer
 from .rules import Call, Found, Rule, find_rule
 from .rules.fallback import fallback, fallback_loop
@@ -93,6 +93,7 @@ class Plan:
     # module -> per call: (number of flattened argument leaves, positions carrying the batch on axis 0)
     batched: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = field(default_factory=dict)
     free_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the FallbackWarnings of planning (repeated when reused)
 
     def describe(self) -> dict[str, str]:
         out = {}
@@ -159,17 +160,17 @@ class Structured:
         else:
             raise ModelError("the structured backend could not verify a plan for this model; use backend='loop'")
         if failed_pass is not None:
-            warnings.warn(f"the hooked pass of the structured backend fails on this model "
-                          f"({type(failed_pass).__name__}: {failed_pass}); every parameter is computed by the exact "
-                          "whole-model fallback", FallbackWarning, stacklevel=5)
+            plan.notes.append(f"the hooked pass of the structured backend fails on this model "
+                              f"({type(failed_pass).__name__}: {failed_pass}); every parameter is computed by the "
+                              "exact whole-model fallback")
             plan.residual = list(self.problem.params)
             plan.residual_loop = not _functorch_runs(self.problem, probe)
         for e in plan.hooked.values():
             if e.reason and not e.on_rule and not e.found.tentative:  # type: ignore[union-attr]
                 method = e.method[0] if e.method else "the whole-model fallback"
-                warnings.warn(f"layer rule {e.chain[0][0]!r} for module {e.layer or 'model'!r} "
-                              f"({type(_module_of(plan, e)).__name__}) {e.reason}; computing this module with the "
-                              f"exact {method} instead", FallbackWarning, stacklevel=5)
+                plan.notes.append(f"layer rule {e.chain[0][0]!r} for module {e.layer or 'model'!r} "
+                                  f"({type(_module_of(plan, e)).__name__}) {e.reason}; computing this module with "
+                                  f"the exact {method} instead")
         return plan
 
     def _initial_plan(self, probe: tuple[Tensor, ...]) -> Plan:
@@ -237,9 +238,9 @@ class Structured:
         mode = self._free_mode(plan, plan.hooked, B, record=True)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
-            flat = tree_flatten((args, kwargs))[0]
+            flat = _leaves(args, kwargs)
             if plan.expand and B > 1 and not _has_batched(flat, None, B):
-                out = tree_map(lambda t: _expand(t, B), out)
+                out = _map(lambda t: _expand(t, B), out)
             # argument leaves, then a separator, then the floating output leaves (what gets signals)
             dims[mod].append([_shape(t) for t in flat] + [-1] + [_shape(t) for t in tree_flatten(out)[0]
                                                                 if isinstance(t, Tensor) and t.is_floating_point()])
@@ -278,21 +279,28 @@ class Structured:
             except Exception as err:  # noqa: BLE001
                 residual_failed = err
                 return errors, {}, residual_failed
+        return errors, self._disagreements(factors, y.dtype, probe), residual_failed
+
+    def _disagreements(self, factors: list[Factor], dtype: torch.dtype, probe: tuple[Tensor, ...]) -> dict[str, str]:
+        """{parameter: why} for every parameter whose per-sample gradients in ``factors`` (of the probe's samples)
+        disagree with autograd's, compared through one random weighting of them (``_reference``)."""
         M, reference, scale = self._reference(probe)
-        M = M.to(y.dtype)  # the same combination of the rules' per-sample, per-output gradients
+        M = M.to(dtype)  # the same combination of the rules' per-sample, per-output gradients
         rule_grads: dict[str, Tensor] = {}
         for f in factors:
             for (name, _), g in zip(f.params, f.mix(M).batch_grad(), strict=True):
                 rule_grads[name] = rule_grads[name] + g if name in rule_grads else g
-        tol = _CHECK_RTOL.get(y.dtype, _CHECK_RTOL[torch.float32])
+        tol = _CHECK_RTOL.get(dtype, _CHECK_RTOL[torch.float32])
+        names = list(self.problem.params)
+        ref = [reference[n] for n in names]
+        rule = [rule_grads[n][0].to(g.dtype) if n in rule_grads else torch.zeros_like(g) for n, g in zip(names, ref,
+                                                                                                          strict=True)]
+        errs = _norms([r - g for r, g in zip(rule, ref, strict=True)])
         bad: dict[str, str] = {}
-        for name, p in self.problem.params.items():
-            g = reference[name]
-            r = torch.zeros_like(p) if name not in rule_grads else rule_grads[name][0].to(g.dtype)
-            err = float((r - g).norm())
-            if err > tol * (max(float(g.norm()), float(r.norm())) + 1e-3 * scale) + 1e-30:
-                bad[name] = f"disagrees with autograd on {name} (error {err:.2g}, gradient norm {float(g.norm()):.2g})"
-        return errors, bad, residual_failed
+        for name, err, g_norm, r_norm in zip(names, errs, _norms(ref), _norms(rule), strict=True):
+            if err > tol * (max(g_norm, r_norm) + 1e-3 * scale) + 1e-30:
+                bad[name] = f"disagrees with autograd on {name} (error {err:.2g}, gradient norm {g_norm:.2g})"
+        return bad
 
     def _reference(self, probe: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor], float]:
         """Autograd's side of the check, computed once per plan: with random weights W [B, k] of the probe's
@@ -331,7 +339,7 @@ class Structured:
         for k, v in enumerate(V):
             auto = torch.autograd.grad((Y @ v) @ w_sample, tensors, retain_graph=k < V.shape[0] - 1,
                                        allow_unused=True)
-            scale = max([scale] + [float(g.norm()) for g in auto if g is not None])
+            scale = max([scale] + _norms([g for g in auto if g is not None]))
             for n, g in zip(names, auto, strict=True):
                 if g is not None:
                     total[n] += w_dir[k] * g.detach()
@@ -421,8 +429,8 @@ class Structured:
             if graph:
                 call = Call(args, kwargs, graph=True)
             else:
-                call = Call(tree_map(_detach, args), tree_map(_detach, kwargs))
-            flat = tree_flatten((args, kwargs))[0]
+                call = Call(_map(_detach, args), _map(_detach, kwargs))
+            flat = _leaves(args, kwargs)
             call.batch_size = B
             call.batched, call.out_batched = plan.batched_for(mod, len(calls[mod]), len(flat))
             shared = plan.expand and B > 1 and not _has_batched(flat, call.batched, B)
@@ -437,7 +445,8 @@ class Structured:
                     return t + z
                 return t
 
-            new = tree_map(tap, out)
+            call.output = out if graph else _map(_detach, out)
+            new = _map(tap, out)
             calls[mod].append(call)
             return new
 
@@ -451,7 +460,8 @@ class Structured:
         leaves = [z for cs in calls.values() for c in cs for z in c.leaves]
         d = y.shape[1]
         per_c: list[tuple] = []
-        if leaves:
+        batched = _batched_signals(y, leaves) if leaves and d > 1 and not graph else None
+        if leaves and batched is None:
             for c in range(d):
                 per_c.append(torch.autograd.grad(y[:, c].sum(), leaves, retain_graph=graph or c < d - 1,
                                                  create_graph=graph, allow_unused=True))
@@ -460,8 +470,11 @@ class Structured:
             for call in cs:
                 for j, z in enumerate(call.leaves):
                     axis = (call.out_batched or {}).get(j, 0)  # the rules get signals [B, d, ...]
-                    parts = [(torch.zeros_like(z) if g[k] is None else g[k]).movedim(axis, 0) for g in per_c]
-                    delta = parts[0].unsqueeze(1) if d == 1 else torch.stack(parts, dim=1)  # d = 1: a view
+                    if batched is not None:  # [d, *z.shape] -> [B, d, ...]
+                        delta = batched[k].movedim(axis + 1, 0).contiguous()
+                    else:
+                        parts = [(torch.zeros_like(z) if g[k] is None else g[k]).movedim(axis, 0) for g in per_c]
+                        delta = parts[0].unsqueeze(1) if d == 1 else torch.stack(parts, dim=1)  # d = 1: a view
                     call.deltas.append(delta if graph else delta.detach())
                     k += 1
         factors: list[Factor] = []
@@ -511,15 +524,45 @@ class Structured:
         sig = self._signature(batch)
         plan = self.plans.get(sig)
         if plan is None:
+            model = self.problem.model
+            key = plan_cache.key(self.problem, sig)
+            plan = plan_cache.load(model, key)
+            out = None if plan is None else self._reused(plan, batch, start)
+            if out is not None:  # a plan of an earlier Similarity, verified again on this batch
+                self.plans[sig] = self.plan = plan
+                for note in plan.notes:
+                    warnings.warn(note, FallbackWarning, stacklevel=4)
+                return out
+            plan_cache.drop(model, key)
             graph, self.graph = self.graph, False
             try:
                 plan = self._make_plan(batch)
             finally:
                 self.graph = graph
                 self._ref = None
+            for note in plan.notes:
+                warnings.warn(note, FallbackWarning, stacklevel=4)
+            plan_cache.store(model, key, plan)
             self.plans[sig] = plan
         self.plan = plan
         return self._pass(plan, batch, start, self.graph)
+
+    def _reused(self, plan: Plan, batch: tuple[Tensor, ...], start: int) -> tuple[list[Factor], Tensor] | None:
+        """The factors of ``batch`` under a stored plan, if they pass the planning check on its first samples (run
+        one by one through autograd); None when any rule raises or disagrees (the caller plans afresh)."""
+        errors: dict[nn.Module, str] = {}
+        try:
+            factors, y = self._pass(plan, batch, start, self.graph, errors=errors)
+            if errors:
+                return None
+            k = min(batch[0].shape[0], _PROBE)
+            idx = torch.arange(k, device=y.device)
+            bad = self._disagreements([f.select(idx) for f in factors], y.dtype, tuple(t[:k] for t in batch))
+        except Exception:  # noqa: BLE001  (whatever went wrong, a fresh plan decides as it would without the cache)
+            return None
+        finally:
+            self._ref = None
+        return None if bad else (factors, y)
 
 
 _FREE = "free parameters"
@@ -539,6 +582,32 @@ def _probe(batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
         return tuple(t[:n] for t in batch)
     idx = torch.arange(n, device=batch[0].device) % B
     return tuple(t[idx] for t in batch)
+
+
+def _batched_signals(y: Tensor, leaves: list[Tensor]) -> list[Tensor] | None:
+    """d y[:, c].sum() / d leaf for all d outputs in one vmapped backward pass ([d, *leaf.shape] per leaf), or
+    None where autograd cannot batch it (an operation without a batching rule: the caller runs d passes)."""
+    d = y.shape[1]
+    basis = torch.eye(d, dtype=y.dtype, device=y.device)[:, None, :].expand(d, *y.shape)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a slow per-sample fallback of vmap: d plain passes instead
+            grads = torch.autograd.grad(y, leaves, basis, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+    except Exception:  # noqa: BLE001  (vmap could not run this backward: the sequential passes are exact)
+        return None
+    return [torch.zeros(d, *z.shape, dtype=z.dtype, device=z.device) if g is None else g
+            for g, z in zip(grads, leaves, strict=True)]
+
+
+def _norms(tensors: list[Tensor]) -> list[float]:
+    """The 2-norm of each tensor (in float64), in a few vectorised operations instead of one per tensor."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    sizes = torch.tensor([t.numel() for t in tensors], device=flat.device)
+    seg = torch.repeat_interleave(torch.arange(len(tensors), device=flat.device), sizes)
+    return flat.new_zeros(len(tensors)).index_add_(0, seg, flat * flat).sqrt().tolist()
 
 
 def _has_batched(flat: list, axes: dict[int, int] | None, B: int) -> bool:
@@ -605,6 +674,32 @@ def _hooks(plan: Plan, hook, modules: dict | None = None) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+_LEAF_TYPES = (Tensor, nn.Parameter, int, float, bool, str, type(None))
+
+
+def _simple(items: object) -> bool:
+    """Whether every item is a pytree leaf of a plain type (no container to flatten)."""
+    return all(type(x) in _LEAF_TYPES for x in items)
+
+
+def _leaves(args: tuple, kwargs: dict) -> list:
+    """``tree_flatten((args, kwargs))[0]``, without the pytree machinery for the common flat calls."""
+    if _simple(args) and _simple(kwargs.values()):
+        return [*args, *kwargs.values()]
+    return tree_flatten((args, kwargs))[0]
+
+
+def _map(fn, tree: object) -> object:  # noqa: ANN001
+    """``tree_map(fn, tree)``, fast for a tensor and for flat tuples and dicts of plain leaves."""
+    if type(tree) in _LEAF_TYPES:
+        return fn(tree)
+    if type(tree) is tuple and _simple(tree):
+        return tuple(fn(t) for t in tree)
+    if type(tree) is dict and _simple(tree.values()):
+        return {k: fn(v) for k, v in tree.items()}
+    return tree_map(fn, tree)
 
 
 def _detach(t: object) -> object:

@@ -74,7 +74,6 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
     comm = distributed.resolve(None)  # the group of the nnsim calls below (None in a plain run)
     with distributed.together(comm):
         logits, cols = _prediction_columns(model, x, y, k, device)
-        classifier = logits.shape[1] > 1
     density = step("density", lambda: nonzero_gradients(lambda: sim.density(x)))
     cols["density"] = density.double().numpy()
     vals, idx = step("neighbors", lambda: sim.neighbors(x, k=k, exclude_self=True))
@@ -83,7 +82,7 @@ def run_analysis(sim: Similarity, model: nn.Module, x: Tensor, y: Tensor | None,
     with distributed.together(comm):
         d = sim.d
         label_targets = None
-        if y is not None and d == logits.shape[1] and classifier and int(y.max()) < d:
+        if y is not None and d == logits.shape[1] > 1 and int(y.max()) < d:
             label_targets = torch.nn.functional.one_hot(y, d).to(logits.dtype)
         elif y is not None:  # said, not silent: which consistency the columns hold, and why
             log(f"the analysed output has {d} value(s) per sample, not one per class of the {logits.shape[1]}-output "
@@ -116,10 +115,10 @@ def _prediction_columns(model: nn.Module, x: Tensor, y: Tensor | None, k: int, d
         cols["confidence"] = prob.max(1).values.numpy()
     if y is not None:
         cols["label"] = y.numpy()
-        if classifier and int(y.max()) >= logits.shape[1]:
-            raise InputError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs: "
-                             "labels must be the model's class indices")
         if classifier:
+            if int(y.max()) >= logits.shape[1]:
+                raise InputError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs: "
+                                 "labels must be the model's class indices")
             cols["prediction_matches_label"] = (cols["prediction"] == cols["label"])
             cols["loss"] = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
             confidence = self_confidence(y.numpy(), prob.double().numpy())
@@ -190,10 +189,8 @@ def _finish(cols: dict[str, np.ndarray], report: Any, one_hot_labels: bool, nn_i
     """The columns and summary derived from the three nnsim results (local work)."""
     cols["denoising_factor"] = report.factor.double().numpy()
     cols["effective_neighbors"] = report.effective_neighbors.double().numpy()
-    if one_hot_labels:
-        cols["label_consistency"] = report.consistency.double().numpy()  # |onehot(y_i) - sum_j W_ij onehot(y_j)|
-    else:
-        cols["prediction_consistency"] = report.consistency.double().numpy()
+    # |onehot(y_i) - sum_j W_ij onehot(y_j)|, or the same of the model's outputs
+    cols["label_consistency" if one_hot_labels else "prediction_consistency"] = report.consistency.double().numpy()
     if y is not None:
         valid = nn_idx >= 0
         same = (y.numpy()[np.where(valid, nn_idx, 0)] == y.numpy()[:, None]) & valid

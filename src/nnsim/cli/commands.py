@@ -136,8 +136,7 @@ def cmd_analyze(args: argparse.Namespace, rt: Runtime) -> int:
     result = run_analysis(sim, model, data.x, data.y, k=args.k, exact_denoising=args.exact_denoising,
                           dim=args.dim, device=args.device, log=rt.say, noisy_targets=noisy)
     with rt.together():
-        result.summary["data"] = str(args.data)
-        result.summary["model"] = str(args.model)
+        result.summary.update(data=str(args.data), model=str(args.model))
         _write_outputs(Path(args.out), data, result, args,
                        title=args.title or f"nnsim report: {Path(args.data).name}",
                        subtitle=f"model {args.model}, data {args.data} ({len(data)} samples)", rt=rt)

@@ -180,13 +180,11 @@ def run_demo(out: Path, log: Callable[[str], None], progress: bool, write_output
     with distributed.together(comm):
         flipped = data.flipped.numpy()
         result.columns["known_mislabelled"] = flipped  # the truth the analysis never saw, for the report's AUROCs
-        result.summary["demo"] = _flipped_label_scores(result, flipped, acc_noisy, acc_true)
-        demo = result.summary["demo"]
+        demo = result.summary["demo"] = _flipped_label_scores(result, flipped, acc_noisy, acc_true)
         log(f"mislabel score finds the flipped labels with AUROC {demo['mislabel_score_auroc_for_flipped']}; "
             f"{demo['flipped_among_top_scored']:.1%} of the {demo['flipped_labels']} top-scored samples were flipped")
         log("AUROC of the baselines: " + ", ".join(f"{key} {v}" for key, v in demo["auroc_for_flipped"].items()))
-        result.summary["data"] = f"{out}/data.npz"
-        result.summary["model"] = f"{out}/model.pt2"
+        result.summary.update(data=f"{out}/data.npz", model=f"{out}/model.pt2")
         result.timings["total"] = round(time.perf_counter() - t0, 2)
         write_outputs(out, Data(data.x, data.y), result, args,
                       title="nnsim demo: a CNN on scikit-learn digits with 10 % flipped labels",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import datasets
+from .._model import first_line
 
 #: Exit codes of the ``nnsim`` command (documented in docs/cli.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -101,7 +102,7 @@ def load_model(spec: str, weights: str | None = None, device: str = "cpu", rando
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as e:
-        raise CLIError(f"cannot move the model to device {device!r}: {_first_line(e)}", EXIT_USAGE) from e
+        raise CLIError(f"cannot move the model to device {device!r}: {first_line(e)}", EXIT_USAGE) from e
     return model.eval()
 
 
@@ -126,7 +127,7 @@ def _factory_model(spec: str, weights: str | None, random_init: bool) -> nn.Modu
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CLIError(f"{weights}: not a readable state-dict file ({type(e).__name__}: "
-                       f"{_first_line(e)})") from e
+                       f"{first_line(e)})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -137,7 +138,7 @@ def _factory_model(spec: str, weights: str | None, random_init: bool) -> nn.Modu
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CLIError(f"{weights} does not fit the model from {spec!r}: {_first_line(e)}", EXIT_MODEL) from e
+        raise CLIError(f"{weights} does not fit the model from {spec!r}: {first_line(e)}", EXIT_MODEL) from e
     return model
 
 
@@ -156,7 +157,7 @@ def _exported_model(spec: str) -> nn.Module:
         program = torch.export.load(str(path))
     except Exception as e:
         raise CLIError(f"{spec}: not a readable torch.export program{hint}: {type(e).__name__}: "
-                       f"{_first_line(e)}", EXIT_INPUT) from e
+                       f"{first_line(e)}", EXIT_INPUT) from e
     finally:
         logger.setLevel(level)
     model = program.module()
@@ -213,10 +214,10 @@ def check_model_accepts(model: nn.Module, x: Tensor, device: str) -> Tensor:
         except Exception as e:
             if size == 1:
                 raise CLIError(f"the model does not accept the data: inputs of shape {list(probe.shape[1:])} "
-                               f"({probe.dtype}) per sample gave {type(e).__name__}: {_first_line(e)}",
+                               f"({probe.dtype}) per sample gave {type(e).__name__}: {first_line(e)}",
                                EXIT_MODEL) from e
             raise CLIError(f"the model accepts one sample but not a batch of {size} ({type(e).__name__}: "
-                           f"{_first_line(e)}); a .pt2 must be exported with a dynamic batch axis, "
+                           f"{first_line(e)}); a .pt2 must be exported with a dynamic batch axis, "
                            "dynamic_shapes=({0: torch.export.Dim('batch')},) (see docs/cli.md)", EXIT_MODEL) from e
         if not isinstance(out, Tensor):
             raise CLIError(f"the model returned {type(out).__name__}; the command line needs a model returning one "
@@ -226,11 +227,6 @@ def check_model_accepts(model: nn.Module, x: Tensor, device: str) -> Tensor:
                            "must be the batch", EXIT_MODEL)
         outs.append(out)
     return outs[0]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -257,22 +253,19 @@ def load_data(spec: str, labels: str | None = None, limit: int | None = None, x_
     y_arr = None
     if path.suffix == ".npz":
         x_arr, y_arr = _read_npz(path, x_key, y_key)
-        if labels is not None:
-            if y_arr is not None:
-                raise CLIError(f"{spec} already holds labels; drop --labels or choose the array with --y-key",
-                               EXIT_USAGE)
-            y_arr = _read_labels(labels)
     elif path.suffix == ".npy":
         x_arr = _read_npy(path)
-        y_arr = None if labels is None else _read_labels(labels)
     elif _looks_like_idx(path):
         x_arr = _read_idx(path)
         if x_arr.ndim == 3:
             x_arr = x_arr[:, None]  # [N, H, W] images -> [N, 1, H, W]
-        y_arr = None if labels is None else _read_labels(labels)
     else:
         raise CLIError(f"{spec}: unknown data format {path.suffix or '(no extension)'!r}; use .npz, .npy, an IDX "
                        "file, or package.module:factory returning a Dataset")
+    if labels is not None:
+        if y_arr is not None:  # only an .npz holds its own
+            raise CLIError(f"{spec} already holds labels; drop --labels or choose the array with --y-key", EXIT_USAGE)
+        y_arr = _read_labels(labels)
     if limit is not None:
         x_arr = x_arr[:limit]
         y_arr = None if y_arr is None else y_arr[:limit]
@@ -294,14 +287,14 @@ def _read_npz(path: Path, x_key: str | None, y_key: str | None) -> tuple[np.ndar
     except CLIError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise CLIError(f"{path}: not a readable .npz file ({type(e).__name__}: {_first_line(e)})") from e
+        raise CLIError(f"{path}: not a readable .npz file ({type(e).__name__}: {first_line(e)})") from e
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise CLIError(f"{path}: not a readable .npy file ({type(e).__name__}: {_first_line(e)})") from e
+        raise CLIError(f"{path}: not a readable .npy file ({type(e).__name__}: {first_line(e)})") from e
 
 
 def _looks_like_idx(path: Path) -> bool:
@@ -313,7 +306,7 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         return datasets.read_idx(path)
     except (OSError, ValueError) as e:
-        raise CLIError(_first_line(e) if str(path) in str(e) else f"{path}: {_first_line(e)}") from e
+        raise CLIError(first_line(e) if str(path) in str(e) else f"{path}: {first_line(e)}") from e
 
 
 def _read_labels(spec: str) -> np.ndarray:
@@ -370,7 +363,7 @@ def _from_factory(spec: str, limit: int | None) -> Data:
     try:
         ds = factory()
     except Exception as e:
-        raise CLIError(f"the dataset factory {spec!r} failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise CLIError(f"the dataset factory {spec!r} failed: {type(e).__name__}: {first_line(e)}") from e
     try:
         n = len(ds)
     except TypeError as e:

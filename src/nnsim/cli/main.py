@@ -94,16 +94,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"nnsim {args.command} computes the denoising statistics, which are derived for a squared "
                        "loss on the outputs: use --metric euclidean (density, neighbors and index take --metric "
                        "fisher)", EXIT_USAGE)
-    if getattr(args, "model", None) is not None:
-        factory = _is_factory_spec(args.model)
-        if args.random_init and (args.weights is not None or not factory):
-            raise CLIError("--random-init goes with a model factory 'package.module:factory' and no --weights",
-                           EXIT_USAGE)
-    out = getattr(args, "out", None)
-    if out is not None and args.command in ("analyze", "demo"):
-        check_writable(Path(out), folder=True)
-    elif out is not None:
-        check_writable(Path(out), folder=False)
+    if getattr(args, "random_init", False) and (args.weights is not None or not _is_factory_spec(args.model)):
+        raise CLIError("--random-init goes with a model factory 'package.module:factory' and no --weights", EXIT_USAGE)
+    if getattr(args, "out", None) is not None:
+        check_writable(Path(args.out), folder=args.command in ("analyze", "demo"))
 
 
 def check_writable(path: Path, folder: bool) -> None:

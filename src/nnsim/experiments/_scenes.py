@@ -7,12 +7,11 @@ vectorised and seeded:
 * **image** [N, 3, S, S] in [-1, 1]: ground texture, vegetation, roads, buildings as rotated rectangles with
   two-sided (gable) roofs in per-building colours, their cast shadows, blur and sensor noise;
 * **map** [N, 3, S, S] in [0, 1]: the annotation polygons (the buildings' corners) *moved by the true
-  misalignment field*, rasterised as filled area, edges and vertices (anti-aliased by distance, so that
-  sub-pixel positions survive rasterisation);
-* **disp** [N, 2, S, S]: the true misalignment t(p) (pixels, channel 0 = x = column, 1 = y = row), a smooth
-  sum of Gaussian modes scaled so that max_p |t(p)| equals ``max_disp`` on the pixel grid;
-* **label** [N, 2, S, S]: the training target t + eps, eps a stationary smooth Gaussian field whose
-  per-component marginal standard deviation is exactly ``noise_std`` (the label noise of known sigma).
+  misalignment*, one translation t per patch (pixels, x = column, y = row), rasterised as filled area, edges
+  and vertices (anti-aliased by distance, so that sub-pixel positions survive rasterisation).
+
+(The first version of the experiment drew a smooth deformation field per patch and a smooth label-noise
+field; that generator is in the git history.)
 
 Coordinates: pixel (row r, column c) has its centre at (x, y) = (c, r).
 """
@@ -20,7 +19,7 @@ Coordinates: pixel (row r, column c) has its centre at (x, y) = (c, r).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +31,9 @@ class SceneConfig:
     """Generator settings (lengths in pixels)."""
 
     size: int = 64
-    max_disp: float = 4.0
-    n_modes: int = 8
-    mode_width: tuple[float, float] = (8.0, 20.0)
     buildings: tuple[int, int] = (4, 10)
     building_size: tuple[float, float] = (6.0, 15.0)
-    noise_length: float = 6.0
     sensor_noise: float = 0.04
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _uniform(gen: torch.Generator, shape: tuple[int, ...], lo: float, hi: float) -> Tensor:
@@ -53,49 +45,6 @@ def pixel_grid(size: int) -> Tensor:
     r, c = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                           indexing="ij")
     return torch.stack([c.flatten(), r.flatten()], -1)
-
-
-# ---------------------------------------------------------------------- displacement fields
-def random_modes(n: int, cfg: SceneConfig, gen: torch.Generator) -> dict[str, Tensor]:
-    """Gaussian modes of the misalignment field, amplitudes scaled so that max |t| on the grid = max_disp.
-
-    Returns centres [N, K, 2], widths [N, K], amplitudes [N, K, 2].
-    """
-    K, S = cfg.n_modes, cfg.size
-    modes = {
-        "centers": _uniform(gen, (n, K, 2), -0.25 * S, 1.25 * S),
-        "widths": _uniform(gen, (n, K), *cfg.mode_width),
-        "amps": torch.randn((n, K, 2), generator=gen),
-    }
-    peak = eval_field(modes, pixel_grid(S).expand(n, -1, -1)).norm(dim=-1).amax(1)  # [N]
-    modes["amps"] = modes["amps"] * (cfg.max_disp / peak)[:, None, None]
-    return modes
-
-
-def eval_field(modes: dict[str, Tensor], points: Tensor) -> Tensor:
-    """t(p) = sum_k a_k exp(-|p - mu_k|^2 / (2 w_k^2)) at points [N, M, 2] -> [N, M, 2]."""
-    d2 = (points[:, :, None, :] - modes["centers"][:, None]).pow(2).sum(-1)  # [N, M, K]
-    w = torch.exp(-d2 / (2 * modes["widths"][:, None] ** 2))
-    return torch.einsum("nmk,nkc->nmc", w, modes["amps"])
-
-
-def field_on_grid(modes: dict[str, Tensor], size: int) -> Tensor:
-    """The field on the pixel grid, [N, 2, S, S]."""
-    n = modes["amps"].shape[0]
-    t = eval_field(modes, pixel_grid(size).expand(n, -1, -1))
-    return t.transpose(1, 2).reshape(n, 2, size, size)
-
-
-def smooth_noise(n: int, size: int, std: float, length: float, gen: torch.Generator) -> Tensor:
-    """Stationary smooth Gaussian field [N, 2, S, S]: white noise circularly convolved with a Gaussian of
-    width ``length``, divided by the kernel's L2 norm so that every pixel's marginal std is exactly ``std``."""
-    w = torch.randn((n, 2, size, size), generator=gen, dtype=torch.float64)
-    k = torch.arange(size, dtype=torch.float64)
-    k = torch.minimum(k, size - k)  # circular distance to 0
-    g = torch.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * length**2))
-    g = g / g.pow(2).sum().sqrt()
-    out = torch.fft.irfft2(torch.fft.rfft2(w) * torch.fft.rfft2(g), s=(size, size))
-    return (std * out).float()
 
 
 # ---------------------------------------------------------------------- buildings
@@ -255,36 +204,12 @@ def render_images(bld: dict[str, Tensor], cfg: SceneConfig, gen: torch.Generator
 
 
 # ---------------------------------------------------------------------- the dataset
-def make_scenes(n: int, cfg: SceneConfig = SceneConfig(), noise_std: float = 0.0, seed: int = 0) -> dict[str, Tensor]:
-    """Draw ``n`` scenes: image, misaligned map, true field, noisy labels (see the module docstring).
-
-    Also returns the buildings' true corners [N, B, 4, 2], the annotation corners actually drawn in the
-    map (corners moved by the field) and ``valid`` [N, B]. Deterministic in (n, cfg, noise_std, seed).
-    """
-    if n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
-    gen = torch.Generator().manual_seed(seed)
-    bld = random_buildings(n, cfg, gen)
-    modes = random_modes(n, cfg, gen)
-    image = render_images(bld, cfg, gen)
-    B = bld["valid"].shape[1]
-    moved = bld["corners"] + eval_field(modes, bld["corners"].reshape(n, B * 4, 2)).reshape(n, B, 4, 2)
-    polygons = rasterize_polygons(moved, bld["valid"], cfg.size)
-    disp = field_on_grid(modes, cfg.size)
-    noise_gen = torch.Generator().manual_seed(seed + 7919)  # labels of other sigmas share the same scenes
-    eps = smooth_noise(n, cfg.size, noise_std, cfg.noise_length, noise_gen)
-    return {"image": image, "polygons": polygons, "disp": disp, "label": disp + eps, "corners": bld["corners"],
-            "moved": moved, "valid": bld["valid"], "modes": modes}
-
-
 def make_shift_scenes(n: int, cfg: SceneConfig, max_shift: float, seed: int = 0) -> dict[str, Tensor]:
-    """The redesigned experiment's data: one translation per patch instead of a deformation field.
+    """Draw ``n`` scenes (see the module docstring): the annotation polygons are the buildings' true corners
+    moved by one shift t [N, 2] (pixels, x then y) drawn uniformly in [-max_shift, max_shift]^2.
 
-    Same buildings, image and map rasterisation as :func:`make_scenes`; the annotation polygons are the
-    true corners moved by one shift t [N, 2] (pixels, x then y) drawn uniformly in [-max_shift, max_shift]^2.
-    Returns image, polygons, shift, corners, moved, valid. No label noise: the experiment draws it.
+    Returns image, polygons (the map), shift, corners [N, B, 4, 2] (true), moved (the corners drawn in the
+    map) and valid [N, B]. Deterministic in (n, cfg, max_shift, seed). No label noise: the experiment draws it.
     """
     if n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")

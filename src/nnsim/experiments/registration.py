@@ -33,6 +33,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -93,28 +94,37 @@ def make_model(s: Settings) -> ShiftNet:
     return ShiftNet(**s.net)
 
 
-def train(s: Settings, image: Tensor, polygons: Tensor, labels: Tensor) -> tuple[ShiftNet, list[float]]:
-    """Adam (cosine decay to 0) on the squared error to ``labels`` [N, 2], mini-batches in a seeded order that
-    does not depend on the labels (the clean twin sees the same batches). Returns the model (eval mode) and
-    the loss curve (mean per 50 steps)."""
-    model = make_model(s)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps)
+def batches(s: Settings, n: int) -> Iterator[Tensor]:
+    """The indices of the ``s.steps`` mini-batches (a seeded order that does not depend on the labels, so the
+    clean twin, every noisy draw and the linearised twins of ``registration_linear`` see the same batches)."""
     gen = torch.Generator().manual_seed(s.seed + 200)
-    n, losses, acc = len(labels), [], []
     batch = min(s.batch, n)
     order, pos = torch.randperm(n, generator=gen), 0
-    model.train()
     for _ in range(s.steps):
         if pos + batch > n:
             order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + batch]
+        yield order[pos:pos + batch]
         pos += batch
+
+
+def train(s: Settings, image: Tensor, polygons: Tensor, labels: Tensor,
+          on_step: Callable[[int, ShiftNet], None] | None = None) -> tuple[ShiftNet, list[float]]:
+    """Adam (cosine decay to 0) on the squared error to ``labels`` [N, 2] over :func:`batches`. Returns the
+    model (eval mode) and the loss curve (mean per 50 steps). ``on_step(step, model)`` is called after each
+    update (step = 1 ... s.steps), e.g. to keep checkpoints."""
+    model = make_model(s)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps)
+    losses, acc = [], []
+    model.train()
+    for step, idx in enumerate(batches(s, len(labels)), 1):
         loss = (model(image[idx], polygons[idx]) - labels[idx]).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step, model)
         acc.append(loss.item())
         if len(acc) == 50:
             losses.append(float(np.mean(acc)))

@@ -189,6 +189,8 @@ def _take(folder: Path, lock: BuildLock) -> bool:
 def _start(sim: Similarity, folder: Path, config: dict[str, Any], shard_size: int | None, probe: list[float],
            overwrite: bool, proj: ft.Projection, src: Source, fresh: bool) -> dict[str, Any]:
     """The manifest of the compatible store at ``folder`` (locked), or a new empty one written there."""
+    from .. import __version__  # at call time: nnsim/__init__ may still be importing this module
+
     manifest = None if fresh else _existing(folder, config, shard_size, probe, overwrite)
     centre = None if proj.centre_projected is None else proj.centre_projected.tolist()
     if manifest is not None and not _same_centre(manifest["layout"].get("centre"), centre):
@@ -205,7 +207,7 @@ def _start(sim: Similarity, folder: Path, config: dict[str, Any], shard_size: in
             "layout": {"width": width, "d": sim.d, "d_eff": sim.d_eff, "sketch": proj.width, "exact": proj.exact,
                        "centre_rows": proj.centre_rows, "centre": centre},
             "projection_probe": probe, "shards": [],
-            "info": {"nnsim": _nnsim_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "info": {"nnsim": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         }
         store.write_manifest(folder, manifest)
@@ -258,18 +260,16 @@ def _finished(folder: Path, manifest: dict[str, Any], ranges: list[tuple[int, in
     return finished, published
 
 
-def _verified(src: Source, folder: Path, manifest: dict[str, Any], ranges: list[tuple[int, int]],
-              finished: dict[int, dict[str, Any]], chunk: int, comm: distributed.Comm | None
-              ) -> dict[int, dict[str, Any]]:
+def _verified(src: Source, folder: Path, manifest: dict[str, Any], finished: dict[int, dict[str, Any]], chunk: int,
+              comm: distributed.Comm | None) -> dict[int, dict[str, Any]]:
     """The finished shards whose file checks out (the others are recomputed, with a warning); refuses data
     that differ from those they were computed from. One read of every finished shard and of its data, each
     rank checking its share."""
     cfg, width = manifest["config"], manifest["layout"]["width"]
     ids = sorted(finished)
-    share = _share(ids, comm)
-    problems = _gathered(comm, {i: store.check_shard(folder, finished[i], width, cfg["dtype"]) for i in share})
-    seen = _gathered(comm, data_digests(src, ranges, share, chunk))
-    changed = [ranges[i] for i in ids if seen[i] != finished[i].get("data_sha256")]
+    problems = _gathered(comm, {i: store.check_shard(folder, finished[i], width, cfg["dtype"])
+                                for i in _share(ids, comm)})
+    changed = differing_rows(src, {"config": cfg, "shards": [finished[i] for i in ids]}, chunk, comm)
     if changed:
         raise store.StoreError(f"{folder}: the data differ from those its finished shards were computed from "
                                f"({describe_rows(changed)}): other data, another order, or random transforms. "
@@ -289,7 +289,7 @@ def _fill_shard(sim: Similarity, proj: ft.Projection, report: RankReport, array:
     filled = start
     for _, s, batch in pieces:
         digest.update(batch)
-        feats, rank = ft.chunk_features(sim, batch, s, proj, "data", report)
+        feats, rank = ft.chunk_features(sim, batch, s, proj, report)
         _write_rows(array, s - start, feats, width)
         zero += (torch.nonzero(rank == 0).flatten() + s).tolist()
         filled = s + feats.shape[0]
@@ -313,7 +313,7 @@ def _fill(sim: Similarity, src: Source, folder: Path, manifest: dict[str, Any], 
     main = comm is None or comm.rank == 0
     finished, published = _finished(folder, manifest, ranges)
     chunk = ft.compute_chunk(sim, src, width)
-    done = _verified(src, folder, manifest, ranges, finished, chunk, comm)
+    done = _verified(src, folder, manifest, finished, chunk, comm)
     kept = [done[i] for i in sorted(done)]
     if main and [e["start"] for e in manifest["shards"]] != [e["start"] for e in kept]:
         manifest["shards"], manifest["complete"] = kept, False
@@ -383,9 +383,3 @@ def _write_rows(array: np.ndarray, row: int, feats: Tensor, width: int) -> None:
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()  # numpy has no bfloat16
     array[row : row + feats.shape[0]] = feats.cpu().numpy()
-
-
-def _nnsim_version() -> str | None:
-    import nnsim  # at call time: nnsim/__init__ may still be importing this module
-
-    return getattr(nnsim, "__version__", None)

@@ -93,20 +93,13 @@ def signature(batch: Batch) -> list[list[Any]]:
     return [[list(shape), str(dtype)] for shape, dtype in sample_signature(batch)]
 
 
-def model_config(sim: Similarity) -> dict[str, Any]:
-    """The entries that tie a store to a model and its similarity settings."""
-    return {
-        "model_fingerprint": model_fingerprint(sim),
-        "params": list(sim.params),
-        "output": _output_name(sim.output),
-        "metric": _metric_spec(sim),
-        "rtol": sim.rtol,
-        "atol": sim.atol,
-        "singular": sim.singular,
-    }
-
-
 MODEL_KEYS = ["model_fingerprint", "params", "output", "metric", "rtol", "atol", "singular"]
+
+
+def model_config(sim: Similarity) -> dict[str, Any]:
+    """The entries that tie a store to a model and its similarity settings (:data:`MODEL_KEYS`)."""
+    return dict(zip(MODEL_KEYS, (model_fingerprint(sim), list(sim.params), _output_name(sim.output),
+                                 _metric_spec(sim), sim.rtol, sim.atol, sim.singular), strict=True))
 
 
 def projection_probe(dim: int, seed: int) -> list[float]:
@@ -229,12 +222,10 @@ def query_rows(sim: Similarity, batch: Batch, start: int, width: int, seed: int,
     return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1), rank
 
 
-def chunk_features(sim: Similarity, batch: Batch, start: int, proj: Projection, name: str,
+def chunk_features(sim: Similarity, batch: Batch, start: int, proj: Projection,
                    report: RankReport | None = None) -> tuple[Tensor, Tensor]:
-    """Rows of one chunk: store rows for ``name="data"``, query vectors otherwise (see :class:`Projection`)."""
-    if name == "data":
-        return data_rows(sim, batch, start, proj, report)
-    return query_rows(sim, batch, start, proj.width, proj.seed, proj.exact, proj.centre_projected, report)
+    """Store rows of one chunk of data (:func:`data_rows`), as the build computes them."""
+    return data_rows(sim, batch, start, proj, report)
 
 
 def compute_chunk(sim: Similarity, src: Source, width: int | None) -> int:

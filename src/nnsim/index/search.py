@@ -111,11 +111,9 @@ def rerank(sim: Similarity, n: int, sample_bytes: int, qbatch: Batch, cand: Tens
         scores = torch.nan_to_num(values.float(), nan=float("-inf"))
         kk = min(k, C)
         best = scores.topk(kk, dim=1)
-        v = values.gather(1, best.indices)
-        i = cq.gather(1, best.indices)
         missing = torch.isneginf(best.values)
-        out_v[qs, :kk] = v.masked_fill(missing, float("nan")).to(sim.dtype)
-        out_i[qs, :kk] = i.masked_fill(missing, -1)
+        out_v[qs, :kk] = values.gather(1, best.indices).masked_fill(missing, float("nan")).to(sim.dtype)
+        out_i[qs, :kk] = cq.gather(1, best.indices).masked_fill(missing, -1)
 
     group: list[int] = []
     union: set[int] = set()

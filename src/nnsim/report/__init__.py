@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -110,12 +111,9 @@ class _Tiles:
             self._uris[i] = _data_uri(buf.getvalue())
         return self._uris[i]
 
-    def values(self, i: int, limit: int = 12) -> list[float] | None:
-        return None if self.image else [float(v) for v in self.x[i].reshape(-1)[:limit]]
-
     def info(self, i: int) -> dict[str, Any]:
-        """What the page's script knows of sample i (embedded as JSON)."""
-        return {"img": self.uri(i), "values": self.values(i),
+        """What the page's script knows of sample i (embedded as JSON; non-image samples: 12 values)."""
+        return {"img": self.uri(i), "values": None if self.image else [float(v) for v in self.x[i].reshape(-1)[:12]],
                 "label": None if self.label is None else int(self.label[i]),
                 "pred": None if self.pred is None else int(self.pred[i]), "density": float(self.density[i])}
 
@@ -281,10 +279,8 @@ def _page_data(tiles: _Tiles, columns: dict[str, np.ndarray], neighbor_index: np
     """The JSON the page's script reads: every sample when the data set is small (MAX_EMBEDDED), else those
     drawn and their neighbours; their neighbour lists, the table's rows and the class-by-class matrix."""
     n = len(tiles.density)
-    if n <= MAX_EMBEDDED:
-        embed = set(range(n))
-    else:
-        embed = set(tiles.drawn) | {int(j) for i in tiles.drawn for j in neighbor_index[i] if j >= 0}
+    embed = set(range(n)) if n <= MAX_EMBEDDED else (
+        set(tiles.drawn) | {int(j) for i in tiles.drawn for j in neighbor_index[i] if j >= 0})
     names, ids = tiles.class_names, sorted(embed)
     table = [c for c in TABLE_COLUMNS if c in columns]
     return {
@@ -382,9 +378,7 @@ def _class_options(classes: np.ndarray | None, class_names: Sequence[str] | None
 
 
 def _label_text(info: dict[str, Any], class_names: Sequence[str] | None) -> tuple[str, bool]:
-    def name(c: int) -> str:
-        return _class_name(c, class_names)
-
+    name = functools.partial(_class_name, class_names=class_names)
     lab, pred = info["label"], info["pred"]
     if lab is None:
         return ("" if pred is None else f"pred {name(pred)}"), False

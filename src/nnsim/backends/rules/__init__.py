@@ -27,7 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from ...factors import Dense, Factor, Outer
 
@@ -52,6 +54,14 @@ class Call:
     batch_size: int = 0
     batched: dict[int, int] | None = None
     out_batched: dict[int, int] | None = None  # the same for the floating output leaves (``deltas`` order)
+    output: Any = None  # what the module returned (detached unless graph); None: not captured
+
+    def module_output(self, module: nn.Module) -> Any:
+        """The module's output of this call, detached: the captured one, else the module run again."""
+        if self.output is not None:
+            return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, self.output)
+        with torch.no_grad():
+            return module(*self.args, **self.kwargs)
 
     def input(self, name: str = "input") -> Any:
         return self.args[0] if self.args else self.kwargs[name]

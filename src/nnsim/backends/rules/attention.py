@@ -149,8 +149,7 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
             q_in, k_in, v_in = (t.transpose(0, 1) for t in (q_in, k_in, v_in))
         graph = call.graph
         r = _attention(module, q_in, k_in, v_in, opts, graph)
-        with torch.no_grad():
-            out, weights = module(*call.args, **call.kwargs)
+        out, weights = call.module_output(module)
         mine = [r["out"]] + ([] if r["weights"] is None else [r["weights"]])
         theirs = [out if bf else out.transpose(0, 1)] + ([] if weights is None else [weights])
         check_recomputed(f"{layer} (MultiheadAttention)", mine, theirs)
@@ -193,7 +192,7 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
             continue
         a = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
         delta = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=3)
-        factors.append(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias, calls[0].graph))
+        factors.extend(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias, calls[0].graph))
     for n, g in dense_parts.items():
         if n in names:
             factors.append(Dense(layer_of(names[n]), g, [(names[n], module.get_parameter(n).shape)]))

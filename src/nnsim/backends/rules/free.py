@@ -66,9 +66,21 @@ class FreeUses(TorchFunctionMode):
         self.seen: dict[nn.Module, list] = {m: [] for m in watched}  # recording: shapes per operation
         self.broken: dict[nn.Module, str] = {}
 
+    def _may_use(self, args: tuple, kwargs: dict) -> bool:
+        """False when no argument is a watched tensor (checked without flattening; any container: maybe)."""
+        for t in (*args, *kwargs.values()):
+            if isinstance(t, Tensor):
+                if id(t) in self.watch:
+                    return True
+            elif not isinstance(t, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+                return True
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not self._may_use(args, kwargs):
+            return out
         flat, spec = tree_flatten((args, kwargs))
         hits = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and id(t) in self.watch]
         if not hits:

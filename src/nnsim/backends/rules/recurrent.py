@@ -58,31 +58,31 @@ def check_recomputed(name: str, mine: list[Tensor], theirs: list[Tensor]) -> Non
 
 
 def outer_factor(layer: str, a: Tensor, delta: Tensor, weight: ParamSpec | None, bias: ParamSpec | None,
-                 graph: bool = False) -> Factor:
-    """The factor of a weight [G*n, m] (inputs a [B, G, T, m]) and a bias [G*n], signals delta [B, d, G, T, n].
+                 graph: bool = False) -> list[Factor]:
+    """The factors of a weight [G*n, m] (inputs a [B, G, T, m]) and a bias [G*n], signals delta [B, d, G, T, n].
 
     An Outer factor, unless the cost model would pick the explicit gradient for every Gram mode (long
-    sequences): then the explicit gradient is built here, once, by one batched GEMM written into place
-    (the pipeline would otherwise build it twice, each time through a ones column, slices and a
-    concatenation: measured 2x slower on an LSTM at T = 32).
+    sequences): then the explicit gradients are built here, once: one batched GEMM for the weight and a sum
+    over positions for the bias, as two Dense factors (no ones column, no concatenation copy; measured 2x
+    faster than building them through the pipeline on an LSTM at T = 32).
     """
-    a_ones = a if weight is not None else a[..., :0]
-    if bias is not None:
-        a_ones = F.pad(a_ones, (0, 1), value=1.0)
-    f = Outer(layer, a_ones, delta, weight, bias)
-    if not (f.prefers_dense("trace") and f.prefers_dense("full")):
-        return f
-    if graph:  # in-place writes are avoided in the autograd graph
-        return f.dense()
     B, d, G, T, n = delta.shape
-    sizes = [shape.numel() for _, shape in f.params]
-    g = delta.new_empty(B, d, sum(sizes))
-    if weight is not None:  # [B, G, d, n, T] @ [B, G, 1, T, m] -> [B, G, d, n, m], stored as [B, d, G*n*m]
-        g[:, :, : sizes[0]].unflatten(-1, (G, n, a.shape[-1])).copy_(
-            (delta.permute(0, 2, 1, 4, 3) @ a[:, :, None]).transpose(1, 2))
+    m = a.shape[-1] if weight is not None else 0
+    # the cost model reads shapes only: ask it with a stand-in, so that the padded inputs are built only if used
+    stub = Outer(layer, a.new_zeros(()).expand(B, G, T, m + (bias is not None)), delta, weight, bias)
+    if not (stub.prefers_dense("trace") and stub.prefers_dense("full")) or graph:
+        a_ones = a if weight is not None else a[..., :0]
+        if bias is not None:
+            a_ones = F.pad(a_ones, (0, 1), value=1.0)
+        f = Outer(layer, a_ones, delta, weight, bias)
+        return [f.dense() if graph and stub.prefers_dense("trace") and stub.prefers_dense("full") else f]
+    out: list[Factor] = []
+    if weight is not None:  # [B, G, d, n, T] @ [B, G, 1, T, m] -> [B, G, d, n, m] -> [B, d, G n m]
+        g = (delta.permute(0, 2, 1, 4, 3) @ a[:, :, None]).transpose(1, 2)
+        out.append(Dense(layer, g.reshape(B, d, G * n * m), [weight]))
     if bias is not None:
-        g[:, :, sizes[0] if weight is not None else 0 :].unflatten(-1, (G, n)).copy_(delta.sum(3))
-    return Dense(layer, g, f.params)
+        out.append(Dense(layer, delta.sum(3).reshape(B, d, G * n), [bias]))
+    return out
 
 
 def batched_vjp(outputs: list[Tensor], leaves: list[Tensor], deltas: list[Tensor], graph: bool) -> list[Tensor]:
@@ -222,8 +222,7 @@ def recurrent(module: nn.LSTM | nn.GRU, layer: str, calls: list[Call], names: di
         x_tm = x.transpose(0, 1) if module.batch_first and rows is None else x
         with torch.enable_grad():
             results, records = _run(module, x_tm, hx, graph, lengths)
-            with torch.no_grad():
-                out, state = module(*call.args, **call.kwargs)
+            out, state = call.module_output(module)
             if rows is not None:  # the packed output data [sum of lengths, D*P]
                 results[0], out = results[0][rows], out.data
             theirs = [out.transpose(0, 1) if module.batch_first and rows is None else out]
@@ -252,5 +251,5 @@ def recurrent(module: nn.LSTM | nn.GRU, layer: str, calls: list[Call], names: di
             continue
         a = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
         delta = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=3)
-        factors.append(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias, calls[0].graph))
+        factors.extend(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias, calls[0].graph))
     return factors
