@@ -593,5 +593,17 @@ def test_estimators_sweep_only_their_share_of_the_work(data):
     got = density.by_tiles(sim._chunker, src, src, same=True, method="soft", threshold=None, power=None,
                            include_self=True, normalized=True, ranks=mine)
     close(got, torch.cat([S[:3].sum(1), S[3:, :3].sum(1)]))
+    assert isinstance(mine.merged_report, RankReport)
+    mine.merged_report = None
     got = density.soft_linear(sim._chunker, src, src, normalized=True, include_self=True, ranks=mine)
     close(got, S[:3, :3].sum(1))  # the sums of the first chunk, scored on the first chunk
+    assert isinstance(mine.merged_report, RankReport)
+
+
+def test_counts_are_returned_in_the_model_dtype():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # float32 (tiles are summed in float64)
+    x = torch.randn(6, 3)
+    sim = nnsim.Similarity(model, chunk_size=4, progress=False)
+    for kw in (dict(), dict(algorithm="tiles"), dict(method="hard", threshold=0.5)):
+        assert sim.density(x, **kw).dtype == torch.float32
