@@ -607,3 +607,45 @@ def test_counts_are_returned_in_the_model_dtype():
     sim = nnsim.Similarity(model, chunk_size=4, progress=False)
     for kw in (dict(), dict(algorithm="tiles"), dict(method="hard", threshold=0.5)):
         assert sim.density(x, **kw).dtype == torch.float32
+
+
+def test_linear_density_names_its_arguments_and_shows_its_passes(data, capsys):
+    model, x, xb, _, _ = data
+    with pytest.raises(InputError, match="^data: input 0 has dtype"):  # measured chunk size: probed on data
+        nnsim.Similarity(model, alive, progress=False).density(x.float())
+    bad_ref = xb.clone()
+    bad_ref[2, 0] = float("inf")
+    with pytest.raises(InputError, match=r"^reference: input 0 contains NaN or Inf at samples \[2\]"):
+        sim_of(model).density(x, bad_ref)
+    bad = x.clone()
+    bad[4, 1] = float("nan")
+    with pytest.raises(InputError, match=r"^data: input 0 contains NaN or Inf at samples \[4\]"):
+        sim_of(model).density(bad, xb)
+    xs = x[:7].clone()
+    xs[4, 0] = 1.0
+    nnsim.Similarity(model, alive, chunk_size=3, progress=True).density(xs)
+    err = capsys.readouterr().err
+    assert "nnsim density: sum" in err and "3/3" in err and "chunk/s" in err
+    nnsim.Similarity(model, alive, chunk_size=3, progress=False).density(xs)
+    assert "nnsim" not in capsys.readouterr().err
+
+
+class _SecondChunkOnly(Ranks):
+    def samples(self, n, size):
+        return size, min(n, 2 * size)
+
+
+def test_linear_density_of_a_later_share_counts_its_chunks(data, capsys):
+    from nnsim.estimators import density
+
+    model, x, _, bf, _ = data
+    sim = sim_of(model)
+    xs = x[:7].clone()
+    xs[4, 0] = 1.0
+    sim.similarity(xs[:1])
+    src = as_source(xs, "data")
+    got = density.soft_linear(sim._chunker, src, src, normalized=True, include_self=True,
+                              ranks=_SecondChunkOnly(None, torch.device("cpu"), progress=True))
+    S = Brute(model, xs, alive).sim()
+    close(got, S[3:6, 3:6].sum(1))
+    assert "1/1" in capsys.readouterr().err
