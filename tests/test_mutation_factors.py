@@ -120,10 +120,17 @@ def test_dense_products_against_the_rows():
     KK, _ = _kernel(fa.g, fa.g)
     _close(fa.pair_gram(I, J), KK[I, J])
     _close(fa.self_gram(), KK.diagonal(dim1=0, dim2=1).permute(2, 0, 1))
-    M = torch.randn(3, 2, 4, generator=_gen(2), dtype=f64)
-    mixed = fa.mix(M)
-    for i in range(3):
-        _close(mixed.g[i], M[i].T @ fa.g[i])
+    _close(fa.gram(fa, "full"), KK.permute(0, 2, 1, 3))  # a chunk against itself (the symmetric product)
+    _close(fa.gram(fa, "trace"), KK.diagonal(dim1=-2, dim2=-1).sum(-1))
+    for e in (4, 1):  # e = 1: two outputs mixed into one (not the one-output scale)
+        M = torch.randn(3, 2, e, generator=_gen(2), dtype=f64)
+        mixed = fa.mix(M)
+        assert mixed.g.shape == (3, e, 10)
+        for i in range(3):
+            _close(mixed.g[i], M[i].T @ fa.g[i])
+    one = _dense(6, 3, 1, [(4,)])
+    scale = torch.rand(3, 1, 1, generator=_gen(3), dtype=f64)
+    _close(one.mix(scale).g, one.g * scale)
     assert not fa.prefers_dense("full") and not fa.prefers_dense("trace", partners=10**6)
     assert fa.compact() is fa and fa.dense() is fa
     _close(fa.select(torch.tensor([2, 0])).g, fa.g[[2, 0]])
@@ -198,10 +205,14 @@ def test_outer_embedding_rows_sums_and_inner():
 
 def test_outer_mix_mixes_the_outputs_of_each_sample():
     f, rows = _linear(10, 3, 2, 1, 2, 2, 2)
-    M = torch.randn(3, 2, 3, generator=_gen(11), dtype=f64)
-    mixed = f.mix(M)
-    assert mixed.outputs == 3
-    _close(mixed.dense().g, torch.einsum("bcp,bce->bep", rows, M))
+    for e in (3, 1):  # e = 1: two outputs mixed into one (not the one-output scale)
+        M = torch.randn(3, 2, e, generator=_gen(11), dtype=f64)
+        mixed = f.mix(M)
+        assert mixed.outputs == e
+        _close(mixed.dense().g, torch.einsum("bcp,bce->bep", rows, M))
+    g, grows = _linear(41, 3, 1, 1, 2, 2, 2)
+    scale = torch.rand(3, 1, 1, generator=_gen(12), dtype=f64)
+    _close(g.mix(scale).dense().g, grows * scale)
 
 
 # ----------------------------------------------------------------------------------------- Outer: Gram products
