@@ -488,14 +488,23 @@ def test_progress_bars_only_for_more_than_one_tile(data, capsys):
     assert "nnsim" not in capsys.readouterr().err
     nnsim.Similarity(model, chunk_size=3, progress=False).similarity(x[:7])
     assert "nnsim" not in capsys.readouterr().err
+
+
+def _bars(err, desc):
+    """The states of the progress bar named ``desc`` in captured stderr."""
+    return [seg for seg in err.replace("\r", "\n").split("\n") if seg.startswith(desc + ":")]
+
+
+def test_progress_bars_of_neighbours_and_tiled_counts(data, capsys):
+    model, x, _, _, _ = data
     xs = x[:7].clone()
     xs[4, 0] = 1.0  # every gradient nonzero: no warning
     for progress in (True, False):
         sim = nnsim.Similarity(model, chunk_size=3, progress=progress)
         sim.neighbors(xs, k=2)
-        assert ("nnsim similarity" in capsys.readouterr().err) == progress
+        assert bool(_bars(capsys.readouterr().err, "nnsim similarity")) == progress
         sim.density(xs, algorithm="tiles")
-        assert ("nnsim similarity" in capsys.readouterr().err) == progress
+        assert bool(_bars(capsys.readouterr().err, "nnsim similarity")) == progress
 
 
 def test_rank_warnings_point_at_the_callers_line(data):
@@ -625,7 +634,8 @@ def test_linear_density_names_its_arguments_and_shows_its_passes(data, capsys):
     xs[4, 0] = 1.0
     nnsim.Similarity(model, alive, chunk_size=3, progress=True).density(xs)
     err = capsys.readouterr().err
-    assert "nnsim density: sum" in err and "3/3" in err and "chunk/s" in err
+    for desc in ("nnsim density: sum", "nnsim density: score"):
+        assert any("3/3" in b and "chunk/s" in b for b in _bars(err, desc)), err
     nnsim.Similarity(model, alive, chunk_size=3, progress=False).density(xs)
     assert "nnsim" not in capsys.readouterr().err
 
@@ -648,4 +658,6 @@ def test_linear_density_of_a_later_share_counts_its_chunks(data, capsys):
                               ranks=_SecondChunkOnly(None, torch.device("cpu"), progress=True))
     S = Brute(model, xs, alive).sim()
     close(got, S[3:6, 3:6].sum(1))
-    assert "1/1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for desc in ("nnsim density: sum", "nnsim density: score"):
+        assert any("1/1" in b for b in _bars(err, desc)), err
