@@ -980,3 +980,63 @@ def test_dense_results_are_on_the_models_device_whatever_the_default(data):
         K = sim.kernel(x, xb)
     assert K.device == torch.device("cpu")
     close(K, torch.einsum("icp,jep->ijce", bf.G, bb.G))
+
+
+def test_the_fisher_metric_of_two_classes_against_the_written_out_metric():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=F64)
+    G = jacobian(model, (x,))
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=1)
+    # two classes: F = p0 p1 [[1, -1], [-1, 1]], of rank 1; its square root is F / sqrt(tr F)
+    F = torch.stack([torch.outer(torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([1.0, -1.0], dtype=F64))
+                     * p[i, 0] * p[i, 1] for i in range(5)])
+    Gm = F / F.diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()[:, None, None] @ G
+    sim = nnsim.Similarity(model, metric="fisher", chunk_size=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rank 1 = d - 1: full rank for the Fisher metric
+        close(sim.kernel(x), torch.einsum("icp,jep->ijce", Gm, Gm), 1e-8)
+        close(sim.similarity(x).diagonal(), torch.ones(5, dtype=F64))
+    with pytest.raises(InputError, match="^metric='fisher' needs logits with at least 2 classes as the output$"):
+        nnsim.Similarity(nn.Linear(3, 1).double(), metric="fisher", progress=False).similarity(x)
+
+
+def test_a_metric_tensor_of_another_dtype_is_cast_to_the_models(data):
+    model, x, xb, bf, bb = data
+    M = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.25]])  # float32, exact values
+    L, V = torch.linalg.eigh(M.double())
+    half = V @ torch.diag(L.sqrt()) @ V.T
+    K = sim_of(model, metric=M).kernel(x, xb)
+    assert K.dtype == F64
+    close(K, half @ torch.einsum("icp,jep->ijce", bf.G, bb.G) @ half)
+
+
+def test_non_finite_outputs_of_a_later_chunk_name_the_sample(data):
+    model, x, _, _, _ = data
+
+    def inf_out(out, inputs):
+        return out + torch.where(inputs[0][:, :1] > 5, float("inf"), 0.0)
+
+    xs = x.clone()
+    xs[4, 0] = 10.0  # the second chunk: its index in the data, not in its chunk
+    with pytest.raises(ModelError, match=r"^the model output contains NaN or Inf at samples \[4\]$"):
+        nnsim.Similarity(model, inf_out, chunk_size=3, progress=False).similarity(xs)
+
+
+def test_first_failures_say_what_failed_in_full(data):
+    model, x, _, _, _ = data
+    with pytest.raises(InputError, match=r"^xa: the model failed on inputs of shape \[3, 5\] \(torch.float64\): "
+                                         r"RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
+        sim_of(model).similarity(torch.randn(8, 5, dtype=F64))
+    with pytest.raises(InputError, match=r"the inputs are integers but the model's parameters are torch.float64: "
+                                         r"convert them, e.g. x.to\(torch.float64\)"):
+        sim_of(model).similarity(torch.randint(0, 5, (8, 4)))
+    sim = sim_of(model)
+
+    def broken(batch, start):
+        raise RuntimeError("y" * 400)
+
+    sim._chunker.factor_fn = broken
+    with pytest.raises(ModelError, match=f"inputs: RuntimeError: {'y' * 300}; try backend="):
+        sim.similarity(x)
