@@ -48,6 +48,51 @@ def test_a_new_similarity_on_the_same_model_reuses_the_verified_plan_and_stays_e
     assert second < first, (first, second)
 
 
+def test_a_new_similarity_checks_the_kept_plan_on_its_first_chunk_without_a_probe_pass():
+    """The factor bytes per sample are kept per model with the plan: a new Similarity runs no chunk-size probe;
+    the kept plan is checked on the first real chunk (two samples run on their own by autograd)."""
+    from nnsim.engine import chunks as chunks_mod
+
+    model = _mlp()
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))  # (a hook is in the key)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).similarity(x)
+    first = nnsim.Similarity(model, progress=False)
+    assert rel_err(first.similarity(x), ref) <= 1e-10
+    sizes.clear()
+    sim = nnsim.Similarity(model, progress=False)
+    assert rel_err(sim.similarity(x), ref) <= 1e-10
+    assert sorted(sizes) == [1, 1, 10], sizes  # the chunk's pass and the check's two single-sample calls
+    kept = sim.chunk_size_for(x)
+    chunks_mod._BYTES_KEPT.clear()  # measured afresh by a probe pass: the same chunk size
+    assert nnsim.Similarity(model, progress=False).chunk_size_for(x) == kept == first.chunk_size_for(x)
+
+
+def test_a_kept_plan_that_went_wrong_is_caught_on_the_first_chunk_without_a_probe(monkeypatch):
+    """With the chunk size kept (no probe pass), a kept plan whose rule has become wrong is still refused before
+    any number is returned, and the result is exact."""
+    from nnsim.backends.structured import Structured
+
+    outcomes: list[bool] = []
+    real = Structured._reused
+    monkeypatch.setattr(Structured, "_reused", lambda self, *a: outcomes.append(r := real(self, *a)) or r)
+    torch.manual_seed(4)
+    model = nn.Sequential(Switchable(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    nnsim.Similarity(model, progress=False).similarity(x)
+    nnsim.Similarity(model, progress=False).similarity(x)  # kept plan and kept chunk size
+    assert [o is None for o in outcomes] == [False]
+    model[0].mode["squared"] = True
+    ref = nnsim.Similarity(model, backend="loop", progress=False).similarity(x)
+    sim = nnsim.Similarity(model, progress=False)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        K = sim.similarity(x)
+    assert rel_err(K, ref) <= 1e-10
+    assert [o is None for o in outcomes] == [False, True]
+    assert outcomes and sim.describe()["0"] == "fallback"
+
+
 def test_a_changed_model_gets_a_new_plan():
     model = _mlp()
     x = torch.randn(8, 4, dtype=torch.float64)

@@ -46,6 +46,9 @@ from .rules.fallback import fallback, fallback_loop
 from .rules.free import FreeUses, classify, free_params
 
 _PROBE = 3  # samples of the verification probe; batch axes are told apart with a second probe of 2
+# First samples of the first batch on which a kept plan is checked again (each run on its own by autograd): two,
+# so that a rule that swaps or shares samples' gradients, or a model that mixes the samples, still disagrees.
+_REUSE_PROBE = 2
 _CHECK_DIRECTIONS = 4  # random output directions checked when d is larger than this
 # Relative tolerance of a rule against autograd. The rule and autograd sum the same products in different orders:
 # the float64 tolerance is far above that rounding and the float32 one leaves room for it, while a wrong rule is
@@ -555,7 +558,7 @@ class Structured:
             factors, y = self._pass(plan, batch, start, self.graph, errors=errors)
             if errors:
                 return None
-            k = min(batch[0].shape[0], _PROBE)
+            k = min(batch[0].shape[0], _REUSE_PROBE)
             idx = torch.arange(k, device=y.device)
             bad = self._disagreements([f.select(idx) for f in factors], y.dtype, tuple(t[:k] for t in batch))
         except Exception:  # noqa: BLE001  (whatever went wrong, a fresh plan decides as it would without the cache)
