@@ -299,3 +299,42 @@ def test_the_signals_of_d_outputs_in_one_batched_backward_or_d_passes_agree_with
     assert rel_err(sim.kernel(x), ref) <= 1e-10
     assert sim.describe() == {"a" if not batched else "0": "linear", "b" if not batched else "2": "linear"}
     assert seen and all((r is not None) == batched for r in seen)
+
+
+class _InPlaceBlock(nn.Module):
+    """Outputs of hooked modules modified in place afterwards (by the parent and by an in-place ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.head = nn.Sequential(nn.Linear(27, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.conv(x))
+        h.mul_(0.5)
+        h += x
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_module_outputs_are_their_own_signal_leaves_unless_modified_in_place_later(in_place):
+    """Without a zero-leaf tap the signal is d y / d output of the tensor itself; an output modified in place
+    after its module (seen by its version counter) makes the plan tap every output instead. Exact either way,
+    every module on its rule (a wrong signal would have sent them to the whole-model fallback)."""
+    from oracles import jacobian, kernel
+
+    torch.manual_seed(5)
+    if in_place:
+        model = _InPlaceBlock().double().eval()
+        x = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3))
+        model = model.double().eval()
+        x = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    for out in (None, lambda o, i: o[:, :1]):
+        G = jacobian(model, (x,), output=out)
+        for _ in range(2):  # planned, then the kept plan
+            sim = nnsim.Similarity(model, output=out, progress=False)
+            assert rel_err(sim.kernel(x), kernel(G, G)) <= 1e-10
+            assert all(how in ("conv", "norm", "linear") for how in sim.describe().values()), sim.describe()
+            assert sim._factor_fn.__self__.plan.tapped is in_place

@@ -93,6 +93,7 @@ class Plan:
     residual: list[str] = field(default_factory=list)
     residual_loop: bool = False  # torch.func cannot run the model: per-sample autograd for the residual
     expand: bool = True  # expand batch-shared module outputs (leading size 1) to the batch
+    tapped: bool = False  # every module output gets a zero-leaf tap (set once an output is seen modified in place)
     # module -> per call: (number of flattened argument leaves, positions carrying the batch on axis 0)
     batched: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = field(default_factory=dict)
     free_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] = field(default_factory=dict)
@@ -426,6 +427,7 @@ class Structured:
                      ) -> tuple[list[Factor], Tensor]:
         B = batch[0].shape[0]
         calls: dict[nn.Module, list[Call]] = {m: [] for m in active}
+        untapped: list[tuple[Tensor, int]] = []  # outputs that are their own signal's leaf, with their version
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             # Detached unless graph: the rules need values only, and the factors must not keep the graph alive.
@@ -437,12 +439,20 @@ class Structured:
             call.batch_size = B
             call.batched, call.out_batched = plan.batched_for(mod, len(calls[mod]), len(flat))
             shared = plan.expand and B > 1 and not _has_batched(flat, call.batched, B)
+            # One output tensor computed here: autograd returns d y / d output for the tensor itself (no tap:
+            # a zero leaf added to every output cost 20 % of a small ResNet's forward and backward), unless a
+            # later operation modifies it in place, which its version counter tells after the forward.
+            alone = not graph and not plan.tapped and type(out) is Tensor
 
             def tap(t: object) -> object:
-                # Adding a zero leaf lets autograd return d y / d output even if later ops are in place.
                 if isinstance(t, Tensor) and t.is_floating_point():
                     if shared:
                         t = _expand(t, B)
+                    if alone and t.grad_fn is not None and all(t is not a for a in flat):
+                        untapped.append((t, t._version))
+                        call.leaves.append(t)
+                        return t
+                    # Adding a zero leaf lets autograd return d y / d output even if later ops are in place.
                     z = torch.zeros_like(t, requires_grad=True)
                     call.leaves.append(z)
                     return t + z
@@ -457,6 +467,10 @@ class Structured:
         with _hooks(plan, hook, active), mode or contextlib.nullcontext():
             raw = self.problem.call(batch)
         y = checked_output(self.problem, raw, batch, start)
+        if any(t._version != v for t, v in untapped):  # modified in place after its module: tap every output
+            plan.tapped = True
+            del raw, y, calls, untapped
+            return self._hooked_pass(plan, active, batch, start, graph, errors, residual_set)
         if mode is not None:  # the free-parameter operations' taps get their signals like module outputs
             for m, uses in mode.ops.items():
                 calls.setdefault(_OpKey(m), []).extend(u.call for u in uses)
