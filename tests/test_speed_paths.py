@@ -338,3 +338,19 @@ def test_module_outputs_are_their_own_signal_leaves_unless_modified_in_place_lat
             assert rel_err(sim.kernel(x), kernel(G, G)) <= 1e-10
             assert all(how in ("conv", "norm", "linear") for how in sim.describe().values()), sim.describe()
             assert sim._factor_fn.__self__.plan.tapped is in_place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e25])
+def test_the_checks_norms_are_the_float64_norms_at_any_scale(dtype, scale):
+    """The verification's norms (one fused call) against the norms written out in float64: tiny gradients must not
+    underflow to 0 (that would let a wrong rule pass), huge ones must not overflow."""
+    from nnsim.backends.structured import _norms
+
+    torch.manual_seed(7)
+    tensors = [torch.randn(*shape, dtype=dtype) * scale for shape in [(3, 4), (5,), (2, 2, 2), (1,)]]
+    tensors.append(torch.zeros(3, dtype=dtype))
+    expected = [float(torch.sqrt((t.double() ** 2).sum())) for t in tensors]
+    got = _norms(tensors)
+    assert all(abs(g - e) <= 1e-6 * e for g, e in zip(got, expected, strict=True)), (got, expected)
+    assert got[-1] == 0.0 and min(got[:-1]) > 0

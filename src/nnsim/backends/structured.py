@@ -618,9 +618,18 @@ def _batched_signals(y: Tensor, leaves: list[Tensor]) -> list[Tensor] | None:
 
 
 def _norms(tensors: list[Tensor]) -> list[float]:
-    """The 2-norm of each tensor (in float64), in a few vectorised operations instead of one per tensor."""
+    """The 2-norm of each tensor (accumulated in float64), in a few vectorised operations instead of one per
+    tensor: one ``_foreach_norm(..., dtype=float64)`` (float32 accumulation would underflow: norms of 1e-25-sized
+    gradients read 0) where the tensors share a dtype and device and torch has it, else a concatenation."""
     if not tensors:
         return []
+    foreach = getattr(torch, "_foreach_norm", None)
+    if foreach is not None and all(t.dtype == tensors[0].dtype and t.device == tensors[0].device for t in tensors):
+        try:
+            with torch.no_grad():
+                return torch.stack(foreach(tensors, 2, dtype=torch.float64)).tolist()
+        except (TypeError, RuntimeError):  # older torch (no dtype argument) or an unsupported dtype
+            pass
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
     sizes = torch.tensor([t.numel() for t in tensors], device=flat.device)
     seg = torch.repeat_interleave(torch.arange(len(tensors), device=flat.device), sizes)
