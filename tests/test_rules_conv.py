@@ -50,3 +50,40 @@ def test_a_grouped_conv_with_several_input_channels_per_group_does_not_take_the_
     model(x)
     G = jacobian(model, (x,))
     assert rel_err(nnsim.Similarity(model, progress=False).kernel(x), kernel(G, G)) <= 1e-12
+
+
+@pytest.mark.parametrize(("conv", "shape"), [
+    (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 6, 6)),
+    (lambda: nn.Conv2d(3, 5, 4, stride=4, bias=False), (3, 8, 8)),  # a ViT-style patch embedding
+    (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (3, 9)),
+])
+def test_conv_patches_made_explicit_at_once_agree_with_per_sample_autograd(monkeypatch, conv, shape):
+    """Where the cost model materialises the gradient but the grouped backward is not used, the patches' gradient
+    is built as Dense factors at once (one batched GEMM, no Outer factor): exact, d = 1 and d = 3."""
+    from nnsim.factors import Dense, Outer
+
+    monkeypatch.setattr(conv_rules, "_BACKWARD_MIN_POSITIONS", 10**9)
+    monkeypatch.setattr(conv_rules, "_BACKWARD_MAX_PAIRS", 0)
+    monkeypatch.setattr(Outer, "prefers_dense", lambda self, mode, partners=256: True)
+    torch.manual_seed(2)
+    model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    model(x)
+    for out in (None, lambda o, i: o[:, :1]):
+        G = jacobian(model, (x,), output=out)
+        sim = nnsim.Similarity(model, output=out, progress=False)
+        assert rel_err(sim.kernel(x), kernel(G, G)) <= 1e-12
+        assert sim.describe()["0"] == "conv"
+        factors, _ = sim._factor_fn((x,), 0)
+        assert all(isinstance(f, Dense) for f in factors if f.layer == "0")
+
+
+def test_a_large_kernel_on_few_positions_takes_the_patches_not_the_grouped_backward(monkeypatch):
+    monkeypatch.setattr(conv_rules, "_dense", lambda *a: pytest.fail("grouped backward on an 8x8 patch conv"))
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2)).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    G = jacobian(model, (x,))
+    sim = nnsim.Similarity(model, progress=False)
+    assert rel_err(sim.kernel(x), kernel(G, G)) <= 1e-12
+    assert sim.describe()["0"] == "conv"
