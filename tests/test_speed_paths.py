@@ -51,7 +51,6 @@ def test_a_new_similarity_on_the_same_model_reuses_the_verified_plan_and_stays_e
 def test_a_new_similarity_checks_the_kept_plan_on_its_first_chunk_without_a_probe_pass():
     """The factor bytes per sample are kept per model with the plan: a new Similarity runs no chunk-size probe;
     the kept plan is checked on the first real chunk (two samples run on their own by autograd)."""
-    from nnsim.engine import chunks as chunks_mod
 
     model = _mlp()
     sizes: list[int] = []
@@ -65,7 +64,7 @@ def test_a_new_similarity_checks_the_kept_plan_on_its_first_chunk_without_a_prob
     assert rel_err(sim.similarity(x), ref) <= 1e-10
     assert sorted(sizes) == [1, 1, 10], sizes  # the chunk's pass and the check's two single-sample calls
     kept = sim.chunk_size_for(x)
-    chunks_mod._BYTES_KEPT.clear()  # measured afresh by a probe pass: the same chunk size
+    plan_cache.SIZES.clear()  # measured afresh by a probe pass: the same chunk size
     assert nnsim.Similarity(model, progress=False).chunk_size_for(x) == kept == first.chunk_size_for(x)
 
 
@@ -91,6 +90,11 @@ def test_a_kept_plan_that_went_wrong_is_caught_on_the_first_chunk_without_a_prob
     assert rel_err(K, ref) <= 1e-10
     assert [o is None for o in outcomes] == [False, True]
     assert outcomes and sim.describe()["0"] == "fallback"
+    # The sizing measured under the failed plan is forgotten with it: the next Similarity measures its own.
+    assert model not in plan_cache.SIZES
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):  # the kept plan's note
+        nnsim.Similarity(model, progress=False).similarity(x)
+    assert model in plan_cache.SIZES
 
 
 def test_a_changed_model_gets_a_new_plan():

@@ -25,9 +25,7 @@ TILE_BYTES = 2**28  # budget of one result tile, counted in float32 entries (4 b
 MIN_CHUNK, MAX_CHUNK = 8, 256  # samples per chunk when measured
 PROBE_SAMPLES = 2  # factor bytes grow linearly with the batch: a batch of 2 measures the bytes per sample
 FORWARD_CHUNK = 1024  # samples per forward-only pass
-# Measured (factor bytes per sample, d) per model object (held weakly), under ``_shared_key``.
-_MAX_KEPT = 64
-_BYTES_KEPT: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, int | None]]] = weakref.WeakKeyDictionary()
+_MAX_KEPT = 64  # measured sizings kept per model object (in plan_cache.SIZES, under ``_shared_key``)
 
 
 @dataclass
@@ -177,12 +175,12 @@ class Chunker:
         key = (request, src.keys, tuple(sample_signature(probe[1])))
         if key not in self._per_sample_bytes:
             shared = _shared_key(self, key)
-            kept = _BYTES_KEPT.get(self.model, {}).get(shared) if shared is not None else None
+            kept = plan_cache.SIZES.get(self.model, {}).get(shared) if shared is not None else None
             if kept is None:
                 c = self.prepare(probe[1], 0, name, request)
                 kept = (max(1, c.nbytes() // c.size), self.d)
                 if shared is not None:
-                    kept_for = _BYTES_KEPT.setdefault(self.model, {})
+                    kept_for = plan_cache.SIZES.setdefault(self.model, {})
                     kept_for[shared] = kept
                     if len(kept_for) > _MAX_KEPT:  # the oldest goes
                         kept_for.pop(next(iter(kept_for)))
