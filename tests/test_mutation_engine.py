@@ -21,6 +21,7 @@ from torch import nn
 
 import nnsim
 import nnsim.engine.chunks as chunks_mod
+from nnsim.backends import plan_cache
 from nnsim.distributed import Ranks
 from nnsim.engine import ALL, Form, Quantity, RankReport, Request, sweep
 from nnsim.errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
@@ -783,6 +784,7 @@ def test_measured_chunk_size_floors_the_bytes_per_sample(data, monkeypatch):
     for probe_bytes, expected in [(0, 200), (21, 20)]:
         # probe of 2 samples: 0 bytes -> at least 1 byte per sample (no division by zero); 21 -> 10 whole bytes
         monkeypatch.setattr(chunks_mod.Chunk, "nbytes", lambda self, b=probe_bytes: b)
+        plan_cache.SIZES.clear()  # measured, not the sizing a Similarity before kept for the model
         ch = sim_of(model)._chunker
         ch.chunk_size = None
         assert ch.chunk_size_for(src, "x", req) == expected, probe_bytes
