@@ -41,6 +41,12 @@ def test_quick_run_reproduces_the_validated_effects(tmp_path):
     assert lin["rel_pred_measured"] and lin["spearman"] == pytest.approx(ridge["spearman"])
     assert lin["disattenuated"] == pytest.approx(lin["spearman"] / (r["rel_actual"] * lin["rel_pred"]) ** 0.5)
     assert "| quick_1d | 6 |" in (tmp_path / "ranking_table.md").read_text()
+    # The parametric bootstrap retrains the protocol's own draw (same seeds: the same network) and, for these
+    # nearly linear networks, its RMS matches the linearized prediction of the same network.
+    boot = exp.bootstrap_prediction(exp.QUICK_GRID[0], draw=1, replicates=3)
+    np.testing.assert_allclose(boot["f"], case["f_draws"][1], rtol=0, atol=1e-12)
+    ratio = np.sqrt(np.mean(np.square(boot["bootstrap"])) / np.mean(np.square(boot["linearized"])))
+    assert 0.7 < ratio < 1.4 and np.array(boot["scores"]).shape == (3, exp.QUICK_GRID[0].n)
     # Resuming: a second run reuses the finished case instead of training again.
     logs.clear()
     again = exp.run(tmp_path, quick=True, log=logs.append)

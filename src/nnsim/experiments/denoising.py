@@ -383,6 +383,38 @@ def diagnose_alignment(case: Case, draws: int = 2) -> list[dict]:
     return out
 
 
+def bootstrap_prediction(case: Case, draw: int = 0, replicates: int = 12, seed: int = 1) -> dict:
+    """A label-free parametric-bootstrap prediction of one noisy network's noise-induced error (issue 12's
+    ranking; an idea tested, not a library method).
+
+    The network of draw ``draw`` of ``case`` (the same seeds as :func:`run_case`) is trained on its noisy
+    targets y; sigma_hat comes from ``method="linearized"``; then ``replicates`` networks are retrained from the
+    same initialisation on y + sigma_hat eps'_b (eps'_b seeded by ``seed``) and the prediction of sample i is
+    RMS_b (f_b,i - f_i). For a linear smoother this has the expectation of the linearized prediction; unlike it,
+    it also sees how the features the network learns respond to the noise. Needs only y, the initialisation and
+    the training recipe (no true label). Returns the per-replicate squared deviations ``scores`` [B, N], the
+    prediction [N], the linearized prediction of the same network [N], sigma_hat and the draw's own deviation
+    from the clean twin is NOT computed here (the caller compares with the protocol's actual error)."""
+    x, clean = make_data(case)
+    g = torch.Generator().manual_seed(10_000 + case.seed)
+    for _ in range(draw + 1):  # the draw's noise, as run_case draws it
+        y = clean + case.sigma * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    model = _model_at(case, train(case, x, y, 1)[-1])
+    lin = nnsim.Similarity(model, progress=False).denoising(x, targets=y, method="linearized")
+    assert lin.noise_std is not None and lin.predicted_error is not None
+    f = model(x).detach()[:, 0]
+    gb = torch.Generator().manual_seed(20_000 + seed)
+    scores = []
+    for _ in range(replicates):
+        yb = y + lin.noise_std * torch.randn(y.shape, generator=gb, dtype=torch.float64)
+        fb = _model_at(case, train(case, x, yb, 1)[-1])(x).detach()[:, 0]
+        scores.append(((fb - f) ** 2).numpy())
+    scores_ = np.stack(scores)
+    return {"case": case.name, "draw": draw, "replicates": replicates, "sigma_hat": lin.noise_std,
+            "scores": scores_.tolist(), "bootstrap": np.sqrt(scores_.mean(0)).tolist(),
+            "linearized": lin.predicted_error.numpy().tolist(), "f": f.numpy().tolist()}
+
+
 def _figures(results: dict, out: Path) -> None:
     import matplotlib
     import matplotlib.ticker
@@ -532,7 +564,21 @@ def main(argv: list[str] | None = None) -> None:
                     "finished cases")
     ap.add_argument("--diagnose", nargs=3, metavar=("CASE", "STEPS", "DRAWS"),
                     help="print the noise-alignment diagnostic (diagnose_alignment) of one case and stop")
+    ap.add_argument("--bootstrap", nargs=3, metavar=("CASE", "DRAW", "REPLICATES"),
+                    help="the parametric-bootstrap prediction of one draw's network (bootstrap_prediction), written "
+                    "to OUT/bootstrap/CASE_dDRAW_bREPLICATES.json, then stop")
     args = ap.parse_args(argv)
+    if args.bootstrap:
+        if not args.out:
+            ap.error("--bootstrap needs --out")
+        name, draw, reps = args.bootstrap
+        torch.set_num_threads(1)
+        res = bootstrap_prediction({c.name: c for c in GRID + QUICK_GRID}[name], int(draw), int(reps))
+        path = Path(args.out) / "bootstrap" / f"{name}_d{draw}_b{reps}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+        print(f"sigma_hat {res['sigma_hat']:.4f} -> {path}", flush=True)
+        return
     if args.diagnose:
         name, steps, draws = args.diagnose
         case = replace({c.name: c for c in GRID + QUICK_GRID}[name], steps=int(steps))
