@@ -50,6 +50,7 @@ def test_noisy_prediction_is_disattenuated_by_its_own_reliability():
     assert rep["rel_pred"] == pytest.approx(0.7, abs=0.05)
     assert rep["disattenuated"] == pytest.approx(1.0, abs=0.06)
     assert rep["same_half"] == pytest.approx(rep["cross_fitted"], abs=0.03)
+    assert rep["cross_fitted_disattenuated"] == pytest.approx(1.0, abs=0.08)
 
 
 def test_cross_fitting_detects_noise_shared_by_prediction_and_measurement():
@@ -59,6 +60,8 @@ def test_cross_fitting_detects_noise_shared_by_prediction_and_measurement():
     pred_scores = 0.5 * scores + 0.5 * (t + rng.standard_normal((6, 3000)))
     rep = rel.ranking_reliability(scores, pred_scores.mean(0), pred_scores)
     assert rep["same_half"] > rep["cross_fitted"] + 0.1
+    # the shared noise inflates the plain disattenuation, not the cross-fitted one (this predictor is half noise)
+    assert rep["disattenuated"] > rep["cross_fitted_disattenuated"] + 0.1
 
 
 def test_formulas_and_splits():

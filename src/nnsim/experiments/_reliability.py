@@ -99,7 +99,10 @@ def ranking_reliability(actual_scores: np.ndarray, predicted: np.ndarray, pred_s
     Returns ``spearman`` (against the mean over all draws), ``rel_actual`` and ``ceiling`` (Spearman-Brown
     from the mean split-half), ``rel_pred``, ``disattenuated``; with pred_scores also ``same_half`` and
     ``cross_fitted`` (mean over splits of Spearman(prediction of half A, actual of half A / of half B): equal
-    when the prediction's draw-to-draw noise is independent of the actual error's); with at least 2 * block
+    when the prediction's draw-to-draw noise is independent of the actual error's; when same_half is larger,
+    the prediction sees part of the draws' own measurement noise and ``disattenuated`` overshoots) and
+    ``cross_fitted_disattenuated`` (cross_fitted / sqrt(split-half of the actual x split-half of the
+    prediction): the ranking against the expected error with no shared noise); with at least 2 * block
     draws, ``blocks``: the Spearman against each disjoint ``block``-draw subset, with the prediction of the same
     subset when pred_scores is given (what a ``block``-draw protocol would have measured).
     """
@@ -115,7 +118,8 @@ def ranking_reliability(actual_scores: np.ndarray, predicted: np.ndarray, pred_s
         if pred_scores.shape != actual_scores.shape:
             raise ValueError(f"pred_scores {pred_scores.shape} must have the shape of actual_scores "
                              f"{actual_scores.shape}: one prediction per draw and sample")
-        rel_pred = split_half(pred_scores, splits, seed)["reliability"]
+        sh_pred = split_half(pred_scores, splits, seed)
+        rel_pred = sh_pred["reliability"]
         same, cross = [], []
         for idx in half_splits(len(actual_scores), splits, seed):
             pa, pb = _halves(pred_scores, idx)
@@ -123,6 +127,9 @@ def ranking_reliability(actual_scores: np.ndarray, predicted: np.ndarray, pred_s
             same += [spearman(pa, aa), spearman(pb, ab)]
             cross += [spearman(pa, ab), spearman(pb, aa)]
         out["same_half"], out["cross_fitted"] = float(np.mean(same)), float(np.mean(cross))
+        # Against the expected error without shared draw noise: the cross-fitted Spearman corrected by the
+        # half-length reliabilities (the split-half correlations themselves).
+        out["cross_fitted_disattenuated"] = disattenuated(out["cross_fitted"], sh["mean"], sh_pred["mean"])
     out["rel_pred"] = rel_pred
     out["disattenuated"] = disattenuated(out["spearman"], sh["reliability"], rel_pred)
     if len(actual_scores) >= 2 * block:

@@ -304,6 +304,15 @@ def ranking_table(cases: dict, methods: tuple[str, ...] = ("paper_true_sigma", "
             cells.append("–" if v is None else f"{v['spearman']:.2f} / {v['disattenuated']:.2f} ({v['rel_pred']:.2f}"
                          + ("" if v["rel_pred_measured"] else ", assumed") + ")")
         rows.append("| " + " | ".join(cells) + " |")
+    # Where the per-draw predictions were stored: does a prediction share the draws' own noise?
+    rows += ["", "| case | method | Spearman, same halves | cross-fitted (prediction of one half, actual of the other) "
+             "| cross-fitted, disattenuated by the half-length reliabilities |", "|---|---|---|---|---|"]
+    for name, c in cases.items():
+        for m in methods:
+            v = c.get("reliability", {}).get("methods", {}).get(m, {})
+            if "cross_fitted" in v:
+                rows.append(f"| {name} | {m} | {v['same_half']:.2f} | {v['cross_fitted']:.2f} | "
+                            f"{v['cross_fitted_disattenuated']:.2f} |")
     return "\n".join(rows) + "\n"
 
 
