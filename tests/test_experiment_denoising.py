@@ -47,6 +47,11 @@ def test_quick_run_reproduces_the_validated_effects(tmp_path):
     np.testing.assert_allclose(boot["f"], case["f_draws"][1], rtol=0, atol=1e-12)
     ratio = np.sqrt(np.mean(np.square(boot["bootstrap"])) / np.mean(np.square(boot["linearized"])))
     assert 0.7 < ratio < 1.4 and np.array(boot["scores"]).shape == (3, exp.QUICK_GRID[0].n)
+    cmp = exp.compare_bootstrap(boot, case)
+    assert cmp["linearized_one_network"]["rel_pred"] == 1.0 and cmp["bootstrap"]["rel_pred"] < 1  # measured
+    assert -1 <= cmp["bootstrap"]["spearman"] <= 1 and cmp["draws"] == 6
+    with pytest.raises(ValueError, match="not draw 2"):
+        exp.compare_bootstrap({**boot, "draw": 2}, case)
     # Resuming: a second run reuses the finished case instead of training again.
     logs.clear()
     again = exp.run(tmp_path, quick=True, log=logs.append)

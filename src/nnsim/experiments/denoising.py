@@ -424,6 +424,30 @@ def bootstrap_prediction(case: Case, draw: int = 0, replicates: int = 12, seed: 
             "linearized": lin.predicted_error.numpy().tolist(), "f": f.numpy().tolist()}
 
 
+def compare_bootstrap(boot: dict, case_result: dict) -> dict:
+    """The bootstrap and the linearized prediction of the same single network against a case's actual error
+    (``run_case`` output, ideally with many draws): Spearman, ceiling, disattenuated (the bootstrap's own
+    reliability from its replicates), calibration, and Spearman against that network's own realized |error|
+    (draw ``boot["draw"]`` of the case)."""
+    F = np.array(case_result["f_draws"])
+    scores = (F - np.array(case_result["f_clean"])) ** 2
+    if not np.array_equal(np.array(boot["f"]), F[boot["draw"]]):
+        raise ValueError(f"the bootstrap's network is not draw {boot['draw']} of this case (other seeds or recipe)")
+    out: dict = {"replicates": boot["replicates"], "draws": len(F), "sigma_hat": boot["sigma_hat"]}
+    own = np.sqrt(scores[boot["draw"]])
+    for name, pred, pred_scores in (("bootstrap", boot["bootstrap"], boot["scores"]),
+                                    ("linearized_one_network", boot["linearized"], None)):
+        pred = np.asarray(pred)
+        rep = _reliability.ranking_reliability(scores, pred)
+        if pred_scores is not None:  # a Monte-Carlo estimate over the replicates: its own reliability
+            rep["rel_pred"] = _reliability.split_half(np.asarray(pred_scores))["reliability"]
+            rep["disattenuated"] = _reliability.disattenuated(rep["spearman"], rep["rel_actual"], rep["rel_pred"])
+        rep["calibration"] = float(np.sqrt((pred**2).mean() / scores.mean()))
+        rep["spearman_vs_own_realized"] = _reliability.spearman(pred, own)
+        out[name] = rep
+    return out
+
+
 def _figures(results: dict, out: Path) -> None:
     import matplotlib
     import matplotlib.ticker
@@ -582,9 +606,15 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--bootstrap needs --out")
         name, draw, reps = args.bootstrap
         torch.set_num_threads(1)
-        res = bootstrap_prediction({c.name: c for c in GRID + QUICK_GRID}[name], int(draw), int(reps))
         path = Path(args.out) / "bootstrap" / f"{name}_d{draw}_b{reps}.json"
+        res = json.loads(path.read_text()) if path.exists() else bootstrap_prediction(
+            {c.name: c for c in GRID + QUICK_GRID}[name], int(draw), int(reps))
         path.parent.mkdir(parents=True, exist_ok=True)
+        for ref in (f"{name}_draws24", name):  # compare with the most precise finished case of this recipe
+            ref_path = Path(args.out) / "cases" / f"{ref}.json"
+            if ref_path.exists():
+                res["comparison"] = {"against": ref, **compare_bootstrap(res, json.loads(ref_path.read_text()))}
+                break
         path.write_text(json.dumps(res))
         print(f"sigma_hat {res['sigma_hat']:.4f} -> {path}", flush=True)
         return
