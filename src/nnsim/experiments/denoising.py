@@ -582,6 +582,9 @@ def run(out: Path, quick: bool, log=print, only: list[str] | None = None, assemb
     bulky = ("x", "neighbors_ridge", "neighbors_paper", "cancellation", "f_draws", "f_clean", "per_draw_pred")
     summary = {n: {k: v for k, v in c.items() if not k.startswith("per_sample") and k not in bulky}
                for n, c in results["cases"].items()}
+    # the parametric-bootstrap checks run with --bootstrap (their comparisons, not the per-sample data)
+    results["bootstrap"] = {p.stem: json.loads(p.read_text()).get("comparison")
+                            for p in sorted((out / "bootstrap").glob("*.json"))}
     (out / "results.json").write_text(json.dumps({**results, "cases": summary}, indent=1))
     (out / "ranking_table.md").write_text(ranking_table(results["cases"]))
     _figures(results, out)
