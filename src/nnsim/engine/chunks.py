@@ -209,9 +209,10 @@ class Chunker:
 
     def forward(self, src: Source) -> Tensor:
         """The analysed outputs [N, d] of every sample (no gradients)."""
+        self.problem.keys = src.keys  # keyword inputs: the model is called with these names
         parts = []
         for start, batch in src.chunks(self.chunk_size or FORWARD_CHUNK):
             batch = self.to_device(batch, start, "data")
             with analysis_mode(self.model, self.params), torch.no_grad():
-                parts.append(checked_output(self.problem, self.model(*batch), batch, start))
+                parts.append(checked_output(self.problem, self.problem.call(batch), batch, start))
         return torch.cat(parts)
