@@ -21,6 +21,7 @@ from torch import nn
 
 import nnsim
 import nnsim.engine.chunks as chunks_mod
+from nnsim.backends import plan_cache
 from nnsim.distributed import Ranks
 from nnsim.engine import ALL, Form, Quantity, RankReport, Request, sweep
 from nnsim.errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
@@ -783,6 +784,7 @@ def test_measured_chunk_size_floors_the_bytes_per_sample(data, monkeypatch):
     for probe_bytes, expected in [(0, 200), (21, 20)]:
         # probe of 2 samples: 0 bytes -> at least 1 byte per sample (no division by zero); 21 -> 10 whole bytes
         monkeypatch.setattr(chunks_mod.Chunk, "nbytes", lambda self, b=probe_bytes: b)
+        plan_cache.SIZES.clear()  # measured, not the sizing a Similarity before kept for the model
         ch = sim_of(model)._chunker
         ch.chunk_size = None
         assert ch.chunk_size_for(src, "x", req) == expected, probe_bytes
@@ -1040,3 +1042,95 @@ def test_first_failures_say_what_failed_in_full(data):
     sim._chunker.factor_fn = broken
     with pytest.raises(ModelError, match=f"inputs: RuntimeError: {'y' * 300}; try backend="):
         sim.similarity(x)
+
+
+# ------------------------------------------------------------------------- chunk sizing kept per model
+
+class _MeanEmbedding(nn.Module):
+    """Token sequences of any length: the embedding's factor bytes per sample grow with the length."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(50, 6), nn.Linear(6, 3)
+
+    def forward(self, t):
+        return self.head(torch.tanh(self.emb(t)).mean(1))
+
+
+class _FirstOutput:  # output specs that are objects, not functions: the plan cache cannot key them
+    def __call__(self, y, inputs):
+        return y[:, :1]
+
+
+class _AllOutputs:
+    def __call__(self, y, inputs):
+        return y
+
+
+def _fresh_size(model, x, **kw):
+    plan_cache.SIZES.clear()
+    return nnsim.Similarity(model, progress=False, **kw).chunk_size_for(x)
+
+
+def test_a_new_similarity_on_a_known_model_runs_no_probe_and_keeps_its_chunk_size(monkeypatch):
+    monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", 20_000)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x = torch.randn(20, 4, dtype=F64)
+    size = _fresh_size(model, x)
+    sim = nnsim.Similarity(model, progress=False)
+    calls = _counting(sim._chunker)
+    assert sim.chunk_size_for(x) == size and calls == []  # sized from the first Similarity's measure
+    metric = torch.eye(3, dtype=F64)  # a metric tensor is keyed by its shape: a new one of that shape shares it
+    first = nnsim.Similarity(model, metric=metric, progress=False)
+    assert first.chunk_size_for(x) == size
+    sim = nnsim.Similarity(model, metric=metric.clone(), progress=False)
+    calls = _counting(sim._chunker)
+    assert sim.chunk_size_for(x) == size and calls == []
+
+
+def test_the_kept_chunk_sizing_is_per_sample_shape_and_per_output_spec(monkeypatch):
+    monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", 20_000)
+    torch.manual_seed(5)
+    emb = _MeanEmbedding().double()
+    short, long = torch.randint(0, 50, (20, 4)), torch.randint(0, 50, (20, 40))
+    sizes = _fresh_size(emb, short), _fresh_size(emb, long)
+    assert sizes[0] > sizes[1]  # the premise: the lengths need different chunk sizes
+    plan_cache.SIZES.clear()
+    assert [nnsim.Similarity(emb, progress=False).chunk_size_for(t) for t in (short, long)] == list(sizes)
+    # Output objects: no plan key, so nothing is kept across Similarity objects (each measures its own).
+    model = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 9)).double()
+    x = torch.randn(20, 4, dtype=F64)
+    one, every = _fresh_size(model, x, output=_FirstOutput()), _fresh_size(model, x, output=_AllOutputs())
+    assert one != every  # the premise
+    plan_cache.SIZES.clear()
+    assert nnsim.Similarity(model, _FirstOutput(), progress=False).chunk_size_for(x) == one
+    sim = nnsim.Similarity(model, _AllOutputs(), progress=False)
+    calls = _counting(sim._chunker)
+    assert sim.chunk_size_for(x) == every and len(calls) == 1
+
+
+def test_a_full_result_of_a_new_similarity_is_tile_capped_by_the_kept_output_dimension(monkeypatch):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(20, 4, dtype=F64)
+    monkeypatch.setattr(chunks_mod, "TILE_BYTES", 4 * 9 * 100)  # d = 3: 9 float32 entries per pair: 10 samples
+    plan_cache.SIZES.clear()
+    src, full = as_source(x, "x"), Request(Quantity.SIMILARITY, Form.FULL)
+    assert nnsim.Similarity(model, progress=False)._chunker.chunk_size_for(src, "x", full) == 10
+    ch = nnsim.Similarity(model, progress=False)._chunker  # d not measured by this Chunker: the kept d
+    assert ch.d is None and ch.chunk_size_for(src, "x", full) == 10
+
+
+def test_the_kept_sizings_of_a_model_drop_the_oldest_beyond_the_limit(monkeypatch):
+    monkeypatch.setattr(chunks_mod, "_MAX_KEPT", 2)
+    torch.manual_seed(8)
+    emb = _MeanEmbedding().double()
+    plan_cache.SIZES.clear()
+    sim = nnsim.Similarity(emb, progress=False)
+    for t in (3, 4):
+        sim.chunk_size_for(torch.randint(0, 50, (10, t)))
+    assert len(plan_cache.SIZES[emb]) == 2  # at the limit: both kept
+    first = next(iter(plan_cache.SIZES[emb]))
+    sim.chunk_size_for(torch.randint(0, 50, (10, 5)))
+    assert len(plan_cache.SIZES[emb]) == 2 and first not in plan_cache.SIZES[emb]
