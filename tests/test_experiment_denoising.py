@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from nnsim.experiments import denoising as exp
@@ -31,11 +32,39 @@ def test_quick_run_reproduces_the_validated_effects(tmp_path):
     actual = np.sqrt(((np.array(case["f_draws"]) - np.array(case["f_clean"])) ** 2).mean(0))
     np.testing.assert_allclose(actual, case["per_sample_actual"])
     assert len(case["f_draws"]) >= 6
+    # The ranking next to the reliability of the 6-draw actual error: the ceiling is sqrt(Spearman-Brown) of the
+    # mean split-half, the disattenuated Spearman divides by sqrt(rel_actual rel_pred), rel_pred measured from
+    # the stored per-draw predictions.
+    r = c["reliability"]
+    assert r["draws"] == 6 and r["ceiling"] == pytest.approx(max(2 * r["split_half"] / (1 + r["split_half"]), 0) ** .5)
+    lin = r["methods"]["linearized_ridge"]
+    assert lin["rel_pred_measured"] and lin["spearman"] == pytest.approx(ridge["spearman"])
+    assert lin["disattenuated"] == pytest.approx(lin["spearman"] / (r["rel_actual"] * lin["rel_pred"]) ** 0.5)
+    assert "| quick_1d | 6 |" in (tmp_path / "ranking_table.md").read_text()
+    # The parametric bootstrap retrains the protocol's own draw (same seeds: the same network) and, for these
+    # nearly linear networks, its RMS matches the linearized prediction of the same network.
+    boot = exp.bootstrap_prediction(exp.QUICK_GRID[0], draw=1, replicates=3)
+    np.testing.assert_allclose(boot["f"], case["f_draws"][1], rtol=0, atol=1e-12)
+    ratio = np.sqrt(np.mean(np.square(boot["bootstrap"])) / np.mean(np.square(boot["linearized"])))
+    assert 0.7 < ratio < 1.4 and np.array(boot["scores"]).shape == (3, exp.QUICK_GRID[0].n)
+    cmp = exp.compare_bootstrap(boot, case)
+    assert cmp["linearized_one_network"]["rel_pred"] == 1.0 and cmp["bootstrap"]["rel_pred"] < 1  # measured
+    assert -1 <= cmp["bootstrap"]["spearman"] <= 1 and cmp["draws"] == 6
+    with pytest.raises(ValueError, match="not draw 2"):
+        exp.compare_bootstrap({**boot, "draw": 2}, case)
     # Resuming: a second run reuses the finished case instead of training again.
     logs.clear()
     again = exp.run(tmp_path, quick=True, log=logs.append)
     assert any("reused" in line for line in logs)
     assert again["cases"]["quick_1d"]["methods"] == res["cases"]["quick_1d"]["methods"]
+    # An unfinished case is assembled from its finished draws (draw by draw parts), and says how many.
+    (tmp_path / "cases" / "quick_1d.json").unlink()
+    (tmp_path / "cases" / "quick_1d.parts" / "draw5.npz").unlink()
+    partial = exp.run(tmp_path, quick=True, log=logs.append, assemble=True)
+    assert partial["partial"] == {"quick_1d": 5} and partial["cases"]["quick_1d"]["draws_used"] == 5
+    five = np.array(case["f_draws"][:5]) - np.array(case["f_clean"])
+    np.testing.assert_allclose(partial["cases"]["quick_1d"]["actual_rms_over_sigma"],
+                               np.sqrt((five**2).mean()) / exp.QUICK_GRID[0].sigma)
 
 
 def test_clean_twin_shares_the_initialisation():

@@ -1,6 +1,7 @@
 """The registration experiment: properties of the procedural data, the network, and a quick end-to-end run."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -134,6 +135,13 @@ def test_quick_run_end_to_end(tmp_path):
         v = c["methods"][m]
         assert v["predicted_rms"] > 0 and -1 <= v["spearman"] <= 1
         assert sum(d["n"] for d in v["deciles"]) == c["n_train"]
+    # The ranking next to the reliability of the 2-draw actual error (experiments._reliability).
+    r = c["reliability"]
+    assert r["draws"] == s.draws and r["ceiling"] == pytest.approx(
+        max(2 * r["split_half"] / (1 + r["split_half"]), 0) ** 0.5)
+    for m in registration.METHODS:
+        assert r["methods"][m]["spearman"] == pytest.approx(c["methods"][m]["spearman"])
+        assert 0 < r["methods"][m]["rel_pred"] <= 1 or math.isnan(r["methods"][m]["disattenuated"])
     knn = res["knn"]
     for q, src in enumerate(knn["sources"]):
         assert knn["neighbors"][q][0] == src  # a sample is its own nearest neighbour (similarity 1)
@@ -149,3 +157,8 @@ def test_quick_run_end_to_end(tmp_path):
     assert registration.main(["--quick", "--out", str(tmp_path), "--assemble"]) == 0
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["cases"] == res["cases"]
+    # The same case named on the command line, with its draws, reuses the same parts (same seeds, same hash).
+    assert registration.main(["--quick", "--out", str(tmp_path), "--assemble", "--cases", "96:3", "--draws", "2"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["cases"] == res["cases"]
+    with pytest.raises(SystemExit):
+        registration.main(["--quick", "--out", str(tmp_path), "--cases", "96"])

@@ -146,6 +146,8 @@ def test_quick_run_end_to_end_and_resumes(tmp_path):
             assert cell["calibration_true_sigma"] > 0 and -1 <= cell["spearman_true_sigma"] <= 1
             assert cell["calibration_sigma_hat"] / cell["calibration_true_sigma"] == pytest.approx(
                 cell["sigma_hat_over_sigma"], rel=0.3)
+            rel = cell["reliability_true_sigma"]  # the ranking next to the actual error's reliability
+            assert rel["spearman"] == pytest.approx(cell["spearman_true_sigma"]) and rel["draws"] == s.draws
     assert summ["drift_noisy"] > 0 and summ["drift_clean"] > 0
     assert 0 < summ["cos_noisy_K0"] <= 1 + 1e-12 and 0 < summ["cos_clean_K0"] <= 1 + 1e-12
     dec = summ["decomposition"]

@@ -44,6 +44,7 @@ from torch import Tensor
 import nnsim
 
 from ..estimators import linearized
+from . import _reliability
 from ._regnet import ShiftNet
 from ._scenes import SceneConfig, make_shift_scenes
 
@@ -330,10 +331,17 @@ def _case(s: Settings, n: int, sigma: float, test: dict) -> dict:
         res["signal_directions_realized"] = float(np.mean([a["n_signal"] for a in an]))
         # The same fit as the library's (one lam from the same kernel): a consistency check of the two paths.
         res["lam_check_max"] = float(max(abs(a["lam_realized"] / a["lam"] - 1) for a in an))
+    scores = (F_ - f_clean).pow(2).mean(2).numpy()  # [draws, N] per-draw squared error (mean over components)
+    res["reliability"] = {"methods": {}}
     for m in METHODS:
         if not all(m in a for a in an):
             continue
         pred = torch.stack([a[m] for a in an]).pow(2).mean(0).sqrt().numpy()
+        if s.draws >= 2:  # the Spearman next to the reliability of the s.draws-draw actual error (_reliability)
+            rep = _reliability.ranking_reliability(scores, pred, torch.stack([a[m] for a in an]).pow(2).numpy())
+            for k in ("draws", "split_half_first", "split_half", "split_half_sd", "rel_actual", "ceiling"):
+                res["reliability"][k] = rep.pop(k)
+            res["reliability"]["methods"][m] = rep
         flag = torch.stack([a["flag_paper" if m.startswith("paper") else "flag_linearized"] for a in an]).any(0).numpy()
         ok = ~flag
         res["methods"][m] = {
@@ -458,9 +466,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="processes (default: 2 full, 1 quick)")
     ap.add_argument("--assemble", action="store_true",
                     help="compute nothing: results.json and figures from the finished cases (while a run goes on)")
+    ap.add_argument("--draws", type=int, default=None,
+                    help="noise draws per case (default 6 full, 2 quick); the first draws of a longer run are "
+                    "those of a shorter one (same seeds), so finished parts are reused")
+    ap.add_argument("--cases", nargs="+", metavar="N:SIGMA", default=None,
+                    help="only these (N, sigma) cases, the first is the main one, e.g. --cases 1000:1.5")
     args = ap.parse_args(argv)
     s = Settings.quick() if args.quick else Settings.full()
     s = replace(s, seed=args.seed, workers=s.workers if args.workers is None else args.workers)
+    if args.draws is not None:
+        s = replace(s, draws=args.draws)
+    if args.cases is not None:
+        try:
+            cases = tuple((int(c.split(":")[0]), float(c.split(":")[1])) for c in args.cases)
+        except (IndexError, ValueError):
+            ap.error(f"--cases takes N:SIGMA pairs such as 1000:1.5, got {args.cases}")
+        s = replace(s, cases=cases)
     run(s, args.out, assemble=args.assemble)
     return 0
 

@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.func import functional_call, jacrev, vmap
 
 from ..estimators import linearized
+from . import _reliability
 from . import registration as reg
 from ._regnet import ShiftNet
 from ._scenes import make_shift_scenes
@@ -361,10 +362,14 @@ def run(s: Settings, out: Path, log=None) -> dict:
             for sm in SMOOTHERS:
                 cell = {}
                 for which in ("pred_sigma_hat", "pred_true_sigma"):
-                    pred = torch.stack([e[m][kern][sm][which] for e in evals]).pow(2).mean(0).sqrt().numpy()
+                    pred_scores = torch.stack([e[m][kern][sm][which] for e in evals]).pow(2)  # [draws, N]
+                    pred = pred_scores.mean(0).sqrt().numpy()
                     tag = which.removeprefix("pred_")
                     cell[f"calibration_{tag}"] = _rms(pred) / _rms(actual)
                     cell[f"spearman_{tag}"] = reg.spearman(pred, actual)
+                    if s.draws >= 2:  # the Spearman next to the reliability of the actual error (_reliability)
+                        cell[f"reliability_{tag}"] = _reliability.ranking_reliability(
+                            (F_ - fc).pow(2).mean(2).numpy(), pred, pred_scores.numpy())
                 cell["sigma_hat_over_sigma"] = float(np.mean([e[m][kern][sm]["sigma_hat"] for e in evals])) / s.sigma
                 cell["fit_error"] = float(np.mean([e[m][kern][sm]["fit_error"] for e in evals]))
                 cell["trace"] = float(np.mean([e[m][kern][sm]["trace"] for e in evals]))
