@@ -36,7 +36,9 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "tests": ["tests/test_algebra.py", "tests/test_algebra_edges.py", "tests/test_outputs_oracle.py",
                   "tests/test_error_paths.py", "tests/test_estimators_asymmetric.py", "tests/test_estimators.py",
                   "tests/test_mutation_algebra.py", "tests/test_mutation_denoising.py",
-                  "tests/test_mutation_linearized.py", "tests/test_mutation_outputs.py", "tests/test_mutation_gemm.py"],
+                  "tests/test_mutation_linearized.py", "tests/test_mutation_outputs.py", "tests/test_mutation_gemm.py",
+                  # method="linearized" (kernel_matrix, linearized_report) and the realized noise model
+                  "tests/test_denoising_linearized.py", "tests/test_linearized_realized.py"],
     },
     "factors": {  # the exact Gram products of factored gradients, the cost model, the projections
         "mutate": ["src/nnsim/factors.py"],
