@@ -162,12 +162,11 @@ def _gate(out, inputs):
 def mlp_data():
     from test_estimators_asymmetric import Brute, mlp2
 
-    model, x = mlp2(3)
-    x = x[:10].clone()
+    model, x = mlp2(3)  # 11 samples: a share [3, 9) leaves a last chunk of 2 samples to the other processes
     xr = torch.randn(11, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     bx, br = Brute(model, x), Brute(model, xr)
     with torch.no_grad():
-        S = bx.sim(br)  # [10, 11]
+        S = bx.sim(br)  # [11, 11]
         S_self = bx.sim()
     return model, x, xr, S, S_self
 
@@ -192,8 +191,8 @@ def test_linear_density_against_a_reference_scores_only_its_share_and_places_it(
     sim.similarity(x[:1])
     got = density.soft_linear(sim._chunker, as_source(x, "data"), as_source(xr, "reference"), normalized=True,
                               include_self=True, ranks=_MiddleShare(None, torch.device("cpu")))
-    want = [float("nan")] * 3 + [sum(float(S[i, j]) for j in range(3, 9)) for i in range(3, 9)] + [float("nan")]
-    assert got.shape == (10,) and got.dtype == torch.float64
+    want = [float("nan")] * 3 + [sum(float(S[i, j]) for j in range(3, 9)) for i in range(3, 9)] + [float("nan")] * 2
+    assert got.shape == (11,) and got.dtype == torch.float64
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
@@ -214,11 +213,9 @@ def test_counts_and_neighbours_keep_the_model_dtype_and_ignore_the_default_devic
         on_cpu = {name: call() for name, call in calls.items()}
     S_self = S_self.clone()
     S_self[4, :] = S_self[:, 4] = float("nan")
-    S_gated = S.clone()
-    S_gated[4, :] = float("nan")
-    alive = [j for j in range(10) if j != 4]
-    dens = [float("nan") if i == 4 else sum(float(S_self[i, j]) for j in alive) for i in range(10)]
-    dens_ref = [float("nan") if i == 4 else sum(float(S[i, j]) for j in range(11)) for i in range(10)]
+    alive = [j for j in range(11) if j != 4]
+    dens = [float("nan") if i == 4 else sum(float(S_self[i, j]) for j in alive) for i in range(11)]
+    dens_ref = [float("nan") if i == 4 else sum(float(S[i, j]) for j in range(11)) for i in range(11)]
     for name, want in (("linear", dens), ("tiles", dens), ("linear, reference", dens_ref),
                        ("tiles, reference", dens_ref)):
         assert on_cpu[name].dtype == torch.float64, name
@@ -226,6 +223,8 @@ def test_counts_and_neighbours_keep_the_model_dtype_and_ignore_the_default_devic
                                    equal_nan=True)
     order = sorted((-float(S_self[0, j]), j) for j in alive)[:2]
     assert on_cpu["neighbours"][1][0].tolist() == [j for _, j in order]
+    order = sorted((-float(S[j, 0]), j) for j in alive)  # sim(xr_0, x_j) = sim(x_j, xr_0): trace of a transpose
+    assert on_cpu["neighbours, data"][1][0].tolist() == [j for _, j in order]
     for name, call in calls.items():
         with torch.device("meta"), pytest.warns(nnsim.RankDeficiencyWarning):
             got = call()
