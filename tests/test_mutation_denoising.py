@@ -207,3 +207,81 @@ def test_singular_threshold_is_relative_to_the_largest_singular_value():
                               rtol=1e-3)
     assert rep.singular.tolist() == [True]
     torch.testing.assert_close(rep.factor_matrix[0], torch.diag(torch.tensor([1e-4, 0.0], dtype=F64)))
+
+
+# --------------------------------------------- kernel_matrix (method="linearized"): the [N d, M d] kernel swept
+# Oracle: the kernel from per-sample autograd (tests/oracles.py) on the two-hidden-layer MLP of
+# tests/test_estimators_asymmetric.py (d = 2), chunks of 3: 3 row chunks.
+
+def _kernel_setup(progress=False):
+    from oracles import jacobian
+    from test_estimators_asymmetric import mlp2
+
+    import nnsim
+
+    model, x = mlp2(2)
+    x = x[:8].clone()
+    G = jacobian(model, (x,))  # [N, d, P]
+    K = torch.einsum("icp,jep->icje", G, G).reshape(16, 16)  # row (i, c), column (j, e)
+    return model, x, K, nnsim.Similarity(model, chunk_size=3, progress=progress)
+
+
+def _bar_states(err: str, desc: str) -> list[str]:
+    return [seg for seg in err.replace("\r", "\n").split("\n") if seg.startswith(desc + ":")]
+
+
+def test_kernel_matrix_is_the_kernel_swept_once_per_pair_of_chunks(capsys):
+    from nnsim.distributed import Ranks
+    from nnsim.estimators.denoising import kernel_matrix
+    from nnsim.inputs import as_source
+
+    model, x, K, sim = _kernel_setup(progress=True)
+    ranks = Ranks(None, torch.device("cpu"), progress=True)
+    src = as_source(x, "data")
+    got = kernel_matrix(sim._chunker, src, src, ranks)
+    torch.testing.assert_close(got, K, rtol=1e-10, atol=1e-12)
+    assert got.dtype == F64
+    states = _bar_states(capsys.readouterr().err, "nnsim kernel")
+    assert states and "6/6" in states[-1] and not any("/9" in s for s in states), states  # 3 (3 + 1) / 2 tiles
+    cols = [0, 2, 3, 5, 6, 7, 1]  # landmarks in any order: 3 chunks of columns, 3 x 3 tiles
+    got = kernel_matrix(sim._chunker, src, as_source(x[cols], "landmarks"), ranks)
+    torch.testing.assert_close(got, K.reshape(8, 2, 8, 2)[:, :, cols].reshape(16, 14), rtol=1e-10, atol=1e-12)
+    states = _bar_states(capsys.readouterr().err, "nnsim kernel")
+    assert states and "9/9" in states[-1], states
+
+
+def test_kernel_matrix_sweeps_only_the_tiles_of_its_share():
+    from nnsim.distributed import Ranks
+    from nnsim.estimators.denoising import kernel_matrix
+    from nnsim.inputs import as_source
+
+    class FirstRowChunk(Ranks):
+        def tiles(self, n_a, n_b, symmetric):
+            return [s for s in super().tiles(n_a, n_b, symmetric) if s[0] == 0]
+
+    model, x, K, sim = _kernel_setup()
+    src = as_source(x, "data")
+    got = kernel_matrix(sim._chunker, src, src, FirstRowChunk(None, torch.device("cpu")))
+    mine = torch.zeros(8, 8, dtype=torch.bool)
+    mine[:3, :] = mine[:, :3] = True  # tiles (0, j) and their mirrors (j, 0); the other processes sum the rest
+    mask = mine[:, None, :, None].expand(8, 2, 8, 2).reshape(16, 16)
+    torch.testing.assert_close(got, torch.where(mask, K, torch.zeros_like(K)), rtol=1e-10, atol=1e-12)
+
+
+def test_linearized_denoising_names_the_side_of_a_failing_sample():
+    import nnsim
+    from nnsim.errors import ModelError
+
+    model, x, _, _ = _kernel_setup()
+
+    def huge(out, inputs):  # overflowing gradients where x_0 > 5
+        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
+
+    xs = x.clone()
+    xs[4, 0] = 10.0
+    y = torch.zeros(8, 2, dtype=F64)
+    sim = nnsim.Similarity(model, huge, chunk_size=3, progress=False)
+    with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[4\]"):
+        sim.denoising(xs, targets=y, method="linearized")
+    with pytest.raises(ModelError, match=r"^landmarks: the output gradients are not finite .* at samples \[4\]"):
+        sim.denoising(xs, targets=y, method="linearized", approximate=True, landmarks=8)
