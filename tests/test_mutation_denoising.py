@@ -285,3 +285,15 @@ def test_linearized_denoising_names_the_side_of_a_failing_sample():
         sim.denoising(xs, targets=y, method="linearized")
     with pytest.raises(ModelError, match=r"^landmarks: the output gradients are not finite .* at samples \[4\]"):
         sim.denoising(xs, targets=y, method="linearized", approximate=True, landmarks=8)
+
+
+def test_approximate_denoising_with_a_measured_chunk_size_is_the_chunked_one():
+    """The sketches depend on the seed and the layer, not on the chunks: a measured chunk size (one chunk of 8)
+    and chunks of 3 give the same sums."""
+    import nnsim
+
+    model, x, _, _ = _kernel_setup()
+    measured = nnsim.Similarity(model, progress=False).denoising(x, approximate=True, dim=6, seed=3)
+    chunked = nnsim.Similarity(model, chunk_size=3, progress=False).denoising(x, approximate=True, dim=6, seed=3)
+    torch.testing.assert_close(measured.factor_matrix, chunked.factor_matrix, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(measured.consistency, chunked.consistency, rtol=1e-9, atol=1e-12)
