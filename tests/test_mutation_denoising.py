@@ -297,3 +297,18 @@ def test_approximate_denoising_with_a_measured_chunk_size_is_the_chunked_one():
     chunked = nnsim.Similarity(model, chunk_size=3, progress=False).denoising(x, approximate=True, dim=6, seed=3)
     torch.testing.assert_close(measured.factor_matrix, chunked.factor_matrix, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(measured.consistency, chunked.consistency, rtol=1e-9, atol=1e-12)
+
+
+def test_approximate_denoising_names_the_data_when_its_chunk_size_probe_fails():
+    import nnsim
+    from nnsim.errors import ModelError
+
+    model, x, _, _ = _kernel_setup()
+
+    def huge(out, inputs):  # overflowing gradients where x_0 > 5
+        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
+
+    xs = x.clone()
+    xs[1, 0] = 10.0  # inside the probe's samples
+    with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[1\]"):
+        nnsim.Similarity(model, huge, progress=False).denoising(xs, approximate=True, dim=6)
