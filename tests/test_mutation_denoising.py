@@ -12,8 +12,15 @@ import math
 
 import pytest
 import torch
+from oracles import jacobian
+from test_estimators_asymmetric import mlp2
 
+import nnsim
+from nnsim.distributed import Ranks
+from nnsim.errors import ModelError
 from nnsim.estimators import DenoisingReport, denoising_from_sums
+from nnsim.estimators.denoising import approximate_sums, kernel_matrix
+from nnsim.inputs import as_source
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -214,11 +221,6 @@ def test_singular_threshold_is_relative_to_the_largest_singular_value():
 # tests/test_estimators_asymmetric.py (d = 2), chunks of 3: 3 row chunks.
 
 def _kernel_setup(progress=False):
-    from oracles import jacobian
-    from test_estimators_asymmetric import mlp2
-
-    import nnsim
-
     model, x = mlp2(2)
     x = x[:8].clone()
     G = jacobian(model, (x,))  # [N, d, P]
@@ -231,10 +233,6 @@ def _bar_states(err: str, desc: str) -> list[str]:
 
 
 def test_kernel_matrix_is_the_kernel_swept_once_per_pair_of_chunks(capsys):
-    from nnsim.distributed import Ranks
-    from nnsim.estimators.denoising import kernel_matrix
-    from nnsim.inputs import as_source
-
     model, x, K, sim = _kernel_setup(progress=True)
     ranks = Ranks(None, torch.device("cpu"), progress=True)
     src = as_source(x, "data")
@@ -251,10 +249,6 @@ def test_kernel_matrix_is_the_kernel_swept_once_per_pair_of_chunks(capsys):
 
 
 def test_kernel_matrix_sweeps_only_the_tiles_of_its_share():
-    from nnsim.distributed import Ranks
-    from nnsim.estimators.denoising import kernel_matrix
-    from nnsim.inputs import as_source
-
     class FirstRowChunk(Ranks):
         def tiles(self, n_a, n_b, symmetric):
             return [s for s in super().tiles(n_a, n_b, symmetric) if s[0] == 0]
@@ -269,9 +263,6 @@ def test_kernel_matrix_sweeps_only_the_tiles_of_its_share():
 
 
 def test_linearized_denoising_names_the_side_of_a_failing_sample():
-    import nnsim
-    from nnsim.errors import ModelError
-
     model, x, _, _ = _kernel_setup()
 
     def huge(out, inputs):  # overflowing gradients where x_0 > 5
@@ -290,7 +281,6 @@ def test_linearized_denoising_names_the_side_of_a_failing_sample():
 def test_approximate_denoising_with_a_measured_chunk_size_is_the_chunked_one():
     """The sketches depend on the seed and the layer, not on the chunks: a measured chunk size (one chunk of 8)
     and chunks of 3 give the same sums."""
-    import nnsim
 
     model, x, _, _ = _kernel_setup()
     measured = nnsim.Similarity(model, progress=False).denoising(x, approximate=True, dim=6, seed=3)
@@ -299,10 +289,7 @@ def test_approximate_denoising_with_a_measured_chunk_size_is_the_chunked_one():
     torch.testing.assert_close(measured.consistency, chunked.consistency, rtol=1e-9, atol=1e-12)
 
 
-def test_approximate_denoising_names_the_data_when_its_chunk_size_probe_fails():
-    import nnsim
-    from nnsim.errors import ModelError
-
+def test_approximate_denoising_names_the_data_when_a_chunk_fails():
     model, x, _, _ = _kernel_setup()
 
     def huge(out, inputs):  # overflowing gradients where x_0 > 5
@@ -312,3 +299,40 @@ def test_approximate_denoising_names_the_data_when_its_chunk_size_probe_fails():
     xs[1, 0] = 10.0  # inside the probe's samples
     with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[1\]"):
         nnsim.Similarity(model, huge, progress=False).denoising(xs, approximate=True, dim=6)
+    with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[1\]"):
+        nnsim.Similarity(model, huge, chunk_size=3, progress=False).denoising(xs, approximate=True, dim=6)  # no probe
+
+
+def test_approximate_sums_of_a_share_with_given_predictions_are_the_exact_row_sums():
+    """R_i = sum_j K_ij and Y_i = sum_j K_ij yhat_j are exact in the sketched path (only Q is sketched): for a
+    process owning the samples [3, 9) of 11 (chunks of 3), over j in [3, 9), the rows placed at 3."""
+
+    class MiddleShare(Ranks):
+        def samples(self, n, size):
+            return size, min(n, 3 * size)
+
+        def rows(self, parts, start, n):
+            local = torch.cat(parts)
+            out = torch.full((n, *local.shape[1:]), float("nan"), dtype=local.dtype)
+            out[start : start + local.shape[0]] = local
+            return out
+
+
+    model, x = mlp2(2)  # 11 samples
+    G = jacobian(model, (x,))
+    K = torch.einsum("icp,jep->ijce", G, G)  # [N, N, d, d]
+    p = torch.randn(11, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    sim.similarity(x[:1])
+    R, Q, Y, yhat, none = approximate_sums(sim._chunker, as_source(x, "data"), p, 6, 0,
+                                           MiddleShare(None, torch.device("cpu")))
+    assert none is None and R.shape == (11, 2, 2) and Y.shape == (11, 2) and yhat.shape == (11, 2)
+    share = list(range(3, 9))
+    nan = torch.full((2, 2), float("nan"), dtype=F64)
+    want_R = torch.stack([sum(K[i, j] for j in share) if i in share else nan for i in range(11)])
+    want_Y = torch.stack([sum(K[i, j] @ p[j] for j in share) if i in share else nan[0] for i in range(11)])
+    want_yhat = torch.where(torch.tensor([i in share for i in range(11)])[:, None], p, float("nan"))
+    torch.testing.assert_close(R, want_R, rtol=1e-10, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(Y, want_Y, rtol=1e-10, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(yhat, want_yhat, rtol=0, atol=0, equal_nan=True)
+    assert torch.isfinite(Q[3:9]).all() and torch.isnan(Q[:3]).all() and torch.isnan(Q[9:]).all()
