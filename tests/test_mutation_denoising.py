@@ -336,3 +336,4 @@ def test_approximate_sums_of_a_share_with_given_predictions_are_the_exact_row_su
     torch.testing.assert_close(Y, want_Y, rtol=1e-10, atol=1e-12, equal_nan=True)
     torch.testing.assert_close(yhat, want_yhat, rtol=0, atol=0, equal_nan=True)
     assert torch.isfinite(Q[3:9]).all() and torch.isnan(Q[:3]).all() and torch.isnan(Q[9:]).all()
+    assert torch.equal(Q[3:9], Q[3:9].transpose(-1, -2))  # the sketched phi_i C psi_i^T, symmetrised exactly
