@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from test_estimators_asymmetric import mlp2
 
 import nnsim
 from nnsim.distributed import Ranks
-from nnsim.errors import ModelError
+from nnsim.errors import InputError, ModelError
 from nnsim.estimators import DenoisingReport, denoising_from_sums
 from nnsim.estimators.denoising import approximate_sums, kernel_matrix
 from nnsim.inputs import as_source
@@ -337,3 +338,132 @@ def test_approximate_sums_of_a_share_with_given_predictions_are_the_exact_row_su
     torch.testing.assert_close(yhat, want_yhat, rtol=0, atol=0, equal_nan=True)
     assert torch.isfinite(Q[3:9]).all() and torch.isnan(Q[:3]).all() and torch.isnan(Q[9:]).all()
     assert torch.equal(Q[3:9], Q[3:9].transpose(-1, -2))  # the sketched phi_i C psi_i^T, symmetrised exactly
+
+
+# ------------------------------------------------ linearized_report (method="linearized") against numpy formulas
+# Given the fitted lam (its search is tested in test_mutation_linearized.py), the report of the ridge smoother
+# S = K (K + lam I)^-1 of the autograd kernel K [N d, N d] written out: D_i = sum_j S_ij S_ij^T, tr D_i / d,
+# |f_i - (S y)_i|, sigma^2 = ||y - f||^2 / (N d - 2 tr S + tr S S^T), the flag |f_i - (S y)_i| / sqrt(d) > 2 sigma.
+
+def _linearized_oracle(K, y, f, lam, noise_std=None):
+    import numpy as np
+
+    n, d = y.shape
+    Kn = K.numpy()
+    S = np.linalg.solve((Kn + lam * np.eye(n * d)).T, Kn.T).T
+    yv, fv = y.numpy().reshape(-1), f.numpy().reshape(-1)
+    SS = S @ S.T
+    D = np.stack([SS[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(n)])
+    factor = np.trace(D, axis1=1, axis2=2) / d
+    cons = np.linalg.norm((fv - S @ yv).reshape(n, d), axis=1)
+    dof = n * d - 2 * np.trace(S) + np.trace(SS)
+    sigma = math.sqrt(float(((yv - fv) ** 2).sum()) / dof) if noise_std is None else noise_std
+    return {"factor_matrix": D, "factor": factor, "effective_neighbors": 1 / factor, "consistency": cons,
+            "predicted_error": sigma * np.sqrt(factor), "ill_conditioned": cons / math.sqrt(d) > 2 * sigma}, sigma
+
+
+def _linearized_case(dtype=F64, n=8):
+    model, x = mlp2(2)
+    x = x[:n].clone()
+    G = jacobian(model, (x,))
+    K = torch.einsum("icp,jep->icje", G, G).reshape(n * 2, n * 2)
+    with torch.no_grad():
+        f = model(x)
+    y = f + 0.05 * torch.randn(n, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    return model.to(dtype), x.to(dtype), K, f, y
+
+
+def _check_report(rep, want, dtype, atol=1e-9, flags=True):
+    for name, w in want.items():
+        if name == "ill_conditioned" and not flags:
+            continue
+        got = getattr(rep, name)
+        assert got.dtype == (torch.bool if name == "ill_conditioned" else dtype), name
+        if name == "ill_conditioned":
+            assert got.tolist() == w.tolist()
+        else:
+            torch.testing.assert_close(got.double(), torch.from_numpy(w), rtol=atol, atol=atol)
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_linearized_report_is_the_ridge_smoother_written_out(given):
+    model, x, K, f, y = _linearized_case()
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    rep = sim.denoising(x, f.clone() if given else None, targets=y, method="linearized")
+    want, sigma = _linearized_oracle(K, y, f, rep.lam)
+    _check_report(rep, want, F64)
+    assert (rep.method, rep.smoother, rep.approximate, rep.singular, rep.cancellation) == (
+        "linearized", "ridge", False, None, None)
+    assert rep.noise_std == pytest.approx(sigma, rel=1e-9) and rep.noise_std_estimated == rep.noise_std
+    c = rep.consistency / math.sqrt(2)
+    # sigma given: a row exactly at 2 sigma is trusted (strict >), one between 2 and 3 sigma is not
+    at = float(c[2]) / 2
+    rep = sim.denoising(x, targets=y, method="linearized", noise_std=at)
+    want, _ = _linearized_oracle(K, y, f, rep.lam, noise_std=at)
+    _check_report(rep, want, F64, flags=False)  # (numpy's consistency may round the other way at the tie)
+    assert not bool(rep.ill_conditioned[2])
+    assert rep.ill_conditioned.tolist() == (c > 2 * at).tolist()
+    between = float(c[5]) / 2.5
+    rep = sim.denoising(x, targets=y, method="linearized", noise_std=between)
+    assert bool(rep.ill_conditioned[5])
+    assert rep.ill_conditioned.tolist() == (c > 2 * between).tolist()
+    assert 0 < int(rep.ill_conditioned.sum()) < 8
+
+
+def test_linearized_report_in_float32_keeps_the_model_dtype():
+    model, x, K, f, y = _linearized_case(torch.float32)
+    rep = nnsim.Similarity(model, chunk_size=3, progress=False).denoising(x, targets=y.float(), method="linearized")
+    want, _ = _linearized_oracle(K, y.float().double(), model(x).detach().double(), rep.lam)
+    _check_report(rep, want, torch.float32, atol=2e-3)
+
+
+def test_approximate_linearized_report_uses_the_seeded_landmarks():
+    import numpy as np
+
+    model, x, K, f, y = _linearized_case()
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    torch.manual_seed(1)
+    rep = sim.denoising(x, targets=y, method="linearized", approximate=True, landmarks=5, seed=11)
+    torch.manual_seed(2)  # the landmarks come from the seed alone, not from torch's global generator
+    again = sim.denoising(x, targets=y, method="linearized", approximate=True, landmarks=5, seed=11)
+    assert torch.equal(rep.factor_matrix, again.factor_matrix)
+    idx = torch.randperm(8, generator=torch.Generator().manual_seed(11))[:5].sort().values
+    cols = torch.stack([2 * idx, 2 * idx + 1], 1).reshape(-1)
+    K_nm = K[:, cols].numpy()
+    K_ny = K_nm @ np.linalg.pinv(K_nm[cols.numpy()], rcond=1e-10, hermitian=True) @ K_nm.T
+    want, _ = _linearized_oracle(torch.from_numpy(K_ny), y, f, rep.lam)
+    _check_report(rep, want, F64, atol=1e-7)
+    assert rep.approximate and rep.method == "linearized"
+
+
+def test_linearized_exact_size_limit_is_inclusive(monkeypatch):
+    from nnsim.estimators import denoising
+
+    model, x, K, f, y = _linearized_case(n=9)
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    monkeypatch.setattr(denoising, "LINEARIZED_EXACT_MAX", 16)
+    rep = sim.denoising(x[:8], targets=y[:8], method="linearized")  # N d = 16: exact
+    assert rep.factor_matrix.shape == (8, 2, 2)
+    with pytest.raises(InputError) as err:
+        sim.denoising(x, targets=y, method="linearized")
+    assert str(err.value) == ("method='linearized' exact needs the eigendecomposition of an [N d, N d] = [18, 18] "
+                              "kernel (limit 16); pass approximate=True for the Nystroem version (landmarks=...)")
+
+
+def test_linearized_warns_at_the_callers_line_when_the_smoother_misses_the_network(monkeypatch):
+    from nnsim.estimators import denoising
+
+    model, x, K, f, y = _linearized_case()
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    y_far = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(9))  # labels it did not fit
+    with pytest.warns(nnsim.RankDeficiencyWarning) as rec:
+        rep = sim.denoising(x, targets=y_far, method="linearized")
+    assert rep.fit_error > 0.5
+    assert [str(r.message) for r in rec] == [
+        f"the ridge smoother of the network's kernel reproduces its training predictions only to a relative error "
+        f"of {rep.fit_error:.2f} (> 0.5): the linearized predicted errors are unreliable for this network"]
+    assert rec[0].filename == __file__
+    monkeypatch.setattr(denoising, "FIT_WARN", rep.fit_error)  # exactly at the limit: no warning (strict >)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sim.denoising(x, targets=y_far, method="linearized")
