@@ -467,3 +467,31 @@ def test_linearized_warns_at_the_callers_line_when_the_smoother_misses_the_netwo
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sim.denoising(x, targets=y_far, method="linearized")
+
+
+def test_paper_report_uses_the_given_predictions_and_rtol_and_warns_about_singular_rows():
+    """Sketched or not, R_i = sum_j K_ij and Y_i = sum_j K_ij yhat_j are exact: the consistency with given
+    predictions is |yhat_i - R_i^-1 Y_i| written out; rows whose R_i has s_min <= rtol s_max (Similarity's rtol)
+    are flagged singular, with a warning naming them."""
+    model, x = mlp2(2)
+    x = x[:8].clone()
+    G = jacobian(model, (x,))
+    K = torch.einsum("icp,jep->ijce", G, G)  # [N, N, d, d]
+    p = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(5))
+    R = K.sum(1)
+    sv = torch.linalg.svdvals(R)
+    ratio = sorted((float(sv[i, -1] / sv[i, 0]), i) for i in range(8))
+    rtol = (ratio[2][0] + ratio[3][0]) / 2  # three rows below it
+    flagged = sorted(i for _, i in ratio[:3])
+    for approximate in (False, True):
+        sim = nnsim.Similarity(model, chunk_size=3, rtol=rtol, progress=False)
+        with pytest.warns(nnsim.RankDeficiencyWarning) as rec:
+            rep = sim.denoising(x, p, approximate=approximate, dim=6)
+        assert rep.approximate is approximate
+        assert [i for i in range(8) if rep.singular[i]] == flagged
+        assert [str(r.message) for r in rec] == [
+            f"3 sample(s) have a (near-)singular kernel row sum sum_j K_ij: pseudo-inverted, their denoising "
+            f"statistics are unreliable. Samples: {flagged}"]
+        for i in set(range(8)) - set(flagged):
+            e = torch.linalg.inv(R[i]) @ sum(K[i, j] @ p[j] for j in range(8))
+            assert float(rep.consistency[i]) == pytest.approx(float((p[i] - e).norm()), rel=1e-8)
