@@ -492,6 +492,7 @@ def test_paper_report_uses_the_given_predictions_and_rtol_and_warns_about_singul
         assert [str(r.message) for r in rec] == [
             f"3 sample(s) have a (near-)singular kernel row sum sum_j K_ij: pseudo-inverted, their denoising "
             f"statistics are unreliable. Samples: {flagged}"]
+        assert rec[0].filename == __file__  # at the caller's line
         for i in set(range(8)) - set(flagged):
             e = torch.linalg.inv(R[i]) @ sum(K[i, j] @ p[j] for j in range(8))
             assert float(rep.consistency[i]) == pytest.approx(float((p[i] - e).norm()), rel=1e-8)
