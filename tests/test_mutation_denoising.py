@@ -496,3 +496,18 @@ def test_paper_report_uses_the_given_predictions_and_rtol_and_warns_about_singul
         for i in set(range(8)) - set(flagged):
             e = torch.linalg.inv(R[i]) @ sum(K[i, j] @ p[j] for j in range(8))
             assert float(rep.consistency[i]) == pytest.approx(float((p[i] - e).norm()), rel=1e-8)
+
+
+def test_singular_row_warning_names_the_first_20_samples():
+    model, x = mlp2(2)
+    x = torch.cat([x, x, x])[:24].clone()
+    x[1:23, 0] = 0.0  # 22 samples with no gradient: R_i = 0
+
+    def gate(out, inputs):
+        return out * (inputs[0][:, :1] != 0).to(out.dtype)
+
+    with pytest.warns(nnsim.RankDeficiencyWarning) as rec:
+        rep = nnsim.Similarity(model, gate, chunk_size=8, progress=False).denoising(x)
+    assert rep.singular.tolist() == [False] + [True] * 22 + [False]
+    assert str(rec[0].message).endswith(f"unreliable. Samples: {list(range(1, 21))}")
+    assert str(rec[0].message).startswith("22 sample(s) have")
