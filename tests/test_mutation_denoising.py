@@ -511,3 +511,44 @@ def test_singular_row_warning_names_the_first_20_samples():
     assert rep.singular.tolist() == [False] + [True] * 22 + [False]
     assert str(rec[0].message).endswith(f"unreliable. Samples: {list(range(1, 21))}")
     assert str(rec[0].message).startswith("22 sample(s) have")
+
+
+def test_exact_sums_of_a_share_of_the_tiles_and_of_none():
+    """R, Q, Y and sum_j ||K_ij|| over the pairs of a process's tiles (those of row chunk 0 and their mirrors),
+    written out from the autograd kernel; a process without tiles hands an empty dict to the all-reduce."""
+    from nnsim.estimators.denoising import exact_sums
+
+    class FirstRowChunk(Ranks):
+        def tiles(self, n_a, n_b, symmetric):
+            return [s for s in super().tiles(n_a, n_b, symmetric) if s[0] == 0]
+
+    model, x = mlp2(2)
+    x = x[:8].clone()
+    G = jacobian(model, (x,))
+    K = torch.einsum("icp,jep->ijce", G, G)  # [N, N, d, d]
+    with torch.no_grad():
+        y = model(x)
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    sim.similarity(x[:1])
+    src = as_source(x, "data")
+    R, Q, Y, yhat, A = exact_sums(sim._chunker, src, None, FirstRowChunk(None, torch.device("cpu")))
+    for i in range(8):
+        js = range(8) if i < 3 else range(3)
+        torch.testing.assert_close(R[i], sum(K[i, j] for j in js), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(Q[i], sum(K[i, j] @ K[i, j].T for j in js), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(Y[i], sum(K[i, j] @ y[j] for j in js), rtol=1e-10, atol=1e-12)
+        assert float(A[i]) == pytest.approx(sum(float(K[i, j].norm()) for j in js), rel=1e-10)
+    torch.testing.assert_close(yhat[:3], y[:3], rtol=0, atol=0)  # each row's diagonal tile sets its prediction
+    assert not yhat[3:].any()
+    full = exact_sums(sim._chunker, src, None, Ranks(None, torch.device("cpu")))
+
+    class NoTiles(Ranks):
+        def tiles(self, n_a, n_b, symmetric):
+            return []
+
+        def sum(self, sums):  # the all-reduce with a process that swept every tile
+            return {k: w + sums[k] if k in sums else w for k, w in zip(("R", "Q", "Y", "yhat", "A"), full, strict=True)}
+
+    got = exact_sums(sim._chunker, src, None, NoTiles(None, torch.device("cpu")))
+    for g, w in zip(got, full, strict=True):
+        assert torch.equal(g, w)
