@@ -552,3 +552,31 @@ def test_exact_sums_of_a_share_of_the_tiles_and_of_none():
     got = exact_sums(sim._chunker, src, None, NoTiles(None, torch.device("cpu")))
     for g, w in zip(got, full, strict=True):
         assert torch.equal(g, w)
+
+
+def test_exact_sums_of_a_float32_model_accumulate_in_float64_and_show_their_tiles(capsys):
+    from nnsim.estimators.denoising import exact_sums
+
+    model, x = mlp2(2)
+    x = x[:8].clone()
+    K = torch.einsum("icp,jep->ijce", *[jacobian(model, (x,))] * 2)
+    sim = nnsim.Similarity(model.float(), chunk_size=3, progress=False)
+    sim.similarity(x[:1].float())
+    R, Q, Y, yhat, A = exact_sums(sim._chunker, as_source(x.float(), "data"), None,
+                                  Ranks(None, torch.device("cpu"), progress=True))
+    assert (R.dtype, Q.dtype, Y.dtype, A.dtype, yhat.dtype) == (F64, F64, F64, F64, torch.float32)
+    torch.testing.assert_close(R, K.sum(1), rtol=1e-4, atol=1e-5)
+    states = _bar_states(capsys.readouterr().err, "nnsim kernel")
+    assert states and "6/6" in states[-1], states  # 3 row chunks: 6 tiles of the symmetric sweep
+
+
+def test_exact_denoising_names_the_data_when_a_chunk_fails():
+    model, x = mlp2(2)
+
+    def huge(out, inputs):  # overflowing gradients where x_0 > 5
+        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
+
+    xs = x[:8].clone()
+    xs[4, 0] = 10.0
+    with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[4\]"):
+        nnsim.Similarity(model, huge, chunk_size=3, progress=False).denoising(xs)
