@@ -210,7 +210,7 @@ def _realized_oracle(U, ev, y, lam, noise_std=None, iterations=100):
         new = [v * v > 2 * math.log(n) * sig2 for v in u]
         if noise_std is None:
             rest = n - sum(new)
-            sig2 = (sum(v * v for v, s in zip(u, new) if not s) + perp) / rest
+            sig2 = (sum(v * v for v, s in zip(u, new) if not s) + perp) / rest if rest else float("nan")
         if new == signal:
             break
         signal = new
@@ -291,3 +291,14 @@ def test_realized_fit_stops_after_100_iterations_by_default():
     assert n_signal == 100 and sigma == pytest.approx(math.sqrt(s_seq[100]), rel=1e-9)
     sigma, n_signal, _ = lin.realized_fit(spec, y, SimpleNamespace(lam=1.0), iterations=200)
     assert n_signal == L and sigma == pytest.approx(math.sqrt(s_seq[L]), rel=1e-9)
+
+
+def test_realized_fit_of_a_single_entry_has_no_division_by_zero():
+    """N d = 1: the threshold 2 ln 1 is 0, so the one direction is signal and no noise direction is left (sigma
+    NaN), then with sigma NaN it is not; the iteration alternates and stops at its cap, never dividing by 0."""
+    y = torch.tensor([[2.0]], dtype=F64)
+    U = torch.ones(1, 1, dtype=F64)
+    sigma, n_signal, D = lin.realized_fit(lin.Spectrum(torch.ones(1, dtype=F64), U), y, SimpleNamespace(lam=1.0))
+    want_sigma, want_n, want_D = _realized_oracle(U, torch.ones(1), y, 1.0)
+    assert (sigma, n_signal) == (want_sigma, want_n) == (2.0, 0)
+    torch.testing.assert_close(D, want_D, rtol=1e-14, atol=0)
