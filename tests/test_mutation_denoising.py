@@ -580,3 +580,15 @@ def test_exact_denoising_names_the_data_when_a_chunk_fails():
     xs[4, 0] = 10.0
     with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[4\]"):
         nnsim.Similarity(model, huge, chunk_size=3, progress=False).denoising(xs)
+
+
+def test_linearized_landmarks_must_be_a_positive_integer_and_one_is_enough():
+    model, x, K, f, y = _linearized_case()
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    for bad in (2.5, True, 0, "4"):
+        with pytest.raises(InputError) as err:
+            sim.denoising(x, targets=y, method="linearized", approximate=True, landmarks=bad)
+        assert str(err.value) == f"landmarks must be a positive integer, got {bad!r}"
+    with pytest.warns(nnsim.RankDeficiencyWarning, match="smoother of the network's kernel reproduces"):
+        rep = sim.denoising(x, targets=y, method="linearized", approximate=True, landmarks=1, seed=0)  # rank 2
+    assert rep.factor_matrix.shape == (8, 2, 2) and rep.approximate and rep.fit_error > 0.5
