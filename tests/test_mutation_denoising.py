@@ -592,3 +592,45 @@ def test_linearized_landmarks_must_be_a_positive_integer_and_one_is_enough():
     with pytest.warns(nnsim.RankDeficiencyWarning, match="smoother of the network's kernel reproduces"):
         rep = sim.denoising(x, targets=y, method="linearized", approximate=True, landmarks=1, seed=0)  # rank 2
     assert rep.factor_matrix.shape == (8, 2, 2) and rep.approximate and rep.fit_error > 0.5
+
+
+def test_denoising_refuses_what_each_method_does_not_take_with_the_full_message():
+    model, x, K, f, y = _linearized_case()
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    cases = [
+        (dict(targets=y), "targets are used by method='linearized' only; the paper's factor is label-free (pass "
+                          "method='linearized' to estimate sigma from the targets)"),
+        (dict(approximate=True, dim=2.5), "dim must be a positive integer (the projection size of approximate=True), "
+                                          "got 2.5"),
+        (dict(approximate=True, dim=0), "dim must be a positive integer (the projection size of approximate=True), "
+                                        "got 0"),
+        (dict(predictions=f[:, 0]), "predictions must be a [N, d] tensor with N = 8 rows, got (8,)"),
+        (dict(predictions=f[:7]), "predictions must be a [N, d] tensor with N = 8 rows, got (7, 2)"),
+        (dict(predictions=f.tolist()), "predictions must be a [N, d] tensor with N = 8 rows, got list"),
+        (dict(method="linearized"), "method='linearized' needs the noisy training targets: denoising(data, "
+                                    "targets=y, method='linearized'), y [N, d] the labels the network was trained on"),
+        (dict(method="linearized", targets=y[:, :1, None]), "targets must be a [N, d] tensor with N = 8 rows, got "
+                                                            "(8, 1, 1)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError) as err:
+            sim.denoising(x, **kwargs)
+        assert str(err.value) == message, kwargs
+    with pytest.raises(InputError, match="^data: expected a tensor, a tuple of tensors"):
+        sim.denoising("x")
+    # accepted: dim=1 (the paper's sketch), a dim the linearized method does not use
+    rep = sim.denoising(x, approximate=True, dim=1)
+    assert rep.approximate and rep.factor_matrix.shape == (8, 2, 2)
+    rep = sim.denoising(x, targets=y, method="linearized", approximate=True, landmarks=8, dim=0)
+    assert rep.method == "linearized"
+
+
+def test_linearized_targets_of_one_output_may_be_a_vector():
+    model, x = mlp2(1)
+    x = x[:8].clone()
+    with torch.no_grad():
+        y = model(x) + 0.05 * torch.randn(8, 1, dtype=F64, generator=torch.Generator().manual_seed(4))
+    sim = nnsim.Similarity(model, chunk_size=3, progress=False)
+    column = sim.denoising(x, targets=y, method="linearized")
+    vector = sim.denoising(x, targets=y[:, 0], method="linearized")
+    assert torch.equal(column.factor_matrix, vector.factor_matrix) and column.lam == vector.lam
