@@ -544,6 +544,9 @@ def test_exact_sums_of_a_share_of_the_tiles_and_of_none():
     torch.testing.assert_close(yhat[:3], y[:3], rtol=0, atol=0)  # each row's diagonal tile sets its prediction
     assert not yhat[3:].any()
     full = exact_sums(sim._chunker, src, None, Ranks(None, torch.device("cpu")))
+    for i in range(8):  # every tile: the rows of the last chunk are columns of two row chunks' tiles
+        torch.testing.assert_close(full[0][i], sum(K[i, j] for j in range(8)), rtol=1e-10, atol=1e-12)
+        assert float(full[4][i]) == pytest.approx(sum(float(K[i, j].norm()) for j in range(8)), rel=1e-10)
 
     class NoTiles(Ranks):
         def tiles(self, n_a, n_b, symmetric):
@@ -637,3 +640,27 @@ def test_linearized_targets_of_one_output_may_be_a_vector():
     column = sim.denoising(x, targets=y, method="linearized")
     vector = sim.denoising(x, targets=y[:, 0], method="linearized")
     assert torch.equal(column.factor_matrix, vector.factor_matrix) and column.lam == vector.lam
+
+
+def test_sweeps_of_denoising_show_no_progress_bar_unless_asked(capsys):
+    from nnsim.estimators.denoising import exact_sums
+
+    model, x, K, sim = _kernel_setup()
+    src = as_source(x, "data")
+    quiet = Ranks(None, torch.device("cpu"), progress=False)
+    exact_sums(sim._chunker, src, None, quiet)
+    kernel_matrix(sim._chunker, src, src, quiet)
+    assert "nnsim" not in capsys.readouterr().err
+
+
+def test_paper_predictions_check_names_the_first_sample_when_it_fails():
+    model, x = mlp2(2)
+
+    def huge(out, inputs):  # overflowing gradients where x_0 > 5
+        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
+
+    xs = x[:8].clone()
+    xs[0, 0] = 10.0
+    sim = nnsim.Similarity(model, huge, chunk_size=3, progress=False)  # d unknown: measured on the first sample
+    with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[0\]"):
+        sim.denoising(xs, torch.zeros(8, 2, dtype=F64))
