@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 
 import pytest
@@ -20,6 +21,7 @@ from torch import nn
 
 import nnsim
 import nnsim.engine.chunks as chunks_mod
+from nnsim.backends import plan_cache
 from nnsim.distributed import Ranks
 from nnsim.engine import ALL, Form, Quantity, RankReport, Request, sweep
 from nnsim.errors import InputError, ModelError, RankDeficiencyWarning, ResultTooLargeError
@@ -661,3 +663,382 @@ def test_linear_density_of_a_later_share_counts_its_chunks(data, capsys):
     err = capsys.readouterr().err
     for desc in ("nnsim density: sum", "nnsim density: score"):
         assert any("1/1" in b for b in _bars(err, desc)), err
+
+
+# ------------------------------------------------------------------------------------------ second pass (issue 15)
+# Written against the survivors of the complete run of the engine group; the oracles are written out here (brute
+# force, torch.linalg) or are counts of what the engine computes (chunks prepared, samples read, chunk sizes).
+
+
+def _counting(ch):
+    """Count the chunks ``ch`` prepares (a wrapper on the instance: every path goes through ``prepare``)."""
+    calls = []
+    inner = ch.prepare
+
+    def prepare(batch, start, name, request):
+        calls.append((start, batch[0].shape[0]))
+        return inner(batch, start, name, request)
+
+    ch.prepare = prepare
+    return calls
+
+
+def test_each_form_keeps_the_representation_the_cost_model_prefers_for_it():
+    from nnsim._model import analysis_mode
+    from nnsim.factors import Dense, compact
+
+    torch.manual_seed(7)  # the second layer is cheaper as an explicit gradient for full tiles, not for traces
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(4, 2, dtype=F64)
+    ch = nnsim.Similarity(model, chunk_size=4, progress=False)._chunker
+    with analysis_mode(ch.model, ch.params):
+        computed = compact(ch.factor_fn((x,), 0)[0])  # the factors as the rules made them
+    as_made = [type(f) for f in computed]
+    expected = {Form.RAW: as_made}
+    for form in (Form.FULL, Form.TRACE):
+        expected[form] = [Dense if f.prefers_dense(form.value) else type(f) for f in computed]
+    assert expected[Form.RAW] != expected[Form.FULL] != expected[Form.TRACE]  # the three choices differ here
+    for quantity in (Quantity.KERNEL, Quantity.SIMILARITY):
+        for form in Form:
+            c = next(ch.chunks(as_source(x, "x"), "x", Request(quantity, form)))
+            assert [type(f) for f in c.groups[ALL]] == expected[form], (quantity, form)
+
+
+def test_rank_guard_arguments_reach_the_normalisation_and_the_influence(data):
+    model, x, xb, bf, bb = data
+    Kaa = bf.K.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # [N, d, d]
+    lam = torch.linalg.eigvalsh(Kaa)
+    ratios = sorted(float(r) for i, r in enumerate(lam[:, 0] / lam[:, -1]) if i != 4)
+    rtol = math.sqrt(ratios[3] * ratios[4])  # between two samples' ratios: some are rank 3, some not
+    low = [i for i in range(8) if i != 4 and int((lam[i] > rtol * lam[i, -1]).sum()) < 3]
+    assert 0 < len(low) < 7
+    sim = sim_of(model, rtol=rtol)
+    deficient = (f"{len(low)} sample(s) of xa have a rank-deficient K(x, x): normalised on its range "
+                 f"(self-similarity rank/d < 1). Samples: {low}")
+    for call in (lambda: sim.similarity(x), lambda: sim.influence(x, xb)):
+        with pytest.warns(RankDeficiencyWarning) as rec:
+            call()
+        assert deficient in [str(r.message) for r in rec]
+    with pytest.warns(RankDeficiencyWarning):
+        inf = sim.influence(x, xb)
+    Kab = torch.einsum("icp,jep->ijce", bf.G, bb.G)
+    expected = Kab.transpose(-1, -2) @ torch.linalg.pinv(Kaa, rtol=rtol, hermitian=True)[:, None]
+    expected[4] = float("nan")
+    close(inf, expected, 1e-8)
+    # singular="ridge": (K + 1e-6 I)^-1, every sample full rank (the zero gradient too: its rows are zeros)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inf = sim_of(model, singular="ridge").influence(x, xb)
+    close(inf, Kab.transpose(-1, -2) @ torch.linalg.inv(Kaa + 1e-6 * torch.eye(3, dtype=F64))[:, None], 1e-8)
+    with pytest.raises(ValueError, match=r"rank-deficient for batch entries \[1\]"):  # sample 4: 2nd of its chunk
+        sim_of(model, singular="raise").influence(x)
+
+
+def test_non_finite_gradients_name_at_most_20_samples_and_the_probe_names_its_own(data):
+    model, x, _, _, _ = data
+
+    def huge(out, inputs):
+        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
+
+    xs = torch.randn(25, 4, dtype=F64)
+    xs[:, 0] = 10.0
+    with pytest.raises(ModelError, match=re.escape(f"at samples {list(range(20))}; rescale")):
+        nnsim.Similarity(model, huge, chunk_size=25, progress=False).similarity(xs)
+    xs = x.clone()
+    xs[0, 0] = 10.0  # in the probe that measures the chunk size (samples 0 and 1)
+    with pytest.raises(ModelError, match=r"^xa: the output gradients are not finite \(overflow or NaN\) at samples "
+                                         r"\[0\];"):
+        nnsim.Similarity(model, huge, progress=False).similarity(xs)
+
+
+class _Keyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, scale):
+        return self.lin(x) * scale
+
+
+def test_keyword_inputs_are_passed_by_name_whatever_their_order():
+    torch.manual_seed(5)
+    kw = _Keyword().double()
+    x, s = torch.randn(5, 3, dtype=F64), torch.rand(5, 1, dtype=F64) + 0.5
+    G = torch.stack([jacobian(kw.lin, (x[i : i + 1],))[0] * s[i] for i in range(5)])
+    inputs = {"scale": s, "x": x}  # not the order of forward(x, scale)
+    for chunk in (None, 2):  # the probe of a measured chunk size, and the chunks themselves
+        K = nnsim.Similarity(kw, chunk_size=chunk, progress=False).kernel(inputs)
+        close(K, torch.einsum("icp,jep->ijce", G, G))
+    with torch.no_grad():
+        y = kw(x, s)
+    # forward on a fresh Chunker (the linearized denoising's predictions): it used to call model(*batch) (a bug)
+    close(nnsim.Similarity(kw, chunk_size=2, progress=False)._chunker.forward(as_source(inputs, "data")), y)
+    rep = nnsim.Similarity(kw, progress=False).denoising(inputs, method="linearized", targets=y + 0.1)
+    assert rep.fit_error is not None
+
+
+def test_measured_chunk_size_floors_the_bytes_per_sample(data, monkeypatch):
+    model, x, _, _, _ = data
+    src, req = as_source(x, "x"), Request(Quantity.SIMILARITY, Form.RAW)
+    monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", 200)
+    for probe_bytes, expected in [(0, 200), (21, 20)]:
+        # probe of 2 samples: 0 bytes -> at least 1 byte per sample (no division by zero); 21 -> 10 whole bytes
+        monkeypatch.setattr(chunks_mod.Chunk, "nbytes", lambda self, b=probe_bytes: b)
+        plan_cache.SIZES.clear()  # measured, not the sizing a Similarity before kept for the model
+        ch = sim_of(model)._chunker
+        ch.chunk_size = None
+        assert ch.chunk_size_for(src, "x", req) == expected, probe_bytes
+
+
+def test_chunks_of_a_measured_size_name_their_argument(data):
+    model, x, _, _, _ = data
+    ch = nnsim.Similarity(model, alive, progress=False)._chunker
+    with pytest.raises(InputError, match="^data: input 0 has dtype"):
+        list(ch.chunks(as_source(x.float(), "data"), "data", Request(Quantity.KERNEL, Form.FULL)))
+
+
+class _Counted(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x, self.reads = x, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i]
+
+
+def test_an_empty_range_of_chunks_reads_no_sample(data):
+    model, x, _, _, _ = data
+    ch = sim_of(model)._chunker
+    ds = _Counted(x)
+    src = as_source(torch.utils.data.DataLoader(ds, batch_size=3), "x")
+    req = Request(Quantity.KERNEL, Form.RAW)
+    assert [c.start for c in ch.chunks(src, "x", req, 3, 3, 6)] == [3]
+    ds.reads = 0
+    assert list(ch.chunks(src, "x", req, 3, 6, 6)) == [] and ds.reads == 0
+
+
+def test_cached_chunks_budget_is_inclusive_and_counts_every_chunk(data, monkeypatch):
+    model, x, _, _, _ = data
+    sim = sim_of(model)
+    ch = sim._chunker
+    req = Request(Quantity.KERNEL, Form.RAW)
+    per = _factor_bytes(sim, x[:3]) // 3
+    six, four, seven = (as_source(x[:n].clone(), "x") for n in (6, 4, 7))
+    for src, budget, kept in [
+        (six, 6 * per, True),  # exactly the bytes of the two chunks of 3
+        (six, 6 * per - 1, False),  # the sum of both chunks is over (each chunk alone fits)
+        (four, 4 * per, False),  # chunks of 3 + 1: judged from the first, 2 x 3 > 1.1 x 4
+    ]:
+        ch.cache_bytes = budget
+        assert (ch.cached(src, "x", req, 3) is not None) == kept, (len(src), budget)
+    ch.cache_bytes = 3 * per  # the first chunk only: one chunk of the range [0, 3), not of the whole source
+    assert [c.start for c in ch.cached(seven, "x", req, 3, 0, 3)] == [0]
+    ch.cache_bytes = 2**30
+    assert [c.size for c in ch.cached(seven, "x", req, 2)] == [2, 2, 2, 1]  # the size asked, not chunk_size
+    # The first chunk's bytes times the chunks exactly equal to 1.1 x the budget: kept (33 bytes per sample).
+    monkeypatch.setattr(chunks_mod.Chunk, "nbytes", lambda self: 33 * self.size)
+    assert 3 * 99 == 1.1 * 270
+    ch.cache_bytes = 270
+    assert [c.start for c in ch.cached(seven, "x", req, 3)] == [0, 3, 6]
+
+
+def test_reader_recomputes_only_without_a_cache_and_keeps_its_range(data):
+    model, x, _, _, _ = data
+    ch = sim_of(model)._chunker  # chunk_size 3
+    req = Request(Quantity.KERNEL, Form.RAW)
+    src = as_source(x[:7].clone(), "x")
+    calls = _counting(ch)
+    ch.cache_bytes = 2**30
+    read = ch.reader(src, "x", req, 3)  # from sample 0 by default
+    assert [c.start for c in read()] == [0, 3, 6] and [c.start for c in read()] == [0, 3, 6]
+    assert len(calls) == 3  # prepared once, read twice from memory
+    ch.cache_bytes = 0  # recomputed at each read: the size and the range asked, the argument named
+    assert [c.size for c in ch.reader(src, "x", req, 2)()] == [2, 2, 2, 1]
+    assert [c.start for c in ch.reader(src, "x", req, 3, 0, 6)()] == [0, 3]
+    calls.clear()
+    read = ch.reader(src, "x", req, 3)
+    assert [c.start for c in read()] == [0, 3, 6] and [c.start for c in read()] == [0, 3, 6]
+    assert len(calls) == 1 + 6  # the cache's first try, then every chunk at every read
+    bad = x[:7].clone()
+    bad[4, 1] = float("nan")
+    read = ch.reader(as_source(bad, "x"), "data", req, 3)  # the cache gives up after the first chunk
+    with pytest.raises(InputError, match=r"^data: input 0 contains NaN or Inf at samples \[4\]"):
+        list(read())
+
+
+def _tile_bar(err, desc):
+    bars = _bars(err, desc)
+    return bars[-1] if bars else None
+
+
+def test_sweep_progress_bar_counts_the_tiles_of_the_plan(data, capsys):
+    model, x, _, _, _ = data
+    ch = sim_of(model)._chunker
+    req = Request(Quantity.SIMILARITY, Form.TRACE)
+    rows, cols = as_source(x[:3].clone(), "xa"), as_source(x.clone(), "xb")  # 1 row chunk, 3 column chunks
+    tiles = list(sweep(ch, rows, cols, req, RankReport("similarity"), symmetric=False,
+                       plan=lambda na, nb, sym: [(0, 1, 3)]))  # progress shown by default
+    assert [(ca.start, cb.start) for ca, cb, _ in tiles] == [(0, 3), (0, 6)]
+    bar = _tile_bar(capsys.readouterr().err, "nnsim similarity")
+    assert bar is not None and re.search(r"\| 2/2 \[.*([\d?]tile/s|s/tile)\]$", bar), bar
+    list(sweep(ch, rows, cols, req, RankReport("similarity"), symmetric=False, plan=lambda na, nb, sym: [(0, 1, 2)]))
+    assert _tile_bar(capsys.readouterr().err, "nnsim similarity") is None  # one tile: no bar
+
+
+def test_sweep_names_each_argument_in_its_errors(data):
+    model, x, xb, _, _ = data
+    req = Request(Quantity.SIMILARITY, Form.TRACE)
+    good, bad = as_source(x.clone(), "q"), x.clone()
+    bad[4, 1] = float("nan")  # the second chunk
+    names = ("queries", "data")
+
+    def run(ch, a, b, **kw):
+        list(sweep(ch, a, b, req, RankReport("s"), names, symmetric=False, progress=False, **kw))
+
+    measured = nnsim.Similarity(model, alive, progress=False)._chunker  # the size probed on the first argument
+    with pytest.raises(InputError, match="^queries: input 0 has dtype"):
+        run(measured, as_source(x.float(), "q"), good)
+    for budget in (2**30, 0):  # the columns cached, or recomputed for every row chunk
+        ch = sim_of(model)._chunker
+        ch.cache_bytes = budget
+        with pytest.raises(InputError, match=r"^data: input 0 contains NaN or Inf at samples \[4\]"):
+            run(ch, good, as_source(bad, "d"))
+        with pytest.raises(InputError, match=r"^queries: input 0 contains NaN or Inf at samples \[4\]"):
+            run(ch, as_source(bad, "q"), good)
+
+
+def test_sweep_prepares_each_chunk_once_when_the_columns_fit(data):
+    model, x, xb, _, _ = data
+    req = Request(Quantity.KERNEL, Form.TRACE)
+    a, b = as_source(x[:6].clone(), "xa"), as_source(x.clone(), "xb")  # 2 row chunks, 3 column chunks
+    ch = sim_of(model)._chunker
+    calls = _counting(ch)
+
+    def run(src_a, src_b, symmetric, plan=None):
+        calls.clear()
+        seen = [(ca.start, cb.start) for ca, cb, _ in sweep(ch, src_a, src_b, req, RankReport("k"), symmetric=symmetric,
+                                                             plan=plan, progress=False)]
+        return seen, sorted(calls)
+
+    seen, prepared = run(a, b, False)
+    assert seen == [(i, j) for i in (0, 3) for j in (0, 3, 6)]
+    assert prepared == sorted([(0, 3), (3, 3), (0, 3), (3, 3), (6, 2)])  # 2 row chunks + 3 cached columns
+    seen, prepared = run(b, b, True)  # the default symmetric plan: the upper triangle, rows read from the cache
+    assert seen == [(0, 0), (0, 3), (0, 6), (3, 3), (3, 6), (6, 6)]
+    assert prepared == [(0, 3), (3, 3), (6, 2)]
+    seen, prepared = run(a, b, False, lambda na, nb, sym: [(0, 0, 1), (1, 0, 1)])  # only column chunk 0 cached
+    assert seen == [(0, 0), (3, 0)] and prepared == [(0, 3), (0, 3), (3, 3)]
+    with pytest.raises(ValueError):  # two segments of one row chunk: refused, not silently cut short
+        run(a, b, False, lambda na, nb, sym: [(0, 0, 1), (0, 1, 2)])
+
+
+def test_sweep_columns_are_chunks_of_the_rows_size(monkeypatch):
+    class Tokens(nn.Module):  # factor bytes grow with the number of tokens
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(50, 4), nn.Linear(4, 2)
+
+        def forward(self, t):
+            return self.head(self.emb(t).mean(1))
+
+    torch.manual_seed(8)
+    model = Tokens().double()
+    short, long = torch.randint(0, 50, (30, 2)), torch.randint(0, 50, (10, 8))
+    ch = nnsim.Similarity(model, progress=False)._chunker
+    req = Request(Quantity.KERNEL, Form.TRACE)
+    monkeypatch.setattr(chunks_mod, "MIN_CHUNK", 1)
+    monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", ch.prepare((long[:2],), 0, "xb", req).nbytes())  # 2 long ones
+    size = ch.chunk_size_for(as_source(short, "xa"), "xa", req)
+    assert ch.chunk_size_for(as_source(long, "xb"), "xb", req) == 2 < size < 30
+    ch.cache_bytes = 0  # columns recomputed
+    seen = [(ca.start, cb.start, cb.size) for ca, cb, _ in sweep(ch, as_source(short, "xa"), as_source(long, "xb"),
+                                                                 req, RankReport("k"), symmetric=False, progress=False)]
+    cols = [(s, min(size, 10 - s)) for s in range(0, 10, size)]
+    assert seen == [(r, s, n) for r in range(0, 30, size) for s, n in cols]
+
+
+def test_refused_results_give_the_sizes_in_gib_and_the_fixes(data):
+    model, _, _, _, _ = data
+    x = torch.randn(3000, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    sim = sim_of(model, max_result_bytes=2**29)
+    sim._chunker.cache_bytes = 0  # refused at the first tile: nothing else prepared
+    with pytest.raises(ResultTooLargeError) as e:
+        sim.kernel(x)
+    need = 3000 * 3000 * 9 * 8
+    assert str(e.value) == (f"the result would take {need / 2**30:.2f} GiB (N=3000, M=3000, d=3, 1 group(s)) > "
+                            "max_result_bytes = 0.50 GiB; use reduce='trace' for an [N, M] summary, split the "
+                            "inputs, or raise max_result_bytes")
+    assert f"{need / 2**30:.2f}" == "0.60"
+
+
+def test_dense_results_are_on_the_models_device_whatever_the_default(data):
+    model, x, xb, bf, bb = data
+    sim = sim_of(model)
+    sim.kernel(x[:2])  # the backend's plan is made on the first call (it reads a weight's values)
+    with torch.device("meta"):  # a default device other than the model's: results stay with the model
+        K = sim.kernel(x, xb)
+    assert K.device == torch.device("cpu")
+    close(K, torch.einsum("icp,jep->ijce", bf.G, bb.G))
+
+
+def test_the_fisher_metric_of_two_classes_against_the_written_out_metric():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=F64)
+    G = jacobian(model, (x,))
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=1)
+    # two classes: F = p0 p1 [[1, -1], [-1, 1]], of rank 1; its square root is F / sqrt(tr F)
+    F = torch.stack([torch.outer(torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([1.0, -1.0], dtype=F64))
+                     * p[i, 0] * p[i, 1] for i in range(5)])
+    Gm = F / F.diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()[:, None, None] @ G
+    sim = nnsim.Similarity(model, metric="fisher", chunk_size=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rank 1 = d - 1: full rank for the Fisher metric
+        close(sim.kernel(x), torch.einsum("icp,jep->ijce", Gm, Gm), 1e-8)
+        close(sim.similarity(x).diagonal(), torch.ones(5, dtype=F64))
+    with pytest.raises(InputError, match="^metric='fisher' needs logits with at least 2 classes as the output$"):
+        nnsim.Similarity(nn.Linear(3, 1).double(), metric="fisher", progress=False).similarity(x)
+
+
+def test_a_metric_tensor_of_another_dtype_is_cast_to_the_models(data):
+    model, x, xb, bf, bb = data
+    M = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.25]])  # float32, exact values
+    L, V = torch.linalg.eigh(M.double())
+    half = V @ torch.diag(L.sqrt()) @ V.T
+    K = sim_of(model, metric=M).kernel(x, xb)
+    assert K.dtype == F64
+    close(K, half @ torch.einsum("icp,jep->ijce", bf.G, bb.G) @ half)
+
+
+def test_non_finite_outputs_of_a_later_chunk_name_the_sample(data):
+    model, x, _, _, _ = data
+
+    def inf_out(out, inputs):
+        return out + torch.where(inputs[0][:, :1] > 5, float("inf"), 0.0)
+
+    xs = x.clone()
+    xs[4, 0] = 10.0  # the second chunk: its index in the data, not in its chunk
+    with pytest.raises(ModelError, match=r"^the model output contains NaN or Inf at samples \[4\]$"):
+        nnsim.Similarity(model, inf_out, chunk_size=3, progress=False).similarity(xs)
+
+
+def test_first_failures_say_what_failed_in_full(data):
+    model, x, _, _, _ = data
+    with pytest.raises(InputError, match=r"^xa: the model failed on inputs of shape \[3, 5\] \(torch.float64\): "
+                                         r"RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
+        sim_of(model).similarity(torch.randn(8, 5, dtype=F64))
+    with pytest.raises(InputError, match=r"the inputs are integers but the model's parameters are torch.float64: "
+                                         r"convert them, e.g. x.to\(torch.float64\)"):
+        sim_of(model).similarity(torch.randint(0, 5, (8, 4)))
+    sim = sim_of(model)
+
+    def broken(batch, start):
+        raise RuntimeError("y" * 400)
+
+    sim._chunker.factor_fn = broken
+    with pytest.raises(ModelError, match=f"inputs: RuntimeError: {'y' * 300}; try backend="):
+        sim.similarity(x)

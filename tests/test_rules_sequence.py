@@ -7,6 +7,9 @@ itself was used: no parameter sent to the fallback or to torch.func.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,9 @@ from nnsim.backends.rules import Call
 from nnsim.backends.rules.attention import multihead_attention
 from nnsim.backends.rules.recurrent import recurrent
 from nnsim.errors import ModelError
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from zoo_models import RNNClassifier  # noqa: E402  (the benchmark zoo's LSTM / GRU classifier)
 
 torch.set_num_threads(1)
 
@@ -115,18 +121,9 @@ def test_recurrent_rule_random_shapes(T, hidden, layers, bidirectional, gru, pro
     check_exact(model, (x,), {"rnn": "recurrent"}, output=out)
 
 
-class TextClassifier(nn.Module):
-    """Embedding -> (LSTM | GRU) -> Linear head on the last output."""
-
-    def __init__(self, cell: type, vocab: int = 13, dim: int = 6, hidden: int = 8, classes: int = 3) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.rnn = cell(dim, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        out, _ = self.rnn(self.emb(tokens))
-        return self.head(out[:, -1])
+def text_classifier(cell: type) -> nn.Module:
+    """The zoo's Embedding -> (LSTM | GRU) -> Linear head on the last output, at test sizes."""
+    return RNNClassifier(cell, vocab=13, dim=6, hidden=8, classes=3)
 
 
 def _oracle_similarity(model: nn.Module, x: Tensor) -> Tensor:
@@ -140,7 +137,7 @@ def _oracle_similarity(model: nn.Module, x: Tensor) -> Tensor:
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
 def test_text_classifier_against_bruteforce_oracle(cell):
     torch.manual_seed(1)
-    model = TextClassifier(cell).double()
+    model = text_classifier(cell).double()
     x = torch.randint(0, 13, (5, 6))
     G = jacobian(model, (x,))
     sim = nnsim.Similarity(model, progress=False)
@@ -402,7 +399,7 @@ def test_short_wide_sequences_keep_position_factors(kind):
     torch.testing.assert_close(sim.similarity(x), _oracle_similarity(model, x), atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("model_fn", [lambda: TextClassifier(nn.LSTM), lambda: TextClassifier(nn.GRU),
+@pytest.mark.parametrize("model_fn", [lambda: text_classifier(nn.LSTM), lambda: text_classifier(nn.GRU),
                                       lambda: Attention(2, mask="padding", batch_first=True,
                                                         add_bias_kv=True)], ids=["LSTM", "GRU", "attention"])
 def test_similarity_loss_double_backward_through_the_rules(model_fn):

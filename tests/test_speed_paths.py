@@ -48,6 +48,55 @@ def test_a_new_similarity_on_the_same_model_reuses_the_verified_plan_and_stays_e
     assert second < first, (first, second)
 
 
+def test_a_new_similarity_checks_the_kept_plan_on_its_first_chunk_without_a_probe_pass():
+    """The factor bytes per sample are kept per model with the plan: a new Similarity runs no chunk-size probe;
+    the kept plan is checked on the first real chunk (two samples run on their own by autograd)."""
+
+    model = _mlp()
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))  # (a hook is in the key)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).similarity(x)
+    first = nnsim.Similarity(model, progress=False)
+    assert rel_err(first.similarity(x), ref) <= 1e-10
+    sizes.clear()
+    sim = nnsim.Similarity(model, progress=False)
+    assert rel_err(sim.similarity(x), ref) <= 1e-10
+    assert sorted(sizes) == [1, 1, 10], sizes  # the chunk's pass and the check's two single-sample calls
+    kept = sim.chunk_size_for(x)
+    plan_cache.SIZES.clear()  # measured afresh by a probe pass: the same chunk size
+    assert nnsim.Similarity(model, progress=False).chunk_size_for(x) == kept == first.chunk_size_for(x)
+
+
+def test_a_kept_plan_that_went_wrong_is_caught_on_the_first_chunk_without_a_probe(monkeypatch):
+    """With the chunk size kept (no probe pass), a kept plan whose rule has become wrong is still refused before
+    any number is returned, and the result is exact."""
+    from nnsim.backends.structured import Structured
+
+    outcomes: list[bool] = []
+    real = Structured._reused
+    monkeypatch.setattr(Structured, "_reused", lambda self, *a: outcomes.append(r := real(self, *a)) or r)
+    torch.manual_seed(4)
+    model = nn.Sequential(Switchable(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    nnsim.Similarity(model, progress=False).similarity(x)
+    nnsim.Similarity(model, progress=False).similarity(x)  # kept plan and kept chunk size
+    assert [o is None for o in outcomes] == [False]
+    model[0].mode["squared"] = True
+    ref = nnsim.Similarity(model, backend="loop", progress=False).similarity(x)
+    sim = nnsim.Similarity(model, progress=False)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        K = sim.similarity(x)
+    assert rel_err(K, ref) <= 1e-10
+    assert [o is None for o in outcomes] == [False, True]
+    assert outcomes and sim.describe()["0"] == "fallback"
+    # The sizing measured under the failed plan is forgotten with it: the next Similarity measures its own.
+    assert model not in plan_cache.SIZES
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):  # the kept plan's note
+        nnsim.Similarity(model, progress=False).similarity(x)
+    assert model in plan_cache.SIZES
+
+
 def test_a_changed_model_gets_a_new_plan():
     model = _mlp()
     x = torch.randn(8, 4, dtype=torch.float64)
@@ -254,3 +303,58 @@ def test_the_signals_of_d_outputs_in_one_batched_backward_or_d_passes_agree_with
     assert rel_err(sim.kernel(x), ref) <= 1e-10
     assert sim.describe() == {"a" if not batched else "0": "linear", "b" if not batched else "2": "linear"}
     assert seen and all((r is not None) == batched for r in seen)
+
+
+class _InPlaceBlock(nn.Module):
+    """Outputs of hooked modules modified in place afterwards (by the parent and by an in-place ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.head = nn.Sequential(nn.Linear(27, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.conv(x))
+        h.mul_(0.5)
+        h += x
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_module_outputs_are_their_own_signal_leaves_unless_modified_in_place_later(in_place):
+    """Without a zero-leaf tap the signal is d y / d output of the tensor itself; an output modified in place
+    after its module (seen by its version counter) makes the plan tap every output instead. Exact either way,
+    every module on its rule (a wrong signal would have sent them to the whole-model fallback)."""
+    from oracles import jacobian, kernel
+
+    torch.manual_seed(5)
+    if in_place:
+        model = _InPlaceBlock().double().eval()
+        x = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3))
+        model = model.double().eval()
+        x = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    for out in (None, lambda o, i: o[:, :1]):
+        G = jacobian(model, (x,), output=out)
+        for _ in range(2):  # planned, then the kept plan
+            sim = nnsim.Similarity(model, output=out, progress=False)
+            assert rel_err(sim.kernel(x), kernel(G, G)) <= 1e-10
+            assert all(how in ("conv", "norm", "linear") for how in sim.describe().values()), sim.describe()
+            assert sim._factor_fn.__self__.plan.tapped is in_place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e25])
+def test_the_checks_norms_are_the_float64_norms_at_any_scale(dtype, scale):
+    """The verification's norms (one fused call) against the norms written out in float64: tiny gradients must not
+    underflow to 0 (that would let a wrong rule pass), huge ones must not overflow."""
+    from nnsim.backends.structured import _norms
+
+    torch.manual_seed(7)
+    tensors = [torch.randn(*shape, dtype=dtype) * scale for shape in [(3, 4), (5,), (2, 2, 2), (1,)]]
+    tensors.append(torch.zeros(3, dtype=dtype))
+    expected = [float(torch.sqrt((t.double() ** 2).sum())) for t in tensors]
+    got = _norms(tensors)
+    assert all(abs(g - e) <= 1e-6 * e for g, e in zip(got, expected, strict=True)), (got, expected)
+    assert got[-1] == 0.0 and min(got[:-1]) > 0

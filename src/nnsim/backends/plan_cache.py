@@ -26,6 +26,9 @@ from .base import Problem
 from .rules import MATCHERS, RULES
 
 _STORE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+# Measured chunk sizing (factor bytes per sample, d) per model, kept by the engine (engine/chunks.py) next to the
+# plans whose factors it measured: forgotten with a plan that failed its check, whose successor may differ.
+SIZES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, int | None]]] = weakref.WeakKeyDictionary()
 _MAX_PER_MODEL = 16  # plans per model (input signatures x output specs); the oldest is dropped beyond it
 _SIMPLE = (bool, int, float, str, type(None))
 
@@ -67,9 +70,9 @@ def store(model: nn.Module, k: tuple | None, plan: Any) -> None:
 
 
 def drop(model: nn.Module, k: tuple | None) -> None:
-    """Forget the plan under ``k`` (it failed its check on a new batch)."""
-    if k is not None and model in _STORE:
-        _STORE[model].pop(k, None)
+    """Forget the plan under ``k`` (it failed its check on a new batch), and the chunk sizing measured under it."""
+    if k is not None and model in _STORE and _STORE[model].pop(k, None) is not None:
+        SIZES.pop(model, None)
 
 
 def _rebind(plan: Any, to: Any) -> Any:

@@ -46,6 +46,9 @@ from .rules.fallback import fallback, fallback_loop
 from .rules.free import FreeUses, classify, free_params
 
 _PROBE = 3  # samples of the verification probe; batch axes are told apart with a second probe of 2
+# First samples of the first batch on which a kept plan is checked again (each run on its own by autograd): two,
+# so that a rule that swaps or shares samples' gradients, or a model that mixes the samples, still disagrees.
+_REUSE_PROBE = 2
 _CHECK_DIRECTIONS = 4  # random output directions checked when d is larger than this
 # Relative tolerance of a rule against autograd. The rule and autograd sum the same products in different orders:
 # the float64 tolerance is far above that rounding and the float32 one leaves room for it, while a wrong rule is
@@ -90,6 +93,7 @@ class Plan:
     residual: list[str] = field(default_factory=list)
     residual_loop: bool = False  # torch.func cannot run the model: per-sample autograd for the residual
     expand: bool = True  # expand batch-shared module outputs (leading size 1) to the batch
+    tapped: bool = False  # every module output gets a zero-leaf tap (set once an output is seen modified in place)
     # module -> per call: (number of flattened argument leaves, positions carrying the batch on axis 0)
     batched: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = field(default_factory=dict)
     free_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] = field(default_factory=dict)
@@ -423,6 +427,7 @@ class Structured:
                      ) -> tuple[list[Factor], Tensor]:
         B = batch[0].shape[0]
         calls: dict[nn.Module, list[Call]] = {m: [] for m in active}
+        untapped: list[tuple[Tensor, int]] = []  # outputs that are their own signal's leaf, with their version
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             # Detached unless graph: the rules need values only, and the factors must not keep the graph alive.
@@ -434,12 +439,20 @@ class Structured:
             call.batch_size = B
             call.batched, call.out_batched = plan.batched_for(mod, len(calls[mod]), len(flat))
             shared = plan.expand and B > 1 and not _has_batched(flat, call.batched, B)
+            # One output tensor computed here: autograd returns d y / d output for the tensor itself (no tap:
+            # a zero leaf added to every output cost 20 % of a small ResNet's forward and backward), unless a
+            # later operation modifies it in place, which its version counter tells after the forward.
+            alone = not graph and not plan.tapped and type(out) is Tensor
 
             def tap(t: object) -> object:
-                # Adding a zero leaf lets autograd return d y / d output even if later ops are in place.
                 if isinstance(t, Tensor) and t.is_floating_point():
                     if shared:
                         t = _expand(t, B)
+                    if alone and t.grad_fn is not None and all(t is not a for a in flat):
+                        untapped.append((t, t._version))
+                        call.leaves.append(t)
+                        return t
+                    # Adding a zero leaf lets autograd return d y / d output even if later ops are in place.
                     z = torch.zeros_like(t, requires_grad=True)
                     call.leaves.append(z)
                     return t + z
@@ -454,6 +467,10 @@ class Structured:
         with _hooks(plan, hook, active), mode or contextlib.nullcontext():
             raw = self.problem.call(batch)
         y = checked_output(self.problem, raw, batch, start)
+        if any(t._version != v for t, v in untapped):  # modified in place after its module: tap every output
+            plan.tapped = True
+            del raw, y, calls, untapped
+            return self._hooked_pass(plan, active, batch, start, graph, errors, residual_set)
         if mode is not None:  # the free-parameter operations' taps get their signals like module outputs
             for m, uses in mode.ops.items():
                 calls.setdefault(_OpKey(m), []).extend(u.call for u in uses)
@@ -555,7 +572,7 @@ class Structured:
             factors, y = self._pass(plan, batch, start, self.graph, errors=errors)
             if errors:
                 return None
-            k = min(batch[0].shape[0], _PROBE)
+            k = min(batch[0].shape[0], _REUSE_PROBE)
             idx = torch.arange(k, device=y.device)
             bad = self._disagreements([f.select(idx) for f in factors], y.dtype, tuple(t[:k] for t in batch))
         except Exception:  # noqa: BLE001  (whatever went wrong, a fresh plan decides as it would without the cache)
@@ -601,9 +618,18 @@ def _batched_signals(y: Tensor, leaves: list[Tensor]) -> list[Tensor] | None:
 
 
 def _norms(tensors: list[Tensor]) -> list[float]:
-    """The 2-norm of each tensor (in float64), in a few vectorised operations instead of one per tensor."""
+    """The 2-norm of each tensor (accumulated in float64), in a few vectorised operations instead of one per
+    tensor: one ``_foreach_norm(..., dtype=float64)`` (float32 accumulation would underflow: norms of 1e-25-sized
+    gradients read 0) where the tensors share a dtype and device and torch has it, else a concatenation."""
     if not tensors:
         return []
+    foreach = getattr(torch, "_foreach_norm", None)
+    if foreach is not None and all(t.dtype == tensors[0].dtype and t.device == tensors[0].device for t in tensors):
+        try:
+            with torch.no_grad():
+                return torch.stack(foreach(tensors, 2, dtype=torch.float64)).tolist()
+        except (TypeError, RuntimeError):  # older torch (no dtype argument) or an unsupported dtype
+            pass
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
     sizes = torch.tensor([t.numel() for t in tensors], device=flat.device)
     seg = torch.repeat_interleave(torch.arange(len(tensors), device=flat.device), sizes)

@@ -4,6 +4,7 @@ what the request needs of it (the inverse square root is folded into the factors
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import algebra
 from .._model import analysis_mode, input_failure
+from ..backends import plan_cache
 from ..backends.base import Problem, checked_output
 from ..errors import InputError, ModelError
 from ..factors import Factor, compact, prepare, self_gram
@@ -23,6 +25,7 @@ TILE_BYTES = 2**28  # budget of one result tile, counted in float32 entries (4 b
 MIN_CHUNK, MAX_CHUNK = 8, 256  # samples per chunk when measured
 PROBE_SAMPLES = 2  # factor bytes grow linearly with the batch: a batch of 2 measures the bytes per sample
 FORWARD_CHUNK = 1024  # samples per forward-only pass
+_MAX_KEPT = 64  # measured sizings kept per model object (in plan_cache.SIZES, under ``_shared_key``)
 
 
 @dataclass
@@ -65,7 +68,8 @@ class Chunker:
         first = next(iter(params.values()))
         self.device, self.dtype = first.device, first.dtype
         self.d: int | None = None
-        self._per_sample_bytes: dict[tuple, int] = {}  # measured factor bytes per sample, by request and shapes
+        # measured (factor bytes per sample, d), by request and shapes
+        self._per_sample_bytes: dict[tuple, tuple[int, int | None]] = {}
 
     @property
     def d_eff(self) -> int:
@@ -165,14 +169,26 @@ class Chunker:
         self.problem.keys = src.keys  # keyword inputs: the model is called with these names
         probe = next(src.chunks(PROBE_SAMPLES))
         # The size per sample depends only on the sample shapes and the request: measured once per Chunker
-        # (a reused Similarity then pays no probe pass per call).
+        # (a reused Similarity then pays no probe pass per call), and kept per model object for later Chunkers
+        # of the same model, parameters, output spec, backend and request (a new Similarity then pays no probe
+        # pass either). Only the chunk size follows from it, never a result.
         key = (request, src.keys, tuple(sample_signature(probe[1])))
         if key not in self._per_sample_bytes:
-            c = self.prepare(probe[1], 0, name, request)
-            self._per_sample_bytes[key] = max(1, c.nbytes() // c.size)
-        entries = (self.d or 1) ** 2 if request.form is Form.FULL else 1
+            shared = _shared_key(self, key)
+            kept = plan_cache.SIZES.get(self.model, {}).get(shared) if shared is not None else None
+            if kept is None:
+                c = self.prepare(probe[1], 0, name, request)
+                kept = (max(1, c.nbytes() // c.size), self.d)
+                if shared is not None:
+                    kept_for = plan_cache.SIZES.setdefault(self.model, {})
+                    kept_for[shared] = kept
+                    if len(kept_for) > _MAX_KEPT:  # the oldest goes
+                        kept_for.pop(next(iter(kept_for)))
+            self._per_sample_bytes[key] = kept
+        per_sample, d = self._per_sample_bytes[key]
+        entries = (self.d or d or 1) ** 2 if request.form is Form.FULL else 1
         tile_cap = int(math.sqrt(TILE_BYTES / (4 * entries)))
-        return int(max(MIN_CHUNK, min(MAX_CHUNK, tile_cap, CHUNK_BYTES // self._per_sample_bytes[key])))
+        return int(max(MIN_CHUNK, min(MAX_CHUNK, tile_cap, CHUNK_BYTES // per_sample)))
 
     def chunks(self, src: Source, name: str, request: Request, size: int | None = None, first: int = 0,
                stop: int | None = None) -> Iterator[Chunk]:
@@ -209,9 +225,23 @@ class Chunker:
 
     def forward(self, src: Source) -> Tensor:
         """The analysed outputs [N, d] of every sample (no gradients)."""
+        self.problem.keys = src.keys  # keyword inputs: the model is called with these names
         parts = []
         for start, batch in src.chunks(self.chunk_size or FORWARD_CHUNK):
             batch = self.to_device(batch, start, "data")
             with analysis_mode(self.model, self.params), torch.no_grad():
-                parts.append(checked_output(self.problem, self.model(*batch), batch, start))
+                parts.append(checked_output(self.problem, self.problem.call(batch), batch, start))
         return torch.cat(parts)
+
+
+def _shared_key(chunker: Chunker, key: tuple) -> tuple | None:
+    """What the factor bytes per sample of ``key`` (request, input names, sample shapes) depend on beyond it: the
+    model's structure, parameters and output spec (the structured backend's plan key), the backend and the metric
+    kind. None: not kept across Chunkers (a model that is not weakly referenceable, an unusual output spec)."""
+    model_key = plan_cache.key(chunker.problem, key)
+    metric = chunker.metric if isinstance(chunker.metric, str) else tuple(chunker.metric.shape)
+    try:
+        weakref.ref(chunker.model)
+    except TypeError:
+        return None
+    return None if model_key is None else (model_key, chunker.backend, metric)
