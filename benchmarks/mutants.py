@@ -29,13 +29,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import mutation_score  # noqa: E402
 
 GROUPS: dict[str, dict[str, list[str]]] = {
-    "core": {  # the formulas: spectral functions, output reductions, denoising, the linearized smoother, influence
+    "core": {  # the formulas: spectral functions, output reductions, denoising, the linearized smoother, influence,
+        # the symmetric blocked Gram
         "mutate": ["src/nnsim/algebra.py", "src/nnsim/outputs.py", "src/nnsim/estimators/denoising.py",
-                   "src/nnsim/estimators/linearized.py"],
+                   "src/nnsim/estimators/linearized.py", "src/nnsim/_gemm.py"],
         "tests": ["tests/test_algebra.py", "tests/test_algebra_edges.py", "tests/test_outputs_oracle.py",
                   "tests/test_error_paths.py", "tests/test_estimators_asymmetric.py", "tests/test_estimators.py",
                   "tests/test_mutation_algebra.py", "tests/test_mutation_denoising.py",
-                  "tests/test_mutation_linearized.py", "tests/test_mutation_outputs.py"],
+                  "tests/test_mutation_linearized.py", "tests/test_mutation_outputs.py", "tests/test_mutation_gemm.py",
+                  # method="linearized" (kernel_matrix, linearized_report) and the realized noise model
+                  "tests/test_denoising_linearized.py", "tests/test_linearized_realized.py"],
     },
     "factors": {  # the exact Gram products of factored gradients, the cost model, the projections
         "mutate": ["src/nnsim/factors.py"],

@@ -7,6 +7,7 @@ fine grid, the Nystroem approximation as K_nm pinv(K_mm) K_nm^T.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,3 +190,115 @@ def test_fit_lambda_search_range_is_1e_minus_9_to_1e3_times_the_top_eigenvalue(s
         assert lam_lo == pytest.approx(1e-9 * top, rel=1e-9)
         assert err == pytest.approx(float((_S(spec, lam_lo, smoother) @ y - y).norm() / (y - y.mean()).norm()),
                                     rel=1e-6)
+
+
+# ------------------------------------------------------------------ realized_fit (noise_model="realized")
+
+def _realized_oracle(U, ev, y, lam, noise_std=None, iterations=100):
+    """The realized energies written out in Python floats: sigma^2 iterated down from the total energy over the
+    directions u_r^2 <= 2 ln(N d) sigma^2 (plus the energy outside span(U)), e_r = sigma^2 inside the signal
+    directions and u_r^2 outside, D_i = sum_r s_r^2 e_r U_(i,.),r U_(i,.),r^T with s_r = ev_r / (ev_r + lam)."""
+    N, d = y.shape
+    n, r = U.shape
+    y1 = y.reshape(-1).tolist()
+    u = [sum(U[i, k].item() * y1[i] for i in range(n)) for k in range(r)]
+    total = sum(v * v for v in y1)
+    perp = max(total - sum(v * v for v in u), 0.0)
+    sig2 = total / n if noise_std is None else noise_std**2
+    signal = [False] * r
+    for _ in range(iterations):
+        new = [v * v > 2 * math.log(n) * sig2 for v in u]
+        if noise_std is None:
+            rest = n - sum(new)
+            sig2 = (sum(v * v for v, s in zip(u, new) if not s) + perp) / rest if rest else float("nan")
+        if new == signal:
+            break
+        signal = new
+    s = [float(e) / (float(e) + lam) for e in ev]
+    energy = [sig2 if signal[k] else u[k] ** 2 for k in range(r)]
+    D = torch.zeros(N, d, d, dtype=F64)
+    for i in range(N):
+        for c in range(d):
+            for e in range(d):
+                D[i, c, e] = sum(s[k] ** 2 * energy[k] * U[i * d + c, k] * U[i * d + e, k] for k in range(r))
+    return math.sqrt(sig2), sum(signal), D
+
+
+def _orthonormal(n: int, r: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, r, dtype=F64, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+@pytest.mark.parametrize("noise_std", [None, 0.4])
+def test_realized_fit_with_two_outputs_and_energy_outside_the_spectrum(noise_std):
+    N, d, r = 9, 2, 12  # r < N d: part of y lies outside span(U)
+    U = _orthonormal(N * d, r, 1)
+    ev = torch.logspace(1, -3, r, dtype=F64)
+    g = torch.Generator().manual_seed(2)
+    y = 0.3 * torch.randn(N, d, dtype=F64, generator=g)
+    y = y + (U[:, :2] @ torch.tensor([4.0, -3.0], dtype=F64)).reshape(N, d)  # two directions carry signal
+    sigma, n_signal, D = lin.realized_fit(lin.Spectrum(ev, U), y, SimpleNamespace(lam=0.05), noise_std=noise_std)
+    want_sigma, want_n, want_D = _realized_oracle(U, ev, y, 0.05, noise_std)
+    assert n_signal == want_n == 2
+    assert sigma == pytest.approx(want_sigma, rel=1e-12)
+    torch.testing.assert_close(D, want_D, rtol=1e-10, atol=1e-14)
+
+
+def test_realized_fit_of_pure_noise_has_no_signal_direction():
+    N, d = 4, 2
+    U = torch.eye(N * d, dtype=F64)
+    y = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, -1.0], dtype=F64).reshape(N, d)  # equal energies
+    sigma, n_signal, D = lin.realized_fit(lin.Spectrum(torch.ones(N * d, dtype=F64), U), y, SimpleNamespace(lam=1.0))
+    assert n_signal == 0 and sigma == pytest.approx(1.0, rel=1e-14)
+    torch.testing.assert_close(D, 0.25 * torch.eye(d, dtype=F64).expand(N, d, d), rtol=1e-14, atol=0)  # s^2 u^2 = 1/4
+
+
+def test_realized_fit_counts_a_direction_exactly_at_the_threshold_as_noise():
+    # noise_std = 1: the threshold is 2 ln(N d) exactly; a u_r whose square is that float is not signal (strict >)
+    N, d = next((N, 2) for N in range(2, 200) if math.sqrt(2 * math.log(2 * N)) ** 2 == 2 * math.log(2 * N))
+    at = math.sqrt(2 * math.log(N * d))
+    y = torch.full((N * d,), 0.5, dtype=F64)
+    y[1] = at
+    y[2] = at * 1.0000001  # just above: signal
+    sigma, n_signal, _ = lin.realized_fit(lin.Spectrum(torch.ones(N * d, dtype=F64), torch.eye(N * d, dtype=F64)),
+                                          y.reshape(N, d), SimpleNamespace(lam=1.0), noise_std=1.0)
+    assert (sigma, n_signal) == (1.0, 1)
+
+
+def test_realized_fit_with_a_single_noise_direction_left():
+    # N d = 2: u = (10, 1) -> direction 0 is signal (10^2 > 2 ln 2 (101 / 2)), sigma^2 = 1^2 / 1
+    y = torch.tensor([[10.0, 1.0]], dtype=F64)
+    sigma, n_signal, D = lin.realized_fit(lin.Spectrum(torch.ones(2, dtype=F64), torch.eye(2, dtype=F64)), y,
+                                          SimpleNamespace(lam=1.0))
+    assert (sigma, n_signal) == (1.0, 1)
+    torch.testing.assert_close(D[0], torch.diag(torch.tensor([0.25, 0.25], dtype=F64)), rtol=1e-14, atol=0)
+
+
+def test_realized_fit_stops_after_100_iterations_by_default():
+    """A chain of energies that admits exactly one signal direction per iteration (sigma^2 falling along a set
+    sequence s_j): after the default 100 iterations 100 directions are signal, and sigma^2 is s_100."""
+    N, d, L = 75, 2, 110
+    n, t = N * d, 2 * math.log(N * d)
+    s_seq = [1.0]
+    a = []
+    for j in range(L):  # a_(j+1) = (n - j) s_j - (n - j - 1) s_(j+1) = 1.05 t s_j: above the threshold, just
+        m = n - j
+        a.append(1.05 * t * s_seq[-1])
+        s_seq.append((m * s_seq[-1] - a[-1]) / (m - 1))
+    energies = torch.tensor(a + [s_seq[-1]] * (n - L), dtype=F64)  # the rest: noise at the final sigma^2
+    y = energies.sqrt().reshape(N, d)
+    spec = lin.Spectrum(torch.ones(n, dtype=F64), torch.eye(n, dtype=F64))
+    sigma, n_signal, _ = lin.realized_fit(spec, y, SimpleNamespace(lam=1.0))
+    assert n_signal == 100 and sigma == pytest.approx(math.sqrt(s_seq[100]), rel=1e-9)
+    sigma, n_signal, _ = lin.realized_fit(spec, y, SimpleNamespace(lam=1.0), iterations=200)
+    assert n_signal == L and sigma == pytest.approx(math.sqrt(s_seq[L]), rel=1e-9)
+
+
+def test_realized_fit_of_a_single_entry_has_no_division_by_zero():
+    """N d = 1: the threshold 2 ln 1 is 0, so the one direction is signal and no noise direction is left (sigma
+    NaN), then with sigma NaN it is not; the iteration alternates and stops at its cap, never dividing by 0."""
+    y = torch.tensor([[2.0]], dtype=F64)
+    U = torch.ones(1, 1, dtype=F64)
+    sigma, n_signal, D = lin.realized_fit(lin.Spectrum(torch.ones(1, dtype=F64), U), y, SimpleNamespace(lam=1.0))
+    want_sigma, want_n, want_D = _realized_oracle(U, torch.ones(1), y, 1.0)
+    assert (sigma, n_signal) == (want_sigma, want_n) == (2.0, 0)
+    torch.testing.assert_close(D, want_D, rtol=1e-14, atol=0)
