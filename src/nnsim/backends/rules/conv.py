@@ -105,6 +105,12 @@ def _dense(module: nn.Conv1d | nn.Conv2d, layer: str, calls: list[Call], names: 
         if "bias" in names and module.bias is not None:
             g = delta.flatten(3).sum(3)
             gb = g if gb is None else gb + g
+    return _explicit(module, layer, names, gw, gb)
+
+
+def _explicit(module: nn.Conv1d | nn.Conv2d, layer: str, names: dict[str, str], gw: Tensor | None,
+              gb: Tensor | None) -> list[Factor]:
+    """Explicit per-sample weight and bias gradients [B, d, n] (None: not analysed) as Dense factors."""
     out: list[Factor] = []
     if gw is not None:
         out.append(Dense(layer, gw, [(names["weight"], module.weight.shape)]))
@@ -147,12 +153,7 @@ def _depthwise(module: nn.Conv1d | nn.Conv2d, layer: str, calls: list[Call], nam
         if "bias" in names and module.bias is not None:
             g = delta.flatten(3).sum(3)
             gb = g if gb is None else gb + g
-    out: list[Factor] = []
-    if gw is not None:
-        out.append(Dense(layer, gw, [(names["weight"], module.weight.shape)]))
-    if gb is not None:
-        out.append(Dense(layer, gb, [(names["bias"], module.bias.shape)]))
-    return out
+    return _explicit(module, layer, names, gw, gb)
 
 
 @register(nn.Conv1d, nn.Conv2d)
