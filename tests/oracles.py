@@ -41,3 +41,8 @@ def db_sqrt(K: Tensor, iters: int = 60) -> tuple[Tensor, Tensor]:
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def overflowing(out: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
+    """An output spec whose gradients overflow to inf where x_0 > 5 (a sample with non-finite gradients)."""
+    return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from oracles import jacobian
+from oracles import jacobian, overflowing
 from test_estimators_asymmetric import mlp2
 
 import nnsim
@@ -267,13 +267,10 @@ def test_kernel_matrix_sweeps_only_the_tiles_of_its_share():
 def test_linearized_denoising_names_the_side_of_a_failing_sample():
     model, x, _, _ = _kernel_setup()
 
-    def huge(out, inputs):  # overflowing gradients where x_0 > 5
-        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
-
     xs = x.clone()
     xs[4, 0] = 10.0
     y = torch.zeros(8, 2, dtype=F64)
-    sim = nnsim.Similarity(model, huge, chunk_size=3, progress=False)
+    sim = nnsim.Similarity(model, overflowing, chunk_size=3, progress=False)
     with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[4\]"):
         sim.denoising(xs, targets=y, method="linearized")
     with pytest.raises(ModelError, match=r"^landmarks: the output gradients are not finite .* at samples \[4\]"):
@@ -294,15 +291,13 @@ def test_approximate_denoising_with_a_measured_chunk_size_is_the_chunked_one():
 def test_approximate_denoising_names_the_data_when_a_chunk_fails():
     model, x, _, _ = _kernel_setup()
 
-    def huge(out, inputs):  # overflowing gradients where x_0 > 5
-        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
-
     xs = x.clone()
     xs[1, 0] = 10.0  # inside the probe's samples
     with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[1\]"):
-        nnsim.Similarity(model, huge, progress=False).denoising(xs, approximate=True, dim=6)
+        nnsim.Similarity(model, overflowing, progress=False).denoising(xs, approximate=True, dim=6)
     with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[1\]"):
-        nnsim.Similarity(model, huge, chunk_size=3, progress=False).denoising(xs, approximate=True, dim=6)  # no probe
+        # no probe
+        nnsim.Similarity(model, overflowing, chunk_size=3, progress=False).denoising(xs, approximate=True, dim=6)
 
 
 def test_approximate_sums_of_a_share_with_given_predictions_are_the_exact_row_sums():
@@ -579,13 +574,10 @@ def test_exact_sums_of_a_float32_model_accumulate_in_float64_and_show_their_tile
 def test_exact_denoising_names_the_data_when_a_chunk_fails():
     model, x = mlp2(2)
 
-    def huge(out, inputs):  # overflowing gradients where x_0 > 5
-        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
-
     xs = x[:8].clone()
     xs[4, 0] = 10.0
     with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[4\]"):
-        nnsim.Similarity(model, huge, chunk_size=3, progress=False).denoising(xs)
+        nnsim.Similarity(model, overflowing, chunk_size=3, progress=False).denoising(xs)
 
 
 def test_linearized_landmarks_must_be_a_positive_integer_and_one_is_enough():
@@ -656,11 +648,8 @@ def test_sweeps_of_denoising_show_no_progress_bar_unless_asked(capsys):
 def test_paper_predictions_check_names_the_first_sample_when_it_fails():
     model, x = mlp2(2)
 
-    def huge(out, inputs):  # overflowing gradients where x_0 > 5
-        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
-
     xs = x[:8].clone()
     xs[0, 0] = 10.0
-    sim = nnsim.Similarity(model, huge, chunk_size=3, progress=False)  # d unknown: measured on the first sample
+    sim = nnsim.Similarity(model, overflowing, chunk_size=3, progress=False)  # d unknown: measured on the first sample
     with pytest.raises(ModelError, match=r"^data: the output gradients are not finite .* at samples \[0\]"):
         sim.denoising(xs, torch.zeros(8, 2, dtype=F64))

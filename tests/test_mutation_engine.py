@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from oracles import jacobian
+from oracles import jacobian, overflowing
 from test_estimators_asymmetric import Brute, mlp2
 from torch import nn
 
@@ -355,14 +355,11 @@ def test_chunk_errors_name_the_samples_and_the_fix(data):
                                          r"torch.float64; convert the inputs \(e.g. x.to\(torch.float64\)\)"):
         sim.similarity(x.float())
 
-    def huge(out, inputs):
-        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
-
     xs = x.clone()
     xs[4, 0] = 10.0  # second chunk: the message names the sample's index in the data, not in its chunk
     with pytest.raises(ModelError, match=r"xa: the output gradients are not finite \(overflow or NaN\) at samples "
                                          r"\[4\]; rescale the output or check the model in float64"):
-        nnsim.Similarity(model, huge, chunk_size=3, progress=False).similarity(xs)
+        nnsim.Similarity(model, overflowing, chunk_size=3, progress=False).similarity(xs)
 
     def shrinking(out, inputs):  # two outputs where x_1 > 100
         return out[:, :2] if bool((inputs[0][:, 1] > 100).any()) else out
@@ -531,13 +528,13 @@ def test_forward_names_the_argument_and_the_samples_of_bad_inputs_and_outputs(da
     with pytest.raises(InputError, match="^data: input 0 has dtype torch.float32"):
         ch.forward(as_source(x.float(), "data"))
 
-    def huge(out, inputs):
+    def overflowing(out, inputs):
         return out + torch.where(inputs[0][:, :1] > 5, float("inf"), 0.0)
 
     xs = x.clone()
     xs[4, 0] = 10.0
     with pytest.raises(ModelError, match=r"the model output contains NaN or Inf at samples \[4\]"):
-        nnsim.Similarity(model, huge, chunk_size=3, progress=False)._chunker.forward(as_source(xs, "data"))
+        nnsim.Similarity(model, overflowing, chunk_size=3, progress=False)._chunker.forward(as_source(xs, "data"))
 
 
 def test_fisher_metric_counts_and_neighbours_report_no_rank_deficiency():
@@ -737,18 +734,15 @@ def test_rank_guard_arguments_reach_the_normalisation_and_the_influence(data):
 def test_non_finite_gradients_name_at_most_20_samples_and_the_probe_names_its_own(data):
     model, x, _, _, _ = data
 
-    def huge(out, inputs):
-        return out * (1 + 1e300 * (inputs[0][:, :1] > 5).to(out.dtype))
-
     xs = torch.randn(25, 4, dtype=F64)
     xs[:, 0] = 10.0
     with pytest.raises(ModelError, match=re.escape(f"at samples {list(range(20))}; rescale")):
-        nnsim.Similarity(model, huge, chunk_size=25, progress=False).similarity(xs)
+        nnsim.Similarity(model, overflowing, chunk_size=25, progress=False).similarity(xs)
     xs = x.clone()
     xs[0, 0] = 10.0  # in the probe that measures the chunk size (samples 0 and 1)
     with pytest.raises(ModelError, match=r"^xa: the output gradients are not finite \(overflow or NaN\) at samples "
                                          r"\[0\];"):
-        nnsim.Similarity(model, huge, progress=False).similarity(xs)
+        nnsim.Similarity(model, overflowing, progress=False).similarity(xs)
 
 
 class _Keyword(nn.Module):
