@@ -15,6 +15,23 @@ from nnsim.backends.rules import conv as conv_rules
 torch.set_num_threads(1)
 
 
+def _exact_by_the_conv_rule(conv, shape, seed: int) -> list:
+    """conv -> tanh -> linear(3) on 5 samples of ``shape``: the kernel at d = 3 and d = 1 against per-sample
+    autograd, the conv layer by its rule; returns the (Similarity, inputs) of both."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    model(x)
+    out = []
+    for output in (None, lambda o, i: o[:, :1]):
+        G = jacobian(model, (x,), output=output)
+        sim = nnsim.Similarity(model, output=output, progress=False)
+        assert rel_err(sim.kernel(x), kernel(G, G)) <= 1e-12
+        assert sim.describe()["0"] == "conv"
+        out.append((sim, x))
+    return out
+
+
 @pytest.mark.parametrize(("conv", "shape"), [
     (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (4, 9, 9)),
     (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3, bias=False), (3, 9, 9)),  # channel multiplier 2
@@ -30,15 +47,7 @@ def test_depthwise_gradients_by_a_forward_convolution_agree_with_per_sample_auto
     real = conv_rules._depthwise
     monkeypatch.setattr(conv_rules, "_depthwise", lambda *a: used.append(1) or real(*a))
     monkeypatch.setattr(conv_rules, "_explicit_preferred", lambda *a: True)
-    torch.manual_seed(0)
-    model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
-    x = torch.randn(5, *shape, dtype=torch.float64)
-    model(x)
-    for out in (None, lambda o, i: o[:, :1]):
-        G = jacobian(model, (x,), output=out)
-        sim = nnsim.Similarity(model, output=out, progress=False)
-        assert rel_err(sim.kernel(x), kernel(G, G)) <= 1e-12
-        assert sim.describe()["0"] == "conv"
+    _exact_by_the_conv_rule(conv, shape, seed=0)
     assert used
 
 
@@ -65,15 +74,7 @@ def test_conv_patches_made_explicit_at_once_agree_with_per_sample_autograd(monke
     monkeypatch.setattr(conv_rules, "_BACKWARD_MIN_POSITIONS", 10**9)
     monkeypatch.setattr(conv_rules, "_BACKWARD_MAX_PAIRS", 0)
     monkeypatch.setattr(Outer, "prefers_dense", lambda self, mode, partners=256: True)
-    torch.manual_seed(2)
-    model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
-    x = torch.randn(5, *shape, dtype=torch.float64)
-    model(x)
-    for out in (None, lambda o, i: o[:, :1]):
-        G = jacobian(model, (x,), output=out)
-        sim = nnsim.Similarity(model, output=out, progress=False)
-        assert rel_err(sim.kernel(x), kernel(G, G)) <= 1e-12
-        assert sim.describe()["0"] == "conv"
+    for sim, x in _exact_by_the_conv_rule(conv, shape, seed=2):
         factors, _ = sim._factor_fn((x,), 0)
         assert all(isinstance(f, Dense) for f in factors if f.layer == "0")
 

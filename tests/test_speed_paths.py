@@ -68,14 +68,20 @@ def test_a_new_similarity_checks_the_kept_plan_on_its_first_chunk_without_a_prob
     assert nnsim.Similarity(model, progress=False).chunk_size_for(x) == kept == first.chunk_size_for(x)
 
 
+def _reuse_checks(monkeypatch) -> list:
+    """The results of every check of a kept plan on a new Similarity's first batch (None: the plan was refused)."""
+    from nnsim.backends.structured import Structured
+
+    outcomes: list = []
+    real = Structured._reused
+    monkeypatch.setattr(Structured, "_reused", lambda self, *a: outcomes.append(r := real(self, *a)) or r)
+    return outcomes
+
+
 def test_a_kept_plan_that_went_wrong_is_caught_on_the_first_chunk_without_a_probe(monkeypatch):
     """With the chunk size kept (no probe pass), a kept plan whose rule has become wrong is still refused before
     any number is returned, and the result is exact."""
-    from nnsim.backends.structured import Structured
-
-    outcomes: list[bool] = []
-    real = Structured._reused
-    monkeypatch.setattr(Structured, "_reused", lambda self, *a: outcomes.append(r := real(self, *a)) or r)
+    outcomes = _reuse_checks(monkeypatch)
     torch.manual_seed(4)
     model = nn.Sequential(Switchable(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x = torch.randn(12, 4, dtype=torch.float64)
@@ -129,11 +135,7 @@ nnsim.register_rule(Switchable, linear_rule)
 
 
 def test_a_stale_plan_is_caught_by_its_check_and_replaced(monkeypatch):
-    from nnsim.backends.structured import Structured
-
-    outcomes: list[bool] = []
-    real = Structured._reused
-    monkeypatch.setattr(Structured, "_reused", lambda self, *a: outcomes.append(r := real(self, *a)) or r)
+    outcomes = _reuse_checks(monkeypatch)
     torch.manual_seed(2)
     model = nn.Sequential(Switchable(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x = torch.randn(8, 4, dtype=torch.float64)
