@@ -672,9 +672,9 @@ def _counting(ch):
     calls = []
     inner = ch.prepare
 
-    def prepare(batch, start, name, request):
+    def prepare(batch, start, name, request, *rest):
         calls.append((start, batch[0].shape[0]))
-        return inner(batch, start, name, request)
+        return inner(batch, start, name, request, *rest)
 
     ch.prepare = prepare
     return calls

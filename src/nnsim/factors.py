@@ -48,6 +48,8 @@ class Factor(Protocol):
     @property
     def positions(self) -> int: ...  # T of a sum over positions; 1 for an explicit gradient
     @property
+    def elements(self) -> int: ...  # entries per sample and output that ``mix`` combines (n, or G T n)
+    @property
     def device(self) -> torch.device: ...
     @property
     def dtype(self) -> torch.dtype: ...
@@ -123,6 +125,10 @@ class _Batched:
     @property
     def outputs(self) -> int:
         return self._per_sample.shape[1]
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self._per_sample.shape[2:])
 
     @property
     def device(self) -> torch.device:

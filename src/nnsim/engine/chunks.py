@@ -1,5 +1,6 @@
 """Chunks: a bounded number of samples' factors on the device, with the metric mixed in, their K(x, x), and
-what the request needs of it (the inverse square root is folded into the factors; K^+ kept for influence)."""
+what the request needs of it (the inverse square root mixed into the factors, or kept to scale the Gram tiles
+where that is cheaper; K^+ kept for influence)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ _MAX_KEPT = 64  # measured sizings kept per model object (in plan_cache.SIZES, u
 class Chunk:
     """Samples [start, start + size) prepared for a :class:`~nnsim.engine.request.Request`.
 
-    ``groups``: factors per group ({ALL: ...}, or per layer), mixed with K(x, x)^-1/2 for the similarity;
-    ``K``: K(x, x) per group [B, d, d]; ``pinv``: K(x, x)^+ per group (influence only); ``rank``: rank of
-    K(x, x) per group [B] (similarity and influence); ``y``: the analysed outputs [B, d]."""
+    ``groups``: factors per group ({ALL: ...}, or per layer), mixed with K(x, x)^-1/2 for the similarity
+    unless the group is in ``scale``; ``scale``: K(x, x)^-1/2 [B, d, d] of the similarity's groups whose factors
+    were left unmixed, applied to each Gram tile instead (``engine.sweep.tile``); ``K``: K(x, x) per group
+    [B, d, d]; ``pinv``: K(x, x)^+ per group (influence only); ``rank``: rank of K(x, x) per group [B]
+    (similarity and influence); ``y``: the analysed outputs [B, d]."""
 
     start: int
     size: int
@@ -43,6 +46,7 @@ class Chunk:
     pinv: dict[str, Tensor] = field(default_factory=dict)
     rank: dict[str, Tensor] = field(default_factory=dict)
     y: Tensor | None = None
+    scale: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def rows(self) -> slice:
@@ -113,8 +117,9 @@ class Chunker:
             groups.setdefault(f.layer, []).append(f)
         return groups, y
 
-    def prepare(self, batch: Batch, start: int, name: str, request: Request) -> Chunk:
-        """One batch's chunk (``name``: the argument named in errors)."""
+    def prepare(self, batch: Batch, start: int, name: str, request: Request, partners: int = MAX_CHUNK) -> Chunk:
+        """One batch's chunk (``name``: the argument named in errors; ``partners``: how many samples its Gram
+        tiles will pair it with, which only decides where K(x, x)^-1/2 is applied)."""
         batch = self.to_device(batch, start, name)
         try:
             groups, y = self._factor_groups(batch, start, request.by_layer)
@@ -128,7 +133,7 @@ class Chunker:
                                  "try backend='structured' (the default) or backend='loop'") from e
             raise input_failure(e, batch, name, self.dtype) from e
         with torch.no_grad():
-            chunk = self._normalise(groups, start, batch[0].shape[0], name, request)
+            chunk = self._normalise(groups, start, batch[0].shape[0], name, request, partners)
         chunk.y = y
         return chunk
 
@@ -140,8 +145,8 @@ class Chunker:
             return False
         return True
 
-    def _normalise(self, groups: dict[str, list[Factor]], start: int, size: int, name: str, request: Request
-                   ) -> Chunk:
+    def _normalise(self, groups: dict[str, list[Factor]], start: int, size: int, name: str, request: Request,
+                   partners: int = MAX_CHUNK) -> Chunk:
         chunk = Chunk(start, size, {}, {})
         for g, fs in groups.items():
             fs = compact(fs)
@@ -156,7 +161,10 @@ class Chunker:
                 # Kernel-corrected gradients U = G^T K^-1/2 (docs/method.md, "Kernel-corrected gradients"):
                 # their Gram is K~ directly.
                 inv, chunk.rank[g] = algebra.inv_sqrt_psd(K, self.rtol, self.atol, self.singular)
-                fs = [f.mix(inv) for f in fs]
+                if _scales_tiles(request, fs, K, partners):
+                    chunk.scale[g] = inv
+                else:
+                    fs = [f.mix(inv) for f in fs]
             elif request.quantity is Quantity.INFLUENCE:
                 chunk.pinv[g], chunk.rank[g] = algebra.pinv_psd(K, self.rtol, self.atol, self.singular)
             chunk.groups[g] = fs if request.form is Form.RAW else prepare(fs, request.form.value)
@@ -191,26 +199,26 @@ class Chunker:
         return int(max(MIN_CHUNK, min(MAX_CHUNK, tile_cap, CHUNK_BYTES // per_sample)))
 
     def chunks(self, src: Source, name: str, request: Request, size: int | None = None, first: int = 0,
-               stop: int | None = None) -> Iterator[Chunk]:
+               stop: int | None = None, partners: int = MAX_CHUNK) -> Iterator[Chunk]:
         """Prepared chunks of ``src``; those starting before ``first`` are skipped without being prepared.
 
         Only the samples [first, stop) are read where the source allows random access (tensors, map-style
-        datasets); ``first`` is a multiple of ``size``."""
+        datasets); ``first`` is a multiple of ``size``. ``partners``: see :meth:`prepare`."""
         size = size or self.chunk_size_for(src, name, request)
         self.problem.keys = src.keys
         stop = len(src) if stop is None else min(stop, len(src))
         if first >= stop:
             return
         for start, batch in src.rows(first, stop).chunks(size):
-            yield self.prepare(batch, first + start, name, request)
+            yield self.prepare(batch, first + start, name, request, partners)
 
-    def cached(self, src: Source, name: str, request: Request, size: int, first: int = 0, stop: int | None = None
-               ) -> list[Chunk] | None:
+    def cached(self, src: Source, name: str, request: Request, size: int, first: int = 0, stop: int | None = None,
+               partners: int = MAX_CHUNK) -> list[Chunk] | None:
         """All chunks of ``src`` (of samples [first, stop)) when they fit in ``cache_bytes`` (judged from the
         first), else None."""
         chunks, used = [], 0
         n_chunks = math.ceil((min(len(src), stop if stop is not None else len(src)) - first) / size)
-        for c in self.chunks(src, name, request, size, first, stop):
+        for c in self.chunks(src, name, request, size, first, stop, partners):
             used += c.nbytes()
             if used > self.cache_bytes or (len(chunks) == 0 and c.nbytes() * n_chunks > 1.1 * self.cache_bytes):
                 return None
@@ -232,6 +240,32 @@ class Chunker:
             with analysis_mode(self.model, self.params), torch.no_grad():
                 parts.append(checked_output(self.problem, self.problem.call(batch), batch, start))
         return torch.cat(parts)
+
+
+def _scales_tiles(request: Request, factors: list[Factor], K: Tensor, partners: int) -> bool:
+    """Whether K(x, x)^-1/2 is applied to the Gram tiles (K~_ij = K_i^-1/2 K_ij K_j^-1/2, ``engine.sweep.tile``)
+    rather than mixed into every factor: the same numbers to rounding, at another cost. At d = 1 the tile's scale
+    is one multiply per pair against one per factor element for the mix; d x d blocks cost about 2 d^3
+    multiply-adds per pair against d^2 per factor element of a sample. With ``partners`` pairs per sample:
+    scale the tiles when 2 d partners is below the factor elements per sample and output (docs/benchmarks.md,
+    "Issue 14, part 6"). Never for raw factors (sums, projections: no tiles) nor for the trace of d x d blocks
+    (it would need the full blocks). The unmixed Gram must also stay far from float under- and overflow (the
+    mixed factors have unit norm, the raw ones not): every nonzero diagonal of K at least
+    ``elements * tiny / eps`` (a product of entries that underflows loses less than eps of K_ii) and at most
+    ``max * eps``; outside that the mix is kept."""
+    d = K.shape[-1]
+    if request.form is Form.RAW or (d > 1 and request.form is Form.TRACE):
+        return False
+    elements = sum(f.elements for f in factors)
+    if 2 * d * partners >= elements:
+        return False
+    info = torch.finfo(K.dtype)
+    diag = K.diagonal(dim1=-2, dim2=-1)
+    nonzero = diag[diag > 0]
+    if nonzero.numel() == 0:
+        return True
+    lo, hi = elements * info.tiny / info.eps, info.max * info.eps
+    return bool(((nonzero >= lo) & (nonzero <= hi)).all())
 
 
 def _shared_key(chunker: Chunker, key: tuple) -> tuple | None:

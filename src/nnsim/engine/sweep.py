@@ -27,6 +27,7 @@ def tile(ca: Chunk, cb: Chunk, g: str, request: Request, d_eff: int) -> Tensor:
     with torch.no_grad():
         t = gram(ca.groups[g], cb.groups[g], request.form.value)
         if request.quantity is Quantity.SIMILARITY:
+            t = _normalised(t, ca.scale.get(g), cb.scale.get(g))
             if request.form is Form.TRACE:
                 t = t / d_eff
             t[ca.rank[g] == 0] = float("nan")
@@ -34,6 +35,28 @@ def tile(ca: Chunk, cb: Chunk, g: str, request: Request, d_eff: int) -> Tensor:
         elif request.quantity is Quantity.INFLUENCE:
             t = algebra.influence_from_kernel(t, ca.pinv[g])
             t[ca.rank[g] == 0] = float("nan")
+    return t
+
+
+def _normalised(t: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """A Gram tile of factors left unmixed on one or both sides (``Chunk.scale``) made the tile of the mixed
+    factors: K~_ij = L_i^T K_ij R_j, L and R the sides' K(x, x)^-1/2 [B, d, d] (identity where None).
+
+    t: [B1, B2] (trace, d = 1 only) or [B1, B2, d, d] (full); a new tensor of the same shape."""
+    if left is None and right is None:
+        return t
+    d = (left if left is not None else right).shape[-1]
+    if d == 1:
+        lead = (-1,) + (1,) * (t.dim() - 1)
+        if left is not None:
+            t = t * left.reshape(lead)
+        if right is not None:
+            t = t * right.reshape((1, -1) + (1,) * (t.dim() - 2))
+        return t
+    if left is not None:
+        t = torch.einsum("ica,ijce->ijae", left, t)
+    if right is not None:
+        t = torch.einsum("ijae,jeb->ijab", t, right)
     return t
 
 
@@ -56,14 +79,18 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
     if symmetric:  # rows and columns come from the same chunks; every row index is below its columns
         c0 = min(c0, r0)
     # The second argument is swept once per row chunk: keep its factors when they fit.
-    cache = chunker.cached(src_b, name_b, request, size, c0 * size, c1 * size)
+    cache = chunker.cached(src_b, name_b, request, size, c0 * size, c1 * size, partners=len(src_a))
 
     def columns(j0: int, j1: int) -> Iterator[Chunk]:
         if cache is not None:
             return iter(cache[j0 - c0 : j1 - c0])
-        return chunker.chunks(src_b, name_b, request, size, j0 * size, j1 * size)
+        # re-prepared for every row chunk: paired with one chunk each time
+        return chunker.chunks(src_b, name_b, request, size, j0 * size, j1 * size, partners=size)
 
-    rows = columns(r0, r1) if symmetric else chunker.chunks(src_a, names[0], request, size, r0 * size, r1 * size)
+    if symmetric and cache is not None:
+        rows = columns(r0, r1)
+    else:  # symmetric: src_a is src_b and names[0] its name
+        rows = chunker.chunks(src_a, names[0], request, size, r0 * size, r1 * size, partners=len(src_b))
     total = sum(j1 - j0 for _, j0, j1 in segments)
     seen_b: set[int] = set()
     label = f"nnsim {request.quantity.value}"
