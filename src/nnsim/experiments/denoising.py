@@ -723,6 +723,10 @@ def run(out: Path, quick: bool, log=print, only: list[str] | None = None, assemb
     # the parametric-bootstrap checks run with --bootstrap (their comparisons, not the per-sample data)
     results["bootstrap"] = {p.stem: json.loads(p.read_text()).get("comparison")
                             for p in sorted((out / "bootstrap").glob("*.json"))}
+    # one network's label-free variants (--single) and the noise-level probe (--jitter)
+    results["single_network"] = {p.stem: json.loads(p.read_text()).get("comparison")
+                                 for p in sorted((out / "single").glob("*.json"))}
+    results["jitter"] = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jitter").glob("*.json"))}
     (out / "results.json").write_text(json.dumps({**results, "cases": summary}, indent=1))
     (out / "ranking_table.md").write_text(ranking_table(results["cases"]))
     _figures(results, out)
@@ -741,7 +745,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bootstrap", nargs=3, metavar=("CASE", "DRAW", "REPLICATES"),
                     help="the parametric-bootstrap prediction of one draw's network (bootstrap_prediction), written "
                     "to OUT/bootstrap/CASE_dDRAW_bREPLICATES.json, then stop")
+    ap.add_argument("--single", nargs="+", metavar="ARG", help="CASE DRAW [DRAW ...]: single_network_probe of these "
+                    "draws' networks, compared with CASE_draws48 (else _draws24) in OUT/single/CASE.json, then stop")
+    ap.add_argument("--jitter", nargs="+", metavar="ARG", help="CASE DRAWS SCALE [SCALE ...]: jitter_probe, written to "
+                    "OUT/jitter/CASE.json, then stop")
     args = ap.parse_args(argv)
+    grid = {c.name: c for c in GRID + QUICK_GRID}
+    if args.single or args.jitter:
+        if not args.out:
+            ap.error("--single / --jitter need --out")
+        torch.set_num_threads(1)
+        out = Path(args.out)
+        if args.single:
+            name, draws = args.single[0], [int(d) for d in args.single[1:]]
+            ref = next((r for r in (f"{name}_draws48", f"{name}_draws24", name)
+                        if (out / "cases" / f"{r}.json").exists()), None)
+            if ref is None:
+                ap.error(f"--single {name}: no finished case of this recipe in {out / 'cases'} to compare with")
+            res = single_network_probe(grid[name], draws, out / "cases" / f"{ref}.parts")
+            res["comparison"] = {"against": ref, **compare_single(res, json.loads((out / "cases" / f"{ref}.json")
+                                                                                  .read_text()))}
+            path = out / "single" / f"{name}.json"
+        else:
+            name, draws, scales = args.jitter[0], int(args.jitter[1]), tuple(float(v) for v in args.jitter[2:])
+            res = jitter_probe(grid[name], scales, draws)
+            path = out / "jitter" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+        print(f"-> {path}", flush=True)
+        return
     if args.bootstrap:
         if not args.out:
             ap.error("--bootstrap needs --out")
