@@ -501,18 +501,19 @@ def compare_single(probe: dict, case_result: dict) -> dict:
     return out
 
 
-def jitter_probe(case: Case, scales: tuple[float, ...], draws: int = 3) -> dict:
+def jitter_probe(case: Case, scales: tuple[float, ...], draws: int | list[int] = 3) -> dict:
     """Is part of the noise-induced error independent of the noise level? Networks trained from the same
     initialisation on y~ + s eps_k (eps_k the unit noise of run_case's draw k, s in ``scales``) against the
     clean twin: RMS_i (f - f_clean) / s per scale (constant in s for a response linear in the noise; growing as
     s shrinks if training adds a jitter not proportional to the noise), and per draw the linear response of the
     network's own smoother: correlation and regression slope of f - f_clean on S eps, and the RMS of the
-    residual (f - f_clean - S eps) relative to RMS (f - f_clean)."""
+    residual (f - f_clean - S eps) relative to RMS (f - f_clean). ``draws``: draws 0 ... draws - 1, or these
+    draw indices."""
     x, clean = make_data(case)
     f_clean = _model_at(case, train(case, x, clean, 1)[-1])(x).detach()[:, 0]
     out: dict = {"case": case.name, "rows": []}
     for s in scales:
-        for k in range(draws):
+        for k in range(draws) if isinstance(draws, int) else draws:
             y = _draw_targets(case, clean, k, scale=s)
             model = _model_at(case, train(case, x, y, 1)[-1])
             f = model(x).detach()
@@ -747,8 +748,8 @@ def main(argv: list[str] | None = None) -> None:
                     "to OUT/bootstrap/CASE_dDRAW_bREPLICATES.json, then stop")
     ap.add_argument("--single", nargs="+", metavar="ARG", help="CASE DRAW [DRAW ...]: single_network_probe of these "
                     "draws' networks, compared with CASE_draws48 (else _draws24) in OUT/single/CASE.json, then stop")
-    ap.add_argument("--jitter", nargs="+", metavar="ARG", help="CASE DRAWS SCALE [SCALE ...]: jitter_probe, written to "
-                    "OUT/jitter/CASE.json, then stop")
+    ap.add_argument("--jitter", nargs="+", metavar="ARG", help="CASE DRAWS SCALE [SCALE ...]: jitter_probe (DRAWS: "
+                    "a count, or indices k1,k2,...), written to OUT/jitter/, then stop")
     args = ap.parse_args(argv)
     grid = {c.name: c for c in GRID + QUICK_GRID}
     if args.single or args.jitter:
@@ -767,9 +768,11 @@ def main(argv: list[str] | None = None) -> None:
                                                                                   .read_text()))}
             path = out / "single" / f"{name}.json"
         else:
-            name, draws, scales = args.jitter[0], int(args.jitter[1]), tuple(float(v) for v in args.jitter[2:])
+            name, ids, scales = args.jitter[0], args.jitter[1], tuple(float(v) for v in args.jitter[2:])
+            draws = int(ids) if "," not in ids else [int(k) for k in ids.split(",")]
             res = jitter_probe(grid[name], scales, draws)
-            path = out / "jitter" / f"{name}.json"
+            stem = name if isinstance(draws, int) else f"{name}_d{ids.replace(',', '-')}"
+            path = out / "jitter" / f"{stem}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res))
         print(f"-> {path}", flush=True)
