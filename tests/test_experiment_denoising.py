@@ -59,6 +59,13 @@ def test_quick_run_reproduces_the_validated_effects(tmp_path):
     single = exp.compare_single(probe, case)
     assert single["raw"]["per_draw"][0] == pytest.approx(lin["leave_one_out"]["per_draw"][1])
     assert single["raw"]["gain_over_raw_mean"] == 0 and "oracle_x_h0.1" in single
+    # The per-draw offset check: the offset is the draw's mean deviation; for this nearly linear network it
+    # follows the noise's own mean (eps regenerated from run_case's seeds), and centring removes it.
+    off = exp.offset_check(case)
+    dev = np.array(case["f_draws"]) - np.array(case["f_clean"])
+    assert off["offset_rms"] == pytest.approx(np.sqrt((dev.mean(1) ** 2).mean()))
+    assert off["offset_vs_noise_mean_corr"] > 0.8 and off["excess_offset_rms"] < off["noise_mean_rms"]
+    assert off["raw"]["cross_fitted_halves"] == pytest.approx(halves["mean"])
     # The parametric bootstrap retrains the protocol's own draw (same seeds: the same network) and, for these
     # nearly linear networks, its RMS matches the linearized prediction of the same network.
     boot = exp.bootstrap_prediction(exp.QUICK_GRID[0], draw=1, replicates=3)

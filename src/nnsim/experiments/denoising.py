@@ -296,6 +296,37 @@ def _ranking_reliability(c: dict) -> None:
     c["reliability"] = out
 
 
+def offset_check(c: dict) -> dict:
+    """How much of a case's measured per-sample error is a per-draw constant offset, and is it the noise's own
+    (issue 12, the sigma = 0.1 puzzle)? For a linear smoother that passes constants the offset of draw k,
+    mean_i (f_k,i - f_clean,i), is about mean_i eps_k,i; ``excess_offset_rms`` is the RMS over draws of the
+    difference. Next to it: the split-half of each disjoint half of the draws, and the split-half, the
+    cross-fitted halves and the one-network Spearman of the linearized prediction against the actual error
+    with each draw's offset removed (``centred``)."""
+    case = Case(**c["case"])
+    x, clean = make_data(case)
+    D = np.array(c["f_draws"]) - np.array(c["f_clean"])  # [draws, N]
+    offset = D.mean(1)
+    noise_mean = np.array([float((_draw_targets(case, clean, k) - clean).mean()) for k in range(len(D))])
+    P = np.array(c["per_draw_pred"]["linearized_ridge"]) ** 2
+    h = len(D) // 2
+    out: dict = {"draws": len(D), "offset_share_of_rms": float(np.sqrt((offset**2).mean() / (D**2).mean())),
+                 "offset_rms": float(np.sqrt((offset**2).mean())),
+                 "noise_mean_rms": float(np.sqrt((noise_mean**2).mean())),
+                 "offset_vs_noise_mean_corr": float(np.corrcoef(offset, noise_mean)[0, 1]),
+                 "excess_offset_rms": float(np.sqrt(((offset - noise_mean) ** 2).mean())),
+                 "split_half_each_half": [_reliability.split_half(D[:h] ** 2)["mean"],
+                                          _reliability.split_half(D[h:] ** 2)["mean"]],
+                 "per_draw_rms_max_over_median": float(np.sqrt((D**2).mean(1)).max() / np.median(
+                     np.sqrt((D**2).mean(1))))}
+    for name, dev in (("raw", D), ("centred", D - offset[:, None])):
+        sc = dev**2
+        out[name] = {"split_half": _reliability.split_half(sc)["mean"],
+                     "cross_fitted_halves": _reliability.cross_fitted_halves(sc, P)["mean"],
+                     "one_network": _reliability.leave_one_out(sc, P)["mean"]}
+    return out
+
+
 def ranking_table(cases: dict, methods: tuple[str, ...] = ("paper_true_sigma", "linearized_ridge")) -> str:
     """The markdown table of the ranking against the actual error's reliability (cases with ``reliability``)."""
     head = ("| case | draws | split-half (first half vs second; mean over splits ± sd) | reliability (Spearman-Brown)"
@@ -718,6 +749,8 @@ def run(out: Path, quick: bool, log=print, only: list[str] | None = None, assemb
     for c in results["cases"].values():
         _paper_trusted(c)
         _ranking_reliability(c)
+    results["offsets"] = {n: offset_check(c) for n, c in results["cases"].items() if "per_draw_pred" in c
+                          and c["case"]["draws"] >= 48}
     bulky = ("x", "neighbors_ridge", "neighbors_paper", "cancellation", "f_draws", "f_clean", "per_draw_pred")
     summary = {n: {k: v for k, v in c.items() if not k.startswith("per_sample") and k not in bulky}
                for n, c in results["cases"].items()}
