@@ -66,6 +66,10 @@ def test_quick_run_reproduces_the_validated_effects(tmp_path):
     assert off["offset_rms"] == pytest.approx(np.sqrt((dev.mean(1) ** 2).mean()))
     assert off["offset_vs_noise_mean_corr"] > 0.8 and off["excess_offset_rms"] < off["noise_mean_rms"]
     assert off["raw"]["cross_fitted_halves"] == pytest.approx(halves["mean"])
+    # The initial-kernel smoother (shared by all draws) against the trained one: same scoring as above.
+    k0 = exp.init_kernel_check(case)
+    assert k0["trained_kernel"]["one_network"] == pytest.approx(lin["leave_one_out"]["mean"])
+    assert -1 <= k0["init_kernel"]["one_network"] <= 1 and k0["init_kernel"]["calibration"] > 0
     # The parametric bootstrap retrains the protocol's own draw (same seeds: the same network) and, for these
     # nearly linear networks, its RMS matches the linearized prediction of the same network.
     boot = exp.bootstrap_prediction(exp.QUICK_GRID[0], draw=1, replicates=3)

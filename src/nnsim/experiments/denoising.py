@@ -327,6 +327,30 @@ def offset_check(c: dict) -> dict:
     return out
 
 
+def init_kernel_check(c: dict) -> dict:
+    """A single-network prediction free of the network's draw-to-draw feature noise: the ridge smoother of the
+    kernel at the (shared) initialisation, K_0, with lambda and sigma_hat fitted to each draw's network f_k and
+    targets y_k (label-free when the initialisation is known). Against the linearized prediction of the
+    trained kernel: one network vs the other draws (``leave_one_out``), the cross-fitted halves, calibration."""
+    case = Case(**c["case"])
+    x, clean = make_data(case)
+    spec = linearized.exact_spectrum(nnsim.Similarity(make_model(case), progress=False).kernel(x)[..., 0, 0])
+    F = np.array(c["f_draws"])
+    scores = (F - np.array(c["f_clean"])) ** 2
+    p0 = []
+    for k in range(len(F)):
+        fit = linearized.linearized_fit(spec, _draw_targets(case, clean, k), torch.from_numpy(F[k])[:, None])
+        p0.append((fit.noise_std**2 * fit.factor_matrix[:, 0, 0]).numpy())
+    out = {}
+    for name, pred in (("trained_kernel", np.array(c["per_draw_pred"]["linearized_ridge"]) ** 2),
+                       ("init_kernel", np.array(p0))):
+        lo = _reliability.leave_one_out(scores, pred)
+        out[name] = {"one_network": lo["mean"], "one_network_sd": lo["sd"], "rel_single": lo["rel_single"],
+                     "cross_fitted_halves": _reliability.cross_fitted_halves(scores, pred)["mean"],
+                     "calibration": float(np.sqrt(pred.mean() / scores.mean()))}
+    return out
+
+
 def ranking_table(cases: dict, methods: tuple[str, ...] = ("paper_true_sigma", "linearized_ridge")) -> str:
     """The markdown table of the ranking against the actual error's reliability (cases with ``reliability``)."""
     head = ("| case | draws | split-half (first half vs second; mean over splits ± sd) | reliability (Spearman-Brown)"
@@ -751,6 +775,8 @@ def run(out: Path, quick: bool, log=print, only: list[str] | None = None, assemb
         _ranking_reliability(c)
     results["offsets"] = {n: offset_check(c) for n, c in results["cases"].items() if "per_draw_pred" in c
                           and c["case"]["draws"] >= 48}
+    results["init_kernel"] = {n: init_kernel_check(c) for n, c in results["cases"].items()
+                              if "per_draw_pred" in c and c["case"]["draws"] >= 48}
     bulky = ("x", "neighbors_ridge", "neighbors_paper", "cancellation", "f_draws", "f_clean", "per_draw_pred")
     summary = {n: {k: v for k, v in c.items() if not k.startswith("per_sample") and k not in bulky}
                for n, c in results["cases"].items()}
