@@ -19,6 +19,12 @@ frequencies. Protocol, for every case:
 
 A scale section times the Nystroem version at N = 10 000 and measures its error against the exact one.
 
+The ranking goal is tested without shared draw noise on ``*_draws48`` cases (prediction from draws 0-23 against
+the actual error of draws 24-47, ``_reliability.cross_fitted_halves``; one network against the other draws,
+``_reliability.leave_one_out``), with probes of one network's prediction noise (``--single``:
+``single_network_probe``; ``init_kernel_check``) and of a training jitter not proportional to sigma
+(``--jitter``: ``jitter_probe``; ``offset_check``).
+
 Writes to ``--out``: ``cases/<name>.json`` (one per case; a rerun skips finished cases, so an interrupted
 run resumes), ``results.json`` (every number the docs quote) and the figures ``denoising_calibration.png``,
 ``denoising_effect.png``, ``denoising_summary.png``.
