@@ -95,7 +95,7 @@ GRID_DRAWS24 = tuple(replace(c, name=f"{c.name}_draws24", draws=24, checkpoints=
 # of draws 24-47, see _reliability.cross_fitted_halves); the first 24 draws are the 24-draw case's (same seeds),
 # so their saved parts are reused (hard-linked) instead of recomputed.
 GRID_DRAWS48 = tuple(replace(c, name=f"{c.name}_draws48", draws=48, checkpoints=False) for c in GRID
-                     if c.name in ("base", "2d", "n800", "freq4", "n100", "sigma1.0", "sigma0.1"))
+                     if c.name in ("base", "2d", "n800", "freq4", "n100", "sigma1.0", "sigma0.1", "2d_n800"))
 GRID = GRID + GRID_DRAWS24 + GRID_DRAWS48
 QUICK_GRID = (replace(BASE, name="quick_1d", n=120, width=32, steps=800, checkpoints=False),)
 
