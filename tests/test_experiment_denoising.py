@@ -41,6 +41,35 @@ def test_quick_run_reproduces_the_validated_effects(tmp_path):
     assert lin["rel_pred_measured"] and lin["spearman"] == pytest.approx(ridge["spearman"])
     assert lin["disattenuated"] == pytest.approx(lin["spearman"] / (r["rel_actual"] * lin["rel_pred"]) ** 0.5)
     assert "| quick_1d | 6 |" in (tmp_path / "ranking_table.md").read_text()
+    # Without shared noise: the prediction of draws 0-2 against the actual of draws 3-5 and back, and one draw's
+    # prediction against the other five draws' actual (recomputed here from the stored per-draw data).
+    scores = (np.array(case["f_draws"]) - np.array(case["f_clean"])) ** 2
+    pred = np.array(case["per_draw_pred"]["linearized_ridge"]) ** 2
+    halves = lin["cross_fitted_halves"]
+    assert halves["a_to_b"] == pytest.approx(exp.spearman(pred[:3].mean(0), scores[3:].mean(0)))
+    assert halves["b_to_a"] == pytest.approx(exp.spearman(pred[3:].mean(0), scores[:3].mean(0)))
+    assert lin["leave_one_out"]["per_draw"][4] == pytest.approx(exp.spearman(pred[4], np.delete(scores, 4, 0).mean(0)))
+    assert "cross-fitted halves" in (tmp_path / "ranking_table.md").read_text()
+    # One network's label-free variants: the retrained draw is the stored network (bitwise) and its raw prediction
+    # the stored one; every variant is a positive [N] profile, compared with the other draws' actual error.
+    probe = exp.single_network_probe(exp.QUICK_GRID[0], [1], tmp_path / "cases" / "quick_1d.parts", neighbours=(5,))
+    assert probe["f_bitwise"] == [True] and probe["raw_max_rel_diff"][0] < 1e-9
+    assert set(probe["variants"]) == {"raw", "smooth_S2", "smooth_ntk5", "checkpoints"}
+    assert all(np.all(np.array(v) > 0) and np.shape(v) == (1, exp.QUICK_GRID[0].n) for v in probe["variants"].values())
+    single = exp.compare_single(probe, case)
+    assert single["raw"]["per_draw"][0] == pytest.approx(lin["leave_one_out"]["per_draw"][1])
+    assert single["raw"]["gain_over_raw_mean"] == 0 and "oracle_x_h0.1" in single
+    # The per-draw offset check: the offset is the draw's mean deviation; for this nearly linear network it
+    # follows the noise's own mean (eps regenerated from run_case's seeds), and centring removes it.
+    off = exp.offset_check(case)
+    dev = np.array(case["f_draws"]) - np.array(case["f_clean"])
+    assert off["offset_rms"] == pytest.approx(np.sqrt((dev.mean(1) ** 2).mean()))
+    assert off["offset_vs_noise_mean_corr"] > 0.8 and off["excess_offset_rms"] < off["noise_mean_rms"]
+    assert off["raw"]["cross_fitted_halves"] == pytest.approx(halves["mean"])
+    # The initial-kernel smoother (shared by all draws) against the trained one: same scoring as above.
+    k0 = exp.init_kernel_check(case)
+    assert k0["trained_kernel"]["one_network"] == pytest.approx(lin["leave_one_out"]["mean"])
+    assert -1 <= k0["init_kernel"]["one_network"] <= 1 and k0["init_kernel"]["calibration"] > 0
     # The parametric bootstrap retrains the protocol's own draw (same seeds: the same network) and, for these
     # nearly linear networks, its RMS matches the linearized prediction of the same network.
     boot = exp.bootstrap_prediction(exp.QUICK_GRID[0], draw=1, replicates=3)
@@ -81,3 +110,7 @@ def test_alignment_diagnostic_finds_the_networks_noise_response_linear():
     assert 0.8 < row["S_eps_over_actual"] < 1.25 and 0.8 < row["coef"] < 1.25
     assert row["A"] > 0 and 0 < row["B"] and row["dof"] > 1
     assert 0.5 < row["realized_over_actual"] < 2 and 0.5 < row["linearized_over_actual"] < 2
+    # the jitter probe at the case's own noise level, draw 0: the same linear response
+    (jit,) = exp.jitter_probe(exp.QUICK_GRID[0], (exp.QUICK_GRID[0].sigma,), draws=1)["rows"]
+    assert jit["slope"] == pytest.approx(row["coef"]) and jit["corr"] > 0.9 and jit["residual_over_rms"] < 0.5
+    assert jit["rms_over_scale"] == pytest.approx(row["actual_rms"] / exp.QUICK_GRID[0].sigma)

@@ -82,3 +82,49 @@ def test_formulas_and_splits():
     assert len(rep["blocks"]) == 2
     with pytest.raises(ValueError, match="one prediction per draw"):
         rel.ranking_reliability(scores, t, scores[:6])
+
+
+def _noisy(t: np.ndarray, draws: int, reliability: float, seed: int) -> np.ndarray:
+    """Per-draw scores t + e whose mean over ``draws`` has the given reliability (e independent of t)."""
+    rng = np.random.default_rng(seed)
+    return t + math.sqrt(draws * (1 / reliability - 1)) * rng.standard_normal((draws, len(t)))
+
+
+def test_full_length_cross_fit_matches_the_written_out_spearman():
+    """Prediction of draws 0-11 against the actual of draws 12-23 and back: the Spearman of a bivariate normal
+    whose correlation is sqrt(half-length reliability of the actual x of the prediction)."""
+    t, scores = _measured(4000, 24, 0.6, seed=4)
+    pred_scores = _noisy(t, 24, 0.8, seed=5)
+    rep = rel.cross_fitted_halves(scores, pred_scores)
+    half_a, half_p = 0.6 / (2 - 0.6), 0.8 / (2 - 0.8)  # Spearman-Brown backwards to 12 draws
+    assert rep["half"] == 12 and rep["draws"] == 24
+    assert rep["mean"] == pytest.approx(_spearman_of_normal(math.sqrt(half_a * half_p)), abs=0.03)
+    assert rep["a_to_b"] == pytest.approx(rep["b_to_a"], abs=0.05)
+    assert rep["same"] == pytest.approx(rep["mean"], abs=0.03)  # no shared noise: same half = cross-fitted
+    assert rep["split_half_actual"] == pytest.approx(_spearman_of_normal(half_a), abs=0.03)
+    assert rep["ceiling"] == pytest.approx(_spearman_of_normal(math.sqrt(half_a)), abs=0.03)
+    assert rep["disattenuated"] == pytest.approx(1.0, abs=0.06)
+    # a prediction that shares each draw's measurement noise ranks better on its own half only
+    shared = 0.5 * scores + 0.5 * _noisy(t, 24, 0.8, seed=6)
+    rep = rel.cross_fitted_halves(scores, shared)
+    assert rep["same"] > rep["mean"] + 0.1
+    with pytest.raises(ValueError, match="one prediction per draw"):
+        rel.cross_fitted_halves(scores, pred_scores[:12])
+
+
+def test_leave_one_out_is_one_draws_prediction_against_the_others():
+    t, scores = _measured(3000, 24, 0.6, seed=8)
+    pred_scores = _noisy(t, 24, 0.9, seed=9)  # one draw alone: reliability 0.9 / (24 - 23 * 0.9) = 0.27
+    rep = rel.leave_one_out(scores, pred_scores)
+    rel_23 = rel.spearman_brown(0.6, 23 / 24)
+    rel_1 = rel.spearman_brown(0.9, 1 / 24)
+    assert rep["rel_actual"] == pytest.approx(rel_23, abs=0.05)
+    assert rep["rel_single"] == pytest.approx(rel_1, abs=0.04)
+    assert rep["mean"] == pytest.approx(_spearman_of_normal(math.sqrt(rel_23 * rel_1)), abs=0.03)
+    assert rep["disattenuated"] == pytest.approx(1.0, abs=0.1)
+    # per draw: exactly the Spearman against the mean of the other 23 draws
+    k = 5
+    assert rep["per_draw"][k] == pytest.approx(rel.spearman(pred_scores[k], np.delete(scores, k, 0).mean(0)))
+    assert len(rep["per_draw"]) == 24 and rep["min"] <= rep["mean"] <= rep["max"]
+    with pytest.raises(ValueError, match="draws >= 4"):
+        rel.leave_one_out(scores[:3], pred_scores[:3])

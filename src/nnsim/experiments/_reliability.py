@@ -137,3 +137,57 @@ def ranking_reliability(actual_scores: np.ndarray, predicted: np.ndarray, pred_s
         out["blocks"] = [spearman(predicted if pred_scores is None else pred_scores[b:b + block].mean(0),
                                   actual_scores[b:b + block].mean(0)) for b in starts]
     return out
+
+
+def cross_fitted_halves(actual_scores: np.ndarray, pred_scores: np.ndarray) -> dict[str, float]:
+    """The ranking without shared draw noise at full half-length, on the fixed split draws 0 ... k/2 - 1 (A)
+    against the rest (B): Spearman(prediction of A, actual of B) and the reverse (``a_to_b``, ``b_to_a``,
+    their ``mean``), next to the same-half Spearmans (``same``: mean of A vs A and B vs B).
+
+    Each half-length mean is a measurement of reliability r_half (the split-half correlation of this split:
+    ``split_half_actual``, ``split_half_pred``), so a perfect predictor reaches ``ceiling`` = sqrt(r_half of
+    the actual) against the half-length actual, and ``disattenuated`` = mean / sqrt(r_half actual x r_half
+    pred) is the ranking of the expected prediction against the expected error (no shared noise in it).
+    actual_scores, pred_scores: [draws, N] per-draw squared deviations / squared predictions."""
+    actual_scores = np.asarray(actual_scores, dtype=np.float64)
+    pred_scores = np.asarray(pred_scores, dtype=np.float64)
+    if pred_scores.shape != actual_scores.shape or len(actual_scores) < 2:
+        raise ValueError(f"pred_scores {pred_scores.shape} and actual_scores {actual_scores.shape} must have the same "
+                         "shape [draws >= 2, N]: one prediction per draw and sample")
+    first = np.arange(len(actual_scores) // 2)
+    pa, pb = _halves(pred_scores, first)
+    aa, ab = _halves(actual_scores, first)
+    out = {"draws": len(actual_scores), "half": len(first), "a_to_b": spearman(pa, ab), "b_to_a": spearman(pb, aa),
+           "same": (spearman(pa, aa) + spearman(pb, ab)) / 2, "split_half_actual": spearman(aa, ab),
+           "split_half_pred": spearman(pa, pb)}
+    out["mean"] = (out["a_to_b"] + out["b_to_a"]) / 2
+    out["ceiling"] = ceiling(out["split_half_actual"])
+    out["disattenuated"] = disattenuated(out["mean"], out["split_half_actual"], out["split_half_pred"])
+    return out
+
+
+def leave_one_out(actual_scores: np.ndarray, pred_scores: np.ndarray) -> dict:
+    """What one network's prediction ranks: for every draw k, Spearman(prediction of draw k alone, actual error
+    from the other draws), so that no draw noise is shared (``per_draw`` [draws], its ``mean``, ``sd``, ``min``,
+    ``max``).
+
+    ``ceiling``: what a perfect predictor reaches against a (draws - 1)-draw actual, sqrt of the Spearman-Brown
+    extension of the mean split-half to draws - 1 draws; ``rel_single``: one draw's prediction's reliability
+    (the mean split-half of the predictions shortened to 1 draw, Spearman-Brown backwards); ``disattenuated``:
+    mean / sqrt(rel_actual(draws - 1) x rel_single), the single prediction's *expected* profile against the
+    expected error; the gap between ``mean`` and what the expected profile reaches is a single prediction's own
+    noise."""
+    actual_scores = np.asarray(actual_scores, dtype=np.float64)
+    pred_scores = np.asarray(pred_scores, dtype=np.float64)
+    if pred_scores.shape != actual_scores.shape or len(actual_scores) < 4:
+        raise ValueError(f"pred_scores {pred_scores.shape} and actual_scores {actual_scores.shape} must have the same "
+                         "shape [draws >= 4, N]: one prediction per draw and sample")
+    d = len(actual_scores)
+    total = actual_scores.sum(0)
+    rs = np.array([spearman(pred_scores[k], (total - actual_scores[k]) / (d - 1)) for k in range(d)])
+    half = d // 2
+    rel_actual = spearman_brown(split_half(actual_scores)["mean"], (d - 1) / half)
+    rel_single = spearman_brown(split_half(pred_scores)["mean"], 1 / half)
+    return {"draws": d, "per_draw": rs.tolist(), "mean": float(rs.mean()), "sd": float(rs.std()),
+            "min": float(rs.min()), "max": float(rs.max()), "rel_actual": rel_actual, "ceiling": ceiling(rel_actual),
+            "rel_single": rel_single, "disattenuated": disattenuated(float(rs.mean()), rel_actual, rel_single)}

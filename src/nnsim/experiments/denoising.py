@@ -19,6 +19,12 @@ frequencies. Protocol, for every case:
 
 A scale section times the Nystroem version at N = 10 000 and measures its error against the exact one.
 
+The ranking goal is tested without shared draw noise on ``*_draws48`` cases (prediction from draws 0-23 against
+the actual error of draws 24-47, ``_reliability.cross_fitted_halves``; one network against the other draws,
+``_reliability.leave_one_out``), with probes of one network's prediction noise (``--single``:
+``single_network_probe``; ``init_kernel_check``) and of a training jitter not proportional to sigma
+(``--jitter``: ``jitter_probe``; ``offset_check``).
+
 Writes to ``--out``: ``cases/<name>.json`` (one per case; a rerun skips finished cases, so an interrupted
 run resumes), ``results.json`` (every number the docs quote) and the figures ``denoising_calibration.png``,
 ``denoising_effect.png``, ``denoising_summary.png``.
@@ -85,7 +91,12 @@ GRID = (
 # 6 are the 6-draw case's draws (same seeds); no checkpoint kernels (they never changed the ranking by > 0.05).
 GRID_DRAWS24 = tuple(replace(c, name=f"{c.name}_draws24", draws=24, checkpoints=False) for c in GRID
                      if c.name in ("base", "sigma0.1", "n100", "sigma1.0", "freq4", "n800", "2d", "2d_n800"))
-GRID = GRID + GRID_DRAWS24
+# Twice as long again (the ranking goal without shared noise: prediction from draws 0-23 against the actual error
+# of draws 24-47, see _reliability.cross_fitted_halves); the first 24 draws are the 24-draw case's (same seeds),
+# so their saved parts are reused (hard-linked) instead of recomputed.
+GRID_DRAWS48 = tuple(replace(c, name=f"{c.name}_draws48", draws=48, checkpoints=False) for c in GRID
+                     if c.name in ("base", "2d", "n800", "freq4", "n100", "sigma1.0", "sigma0.1", "2d_n800"))
+GRID = GRID + GRID_DRAWS24 + GRID_DRAWS48
 QUICK_GRID = (replace(BASE, name="quick_1d", n=120, width=32, steps=800, checkpoints=False),)
 
 
@@ -284,8 +295,66 @@ def _ranking_reliability(c: dict) -> None:
         for k in ("draws", "split_half_first", "split_half", "split_half_sd", "rel_actual", "ceiling"):
             out[k] = rep.pop(k)
         rep["rel_pred_measured"] = pred_scores is not None
+        if pred_scores is not None:  # without shared draw noise: halves 0..k/2-1 vs the rest; one network alone
+            rep["cross_fitted_halves"] = _reliability.cross_fitted_halves(scores, pred_scores)
+            rep["leave_one_out"] = _reliability.leave_one_out(scores, pred_scores)
         out["methods"][m] = rep
     c["reliability"] = out
+
+
+def offset_check(c: dict) -> dict:
+    """How much of a case's measured per-sample error is a per-draw constant offset, and is it the noise's own
+    (issue 12, the sigma = 0.1 puzzle)? For a linear smoother that passes constants the offset of draw k,
+    mean_i (f_k,i - f_clean,i), is about mean_i eps_k,i; ``excess_offset_rms`` is the RMS over draws of the
+    difference. Next to it: the split-half of each disjoint half of the draws, and the split-half, the
+    cross-fitted halves and the one-network Spearman of the linearized prediction against the actual error
+    with each draw's offset removed (``centred``)."""
+    case = Case(**c["case"])
+    x, clean = make_data(case)
+    D = np.array(c["f_draws"]) - np.array(c["f_clean"])  # [draws, N]
+    offset = D.mean(1)
+    noise_mean = np.array([float((_draw_targets(case, clean, k) - clean).mean()) for k in range(len(D))])
+    P = np.array(c["per_draw_pred"]["linearized_ridge"]) ** 2
+    h = len(D) // 2
+    out: dict = {"draws": len(D), "offset_share_of_rms": float(np.sqrt((offset**2).mean() / (D**2).mean())),
+                 "offset_rms": float(np.sqrt((offset**2).mean())),
+                 "noise_mean_rms": float(np.sqrt((noise_mean**2).mean())),
+                 "offset_vs_noise_mean_corr": float(np.corrcoef(offset, noise_mean)[0, 1]),
+                 "excess_offset_rms": float(np.sqrt(((offset - noise_mean) ** 2).mean())),
+                 "split_half_each_half": [_reliability.split_half(D[:h] ** 2)["mean"],
+                                          _reliability.split_half(D[h:] ** 2)["mean"]],
+                 "per_draw_rms_max_over_median": float(np.sqrt((D**2).mean(1)).max() / np.median(
+                     np.sqrt((D**2).mean(1))))}
+    for name, dev in (("raw", D), ("centred", D - offset[:, None])):
+        sc = dev**2
+        out[name] = {"split_half": _reliability.split_half(sc)["mean"],
+                     "cross_fitted_halves": _reliability.cross_fitted_halves(sc, P)["mean"],
+                     "one_network": _reliability.leave_one_out(sc, P)["mean"]}
+    return out
+
+
+def init_kernel_check(c: dict) -> dict:
+    """A single-network prediction free of the network's draw-to-draw feature noise: the ridge smoother of the
+    kernel at the (shared) initialisation, K_0, with lambda and sigma_hat fitted to each draw's network f_k and
+    targets y_k (label-free when the initialisation is known). Against the linearized prediction of the
+    trained kernel: one network vs the other draws (``leave_one_out``), the cross-fitted halves, calibration."""
+    case = Case(**c["case"])
+    x, clean = make_data(case)
+    spec = linearized.exact_spectrum(nnsim.Similarity(make_model(case), progress=False).kernel(x)[..., 0, 0])
+    F = np.array(c["f_draws"])
+    scores = (F - np.array(c["f_clean"])) ** 2
+    p0 = []
+    for k in range(len(F)):
+        fit = linearized.linearized_fit(spec, _draw_targets(case, clean, k), torch.from_numpy(F[k])[:, None])
+        p0.append((fit.noise_std**2 * fit.factor_matrix[:, 0, 0]).numpy())
+    out = {}
+    for name, pred in (("trained_kernel", np.array(c["per_draw_pred"]["linearized_ridge"]) ** 2),
+                       ("init_kernel", np.array(p0))):
+        lo = _reliability.leave_one_out(scores, pred)
+        out[name] = {"one_network": lo["mean"], "one_network_sd": lo["sd"], "rel_single": lo["rel_single"],
+                     "cross_fitted_halves": _reliability.cross_fitted_halves(scores, pred)["mean"],
+                     "calibration": float(np.sqrt(pred.mean() / scores.mean()))}
+    return out
 
 
 def ranking_table(cases: dict, methods: tuple[str, ...] = ("paper_true_sigma", "linearized_ridge")) -> str:
@@ -313,6 +382,21 @@ def ranking_table(cases: dict, methods: tuple[str, ...] = ("paper_true_sigma", "
             if "cross_fitted" in v:
                 rows.append(f"| {name} | {m} | {v['same_half']:.2f} | {v['cross_fitted']:.2f} | "
                             f"{v['cross_fitted_disattenuated']:.2f} |")
+    # The same without shared noise at full half-length (draws 0..k/2-1 against the rest) and for one network.
+    rows += ["", "| case | draws | method | same draws: Spearman (ceiling) | cross-fitted halves: pred A vs actual B, "
+             "B vs A; mean (ceiling √r_half) | disattenuated | one network vs the other draws: mean ± sd [min, max]"
+             " (ceiling) |", "|---|---|---|---|---|---|---|"]
+    for name, c in cases.items():
+        r = c.get("reliability", {})
+        for m in methods:
+            v = r.get("methods", {}).get(m, {})
+            if "cross_fitted_halves" not in v:
+                continue
+            h, lo = v["cross_fitted_halves"], v["leave_one_out"]
+            rows.append(f"| {name} | {r['draws']} | {m} | {v['spearman']:.2f} ({r['ceiling']:.2f}) | "
+                        f"{h['a_to_b']:.2f}, {h['b_to_a']:.2f}; **{h['mean']:.2f}** ({h['ceiling']:.2f}) | "
+                        f"{h['disattenuated']:.2f} | "
+                        f"{lo['mean']:.2f} ± {lo['sd']:.2f} [{lo['min']:.2f}, {lo['max']:.2f}] ({lo['ceiling']:.2f}) |")
     return "\n".join(rows) + "\n"
 
 
@@ -389,6 +473,122 @@ def diagnose_alignment(case: Case, draws: int = 2) -> list[dict]:
             "linearized_over_actual": fit.noise_std * float(fit.factor_matrix[:, 0, 0].mean().sqrt()) / actual,
             "realized_sigma_over_sigma": real_sigma / case.sigma, "realized_signal_directions": n_signal,
             "realized_over_actual": float(D[:, 0, 0].mean().sqrt()) / actual})
+    return out
+
+
+def _draw_targets(case: Case, clean: Tensor, k: int, scale: float | None = None) -> Tensor:
+    """The noisy targets of draw ``k`` as :func:`run_case` draws them (noise standard deviation ``scale``
+    instead of case.sigma when given: the same unit noise, rescaled)."""
+    g = torch.Generator().manual_seed(10_000 + case.seed)
+    for _ in range(k + 1):
+        eps = torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    return clean + (case.sigma if scale is None else scale) * eps
+
+
+def single_network_probe(case: Case, draws: list[int], parts: Path | None = None,
+                         neighbours: tuple[int, ...] = (10, 40)) -> dict:
+    """Label-free ways to reduce one network's prediction noise, for the networks of ``draws`` of ``case``
+    (retrained with run_case's seeds; issue 12). Per draw, the predicted error profile [N] of:
+
+    * ``raw``: the linearized ridge prediction sigma_hat sqrt(sum_j S_ij^2) (``method="linearized"``);
+    * ``smooth_S2``: its square averaged over the network's own smoother rows, p_i^2 <- sum_j W_ij p_j^2 with
+      W_ij = S_ij^2 / sum_l S_il^2 (the samples that move sample i's output);
+    * ``smooth_ntk<m>``: averaged over the m nearest neighbours (self included) in the normalised eNTK
+      K_ij / sqrt(K_ii K_jj) of the network;
+    * ``checkpoints``: the ridge prediction of the kernel averaged over 4 evenly spaced checkpoints of training.
+
+    With ``parts`` (the case's saved draws) each retrained network is checked against the saved one:
+    ``f_bitwise`` (the network's outputs identical) and ``raw_max_rel_diff`` (the prediction, to rounding).
+    Returns {variant: [len(draws), N]} and the checks."""
+    x, clean = make_data(case)
+    out: dict = {"draws": list(draws), "variants": {}, "f_bitwise": [], "raw_max_rel_diff": []}
+    for k in draws:
+        y = _draw_targets(case, clean, k)
+        states = train(case, x, y)
+        sim = nnsim.Similarity(_model_at(case, states[-1]), progress=False)
+        with torch.no_grad():
+            f = sim.model(x)
+        K = sim.kernel(x)[..., 0, 0]
+        spec = linearized.exact_spectrum(K)
+        fit = linearized.linearized_fit(spec, y, f)
+        S = spec.U @ torch.diag(linearized.filter_values(spec.ev, fit.lam, "ridge")) @ spec.U.T
+        p2 = fit.noise_std**2 * (S * S).sum(1)
+        variants = {"raw": p2, "smooth_S2": (S * S) @ p2 / (S * S).sum(1)}
+        cos = K / torch.outer(K.diagonal(), K.diagonal()).sqrt()
+        for m in neighbours:
+            idx = cos.topk(m, dim=1).indices  # [N, m], self first (cos_ii = 1)
+            variants[f"smooth_ntk{m}"] = p2[idx].mean(1)
+        Kc = sum(nnsim.Similarity(_model_at(case, st), progress=False).kernel(x)[..., 0, 0] for st in states) / len(
+            states)
+        ckpt = linearized.linearized_fit(linearized.exact_spectrum(Kc), y, f)
+        variants["checkpoints"] = ckpt.noise_std**2 * ckpt.factor_matrix[:, 0, 0]
+        for name, v in variants.items():
+            out["variants"].setdefault(name, []).append(v.sqrt().numpy().tolist())
+        if parts is not None and (parts / f"draw{k}.npz").exists():
+            with np.load(parts / f"draw{k}.npz") as z:
+                out["f_bitwise"].append(bool(np.array_equal(z["f"], f[:, 0].numpy())))
+                saved = z["linearized_ridge"]
+                out["raw_max_rel_diff"].append(float(np.abs(p2.sqrt().numpy() / saved - 1).max()))
+    return out
+
+
+def compare_single(probe: dict, case_result: dict) -> dict:
+    """Each variant of :func:`single_network_probe` against the actual error of the *other* draws of a case
+    (``run_case`` output of the same recipe): per draw Spearman(variant of draw k, actual without draw k), mean,
+    sd; and an oracle that smooths the raw prediction in x with a Gaussian of width h (does smoothing help at
+    all?)."""
+    F = np.array(case_result["f_draws"])
+    scores = (F - np.array(case_result["f_clean"])) ** 2
+    x = np.array(case_result["x"])
+    total = scores.sum(0)
+    others = {k: (total - scores[k]) / (len(F) - 1) for k in probe["draws"]}
+    out: dict = {"draws": len(F), "networks": len(probe["draws"])}
+    variants = {n: np.array(v) for n, v in probe["variants"].items()}
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    for h in (0.03, 0.1, 0.3):
+        W = np.exp(-d2 / (2 * h * h))
+        W /= W.sum(1, keepdims=True)
+        variants[f"oracle_x_h{h}"] = np.sqrt((W @ (variants["raw"] ** 2).T).T)
+    for name, v in variants.items():
+        rs = np.array([_reliability.spearman(v[i], others[k]) for i, k in enumerate(probe["draws"])])
+        out[name] = {"mean": float(rs.mean()), "sd": float(rs.std()), "per_draw": rs.tolist(),
+                     "gain_over_raw_mean": None}
+    raw = np.array(out["raw"]["per_draw"])
+    for name in out:
+        if isinstance(out[name], dict):
+            d = np.array(out[name]["per_draw"]) - raw
+            out[name]["gain_over_raw_mean"] = float(d.mean())
+            out[name]["gain_over_raw_sd"] = float(d.std())
+    return out
+
+
+def jitter_probe(case: Case, scales: tuple[float, ...], draws: int | list[int] = 3) -> dict:
+    """Is part of the noise-induced error independent of the noise level? Networks trained from the same
+    initialisation on y~ + s eps_k (eps_k the unit noise of run_case's draw k, s in ``scales``) against the
+    clean twin: RMS_i (f - f_clean) / s per scale (constant in s for a response linear in the noise; growing as
+    s shrinks if training adds a jitter not proportional to the noise), and per draw the linear response of the
+    network's own smoother: correlation and regression slope of f - f_clean on S eps, and the RMS of the
+    residual (f - f_clean - S eps) relative to RMS (f - f_clean). ``draws``: draws 0 ... draws - 1, or these
+    draw indices."""
+    x, clean = make_data(case)
+    f_clean = _model_at(case, train(case, x, clean, 1)[-1])(x).detach()[:, 0]
+    out: dict = {"case": case.name, "rows": []}
+    for s in scales:
+        for k in range(draws) if isinstance(draws, int) else draws:
+            y = _draw_targets(case, clean, k, scale=s)
+            model = _model_at(case, train(case, x, y, 1)[-1])
+            f = model(x).detach()
+            delta = f[:, 0] - f_clean
+            spec = linearized.exact_spectrum(nnsim.Similarity(model, progress=False).kernel(x)[..., 0, 0])
+            fit = linearized.linearized_fit(spec, y, f)
+            S_eps = spec.U @ (linearized.filter_values(spec.ev, fit.lam, "ridge") * (spec.U.T @ (y - clean)[:, 0]))
+            rms = float(delta.pow(2).mean().sqrt())
+            out["rows"].append({
+                "scale": s, "draw": k, "rms_over_scale": rms / s,
+                "corr": float(np.corrcoef(delta.numpy(), S_eps.numpy())[0, 1]),
+                "slope": float((delta @ S_eps) / (S_eps @ S_eps)),
+                "residual_over_rms": float((delta - S_eps).pow(2).mean().sqrt()) / rms,
+                "dof": fit.trace, "sigma_hat_over_scale": fit.noise_std / s})
     return out
 
 
@@ -579,12 +779,20 @@ def run(out: Path, quick: bool, log=print, only: list[str] | None = None, assemb
     for c in results["cases"].values():
         _paper_trusted(c)
         _ranking_reliability(c)
+    results["offsets"] = {n: offset_check(c) for n, c in results["cases"].items() if "per_draw_pred" in c
+                          and c["case"]["draws"] >= 48}
+    results["init_kernel"] = {n: init_kernel_check(c) for n, c in results["cases"].items()
+                              if "per_draw_pred" in c and c["case"]["draws"] >= 48}
     bulky = ("x", "neighbors_ridge", "neighbors_paper", "cancellation", "f_draws", "f_clean", "per_draw_pred")
     summary = {n: {k: v for k, v in c.items() if not k.startswith("per_sample") and k not in bulky}
                for n, c in results["cases"].items()}
     # the parametric-bootstrap checks run with --bootstrap (their comparisons, not the per-sample data)
     results["bootstrap"] = {p.stem: json.loads(p.read_text()).get("comparison")
                             for p in sorted((out / "bootstrap").glob("*.json"))}
+    # one network's label-free variants (--single) and the noise-level probe (--jitter)
+    results["single_network"] = {p.stem: json.loads(p.read_text()).get("comparison")
+                                 for p in sorted((out / "single").glob("*.json"))}
+    results["jitter"] = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jitter").glob("*.json"))}
     (out / "results.json").write_text(json.dumps({**results, "cases": summary}, indent=1))
     (out / "ranking_table.md").write_text(ranking_table(results["cases"]))
     _figures(results, out)
@@ -603,7 +811,37 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bootstrap", nargs=3, metavar=("CASE", "DRAW", "REPLICATES"),
                     help="the parametric-bootstrap prediction of one draw's network (bootstrap_prediction), written "
                     "to OUT/bootstrap/CASE_dDRAW_bREPLICATES.json, then stop")
+    ap.add_argument("--single", nargs="+", metavar="ARG", help="CASE DRAW [DRAW ...]: single_network_probe of these "
+                    "draws' networks, compared with CASE_draws48 (else _draws24) in OUT/single/CASE.json, then stop")
+    ap.add_argument("--jitter", nargs="+", metavar="ARG", help="CASE DRAWS SCALE [SCALE ...]: jitter_probe (DRAWS: "
+                    "a count, or indices k1,k2,...), written to OUT/jitter/, then stop")
     args = ap.parse_args(argv)
+    grid = {c.name: c for c in GRID + QUICK_GRID}
+    if args.single or args.jitter:
+        if not args.out:
+            ap.error("--single / --jitter need --out")
+        torch.set_num_threads(1)
+        out = Path(args.out)
+        if args.single:
+            name, draws = args.single[0], [int(d) for d in args.single[1:]]
+            ref = next((r for r in (f"{name}_draws48", f"{name}_draws24", name)
+                        if (out / "cases" / f"{r}.json").exists()), None)
+            if ref is None:
+                ap.error(f"--single {name}: no finished case of this recipe in {out / 'cases'} to compare with")
+            res = single_network_probe(grid[name], draws, out / "cases" / f"{ref}.parts")
+            res["comparison"] = {"against": ref, **compare_single(res, json.loads((out / "cases" / f"{ref}.json")
+                                                                                  .read_text()))}
+            path = out / "single" / f"{name}.json"
+        else:
+            name, ids, scales = args.jitter[0], args.jitter[1], tuple(float(v) for v in args.jitter[2:])
+            draws = int(ids) if "," not in ids else [int(k) for k in ids.split(",")]
+            res = jitter_probe(grid[name], scales, draws)
+            stem = name if isinstance(draws, int) else f"{name}_d{ids.replace(',', '-')}"
+            path = out / "jitter" / f"{stem}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+        print(f"-> {path}", flush=True)
+        return
     if args.bootstrap:
         if not args.out:
             ap.error("--bootstrap needs --out")

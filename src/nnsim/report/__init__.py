@@ -422,6 +422,8 @@ def _denoising_note(summary: dict[str, Any]) -> str:
                  "was validated: on 1-D/2-D tanh-MLP regressions, against a clean-label twin and 6 noise draws, "
                  "the predicted RMS error was 0.83-1.00 of the actual one and \u03c3\u0302 within 6 % of \u03c3 "
                  "in 1-D, but only 0.65-0.69 of it in 2-D (\u03c3\u0302 4-18 % low); "
-                 "its per-sample ranking is moderate (Spearman 0.3-0.8); see docs/experiments/denoising.md in the "
+                 "one network's per-sample ranking is weak to moderate (Spearman 0.2-0.6 against a 47-draw "
+                 "actual error; 0.4-0.8 for a prediction averaged over 24 networks against 24 others); see "
+                 "docs/experiments/denoising.md in the "
                  "nnsim repository. Not validated on classifiers or other architectures.")
     return note
