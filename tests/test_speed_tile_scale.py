@@ -159,3 +159,22 @@ def test_small_factors_are_mixed_when_that_is_cheaper(monkeypatch):
     got = nnsim.Similarity(model, progress=False).similarity(x)
     assert decided[20] == [False]
     assert rel_err(got, _oracle(model, x, x)[..., 0, 0]) < 1e-10
+
+
+def test_tiles_are_not_scaled_where_the_pairwise_products_would_underflow():
+    # an Outer factor with large inputs and tiny signals (float32): its K(x, x) is an ordinary number, but the
+    # signal products delta_i . delta_j of its pairwise Gram underflow to zero; mixed first (unit norm) they would
+    # not. The range guard must keep the mix.
+    from nnsim.engine.request import Form, Quantity, Request
+    from nnsim.factors import Outer, gram
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 1, 1, 32, generator=g, dtype=torch.float64) * 1e10
+    delta = torch.randn(6, 1, 1, 1, 40, generator=g, dtype=torch.float64) * 1e-24
+    f64 = Outer("l", a, delta, ("w", torch.Size([40, 32])))
+    f32 = Outer("l", a.float(), delta.float(), ("w", torch.Size([40, 32])))
+    truth = gram([f64], [f64], "trace")
+    assert bool((gram([f32], [f32], "trace") == 0).all()) and bool((truth != 0).all())  # the hazard is real
+    request = Request(Quantity.SIMILARITY, Form.TRACE)
+    assert not chunks._scales_tiles(request, [f32], truth.diagonal().float()[:, None, None], 1)
+    ok = Outer("l", (a / 1e10).float(), (delta / 1e-24).float(), ("w", torch.Size([40, 32])))
+    assert chunks._scales_tiles(request, [ok], (truth.diagonal() / 1e-28).float()[:, None, None], 1)

@@ -49,6 +49,7 @@ class Factor(Protocol):
     def positions(self) -> int: ...  # T of a sum over positions; 1 for an explicit gradient
     @property
     def elements(self) -> int: ...  # entries per sample and output that ``mix`` combines (n, or G T n)
+    def gram_range(self) -> tuple[float, float]: ...  # (largest squared operand norm, underflow loss / tiny)
     @property
     def device(self) -> torch.device: ...
     @property
@@ -171,6 +172,12 @@ class Dense(_Batched):
     def prefers_dense(self, mode: str, partners: int = 0) -> bool:
         return False
 
+    def gram_range(self) -> tuple[float, float]:
+        """(largest per-sample squared norm of an operand of this factor's Gram products, L): a Gram entry loses
+        at most L * tiny to products that underflow. The Gram multiplies the gradients themselves, whose norms
+        K(x, x) bounds already (0), through d n products per entry."""
+        return 0.0, float(self.g.shape[1] * self.g.shape[2])
+
     def compact(self) -> Dense:
         return self
 
@@ -269,6 +276,21 @@ class Outer(_Batched):
             return False
         explicit, pairwise = self.costs(mode, partners)
         return explicit < pairwise
+
+    def gram_range(self) -> tuple[float, float]:
+        """As :meth:`Dense.gram_range`; the pairwise Gram multiplies inputs and signals apart, so their own
+        ranges matter: with A, D the largest per-sample squared norms of a (a one-hot row: 1) and delta, a
+        product a_it . a_js (inner size m) or delta_it . delta_js (inner size d n) that underflows loses at most
+        tiny times the other one, summed over the G T^2 position pairs: L = G T^2 (d n A + m D)."""
+        B, d, G, T, n = self.delta.shape
+        if B == 0:
+            return 0.0, 0.0
+        def sq_norm(x: Tensor) -> float:  # accumulated in float64: no overflow of the squares
+            return float(torch.linalg.vector_norm(x.reshape(B, -1), dim=1, dtype=torch.float64).max()) ** 2
+
+        A = float(G * T) if self.indexed else sq_norm(self.a)
+        D = sq_norm(self.delta)
+        return max(A, D), G * T * T * (d * n * A + self.m * D)
 
     def compact(self) -> Factor:
         """The explicit gradient when it is the smaller representation (e.g. early convolutions: many

@@ -250,9 +250,10 @@ def _scales_tiles(request: Request, factors: list[Factor], K: Tensor, partners: 
     scale the tiles when 2 d partners is below the factor elements per sample and output (docs/benchmarks.md,
     "Issue 14, part 6"). Never for raw factors (sums, projections: no tiles) nor for the trace of d x d blocks
     (it would need the full blocks). The unmixed Gram must also stay far from float under- and overflow (the
-    mixed factors have unit norm, the raw ones not): every nonzero diagonal of K at least
-    ``elements * tiny / eps`` (a product of entries that underflows loses less than eps of K_ii) and at most
-    ``max * eps``; outside that the mix is kept."""
+    mixed factors have unit norm, the raw ones not): every diagonal entry of K, and every squared norm of an
+    operand of the factors' Gram products, at most ``max * eps`` (no product overflows), and what the products
+    that underflow can lose (``Factor.gram_range``, summed over the factors) below eps times the smallest
+    nonzero diagonal entry of K; outside that the mix is kept."""
     d = K.shape[-1]
     if request.form is Form.RAW or (d > 1 and request.form is Form.TRACE):
         return False
@@ -264,8 +265,12 @@ def _scales_tiles(request: Request, factors: list[Factor], K: Tensor, partners: 
     nonzero = diag[diag > 0]
     if nonzero.numel() == 0:
         return True
-    lo, hi = elements * info.tiny / info.eps, info.max * info.eps
-    return bool(((nonzero >= lo) & (nonzero <= hi)).all())
+    hi = info.max * info.eps
+    k_min, k_max = float(nonzero.min()), float(nonzero.max())
+    if k_max > hi:
+        return False
+    ranges = [f.gram_range() for f in factors]
+    return all(big <= hi for big, _ in ranges) and sum(lost for _, lost in ranges) * info.tiny <= info.eps * k_min
 
 
 def _shared_key(chunker: Chunker, key: tuple) -> tuple | None:
