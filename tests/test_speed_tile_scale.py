@@ -178,3 +178,36 @@ def test_tiles_are_not_scaled_where_the_pairwise_products_would_underflow():
     assert not chunks._scales_tiles(request, [f32], truth.diagonal().float()[:, None, None], 1)
     ok = Outer("l", (a / 1e10).float(), (delta / 1e-24).float(), ("w", torch.Size([40, 32])))
     assert chunks._scales_tiles(request, [ok], (truth.diagonal() / 1e-28).float()[:, None, None], 1)
+
+
+@pytest.mark.parametrize("d, form, partners", [(1, "TRACE", 5), (3, "FULL", 2)])
+def test_the_tile_scale_rule_at_its_boundary(d, form, partners):
+    # The rule written out: scale the tiles iff 2 d partners < the factor entries per sample and output, summed
+    # over the factors; at equality the mix is kept.
+    from nnsim.engine.request import Form, Quantity, Request
+    from nnsim.factors import Dense
+    request = Request(Quantity.SIMILARITY, Form[form])
+    K = torch.eye(d).expand(4, d, d).clone()
+
+    def dense(n: int) -> Dense:
+        return Dense("l", torch.ones(4, d, n) / n, [("w", torch.Size([n]))])
+
+    bound = 2 * d * partners
+    assert not chunks._scales_tiles(request, [dense(bound)], K, partners)
+    assert chunks._scales_tiles(request, [dense(bound + 1)], K, partners)
+    assert chunks._scales_tiles(request, [dense(bound // 2), dense(bound - bound // 2 + 1)], K, partners)
+    assert not chunks._scales_tiles(request, [dense(bound // 2), dense(bound - bound // 2)], K, partners)
+
+
+def test_the_range_guard_reads_every_sample_and_a_lone_nonzero_diagonal():
+    # float32 K(x, x) beyond max * eps in one sample only (the second), or as the only nonzero entry: the mix is
+    # kept either way; a K with no nonzero entry at all has nothing to guard.
+    from nnsim.engine.request import Form, Quantity, Request
+    from nnsim.factors import Dense
+    request = Request(Quantity.SIMILARITY, Form.TRACE)
+    f = Dense("l", torch.ones(3, 1, 64), [("w", torch.Size([64]))])
+    big = torch.finfo(torch.float32).max * torch.finfo(torch.float32).eps * 4
+    assert chunks._scales_tiles(request, [f], torch.ones(3, 1, 1), 1)
+    assert not chunks._scales_tiles(request, [f], torch.tensor([1.0, big, 1.0]).reshape(3, 1, 1), 1)
+    assert not chunks._scales_tiles(request, [f], torch.tensor([0.0, big, 0.0]).reshape(3, 1, 1), 1)
+    assert chunks._scales_tiles(request, [f], torch.zeros(3, 1, 1), 1)
