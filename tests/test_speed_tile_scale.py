@@ -211,3 +211,6 @@ def test_the_range_guard_reads_every_sample_and_a_lone_nonzero_diagonal():
     assert not chunks._scales_tiles(request, [f], torch.tensor([1.0, big, 1.0]).reshape(3, 1, 1), 1)
     assert not chunks._scales_tiles(request, [f], torch.tensor([0.0, big, 0.0]).reshape(3, 1, 1), 1)
     assert chunks._scales_tiles(request, [f], torch.zeros(3, 1, 1), 1)
+    edge = torch.tensor(big / 4, dtype=torch.float32)  # max * eps itself is a float32: the bound is inclusive
+    assert float(edge) == torch.finfo(torch.float32).max * torch.finfo(torch.float32).eps
+    assert chunks._scales_tiles(request, [f], edge.expand(3, 1, 1), 1)
