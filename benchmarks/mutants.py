@@ -44,7 +44,8 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "mutate": ["src/nnsim/factors.py"],
         # (not tests/test_cost_model.py: whole models and a 160 MB factor, 10x the time of a mutant; the cost
         # formulas and the memory cap are tested in test_mutation_factors.py, its survivors checked against it)
-        "tests": ["tests/test_factors.py", "tests/test_mutation_factors.py"],
+        "tests": ["tests/test_factors.py", "tests/test_mutation_factors.py",
+                  "tests/test_speed_tile_scale.py"],  # elements, gram_range: the tile-scale rule's inputs
     },
     "engine": {  # chunks, the tile sweep, the rank report; density and neighbour counts, the running top-k
         "mutate": ["src/nnsim/engine/*", "src/nnsim/estimators/density.py", "src/nnsim/estimators/neighbors.py"],
