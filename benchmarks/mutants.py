@@ -51,7 +51,8 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "mutate": ["src/nnsim/engine/*", "src/nnsim/estimators/density.py", "src/nnsim/estimators/neighbors.py"],
         "tests": ["tests/test_mutation_engine.py", "tests/test_mutation_reducers.py",
                   "tests/test_estimators_asymmetric.py", "tests/test_error_paths.py",
-                  "tests/test_speed_tile_scale.py"],  # K(x, x)^-1/2 on the Gram tiles
+                  "tests/test_speed_tile_scale.py",  # K(x, x)^-1/2 on the Gram tiles
+                  "tests/test_speed_resize.py"],  # the chunk budget on the call that finds a kept plan stale
     },
 }
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import algebra
+from .. import algebra, distributed
 from .._model import analysis_mode, input_failure
 from ..backends import plan_cache
 from ..backends.base import Problem, checked_output
@@ -27,6 +27,11 @@ MIN_CHUNK, MAX_CHUNK = 8, 256  # samples per chunk when measured
 PROBE_SAMPLES = 2  # factor bytes grow linearly with the batch: a batch of 2 measures the bytes per sample
 FORWARD_CHUNK = 1024  # samples per forward-only pass
 _MAX_KEPT = 64  # measured sizings kept per model object (in plan_cache.SIZES, under ``_shared_key``)
+
+
+class Resized(Exception):  # noqa: N818  (a signal, not an error)
+    """Raised by :meth:`Chunker.prepare` (with ``resize=True``) on the first chunk of a call whose kept sizing
+    turned out too large for the chunk budget: the caller sizes again and starts over."""
 
 
 @dataclass
@@ -74,6 +79,8 @@ class Chunker:
         self.d: int | None = None
         # measured (factor bytes per sample, d), by request and shapes
         self._per_sample_bytes: dict[tuple, tuple[int, int | None]] = {}
+        # sizings taken from plan_cache.SIZES and not yet seen on a chunk: {key: the shared key they were kept under}
+        self._kept_unseen: dict[tuple, tuple] = {}
 
     @property
     def d_eff(self) -> int:
@@ -117,9 +124,12 @@ class Chunker:
             groups.setdefault(f.layer, []).append(f)
         return groups, y
 
-    def prepare(self, batch: Batch, start: int, name: str, request: Request, partners: int = MAX_CHUNK) -> Chunk:
+    def prepare(self, batch: Batch, start: int, name: str, request: Request, partners: int = MAX_CHUNK,
+                resize: bool = False) -> Chunk:
         """One batch's chunk (``name``: the argument named in errors; ``partners``: how many samples its Gram
-        tiles will pair it with, which only decides where K(x, x)^-1/2 is applied)."""
+        tiles will pair it with, which only decides where K(x, x)^-1/2 is applied; ``resize``: the caller
+        restarts with a new :meth:`chunk_size_for` on :class:`Resized`, see :meth:`_recheck`)."""
+        key = (request, self.problem.keys, tuple(sample_signature(batch)))
         batch = self.to_device(batch, start, name)
         try:
             groups, y = self._factor_groups(batch, start, request.by_layer)
@@ -135,7 +145,30 @@ class Chunker:
         with torch.no_grad():
             chunk = self._normalise(groups, start, batch[0].shape[0], name, request, partners)
         chunk.y = y
+        if key in self._kept_unseen:
+            self._recheck(key, chunk, request, resize)
         return chunk
+
+    def _recheck(self, key: tuple, chunk: Chunk, request: Request, resize: bool) -> None:
+        """The first chunk prepared under a sizing kept from an earlier Chunker: if its model's kept sizings were
+        dropped meanwhile (its kept plan failed its check on this chunk, and the new plan's factors may be
+        larger), the bytes per sample are measured again on this chunk; when the budget then allows fewer
+        samples than this chunk holds, :class:`Resized` asks a ``resize`` caller to start again with the new
+        size (nothing of the call is finished yet: this is its first chunk of these shapes). Not across ranks
+        (torch.distributed initialised): every rank must cut the samples alike, and each measures its own first
+        chunk; the ranks keep the kept size for this call."""
+        shared = self._kept_unseen.pop(key)
+        if shared in plan_cache.SIZES.get(self.model, {}):
+            return  # the kept plan passed its check: the kept sizing is the one measured for it
+        self._per_sample_bytes[key] = (max(1, chunk.nbytes() // chunk.size), self.d)
+        if resize and distributed.world_size() == 1 and self._size(key, request) < chunk.size:
+            raise Resized
+
+    def _size(self, key: tuple, request: Request) -> int:
+        per_sample, d = self._per_sample_bytes[key]
+        entries = (self.d or d or 1) ** 2 if request.form is Form.FULL else 1
+        tile_cap = int(math.sqrt(TILE_BYTES / (4 * entries)))
+        return int(max(MIN_CHUNK, min(MAX_CHUNK, tile_cap, CHUNK_BYTES // per_sample)))
 
     def _forward_runs(self, batch: Batch) -> bool:
         try:
@@ -184,7 +217,9 @@ class Chunker:
         if key not in self._per_sample_bytes:
             shared = _shared_key(self, key)
             kept = plan_cache.SIZES.get(self.model, {}).get(shared) if shared is not None else None
-            if kept is None:
+            if kept is not None:  # checked on the first real chunk (``_recheck``), as the kept plan is
+                self._kept_unseen[key] = shared
+            else:
                 c = self.prepare(probe[1], 0, name, request)
                 kept = (max(1, c.nbytes() // c.size), self.d)
                 if shared is not None:
@@ -193,32 +228,42 @@ class Chunker:
                     if len(kept_for) > _MAX_KEPT:  # the oldest goes
                         kept_for.pop(next(iter(kept_for)))
             self._per_sample_bytes[key] = kept
-        per_sample, d = self._per_sample_bytes[key]
-        entries = (self.d or d or 1) ** 2 if request.form is Form.FULL else 1
-        tile_cap = int(math.sqrt(TILE_BYTES / (4 * entries)))
-        return int(max(MIN_CHUNK, min(MAX_CHUNK, tile_cap, CHUNK_BYTES // per_sample)))
+        return self._size(key, request)
 
     def chunks(self, src: Source, name: str, request: Request, size: int | None = None, first: int = 0,
-               stop: int | None = None, partners: int = MAX_CHUNK) -> Iterator[Chunk]:
+               stop: int | None = None, partners: int = MAX_CHUNK, resize: bool = False) -> Iterator[Chunk]:
         """Prepared chunks of ``src``; those starting before ``first`` are skipped without being prepared.
 
         Only the samples [first, stop) are read where the source allows random access (tensors, map-style
-        datasets); ``first`` is a multiple of ``size``. ``partners``: see :meth:`prepare`."""
-        size = size or self.chunk_size_for(src, name, request)
+        datasets); ``first`` is a multiple of ``size``. ``partners``: see :meth:`prepare`; ``resize``: the first
+        chunk may raise :class:`Resized` (see :meth:`prepare`). Without ``size`` the chunks are sized here and
+        started again at the new size on :class:`Resized`."""
+        if size is None:  # sized here: started again at the new size on Resized (raised by a first chunk only)
+            for retry in (False, True):
+                size = self.chunk_size_for(src, name, request)
+                it = self.chunks(src, name, request, size, first, stop, partners, resize=not retry)
+                try:
+                    c = next(it, None)
+                except Resized:
+                    continue
+                if c is not None:
+                    yield c
+                    yield from it
+                return
         self.problem.keys = src.keys
         stop = len(src) if stop is None else min(stop, len(src))
         if first >= stop:
             return
         for start, batch in src.rows(first, stop).chunks(size):
-            yield self.prepare(batch, first + start, name, request, partners)
+            yield self.prepare(batch, first + start, name, request, partners, resize and start == 0)
 
     def cached(self, src: Source, name: str, request: Request, size: int, first: int = 0, stop: int | None = None,
-               partners: int = MAX_CHUNK) -> list[Chunk] | None:
+               partners: int = MAX_CHUNK, resize: bool = False) -> list[Chunk] | None:
         """All chunks of ``src`` (of samples [first, stop)) when they fit in ``cache_bytes`` (judged from the
         first), else None."""
         chunks, used = [], 0
         n_chunks = math.ceil((min(len(src), stop if stop is not None else len(src)) - first) / size)
-        for c in self.chunks(src, name, request, size, first, stop, partners):
+        for c in self.chunks(src, name, request, size, first, stop, partners, resize):
             used += c.nbytes()
             if used > self.cache_bytes or (len(chunks) == 0 and c.nbytes() * n_chunks > 1.1 * self.cache_bytes):
                 return None

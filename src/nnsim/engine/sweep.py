@@ -14,7 +14,7 @@ from .. import algebra
 from ..errors import ResultTooLargeError
 from ..factors import gram
 from ..inputs import Source
-from .chunks import Chunk, Chunker
+from .chunks import Chunk, Chunker, Resized
 from .rank_report import RankReport
 from .request import Form, Quantity, Request
 
@@ -67,7 +67,26 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
     segment.
 
     Symmetric sweeps (``src_b`` is ``src_a``) visit only tiles with cb.start >= ca.start. Every chunk swept is
-    added to ``report`` once (columns too when not symmetric)."""
+    added to ``report`` once (columns too when not symmetric).
+
+    A first chunk that finds its kept sizing too large for the chunk budget (:class:`~nnsim.engine.chunks.Resized`:
+    its model's kept plan failed its check on it, and the new plan's factors are larger) comes before any tile:
+    the sweep then starts again at the size measured on that chunk (the new plan is kept by the backend)."""
+    for retry in (False, True):
+        tiles = _sweep(chunker, src_a, src_b, request, report, names, symmetric, plan, progress, resize=not retry)
+        try:
+            first = next(tiles, None)
+        except Resized:
+            continue
+        if first is not None:
+            yield first
+            yield from tiles
+        return
+
+
+def _sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, report: RankReport,
+           names: tuple[str, str], symmetric: bool, plan: Plan | None, progress: bool, resize: bool
+           ) -> Iterator[tuple[Chunk, Chunk, dict[str, Tensor]]]:
     size = chunker.chunk_size_for(src_a, names[0], request)
     n_a, n_b = math.ceil(len(src_a) / size), math.ceil(len(src_b) / size)
     segments = plan(n_a, n_b, symmetric) if plan else [(i, i if symmetric else 0, n_b) for i in range(n_a)]
@@ -79,7 +98,7 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
     if symmetric:  # rows and columns come from the same chunks; every row index is below its columns
         c0 = min(c0, r0)
     # The second argument is swept once per row chunk: keep its factors when they fit.
-    cache = chunker.cached(src_b, name_b, request, size, c0 * size, c1 * size, partners=len(src_a))
+    cache = chunker.cached(src_b, name_b, request, size, c0 * size, c1 * size, partners=len(src_a), resize=resize)
 
     def columns(j0: int, j1: int) -> Iterator[Chunk]:
         if cache is not None:
@@ -90,7 +109,8 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
     if symmetric and cache is not None:
         rows = columns(r0, r1)
     else:  # symmetric: src_a is src_b and names[0] its name
-        rows = chunker.chunks(src_a, names[0], request, size, r0 * size, r1 * size, partners=len(src_b))
+        rows = chunker.chunks(src_a, names[0], request, size, r0 * size, r1 * size, partners=len(src_b),
+                              resize=resize)
     total = sum(j1 - j0 for _, j0, j1 in segments)
     seen_b: set[int] = set()
     label = f"nnsim {request.quantity.value}"
