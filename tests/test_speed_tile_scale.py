@@ -214,3 +214,33 @@ def test_the_range_guard_reads_every_sample_and_a_lone_nonzero_diagonal():
     edge = torch.tensor(big / 4, dtype=torch.float32)  # max * eps itself is a float32: the bound is inclusive
     assert float(edge) == torch.finfo(torch.float32).max * torch.finfo(torch.float32).eps
     assert chunks._scales_tiles(request, [f], edge.expand(3, 1, 1), 1)
+
+
+def test_gram_range_is_the_bound_written_out():
+    # (largest squared operand norm, L): a Dense Gram multiplies the gradients themselves (their norms are
+    # bounded by K(x, x): 0) over d n products per entry; a pairwise Gram multiplies inputs and signals apart:
+    # A, D the largest per-sample squared norms of a (a one-hot row: 1 per position) and delta,
+    # L = G T^2 (d n A + m D).
+    from nnsim.factors import Dense, Outer
+    g = torch.Generator().manual_seed(3)
+    dense = Dense("l", torch.randn(4, 3, 7, generator=g), [("w", torch.Size([7]))])
+    assert dense.gram_range() == (0.0, 21.0)
+    B, d, G, T, n, m = 5, 2, 3, 4, 6, 9
+    a = torch.randn(B, G, T, m, generator=g) * torch.arange(1, B + 1).reshape(B, 1, 1, 1)
+    delta = torch.randn(B, d, G, T, n, generator=g) * torch.arange(B, 0, -1).reshape(B, 1, 1, 1, 1)
+    outer = Outer("l", a, delta, ("w", torch.Size([n, m])))
+    A = max(float((a[b].double() ** 2).sum()) for b in range(B))
+    D = max(float((delta[b].double() ** 2).sum()) for b in range(B))
+    big, lost = outer.gram_range()
+    assert big == pytest.approx(max(A, D), rel=1e-12) and D > A
+    assert lost == pytest.approx(G * T * T * (d * n * A + m * D), rel=1e-12)
+    vocab = 11
+    idx = torch.randint(0, vocab, (B, G, T), generator=g)
+    indexed = Outer("l", idx, delta, ("w", torch.Size([n, vocab])), vocab=vocab)
+    big, lost = indexed.gram_range()
+    assert big == pytest.approx(D, rel=1e-12)
+    assert lost == pytest.approx(G * T * T * (d * n * G * T + vocab * D), rel=1e-12)
+    small = Outer("l", a / 1e3, delta / 1e6, ("w", torch.Size([n, m])))
+    assert small.gram_range()[0] == pytest.approx(A / 1e6, rel=1e-12)  # A is the larger one now
+    empty = Outer("l", a[:0], delta[:0], ("w", torch.Size([n, m])))
+    assert empty.gram_range() == (0.0, 0.0)
