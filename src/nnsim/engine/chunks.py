@@ -8,6 +8,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +27,28 @@ TILE_BYTES = 2**28  # budget of one result tile, counted in float32 entries (4 b
 MIN_CHUNK, MAX_CHUNK = 8, 256  # samples per chunk when measured
 PROBE_SAMPLES = 2  # factor bytes grow linearly with the batch: a batch of 2 measures the bytes per sample
 FORWARD_CHUNK = 1024  # samples per forward-only pass
+T = TypeVar("T")
 _MAX_KEPT = 64  # measured sizings kept per model object (in plan_cache.SIZES, under ``_shared_key``)
 
 
 class Resized(Exception):  # noqa: N818  (a signal, not an error)
     """Raised by :meth:`Chunker.prepare` (with ``resize=True``) on the first chunk of a call whose kept sizing
     turned out too large for the chunk budget: the caller sizes again and starts over."""
+
+
+def restarted_on_resize(make: Callable[[bool], Iterator[T]]) -> Iterator[T]:
+    """The items of ``make(True)``, or of ``make(False)`` when its first item raises :class:`Resized` (nothing
+    of it is finished then: the first chunk comes before any item); ``make(resize)`` sizes its chunks itself."""
+    for resize in (True, False):
+        items = make(resize)
+        try:
+            first = next(items, None)
+        except Resized:
+            continue
+        if first is not None:
+            yield first
+            yield from items
+        return
 
 
 @dataclass
@@ -129,7 +146,8 @@ class Chunker:
         """One batch's chunk (``name``: the argument named in errors; ``partners``: how many samples its Gram
         tiles will pair it with, which only decides where K(x, x)^-1/2 is applied; ``resize``: the caller
         restarts with a new :meth:`chunk_size_for` on :class:`Resized`, see :meth:`_recheck`)."""
-        key = (request, self.problem.keys, tuple(sample_signature(batch)))
+        # only while a kept sizing awaits its first chunk (not on the hot path of every chunk)
+        key = (request, self.problem.keys, tuple(sample_signature(batch))) if self._kept_unseen else None
         batch = self.to_device(batch, start, name)
         try:
             groups, y = self._factor_groups(batch, start, request.by_layer)
@@ -145,7 +163,7 @@ class Chunker:
         with torch.no_grad():
             chunk = self._normalise(groups, start, batch[0].shape[0], name, request, partners)
         chunk.y = y
-        if key in self._kept_unseen:
+        if key is not None and key in self._kept_unseen:
             self._recheck(key, chunk, request, resize)
         return chunk
 
@@ -239,17 +257,9 @@ class Chunker:
         chunk may raise :class:`Resized` (see :meth:`prepare`). Without ``size`` the chunks are sized here and
         started again at the new size on :class:`Resized`."""
         if size is None:  # sized here: started again at the new size on Resized (raised by a first chunk only)
-            for retry in (False, True):
-                size = self.chunk_size_for(src, name, request)
-                it = self.chunks(src, name, request, size, first, stop, partners, resize=not retry)
-                try:
-                    c = next(it, None)
-                except Resized:
-                    continue
-                if c is not None:
-                    yield c
-                    yield from it
-                return
+            yield from restarted_on_resize(lambda resize: self.chunks(
+                src, name, request, self.chunk_size_for(src, name, request), first, stop, partners, resize))
+            return
         self.problem.keys = src.keys
         stop = len(src) if stop is None else min(stop, len(src))
         if first >= stop:

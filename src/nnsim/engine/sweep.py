@@ -14,7 +14,7 @@ from .. import algebra
 from ..errors import ResultTooLargeError
 from ..factors import gram
 from ..inputs import Source
-from .chunks import Chunk, Chunker, Resized
+from .chunks import Chunk, Chunker, restarted_on_resize
 from .rank_report import RankReport
 from .request import Form, Quantity, Request
 
@@ -72,16 +72,8 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
     A first chunk that finds its kept sizing too large for the chunk budget (:class:`~nnsim.engine.chunks.Resized`:
     its model's kept plan failed its check on it, and the new plan's factors are larger) comes before any tile:
     the sweep then starts again at the size measured on that chunk (the new plan is kept by the backend)."""
-    for retry in (False, True):
-        tiles = _sweep(chunker, src_a, src_b, request, report, names, symmetric, plan, progress, resize=not retry)
-        try:
-            first = next(tiles, None)
-        except Resized:
-            continue
-        if first is not None:
-            yield first
-            yield from tiles
-        return
+    return restarted_on_resize(
+        lambda resize: _sweep(chunker, src_a, src_b, request, report, names, symmetric, plan, progress, resize))
 
 
 def _sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, report: RankReport,
