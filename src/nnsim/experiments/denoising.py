@@ -52,6 +52,7 @@ from nnsim.estimators import linearized
 from nnsim.estimators.denoising import CANCELLATION_THRESHOLD
 
 from . import _reliability
+from ._reliability import spearman
 
 METHODS = ("paper_true_sigma", "paper_sigma_hat", "linearized_ridge", "linearized_flow", "ridge_checkpoints",
            "ridge_realized")
@@ -135,11 +136,6 @@ def _model_at(case: Case, state: dict[str, Tensor]) -> nn.Module:
     model = make_model(case)
     model.load_state_dict(state)
     return model
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def analyse_draw(case: Case, x: Tensor, y: Tensor, states: list[dict[str, Tensor]]) -> dict[str, np.ndarray | float]:

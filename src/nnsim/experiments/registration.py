@@ -46,6 +46,7 @@ import nnsim
 from ..estimators import linearized
 from . import _reliability
 from ._regnet import ShiftNet
+from ._reliability import spearman
 from ._scenes import SceneConfig, make_shift_scenes
 
 METHODS = ("paper_true_sigma", "paper_sigma_hat", "linearized_ridge", "ridge_realized")
@@ -144,11 +145,6 @@ def predict(model: ShiftNet, image: Tensor, polygons: Tensor, batch: int = 500) 
 def rms(err: Tensor | np.ndarray) -> float:
     """Root-mean-square over every entry (pixels per component)."""
     return float(np.sqrt(np.mean(np.square(np.asarray(err, dtype=np.float64)))))
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 # ---------------------------------------------------------------------- parts (each saved when done)
