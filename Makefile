@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nnsim-installed
 
-.PHONY: demo test lint bench mutants clean
+.PHONY: demo test lint bench bench-deps mutants clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -37,6 +37,12 @@ test: $(STAMP) | $(FASHION_MNIST) $(CHROMIUM)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernel.py
+
+# Opacus and BackPACK for benchmarks/bench_models.py (pyproject's bench extra), after the pinned torch: --no-deps
+# for those that require torch (and torchvision), so that no other torch is pulled; then their other dependencies.
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q --no-deps "opacus>=1.6" "backpack-for-pytorch>=1.7" "unfoldNd>=0.2,<1"
+	$(PY) -m pip install -q "opt_einsum>=3.3" "einops>=0.3,<1" "scipy>=1.2"
 
 # Mutation testing of the math core (docs/testing.md); slow, never part of `make test`.
 # GROUP: core (algebra, outputs, denoising, linearized), factors, engine (engine/, density, neighbours) or all,

@@ -1,33 +1,46 @@
-"""The model zoo (benchmarks/zoo_models.py): nnsim's default backend against torch.func and the per-sample loop.
+"""The model zoo (benchmarks/zoo_models.py): nnsim's default backend against torch.func, Opacus, BackPACK and the
+per-sample loop.
 
 For each model, at N samples (default 256) and each output case
   * ``d=1``: the first logit, ``sim.similarity(x)`` -> [N, N] (the cosine of the two parameter gradients);
   * ``d=10``: the ten logits, ``sim.similarity(x, reduce=None)`` -> [N, N, 10, 10] (what the recipe computes),
 the methods
   * ``nnsim``: ``nnsim.Similarity(model, output)`` with default settings (structured backend);
+  * ``nnsim-reused``: one ``Similarity`` built (and warmed up) before the timed runs and called again for every
+    run: the plan it made is kept and not re-verified (a planned model reused across calls pays planning once);
   * ``nnsim-new-plan``: the same as a first ``Similarity`` on the model (the verified plans that the structured
     backend keeps per model object dropped first, so planning is paid again);
   * ``nnsim-functorch``: the same with ``backend="functorch"`` (nnsim's own torch.func backend);
   * ``torch.func``: the PyTorch NTK tutorial recipe, ``vmap(jacrev(functional_call))`` per-sample Jacobians and
     a per-parameter ``einsum('Naf,Mbf->NMab')``, normalised by hand (``bench_kernel.tutorial_kernel``);
+  * ``opacus``: ``opacus.GradSampleModule`` (loss_reduction="sum"), one forward and backward pass per output,
+    the per-sample gradients of all parameters concatenated -> J [N, d, P], then J J^T and the same normalisation
+    as the recipe's (``_explicit_baselines.py``; Opacus's ``ModuleValidator.fix`` replacements only where they
+    keep the model's outputs);
+  * ``backpack``: ``backpack.extend`` + ``with backpack(BatchGrad())``, one backward per output, the same Gram.
+    Both libraries wrap their own copy of the model once, before the timed runs; what they cannot handle is
+    "n/a" with their error, and every result they give is checked against the loop like the others';
   * ``loop``: ``backend="loop"``, per-sample autograd (the oracle), on the first ``--loop-n`` samples, its time
     extrapolated linearly to N, plus the part of its Gram that grows faster than N (the GEMM of its explicit
     gradients [N e, P] with themselves, e = 1 at d=1 and d at d=10, timed here; still a lower bound);
 run side by side in this process, interleaved, after a warm-up call on 4 samples; each timed run builds a new
-``Similarity``: ``nnsim`` finds the plan kept from the warm-up and re-verifies it on its first batch,
-``nnsim-new-plan`` plans afresh. Times are medians of ``--repeats`` runs, wall clock; the CPU-time ratios
-(``time.process_time`` of this single-threaded process) are less sensitive to other processes' load.
+``Similarity`` (``nnsim-reused`` excepted: it calls the warm-up's again): ``nnsim`` finds the plan kept from the
+warm-up and re-verifies it on its first batch, ``nnsim-new-plan`` plans afresh. Times are medians of
+``--repeats`` runs, wall clock; the CPU-time ratios (``time.process_time`` of this single-threaded process) are
+less sensitive to other processes' load.
 
 Also reported: the peak RSS increase of the ``nnsim`` call (VmHWM after resetting it with /proc/self/clear_refs,
 in this process: a lower bound when freed memory is reused), the max relative error of ``nnsim`` against the
-loop on the common samples (max |a - b| / max |b|), the FLOP floor and the share of this CPU's GEMM peak that
+loop on the common samples (max |a - b| / max |b|; every other method's too, in the second table), the FLOP
+floor and the share of this CPU's GEMM peak that
 nnsim's time corresponds to: floor = FLOPs of one forward and d backward passes of the batch (counted by
 ``torch.utils.flop_counter``, all parameters' gradients) + 2 P e N (N + 1) / 2 for the Gram (e = 1 for d = 1,
 d^2 for the d x d blocks); ``floor %`` = floor / (nnsim time x measured GEMM flop/s). And which rule each layer
 used (``sim.describe()``): layers on ``fallback`` / ``functorch`` are not yet covered by a layer rule.
 
 Usage: python benchmarks/bench_models.py [--quick] [--models mlp,vit] [--n 256] [--cases d=1,d=10]
-       [--repeats 3] [--threads 1] [--loop-n 32]
+       [--repeats 3] [--threads 1] [--loop-n 32] [--methods nnsim,nnsim-reused,opacus,backpack,...]
+Opacus and BackPACK: ``pip install ".[bench]"`` after the pinned torch (pyproject.toml's ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _explicit_baselines import backpack_jacobians, explicit_kernel, opacus_jacobians  # noqa: E402
 from bench_kernel import OthersMeter, machine, nnsim_revision, normalise, peak_rss, reset_peak_rss, tutorial_kernel  # noqa: E402
 from zoo_models import ZOO  # noqa: E402
 
@@ -54,7 +68,9 @@ import nnsim  # noqa: E402
 from nnsim.backends import plan_cache  # noqa: E402
 
 warnings.filterwarnings("ignore")  # planning notes and fallback warnings: the describe() column says it
-METHODS = ("nnsim", "nnsim-new-plan", "nnsim-functorch", "torch.func", "loop")
+METHODS = ("nnsim", "nnsim-reused", "nnsim-new-plan", "nnsim-functorch", "torch.func", "opacus", "backpack", "loop")
+EXPLICIT = {"opacus": opacus_jacobians, "backpack": backpack_jacobians}  # per-sample gradient libraries
+WRONG = 1e-3  # a max relative error above this (float32) marks a result as wrong in the tables
 QUICK_MODELS = ("mlp", "resnet-small", "vit", "transformer-encoder", "hf-vit", "lstm")
 
 
@@ -66,9 +82,31 @@ def reduce_of(case: str) -> str | None:
     return "trace" if case == "d=1" else None
 
 
-def run(method: str, model: nn.Module, x: tuple[Tensor, ...], case: str) -> Tensor:
+def columns_of(case: str) -> Callable[[Tensor], Tensor]:
+    return (lambda y: y[:, :1]) if case == "d=1" else (lambda y: y)
+
+
+def setup(method: str, model: nn.Module, x: tuple[Tensor, ...], case: str) -> tuple[object, str]:
+    """What a method builds once, before the warm-up and the timed runs (None: nothing), and a note on it."""
+    if method == "nnsim-reused":
+        return nnsim.Similarity(model, output=output_fn(case), progress=False), ""
+    if method == "opacus":
+        return opacus_jacobians(model, columns_of(case), probe=tuple(t[:4] for t in x))
+    if method == "backpack":
+        return backpack_jacobians(model, columns_of(case))
+    return None, ""
+
+
+def run(method: str, model: nn.Module, x: tuple[Tensor, ...], case: str, built: object = None) -> Tensor:
     if method == "torch.func":
         return normalise(tutorial_kernel(model, x[0], output_fn(case)), reduce_of(case))
+    if method == "nnsim-reused":
+        return built.similarity(*x, reduce=reduce_of(case))
+    if method in EXPLICIT:
+        with torch.no_grad():
+            d = columns_of(case)(model(*(t[:1] for t in x))).shape[1]
+        P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return normalise(explicit_kernel(built, x, d, P), reduce_of(case))
     if method == "nnsim-new-plan":  # as a first Similarity on this model: no plan kept from an earlier one
         plan_cache._STORE.pop(model, None)
     backend = {"nnsim": "auto", "nnsim-new-plan": "auto", "nnsim-functorch": "functorch", "loop": "loop"}[method]
@@ -211,14 +249,18 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
     cpu: dict[str, list[float]] = {m: [] for m in METHODS}  # process CPU time: less sensitive to others' load
     results: dict[str, Tensor] = {}
     errors: dict[str, str] = {}
-    for m in METHODS:  # warm-up (and the first failure, if any)
-        if f"{name}:{case}:{m}" in args.skip:
-            errors[m] = "skipped (--skip)"
+    built: dict[str, object] = {}
+    notes: dict[str, str] = {}
+    for m in METHODS:  # set-up, warm-up (and the first failure, if any)
+        if f"{name}:{case}:{m}" in args.skip or m not in args.methods:
+            errors[m] = "skipped (--skip)" if m in args.methods else "not run (--methods)"
             continue
         try:
-            run(m, model, tuple(t[:4] for t in x), case)
+            built[m], notes[m] = setup(m, model, x, case)
+            run(m, model, tuple(t[:4] for t in x), case, built[m])
         except Exception as err:  # noqa: BLE001  (a method that cannot run this model is reported, not fatal)
-            errors[m] = f"{type(err).__name__}: {str(err)[:80]}"
+            width = 240 if m in EXPLICIT else 80
+            errors[m] = f"{type(err).__name__}: {' '.join(str(err).split())[:width]}"
             traceback.print_exc(limit=2, file=sys.stderr)
     others = []
     for rep in range(args.repeats):
@@ -230,7 +272,7 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
             base = reset_peak_rss() if m == "nnsim" else 0
             with OthersMeter() as meter:
                 t0, c0 = time.perf_counter(), time.process_time()
-                out = run(m, model, xs, case)
+                out = run(m, model, xs, case, built.get(m))
                 times[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
             if m == "nnsim":
@@ -246,7 +288,8 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
         gram_n, gram_k = gram_seconds(args.n * e, P), gram_seconds(sizes["loop"] * e, P)
         med["loop"] += max(0.0, gram_n - gram_k * args.n / sizes["loop"])
     med_cpu = {m: statistics.median(t) for m, t in cpu.items() if t and m != "loop"}
-    row.update(times=med, cpu=med_cpu, errors=errors, others=statistics.median(others) if others else float("nan"))
+    row.update(times=med, cpu=med_cpu, errors=errors, notes=notes,
+               others=statistics.median(others) if others else float("nan"))
     if "loop" in results:
         k = sizes["loop"]
         row["err"] = {m: rel_err(r[:k, :k], results["loop"]) for m, r in results.items() if m != "loop"}
@@ -294,8 +337,55 @@ def table(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
             f"| {fmt_t(t.get('nnsim-functorch'))} | {r.get('peak_mib', float('nan')):.0f} | {err:.1e} "
             f"| {r.get('floor_pct', float('nan')):.1f} | {r['others']:.0%} | {r.get('rules', '')} |")
         for m, e in r["errors"].items():
-            lines.append(f"| ↳ {m} failed: {e} |" + " |" * 17)
+            if m not in EXPLICIT and m != "nnsim-reused" and not e.startswith("not run"):
+                lines.append(f"| ↳ {m} failed: {e} |" + " |" * 17)
     return "\n".join(lines)
+
+
+def baselines_table(rows: list[dict[str, object]]) -> str:
+    """nnsim (new Similarity per run, kept plan re-verified) and a reused Similarity against Opacus and BackPACK:
+    times, ratios (the other's time over nnsim's: > 1, nnsim faster; wall and CPU time) and every method's max
+    relative error against the loop oracle on the common samples."""
+    head = ("| model | output | nnsim [s] | nnsim reused [s] | reused: CPU vs nnsim / torch.func over reused "
+            "| Opacus [s] | Opacus over nnsim: wall / CPU | Opacus over nnsim reused: CPU "
+            "| BackPACK [s] | BackPACK over nnsim: wall / CPU | BackPACK over nnsim reused: CPU "
+            "| max rel err vs loop: nnsim / reused / new plan / functorch / torch.func / Opacus / BackPACK |")
+    lines = [head, "|" + "---|" * 12]
+    notes = []
+    for r in rows:
+        t, c, errs = r["times"], r.get("cpu", {}), r.get("err", {})
+
+        def ratio(m: str, d: dict, of: str) -> str:
+            return "n/a" if of not in d or m not in d else f"{d[m] / d[of]:.2f}×"
+
+        def cell(m: str, r: dict = r) -> str:
+            if m in r["errors"]:
+                return "not run" if r["errors"][m].startswith(("not run", "skipped")) else "n/a (below)"
+            return fmt_t(r["times"].get(m))
+
+        def err(m: str, errs: dict = errs) -> str:
+            e = errs.get(m)
+            if e is None:
+                return "–"
+            return f"**{e:.1e} wrong**" if not e <= WRONG else f"{e:.1e}"
+
+        all_errs = " / ".join(err(m) for m in ("nnsim", "nnsim-reused", "nnsim-new-plan", "nnsim-functorch",
+                                               "torch.func", "opacus", "backpack"))
+        lines.append(
+            f"| {r['model']} | {r['case']} | {fmt_t(t.get('nnsim'))} | {cell('nnsim-reused')} "
+            f"| {ratio('nnsim', c, 'nnsim-reused')} / {ratio('torch.func', c, 'nnsim-reused')} "
+            f"| {cell('opacus')} | {ratio('opacus', t, 'nnsim')} / {ratio('opacus', c, 'nnsim')} "
+            f"| {ratio('opacus', c, 'nnsim-reused')} "
+            f"| {cell('backpack')} | {ratio('backpack', t, 'nnsim')} / {ratio('backpack', c, 'nnsim')} "
+            f"| {ratio('backpack', c, 'nnsim-reused')} "
+            f"| {all_errs} |")
+        for m in ("nnsim-reused", *EXPLICIT):
+            e, note = r["errors"].get(m), r.get("notes", {}).get(m)
+            if e and not e.startswith(("not run", "skipped")):
+                notes.append(f"- {r['model']} {r['case']}, {m}: n/a: {e}" + (f" ({note})" if note else ""))
+            elif note:
+                notes.append(f"- {r['model']} {r['case']}, {m}: {note}")
+    return "\n".join(lines + [""] + notes)
 
 
 def main() -> None:
@@ -307,12 +397,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-n", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods "
+                        "(nnsim always runs: every ratio is against it; the loop too: it is the oracle)")
     parser.add_argument("--skip", default="", help="model:case:method triples not to run, comma-separated")
     parser.add_argument("--layers", action="store_true", help="only the single-layer cost-model table")
     parser.add_argument("--small-n", action="store_true", help="only the N = 100 MLP eNTK (fixed cost per call)")
     parser.add_argument("--max-repeat-s", type=float, default=60.0, help="do not repeat a method slower than this")
     args = parser.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
+    args.methods = set(args.methods.split(",")) | {"nnsim", "loop"}
+    if args.methods - set(METHODS):
+        parser.error(f"unknown methods {sorted(args.methods - set(METHODS))}; choose from {list(METHODS)}")
     if args.quick:
         args.n, args.repeats, args.loop_n = min(args.n, 64), 1, min(args.loop_n, 16)
     names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else ZOO)
@@ -337,6 +432,8 @@ def main() -> None:
     print(f"\nbench_models.py: N={args.n}, repeats={args.repeats} (medians), {args.threads} thread(s), "
           f"{machine(args)}; GEMM peak measured {peak / 1e9:.1f} GFLOP/s; total {time.perf_counter() - t0:.0f} s\n")
     print(table(rows, args))
+    print("\nnnsim against a reused Similarity, Opacus and BackPACK (the same runs):\n")
+    print(baselines_table(rows))
 
 
 if __name__ == "__main__":
