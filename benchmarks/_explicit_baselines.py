@@ -152,10 +152,12 @@ def explicit_kernel(jacobians: Jacobians, x: tuple[Tensor, ...], d: int, P: int,
     if N * per_sample <= budget_bytes:
         J = jacobians(*x)
         return gram(J, J)
-    K = torch.empty(N, N, d, d)
     block = max(1, int(budget_bytes // (2 * per_sample)))
+    K = None
     for s in range(0, N, block):
         ja = jacobians(*(t[s : s + block] for t in x))
+        if K is None:
+            K = ja[0].new_empty(N, N, d, d)
         for t in range(s, N, block):
             k = gram(ja, ja if t == s else jacobians(*(u[t : t + block] for u in x)))
             K[s : s + block, t : t + block] = k

@@ -114,6 +114,13 @@ def run(method: str, model: nn.Module, x: tuple[Tensor, ...], case: str, built: 
     return sim.similarity(*x, reduce=reduce_of(case))
 
 
+def error_text(err: Exception) -> str:
+    """An exception's message; Opacus raises one carrying a list of errors (one per offending layer): the first."""
+    if err.args and isinstance(err.args[0], list) and err.args[0]:
+        return f"{len(err.args[0])} errors, the first: {err.args[0][0]}"
+    return str(err)
+
+
 def mlp_ntk_by_hand(model: nn.Sequential, x: Tensor) -> Tensor:
     """Exact eNTK K [N, N, d, d] of an MLP written out as neural-tangents' "structured derivatives" do it: per
     Linear layer (a_i . a_j + 1) (delta_i delta_j^T), inputs a and output signals delta from one forward and d
@@ -260,7 +267,7 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
             run(m, model, tuple(t[:4] for t in x), case, built[m])
         except Exception as err:  # noqa: BLE001  (a method that cannot run this model is reported, not fatal)
             width = 240 if m in EXPLICIT else 80
-            errors[m] = f"{type(err).__name__}: {' '.join(str(err).split())[:width]}"
+            errors[m] = f"{type(err).__name__}: {' '.join(error_text(err).split())[:width]}"
             traceback.print_exc(limit=2, file=sys.stderr)
     others = []
     for rep in range(args.repeats):
