@@ -279,7 +279,14 @@ def bench(name: str, case: str, args: argparse.Namespace, peak: float) -> dict[s
             base = reset_peak_rss() if m == "nnsim" else 0
             with OthersMeter() as meter:
                 t0, c0 = time.perf_counter(), time.process_time()
-                out = run(m, model, xs, case, built.get(m))
+                try:
+                    out = run(m, model, xs, case, built.get(m))
+                except Exception as err:  # noqa: BLE001  (it ran on the warm-up's 4 samples, not on N: reported)
+                    errors[m] = f"{type(err).__name__} at N: {' '.join(error_text(err).split())[:240]}"
+                    traceback.print_exc(limit=2, file=sys.stderr)
+                    times[m], cpu[m] = [], []
+                    results.pop(m, None)
+                    continue
                 times[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
             if m == "nnsim":
@@ -435,7 +442,8 @@ def main() -> None:
     for name in names:
         for case in args.cases.split(","):
             rows.append(bench(name, case, args, peak))
-            print(table(rows[-1:], args).splitlines()[-1], file=sys.stderr, flush=True)  # partial results
+            for line in (*table(rows[-1:], args).splitlines()[2:], *baselines_table(rows[-1:]).splitlines()[2:]):
+                print(line, file=sys.stderr, flush=True)  # partial results, should a later model fail
     print(f"\nbench_models.py: N={args.n}, repeats={args.repeats} (medians), {args.threads} thread(s), "
           f"{machine(args)}; GEMM peak measured {peak / 1e9:.1f} GFLOP/s; total {time.perf_counter() - t0:.0f} s\n")
     print(table(rows, args))
