@@ -14,7 +14,7 @@ the methods
   * ``torch.func``: the PyTorch NTK tutorial recipe, ``vmap(jacrev(functional_call))`` per-sample Jacobians and
     a per-parameter ``einsum('Naf,Mbf->NMab')``, normalised by hand (``bench_kernel.tutorial_kernel``);
   * ``opacus``: ``opacus.GradSampleModule`` (loss_reduction="sum"), one forward and backward pass per output,
-    the per-sample gradients of all parameters concatenated -> J [N, d, P], then J J^T and the same normalisation
+    each parameter's per-sample gradients -> J_k [N, d, P_k], then sum_k J_k J_k^T and the same normalisation
     as the recipe's (``_explicit_baselines.py``; Opacus's ``ModuleValidator.fix`` replacements only where they
     keep the model's outputs);
   * ``backpack``: ``backpack.extend`` + ``with backpack(BatchGrad())``, one backward per output, the same Gram.
@@ -40,7 +40,8 @@ used (``sim.describe()``): layers on ``fallback`` / ``functorch`` are not yet co
 
 Usage: python benchmarks/bench_models.py [--quick] [--models mlp,vit] [--n 256] [--cases d=1,d=10]
        [--repeats 3] [--threads 1] [--loop-n 32] [--methods nnsim,nnsim-reused,opacus,backpack,...]
-Opacus and BackPACK: ``pip install ".[bench]"`` after the pinned torch (pyproject.toml's ``bench`` extra).
+Opacus and BackPACK: ``make bench-deps`` (pyproject.toml's ``bench`` extra, installed after the pinned torch with
+--no-deps where a package requires torch or torchvision); without them their columns read n/a.
 """
 
 from __future__ import annotations
