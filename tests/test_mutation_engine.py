@@ -1066,6 +1066,11 @@ def _fresh_size(model, x, **kw):
     return nnsim.Similarity(model, progress=False, **kw).chunk_size_for(x)
 
 
+def _restarting_size(sim, x):
+    """The chunk size a caller that starts over on ``Resized`` gets (the sweep, self-sized chunks)."""
+    return sim._chunker.chunk_size_for(as_source(x, "x"), "x", Request(Quantity.SIMILARITY, Form.RAW), restarts=True)
+
+
 def test_a_new_similarity_on_a_known_model_runs_no_probe_and_keeps_its_chunk_size(monkeypatch):
     monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", 20_000)
     torch.manual_seed(3)
@@ -1074,13 +1079,16 @@ def test_a_new_similarity_on_a_known_model_runs_no_probe_and_keeps_its_chunk_siz
     size = _fresh_size(model, x)
     sim = nnsim.Similarity(model, progress=False)
     calls = _counting(sim._chunker)
-    assert sim.chunk_size_for(x) == size and calls == []  # sized from the first Similarity's measure
+    assert _restarting_size(sim, x) == size and calls == []  # sized from the first Similarity's measure
+    # a caller that fixes its size (the public hook) has the kept sizing checked on the probe, once
+    assert sim.chunk_size_for(x) == size and calls == [(0, chunks_mod.PROBE_SAMPLES)]
+    assert sim.chunk_size_for(x) == size and _restarting_size(sim, x) == size and len(calls) == 1
     metric = torch.eye(3, dtype=F64)  # a metric tensor is keyed by its shape: a new one of that shape shares it
     first = nnsim.Similarity(model, metric=metric, progress=False)
     assert first.chunk_size_for(x) == size
     sim = nnsim.Similarity(model, metric=metric.clone(), progress=False)
     calls = _counting(sim._chunker)
-    assert sim.chunk_size_for(x) == size and calls == []
+    assert _restarting_size(sim, x) == size and calls == []
 
 
 def test_the_kept_chunk_sizing_is_per_sample_shape_and_per_output_spec(monkeypatch):

@@ -14,6 +14,8 @@ from torch import nn
 import nnsim
 from nnsim.backends import plan_cache
 from nnsim.engine import chunks as chunks_mod
+from nnsim.factors import gram
+from nnsim.index import FeatureIndex
 
 torch.set_num_threads(1)
 
@@ -38,14 +40,15 @@ def _recorded(monkeypatch) -> list[tuple[int, int, int | None]]:
     return seen
 
 
-def _stale_model(monkeypatch, n: int) -> tuple[nn.Module, torch.Tensor]:
-    """A model whose plan (Linear rule on module 0, small Outer factors) is kept with its sizing, then made stale
-    through an attribute the plan key cannot see: module 0 goes to the fallback, whose Dense factors are larger."""
+def _stale_model(monkeypatch, n: int, warm=lambda sim, x: sim.kernel(x)) -> tuple[nn.Module, torch.Tensor]:
+    """A model whose plan (Linear rule on module 0, small Outer factors) is kept with its sizing (for the request
+    of ``warm``'s computation), then made stale through an attribute the plan key cannot see: module 0 goes to
+    the fallback, whose Dense factors are larger."""
     monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", BUDGET)
     torch.manual_seed(2)
     model = nn.Sequential(Switchable(20, 30), nn.Tanh(), nn.Linear(30, 2)).double()
     x = torch.randn(n, 20, dtype=torch.float64)
-    nnsim.Similarity(model, progress=False).kernel(x)
+    warm(nnsim.Similarity(model, progress=False), x)
     assert model in plan_cache.SIZES
     model[0].mode["squared"] = True
     return model, x
@@ -91,3 +94,89 @@ def test_chunks_sized_by_the_chunker_start_over_at_the_budget(monkeypatch):
         K = nnsim.Similarity(model, progress=False).self_kernel(x)
     assert rel_err(K, ref) <= 1e-10
     _check_budget(seen, n)
+
+
+# Callers that fix the chunk size for a whole pass (density and approximate denoising in two linear passes, the
+# public ``Similarity.chunk_size_for`` behind the index) cannot start over: ``Chunker.chunk_size_for`` checks a
+# kept sizing on its 2-sample probe first (which also checks the kept plan), so every chunk keeps the budget.
+def _probed_then_within_budget(seen: list[tuple[int, int, int | None]], n: int) -> None:
+    assert seen[0][:2] == (0, chunks_mod.PROBE_SAMPLES)  # the probe found the plan stale, before any chunk
+    assert all(nbytes is not None and nbytes <= BUDGET for _, _, nbytes in seen)  # no chunk at the kept size
+    assert max(z for _, z, _ in seen) < n and sum(z for _, z, _ in seen[1:]) >= n  # all n samples, in chunks
+
+
+def _loop(model: nn.Module) -> nnsim.Similarity:
+    return nnsim.Similarity(model, backend="loop", progress=False)
+
+
+def test_density_in_two_linear_passes_keeps_the_budget(monkeypatch):
+    n = 48
+    model, x = _stale_model(monkeypatch, n, lambda sim, x: sim.density(x, algorithm="linear"))
+    ref = _loop(model).density(x, algorithm="linear")
+    seen = _recorded(monkeypatch)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        got = nnsim.Similarity(model, progress=False).density(x, algorithm="linear")
+    assert rel_err(got, ref) <= 1e-10
+    _probed_then_within_budget(seen, n)
+
+
+def test_approximate_denoising_keeps_the_budget(monkeypatch):
+    n = 40
+    model, x = _stale_model(monkeypatch, n, lambda sim, x: sim.denoising(x, approximate=True, dim=4096))
+    # dim above every layer's size: the sketches keep the layers exact, the same numbers for any backend
+    ref = _loop(model).denoising(x, approximate=True, dim=4096)
+    seen = _recorded(monkeypatch)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        got = nnsim.Similarity(model, progress=False).denoising(x, approximate=True, dim=4096)
+    assert rel_err(got.factor_matrix, ref.factor_matrix) <= 1e-10
+    assert rel_err(got.consistency, ref.consistency) <= 1e-10
+    _probed_then_within_budget(seen, n)
+
+
+def test_the_public_chunk_size_keeps_the_budget_for_code_that_streams_its_own_chunks(monkeypatch):
+    n = 40
+    model, x = _stale_model(monkeypatch, n, lambda sim, x: sim.chunk_size_for(x))
+    ref = _loop(model).similarity(x)
+    seen = _recorded(monkeypatch)
+    sim = nnsim.Similarity(model, progress=False)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        size = sim.chunk_size_for(x)
+    factors = [sim.corrected_factors((x[s : s + size],), s)[0] for s in range(0, n, size)]
+    _probed_then_within_budget(seen, n)
+    got = torch.cat([torch.cat([gram(fa, fb, "trace") for fb in factors], 1) for fa in factors]) / sim.d_eff
+    assert rel_err(got, ref) <= 1e-10
+    assert size == sim.chunk_size_for(x)  # no second probe: the sizing is the one measured on the first
+
+
+def test_the_index_build_and_search_keep_the_budget(monkeypatch, tmp_path):
+    n, q = 36, 30
+    model, x = _stale_model(monkeypatch, n, lambda sim, x: sim.chunk_size_for(x))
+    queries = x[:q] + 0.1
+    seen = _recorded(monkeypatch)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        FeatureIndex.build(nnsim.Similarity(model, progress=False), x, tmp_path / "a", dim=4096, dtype="float32")
+    assert seen and all(nbytes is not None and nbytes <= BUDGET for _, _, nbytes in seen)
+    # searched by a new Similarity of an equal model whose kept plan is stale (the index's model fingerprint)
+    monkeypatch.undo()
+    model, x = _stale_model(monkeypatch, n, lambda sim, x: sim.chunk_size_for(x))
+    ref_v, ref_i = _loop(model).neighbors(queries, x, k=3)
+    seen = _recorded(monkeypatch)
+    sim = nnsim.Similarity(model, progress=False)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        v, i = FeatureIndex.open(tmp_path / "a", sim).search(queries, k=3, candidates=n, data=x, backend="torch")
+    assert torch.equal(i, ref_i) and rel_err(v, ref_v) <= 1e-10  # every sample re-ranked exactly
+    _probed_then_within_budget(seen, q)
+
+
+def test_ranks_check_a_kept_sizing_on_the_probe_before_the_sweep(monkeypatch):
+    """Under torch.distributed every rank must cut the samples alike, so a sweep cannot restart on one rank's
+    first chunk: the kept sizing is checked on the probe (the same samples on every rank) instead."""
+    n = 40
+    model, x = _stale_model(monkeypatch, n)
+    ref = _loop(model).kernel(x)
+    monkeypatch.setattr(chunks_mod.distributed, "world_size", lambda: 2)
+    seen = _recorded(monkeypatch)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        K = nnsim.Similarity(model, progress=False).kernel(x)
+    assert rel_err(K, ref) <= 1e-10
+    _probed_then_within_budget(seen, n)
