@@ -1121,7 +1121,8 @@ def test_a_full_result_of_a_new_similarity_is_tile_capped_by_the_kept_output_dim
     src, full = as_source(x, "x"), Request(Quantity.SIMILARITY, Form.FULL)
     assert nnsim.Similarity(model, progress=False)._chunker.chunk_size_for(src, "x", full) == 10
     ch = nnsim.Similarity(model, progress=False)._chunker  # d not measured by this Chunker: the kept d
-    assert ch.d is None and ch.chunk_size_for(src, "x", full) == 10
+    assert ch.d is None and ch.chunk_size_for(src, "x", full, restarts=True) == 10 and ch.d is None
+    assert ch.chunk_size_for(src, "x", full) == 10 and ch.d == 3  # measured by the probe that checks the sizing
 
 
 def test_the_kept_sizings_of_a_model_drop_the_oldest_beyond_the_limit(monkeypatch):

@@ -180,3 +180,30 @@ def test_ranks_check_a_kept_sizing_on_the_probe_before_the_sweep(monkeypatch):
         K = nnsim.Similarity(model, progress=False).kernel(x)
     assert rel_err(K, ref) <= 1e-10
     _probed_then_within_budget(seen, n)
+
+
+# What the resize code does at its boundaries (written against its surviving mutants, docs/testing.md).
+def test_a_stale_plan_whose_new_size_still_holds_the_chunk_goes_on(monkeypatch):
+    model, x = _stale_model(monkeypatch, 64)
+    seen = _recorded(monkeypatch)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        nnsim.Similarity(model, progress=False).kernel(x)
+    new = seen[1][1]  # the size the budget allows under the new plan
+    monkeypatch.undo()
+    model, x = _stale_model(monkeypatch, new)  # a chunk of exactly that many samples: nothing to start over
+    ref = _loop(model).kernel(x)
+    seen = _recorded(monkeypatch)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        K = nnsim.Similarity(model, progress=False).kernel(x)
+    assert rel_err(K, ref) <= 1e-10
+    assert [(s, z) for s, z, _ in seen] == [(0, new)] and seen[0][2] <= BUDGET
+
+
+@pytest.mark.parametrize(("probe_bytes", "expected"), [(0, 200), (2, 200), (21, 20)])
+def test_a_stale_sizing_is_measured_again_in_whole_bytes_per_sample(monkeypatch, probe_bytes, expected):
+    """As the probe's measure: at least 1 byte per sample, floored to whole bytes (2 probe samples)."""
+    model, x = _stale_model(monkeypatch, 40, lambda sim, x: sim.chunk_size_for(x))
+    monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(chunks_mod.Chunk, "nbytes", lambda self: probe_bytes)
+    with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+        assert nnsim.Similarity(model, progress=False).chunk_size_for(x) == expected
