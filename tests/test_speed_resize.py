@@ -207,3 +207,14 @@ def test_a_stale_sizing_is_measured_again_in_whole_bytes_per_sample(monkeypatch,
     monkeypatch.setattr(chunks_mod.Chunk, "nbytes", lambda self: probe_bytes)
     with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
         assert nnsim.Similarity(model, progress=False).chunk_size_for(x) == expected
+
+
+def test_similarity_columns_recomputed_per_row_chunk_are_exact(monkeypatch):
+    """Columns too large for the cache are prepared again for every row chunk (paired with one chunk each)."""
+    model, x = _stale_model(monkeypatch, 30)
+    y = x[:25] * 0.5
+    for reduce in ("trace", None):  # (the d x d blocks: where K(x, x)^-1/2 may go on the tiles at d = 2)
+        ref = _loop(model).similarity(x, y, reduce=reduce)
+        with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
+            got = nnsim.Similarity(model, cache_bytes=0, progress=False).similarity(x, y, reduce=reduce)
+        assert rel_err(got, ref) <= 1e-10
