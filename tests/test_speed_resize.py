@@ -218,3 +218,14 @@ def test_similarity_columns_recomputed_per_row_chunk_are_exact(monkeypatch):
         with pytest.warns(nnsim.FallbackWarning, match=r"module '0' \(Switchable\)"):
             got = nnsim.Similarity(model, cache_bytes=0, progress=False).similarity(x, y, reduce=reduce)
         assert rel_err(got, ref) <= 1e-10
+
+
+def test_the_probe_that_checks_a_kept_sizing_names_the_argument_and_its_samples(monkeypatch):
+    model, x = _stale_model(monkeypatch, 10, lambda sim, x: sim.chunk_size_for(x))
+    bad = x.clone()
+    bad[1, 3] = float("nan")
+    for kept in (True, False):  # the same message as the probe of a model measured afresh
+        if not kept:
+            plan_cache.SIZES.clear()
+        with pytest.raises(nnsim.InputError, match=r"^x: input 0 contains NaN or Inf at samples \[1\]; clean"):
+            nnsim.Similarity(model, progress=False).chunk_size_for(bad)
