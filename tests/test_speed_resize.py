@@ -229,3 +229,11 @@ def test_the_probe_that_checks_a_kept_sizing_names_the_argument_and_its_samples(
             plan_cache.SIZES.clear()
         with pytest.raises(nnsim.InputError, match=r"^x: input 0 contains NaN or Inf at samples \[1\]; clean"):
             nnsim.Similarity(model, progress=False).chunk_size_for(bad)
+
+
+def test_self_sized_chunks_cover_every_sample_beyond_one_chunk():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(chunks_mod.MAX_CHUNK + 44, 3, dtype=torch.float64)  # two chunks at most MAX_CHUNK samples
+    got = nnsim.Similarity(model, progress=False).self_kernel(x)
+    assert got.shape == (len(x), 2, 2) and rel_err(got, _loop(model).self_kernel(x)) <= 1e-10
