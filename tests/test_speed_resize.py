@@ -13,9 +13,11 @@ from torch import nn
 
 import nnsim
 from nnsim.backends import plan_cache
+from nnsim.engine import ALL, Form, Quantity, Request
 from nnsim.engine import chunks as chunks_mod
 from nnsim.factors import gram
 from nnsim.index import FeatureIndex
+from nnsim.inputs import as_source
 
 torch.set_num_threads(1)
 
@@ -237,3 +239,17 @@ def test_self_sized_chunks_cover_every_sample_beyond_one_chunk():
     x = torch.randn(chunks_mod.MAX_CHUNK + 44, 3, dtype=torch.float64)  # two chunks at most MAX_CHUNK samples
     got = nnsim.Similarity(model, progress=False).self_kernel(x)
     assert got.shape == (len(x), 2, 2) and rel_err(got, _loop(model).self_kernel(x)) <= 1e-10
+
+
+def test_self_sized_chunks_name_their_argument_and_read_only_the_range_asked():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(12, 3, dtype=torch.float64)
+    bad = x.clone()
+    bad[5, 1] = float("inf")  # after the 2 probe samples: found by the chunk, not the probe
+    with pytest.raises(nnsim.InputError, match=r"^x: input 0 contains NaN or Inf at samples \[5\]; clean"):
+        nnsim.Similarity(model, progress=False).self_kernel(bad)
+    ch = nnsim.Similarity(model, progress=False)._chunker
+    got = list(ch.chunks(as_source(x, "x"), "x", Request(Quantity.KERNEL, Form.FULL), stop=7))
+    assert [(c.start, c.size) for c in got] == [(0, 7)]
+    assert rel_err(torch.cat([c.K[ALL] for c in got]), _loop(model).self_kernel(x[:7])) <= 1e-10
