@@ -253,3 +253,18 @@ def test_self_sized_chunks_name_their_argument_and_read_only_the_range_asked():
     got = list(ch.chunks(as_source(x, "x"), "x", Request(Quantity.KERNEL, Form.FULL), stop=7))
     assert [(c.start, c.size) for c in got] == [(0, 7)]
     assert rel_err(torch.cat([c.K[ALL] for c in got]), _loop(model).self_kernel(x[:7])) <= 1e-10
+
+
+def test_a_kept_sizing_whose_plan_passes_its_check_is_not_measured_again(monkeypatch):
+    monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", BUDGET)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 2)).double()
+    x = torch.randn(64, 20, dtype=torch.float64)
+    nnsim.Similarity(model, progress=False).kernel(x)  # the plan and its sizing kept: one chunk of 64
+    ref = _loop(model).kernel(x)
+    seen = _recorded(monkeypatch)
+    # measured now, the chunk would allow BUDGET // 10_000 = 20 samples: the kept sizing is the plan's own
+    monkeypatch.setattr(chunks_mod.Chunk, "nbytes", lambda self: self.size * 10_000)
+    K = nnsim.Similarity(model, progress=False).kernel(x)
+    assert rel_err(K, ref) <= 1e-10
+    assert [(s, z) for s, z, _ in seen] == [(0, 64)]
