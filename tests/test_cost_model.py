@@ -78,18 +78,18 @@ def test_forced_paths_match_the_loop_on_sequence_linear_and_conv(dense, monkeypa
     K_ref, S_ref = ref.kernel(x), ref.similarity(x)
     C_ref = ref.similarity(x[:3], x[3:], reduce=None)
     taken = {"outer": 0, "dense": 0}
-    outer_gram, dense_gram = F.Outer.gram, F.Dense.gram
+    outer_gram, dense_operand = F.Outer.gram, F.Dense.gram_operand
 
     def count_outer(self, other, mode):
         taken["outer"] += 1
         return outer_gram(self, other, mode)
 
-    def count_dense(self, other, mode):
+    def count_dense(self, mode):  # the engine's Gram takes explicit gradients as GEMM operands
         taken["dense"] += 1
-        return dense_gram(self, other, mode)
+        return dense_operand(self, mode)
 
     monkeypatch.setattr(F.Outer, "gram", count_outer)
-    monkeypatch.setattr(F.Dense, "gram", count_dense)
+    monkeypatch.setattr(F.Dense, "gram_operand", count_dense)
     monkeypatch.setattr(F.Outer, "prefers_dense", lambda self, mode, partners=256: dense)
     monkeypatch.setattr(F, "compact", lambda fs: fs)  # keep every layer position-factored until the choice
     monkeypatch.setattr(nnsim.engine.chunks, "compact", lambda fs: fs)

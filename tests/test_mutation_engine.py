@@ -1066,6 +1066,11 @@ def _fresh_size(model, x, **kw):
     return nnsim.Similarity(model, progress=False, **kw).chunk_size_for(x)
 
 
+def _restarting_size(sim, x):
+    """The chunk size a caller that starts over on ``Resized`` gets (the sweep, self-sized chunks)."""
+    return sim._chunker.chunk_size_for(as_source(x, "x"), "x", Request(Quantity.SIMILARITY, Form.RAW), restarts=True)
+
+
 def test_a_new_similarity_on_a_known_model_runs_no_probe_and_keeps_its_chunk_size(monkeypatch):
     monkeypatch.setattr(chunks_mod, "CHUNK_BYTES", 20_000)
     torch.manual_seed(3)
@@ -1074,13 +1079,16 @@ def test_a_new_similarity_on_a_known_model_runs_no_probe_and_keeps_its_chunk_siz
     size = _fresh_size(model, x)
     sim = nnsim.Similarity(model, progress=False)
     calls = _counting(sim._chunker)
-    assert sim.chunk_size_for(x) == size and calls == []  # sized from the first Similarity's measure
+    assert _restarting_size(sim, x) == size and calls == []  # sized from the first Similarity's measure
+    # a caller that fixes its size (the public hook) has the kept sizing checked on the probe, once
+    assert sim.chunk_size_for(x) == size and calls == [(0, chunks_mod.PROBE_SAMPLES)]
+    assert sim.chunk_size_for(x) == size and _restarting_size(sim, x) == size and len(calls) == 1
     metric = torch.eye(3, dtype=F64)  # a metric tensor is keyed by its shape: a new one of that shape shares it
     first = nnsim.Similarity(model, metric=metric, progress=False)
     assert first.chunk_size_for(x) == size
     sim = nnsim.Similarity(model, metric=metric.clone(), progress=False)
     calls = _counting(sim._chunker)
-    assert sim.chunk_size_for(x) == size and calls == []
+    assert _restarting_size(sim, x) == size and calls == []
 
 
 def test_the_kept_chunk_sizing_is_per_sample_shape_and_per_output_spec(monkeypatch):
@@ -1113,7 +1121,8 @@ def test_a_full_result_of_a_new_similarity_is_tile_capped_by_the_kept_output_dim
     src, full = as_source(x, "x"), Request(Quantity.SIMILARITY, Form.FULL)
     assert nnsim.Similarity(model, progress=False)._chunker.chunk_size_for(src, "x", full) == 10
     ch = nnsim.Similarity(model, progress=False)._chunker  # d not measured by this Chunker: the kept d
-    assert ch.d is None and ch.chunk_size_for(src, "x", full) == 10
+    assert ch.d is None and ch.chunk_size_for(src, "x", full, restarts=True) == 10 and ch.d is None
+    assert ch.chunk_size_for(src, "x", full) == 10 and ch.d == 3  # measured by the probe that checks the sizing
 
 
 def test_the_kept_sizings_of_a_model_drop_the_oldest_beyond_the_limit(monkeypatch):

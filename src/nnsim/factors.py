@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ._gemm import gram_sum, self_gram_sum
 from ._gemm import self_gram as self_product
 
 ParamSpec = tuple[str, torch.Size]
@@ -56,6 +57,7 @@ class Factor(Protocol):
     def dtype(self) -> torch.dtype: ...
     def mix(self, M: Tensor) -> Factor: ...  # output columns mixed by per-sample M [B, d, e]
     def gram(self, other: Factor, mode: str) -> Tensor: ...  # [B1, d, B2, d] (full) or [B1, B2] (trace)
+    def gram_operand(self, mode: str) -> Tensor | None: ...  # [B e, K] whose products are the Gram, or None
     def pair_gram(self, I: Tensor, J: Tensor) -> Tensor: ...  # K(x_I[p], x_J[p]) for index pairs: [n, d, d]
     def self_gram(self) -> Tensor: ...  # K(x_b, x_b): [B, d, d]
     def prefers_dense(self, mode: str, partners: int = ...) -> bool: ...  # the explicit gradient is cheaper
@@ -101,17 +103,25 @@ def _gaussian(rows: int, cols: int, seed: int, like: Tensor) -> Tensor:
     return (torch.randn(rows, cols, generator=gen, dtype=torch.float64) / math.sqrt(rows)).to(like)
 
 
+def _operand(g: Tensor, mode: str) -> Tensor:
+    """The explicit gradient g [B, d, n] as the operand of its Gram products: [B d, n] (full), [B, d n] (trace)."""
+    B, d, n = g.shape
+    return g.reshape(B * d, n) if mode != "trace" else g.reshape(B, d * n)
+
+
 def _dense_gram(ga: Tensor, gb: Tensor, mode: str) -> Tensor:
     """ga [B1, d, n], gb [B2, d, n] -> [B1, d, B2, d] (full; see ``gram`` for the layout) or [B1, B2] (trace)."""
-    B1, d, n = ga.shape
-    B2 = gb.shape[0]
+    B1, d, _ = ga.shape
     if ga is gb:  # a tile of a chunk with itself: symmetric, the blocks below the diagonal are mirrored
-        if mode == "trace":
-            return self_product(ga.reshape(B1, d * n))
-        return self_product(ga.reshape(B1 * d, n)).view(B1, d, B1, d)
-    if mode == "trace":
-        return ga.reshape(B1, d * n) @ gb.reshape(B2, d * n).T
-    return (ga.reshape(B1 * d, n) @ gb.reshape(B2 * d, n).T).view(B1, d, B2, d)
+        t = self_product(_operand(ga, mode))
+    else:
+        t = gram_sum([_operand(ga, mode)], [_operand(gb, mode)])
+    return t if mode == "trace" else _full_layout(t, B1, d)
+
+
+def _full_layout(t: Tensor, B1: int, d: int) -> Tensor:
+    """A product [B1 d, B2 d] of full-mode operands viewed as [B1, d, B2, d] (a view: t may be strided)."""
+    return t.unflatten(1, (t.shape[1] // d, d)).unflatten(0, (B1, d))
 
 
 class _Batched:
@@ -162,6 +172,9 @@ class Dense(_Batched):
 
     def gram(self, other: Factor, mode: str) -> Tensor:
         return _dense_gram(self.g, other.dense().g, mode)
+
+    def gram_operand(self, mode: str) -> Tensor:
+        return _operand(self.g, mode)
 
     def pair_gram(self, I: Tensor, J: Tensor) -> Tensor:
         return torch.einsum("pcn,pen->pce", self.g[I], self.g[J])
@@ -397,6 +410,9 @@ class Outer(_Batched):
             pd = self.delta @ _gaussian(k2, n, layer_seed(seed, self.layer, "out"), self.delta).T  # [B, d, G, T, k2]
         return torch.einsum("bcgtk,bgtl->bcgkl", pd, pa).reshape(B, d, -1)
 
+    def gram_operand(self, mode: str) -> None:
+        return None  # its Gram is the pairwise product over positions, not one matrix product
+
     def _position_products(self, other: Outer, g: int, rows: slice) -> Tensor:
         """[R*T1, B2*T2] products a_it . a_js of the positions of group g (equality of indices when indexed)."""
         if self.indexed:
@@ -528,11 +544,28 @@ def prepare(factors: list[Factor], mode: str) -> list[Factor]:
 def gram(fa: list[Factor], fb: list[Factor], mode: str) -> Tensor:
     """Sum over factors of the exact Gram tile: [B1, B2, d, d] (full) or [B1, B2] (trace).
 
-    Factors return full tiles in the [B1, d, B2, d] layout that their matrix products produce; they are
-    summed in place in that layout and permuted (a view) once at the end.
+    The pairs whose Gram is one matrix product (``gram_operand``: explicit gradients) are accumulated in one
+    output: a chunk's tile with itself by the upper row strips of every factor, mirrored once at the end
+    (``_gemm.self_gram_sum``), other tiles by one in-place product per factor (``_gemm.gram_sum``). The other
+    pairs' tiles (pairwise products over positions) are added to it. Full tiles are built in the
+    [B1, d, B2, d] layout that the products produce and permuted (a view) once at the end.
     """
-    out = None
+    products, others = [], []
     for x, y in zip(fa, fb, strict=True):
+        a, b = x.gram_operand(mode), y.gram_operand(mode)
+        if a is not None and b is not None:
+            products.append((x is y, a, b))
+        else:
+            others.append((x, y))
+    out = None
+    if products:
+        if all(same for same, _, _ in products):  # a chunk with itself: symmetric
+            out = self_gram_sum([a for _, a, _ in products])
+        else:
+            out = gram_sum([a for _, a, _ in products], [b for _, _, b in products])
+        if mode != "trace":
+            out = _full_layout(out, fa[0].batch_size, fa[0].outputs)
+    for x, y in others:
         t = x.gram(y, mode)
         out = t if out is None else out.add_(t)
     return out if mode == "trace" else out.permute(0, 2, 1, 3)

@@ -292,7 +292,9 @@ class Similarity:
         return chunk.groups[ALL], chunk.rank[ALL]
 
     def chunk_size_for(self, x: Any) -> int:
-        """Samples per chunk for the per-sample factors of ``x`` (``chunk_size`` when set, else measured)."""
+        """Samples per chunk for the per-sample factors of ``x`` (``chunk_size`` when set, else measured; a sizing
+        kept from an earlier ``Similarity`` of the model is checked on a 2-sample probe first, so that chunks of
+        this size keep the memory budget even when the kept plan turns out stale)."""
         return self._chunker.chunk_size_for(as_source(x, "x"), "x", Request(Quantity.SIMILARITY, Form.RAW))
 
     @property

@@ -172,14 +172,14 @@ class Chunker:
         dropped meanwhile (its kept plan failed its check on this chunk, and the new plan's factors may be
         larger), the bytes per sample are measured again on this chunk; when the budget then allows fewer
         samples than this chunk holds, :class:`Resized` asks a ``resize`` caller to start again with the new
-        size (nothing of the call is finished yet: this is its first chunk of these shapes). Not across ranks
-        (torch.distributed initialised): every rank must cut the samples alike, and each measures its own first
-        chunk; the ranks keep the kept size for this call."""
+        size (nothing of the call is finished yet: this is its first chunk of these shapes). Across ranks
+        (torch.distributed initialised) and for callers that cannot start over, :meth:`chunk_size_for` checks
+        the kept sizing on its probe batch instead, before any chunk (every rank measures the same samples)."""
         shared = self._kept_unseen.pop(key)
         if shared in plan_cache.SIZES.get(self.model, {}):
             return  # the kept plan passed its check: the kept sizing is the one measured for it
         self._per_sample_bytes[key] = (max(1, chunk.nbytes() // chunk.size), self.d)
-        if resize and distributed.world_size() == 1 and self._size(key, request) < chunk.size:
+        if resize and self._size(key, request) < chunk.size:
             raise Resized
 
     def _size(self, key: tuple, request: Request) -> int:
@@ -221,8 +221,14 @@ class Chunker:
             chunk.groups[g] = fs if request.form is Form.RAW else prepare(fs, request.form.value)
         return chunk
 
-    def chunk_size_for(self, src: Source, name: str, request: Request) -> int:
-        """Samples per chunk: ``chunk_size`` when set, else from the measured factor bytes per sample."""
+    def chunk_size_for(self, src: Source, name: str, request: Request, restarts: bool = False) -> int:
+        """Samples per chunk: ``chunk_size`` when set, else from the measured factor bytes per sample.
+
+        A sizing kept from an earlier Chunker is checked on the first chunk prepared under it (:meth:`_recheck`).
+        ``restarts``: the caller starts over at a new size on :class:`Resized` (the sweep, self-sized
+        :meth:`chunks`). Any other caller fixes the size for its whole pass, and ranks must all cut the samples
+        alike: the kept sizing is then checked here, on the probe batch (one pass over its 2 samples, which also
+        checks the kept plan), before it is used."""
         if self.chunk_size is not None:
             return self.chunk_size
         self.problem.keys = src.keys  # keyword inputs: the model is called with these names
@@ -246,6 +252,8 @@ class Chunker:
                     if len(kept_for) > _MAX_KEPT:  # the oldest goes
                         kept_for.pop(next(iter(kept_for)))
             self._per_sample_bytes[key] = kept
+        if key in self._kept_unseen and not (restarts and distributed.world_size() == 1):
+            self.prepare(probe[1], 0, name, request)  # _recheck: measured again if the kept plan is stale
         return self._size(key, request)
 
     def chunks(self, src: Source, name: str, request: Request, size: int | None = None, first: int = 0,
@@ -258,7 +266,8 @@ class Chunker:
         started again at the new size on :class:`Resized`."""
         if size is None:  # sized here: started again at the new size on Resized (raised by a first chunk only)
             yield from restarted_on_resize(lambda resize: self.chunks(
-                src, name, request, self.chunk_size_for(src, name, request), first, stop, partners, resize))
+                src, name, request, self.chunk_size_for(src, name, request, restarts=True), first, stop, partners,
+                resize))
             return
         self.problem.keys = src.keys
         stop = len(src) if stop is None else min(stop, len(src))

@@ -79,7 +79,7 @@ def sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, repo
 def _sweep(chunker: Chunker, src_a: Source, src_b: Source, request: Request, report: RankReport,
            names: tuple[str, str], symmetric: bool, plan: Plan | None, progress: bool, resize: bool
            ) -> Iterator[tuple[Chunk, Chunk, dict[str, Tensor]]]:
-    size = chunker.chunk_size_for(src_a, names[0], request)
+    size = chunker.chunk_size_for(src_a, names[0], request, restarts=True)
     n_a, n_b = math.ceil(len(src_a) / size), math.ceil(len(src_b) / size)
     segments = plan(n_a, n_b, symmetric) if plan else [(i, i if symmetric else 0, n_b) for i in range(n_a)]
     if not segments:

@@ -165,7 +165,8 @@ class Projection:
 
 
 CENTRE_ROWS = 256  # reference rows of the centre c (any fixed vector keeps the estimate unbiased)
-_CENTRE_CHUNK = 32  # fixed, so that every process and every resume sums the centre in the same order
+_CENTRE_CHUNK = 32  # fixed, so that every process and every resume sums the centre in the same order (fewer
+# where the chunk budget allows fewer: the library's chunk size, measured alike by every process)
 _CENTRE_BYTES = 2**30  # no centring when d P numbers exceed this (c has the size of one gradient)
 
 
@@ -182,11 +183,12 @@ def make_projection(sim: Similarity, src: Source, dim: int, seed: int) -> Projec
     N = len(src)
     M = min(N, CENTRE_ROWS)
     ids = sorted({round(i * (N - 1) / max(1, M - 1)) for i in range(M)})
-    rows = src.take(ids, _CENTRE_CHUNK)
+    chunk = min(_CENTRE_CHUNK, sim.chunk_size_for(src.data))
+    rows = src.take(ids, chunk)
     ref = as_source(rows, "data")
     total: dict[str, Tensor] = {}
     projected = torch.zeros(width, dtype=torch.float64)
-    for s, batch in ref.chunks(_CENTRE_CHUNK):
+    for s, batch in ref.chunks(chunk):
         factors, _ = sim.corrected_factors(batch, ids[s], "data")
         with torch.no_grad():
             batch_sum(factors, total)
