@@ -41,7 +41,7 @@ from ..errors import FallbackWarning, ModelError
 from ..factors import Dense, Factor
 from . import functorch, loop, plan_cache
 from .base import Problem, checked_output, dense_by_layer
-from .rules import Call, Found, Rule, find_rule
+from .rules import Call, Found, Rule, find_rule, signal_layout
 from .rules.fallback import fallback, fallback_loop
 from .rules.free import FreeUses, classify, free_params
 
@@ -483,15 +483,26 @@ class Structured:
                 per_c.append(torch.autograd.grad(y[:, c].sum(), leaves, retain_graph=graph or c < d - 1,
                                                  create_graph=graph, allow_unused=True))
         k = 0
-        for cs in calls.values():
+        for m, cs in calls.items():
+            e = active.get(m)  # type: ignore[call-overload]
+            rule = e.method[1] if e is not None and e.method is not None and not graph and d > 1 else None
             for call in cs:
                 for j, z in enumerate(call.leaves):
                     axis = (call.out_batched or {}).get(j, 0)  # the rules get signals [B, d, ...]
+                    # the one copy that assembles the d outputs' signals stores them as the rule reads them
+                    order = signal_layout(rule, m, z.dim() + 1) if rule is not None and j == 0 else None
                     if batched is not None:  # [d, *z.shape] -> [B, d, ...]
-                        delta = batched[k].movedim(axis + 1, 0).contiguous()
+                        delta = _stored(batched[k].movedim(axis + 1, 0), order)
                     else:
                         parts = [(torch.zeros_like(z) if g[k] is None else g[k]).movedim(axis, 0) for g in per_c]
-                        delta = parts[0].unsqueeze(1) if d == 1 else torch.stack(parts, dim=1)  # d = 1: a view
+                        if d == 1:  # a view
+                            delta = parts[0].unsqueeze(1)
+                        elif order is None:
+                            delta = torch.stack(parts, dim=1)
+                        else:
+                            delta = _empty_stored((z.shape[axis], d, *parts[0].shape[1:]), order, z)
+                            for c, part in enumerate(parts):
+                                delta[:, c].copy_(part)
                     call.deltas.append(delta if graph else delta.detach())
                     k += 1
         factors: list[Factor] = []
@@ -615,6 +626,19 @@ def _batched_signals(y: Tensor, leaves: list[Tensor]) -> list[Tensor] | None:
         return None
     return [torch.zeros(d, *z.shape, dtype=z.dtype, device=z.device) if g is None else g
             for g, z in zip(grads, leaves, strict=True)]
+
+
+def _empty_stored(shape: tuple[int, ...], order: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised tensor of ``shape`` whose axes are stored in ``order`` (outermost first)."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return like.new_empty([shape[i] for i in order]).permute(inverse)
+
+
+def _stored(t: Tensor, order: tuple[int, ...] | None) -> Tensor:
+    """A copy of ``t`` (same shape) with its axes stored in ``order``; None: contiguous."""
+    if order is None:
+        return t.contiguous()
+    return _empty_stored(tuple(t.shape), order, t).copy_(t)
 
 
 def _norms(tensors: list[Tensor]) -> list[float]:

@@ -86,6 +86,25 @@ class Call:
 # rule(module, layer name, calls, {local param name: full name}) -> factors
 Rule = Callable[[nn.Module, str, list[Call], dict[str, str]], list[Factor]]
 
+# (module, number of axes of its first output's signals [B, d, *S]) -> the order in which those axes are stored,
+# outermost first (a permutation of range(ndim); None: [B, d, *S] itself). The structured backend assembles the d
+# outputs' signals once, in the order the rule's products read, so that the rule's reshapes are views instead
+# of a second copy of the signals (docs/benchmarks.md, "Issue 14, part 8"). Only a stride change: the signals'
+# shape, values and bytes are the same whatever the order, and every rule must accept any strides.
+SignalLayout = Callable[[nn.Module, int], tuple[int, ...] | None]
+SIGNAL_LAYOUTS: dict[Rule, SignalLayout] = {}
+
+
+def signal_layout(rule: Rule, module: nn.Module, ndim: int) -> tuple[int, ...] | None:
+    """The storage order of ``rule``'s signals [B, d, *S] of ``ndim`` axes (None: contiguous [B, d, *S])."""
+    order = SIGNAL_LAYOUTS[rule](module, ndim) if rule in SIGNAL_LAYOUTS else None
+    return None if order is None or tuple(order) == tuple(range(ndim)) else tuple(order)
+
+
+def d_before_last(module: nn.Module, ndim: int) -> tuple[int, ...]:
+    """[B, d, *S, n] stored as [B, *S, d, n]: an affine map's product reads the signals as [B, T, d n]."""
+    return (0, *range(2, ndim - 1), 1, ndim - 1)
+
 
 @dataclass(frozen=True)
 class Registered:

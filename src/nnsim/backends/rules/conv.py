@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...factors import Dense, Factor, Outer
-from . import Call, outer_or_dense, register
+from . import SIGNAL_LAYOUTS, Call, outer_or_dense, register
 
 
 def _patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
@@ -178,3 +178,17 @@ def conv(module: nn.Conv1d | nn.Conv2d, layer: str, calls: list[Call], names: di
     a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=2)
     delta = d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, dim=3)
     return outer_or_dense(layer, module, a, delta, names, graph=calls[0].graph)
+
+
+def _signal_layout(module: nn.Conv1d | nn.Conv2d, ndim: int) -> tuple[int, ...] | None:
+    """How the signals [B, d, C_out, *out_spatial] are stored for the products that read them: ungrouped, as
+    [B, *out_spatial, d, C_out] (the patches' product reads [B, T, d C_out]: a view); depthwise, as
+    [B, C_out, d, *out_spatial] (``_depthwise``'s kernels [B G d n', 1, *out_spatial]: a view for n' = 1)."""
+    if module.groups == 1:
+        return (0, *range(3, ndim), 1, 2)
+    if module.in_channels == module.groups:
+        return (0, 2, 1, *range(3, ndim))
+    return None
+
+
+SIGNAL_LAYOUTS[conv] = _signal_layout

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ...factors import Factor
-from . import Call, outer_or_dense, register, register_match
+from . import SIGNAL_LAYOUTS, Call, d_before_last, outer_or_dense, register, register_match
 
 
 def _cat(parts: list, dim: int) -> torch.Tensor:
@@ -49,3 +49,6 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 def conv1d_transposed(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
     n_in, n_out = module.weight.shape
     return _affine(module, layer, calls, names, n_in, n_out, transposed=True)
+
+
+SIGNAL_LAYOUTS[linear] = SIGNAL_LAYOUTS[conv1d_transposed] = d_before_last
