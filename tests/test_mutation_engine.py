@@ -392,8 +392,8 @@ def test_failures_before_the_first_chunk_name_the_inputs_or_the_backend(data):
 
     sim._chunker.factor_fn = broken
     with pytest.raises(ModelError, match=r"^the 'auto' backend failed on this model, whose forward pass runs on these "
-                                         r"inputs: RuntimeError: boom; try backend='structured' \(the default\) or "
-                                         r"backend='loop'$"):
+                                         r"inputs: RuntimeError: boom; try backend='loop' \(per-sample autograd\) or "
+                                         r"backend='functorch'$"):
         sim.similarity(x)
 
     def refuses(batch, start):

@@ -29,6 +29,14 @@ PROBE_SAMPLES = 2  # factor bytes grow linearly with the batch: a batch of 2 mea
 FORWARD_CHUNK = 1024  # samples per forward-only pass
 T = TypeVar("T")
 _MAX_KEPT = 64  # measured sizings kept per model object (in plan_cache.SIZES, under ``_shared_key``)
+# What to suggest when a backend fails on a model whose forward runs: only backends that compute differently
+# ('auto' is the structured backend; the loop is plain per-sample autograd, exact wherever the model runs).
+_ALTERNATIVES = {
+    "auto": "backend='loop' (per-sample autograd) or backend='functorch'",
+    "structured": "backend='loop' (per-sample autograd) or backend='functorch'",
+    "functorch": "backend='loop' (per-sample autograd) or backend='structured' (the default)",
+    "loop": "backend='structured' (the default) or backend='functorch'",
+}
 
 
 class Resized(Exception):  # noqa: N818  (a signal, not an error)
@@ -158,7 +166,7 @@ class Chunker:
             if self._forward_runs(batch):  # the inputs suit the model: the gradient computation failed
                 raise ModelError(f"the {self.backend!r} backend failed on this model, whose forward pass runs on "
                                  f"these inputs: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
-                                 "try backend='structured' (the default) or backend='loop'") from e
+                                 f"try {_ALTERNATIVES.get(self.backend, _ALTERNATIVES['loop'])}") from e
             raise input_failure(e, batch, name, self.dtype) from e
         with torch.no_grad():
             chunk = self._normalise(groups, start, batch[0].shape[0], name, request, partners)
