@@ -28,6 +28,7 @@ is exact in every case; only the speed differs.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,10 +39,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .._model import layer_of
 from ..errors import FallbackWarning, ModelError
-from ..factors import Dense, Factor
+from ..factors import Dense, Factor, Outer
 from . import functorch, loop, plan_cache
 from .base import Problem, checked_output, dense_by_layer
-from .rules import Call, Found, Rule, find_rule, signal_layout
+from .rules import BatchShared, Call, Found, Rule, find_rule, signal_layout
 from .rules.fallback import fallback, fallback_loop
 from .rules.free import FreeUses, classify, free_params
 
@@ -64,6 +65,9 @@ class Entry:
     names: dict[str, str]  # local name -> full name
     found: Found | None
     free: bool = False  # no rule, own parameters only: try the free-parameter operations first
+    # the rule found the module's output shared by the batch (BatchShared): its next method is the free-parameter
+    # tracking of its parameters to where that output meets the batch, then the fallbacks
+    shared: bool = False
     level: int = 0
     reason: str = ""  # why the registered rule was left (empty: it was not, or it never claimed the module)
     suspects: set[str] = field(default_factory=set)  # parameters the rule disagreed on
@@ -74,11 +78,18 @@ class Entry:
         rule = [(getattr(self.found.rule, "__name__", "rule"), self.found.rule)] if self.found else []
         if self.free and not self.found:
             rule = [(_FREE, free_params)]
+        elif self.shared:
+            rule.append((_FREE, free_params))
         return rule + [("fallback", fallback), ("fallback (per-sample loop)", fallback_loop)]
 
     @property
     def on_rule(self) -> bool:
         return self.found is not None and self.level == 0
+
+    @property
+    def on_fast(self) -> bool:
+        """On its rule, or on the free-parameter tracking its rule asked for (a shared output)."""
+        return self.on_rule or (self.shared and self.level == 1)
 
     @property
     def method(self) -> tuple[str, Rule] | None:
@@ -160,7 +171,8 @@ class Structured:
                 if self._restore_rules(plan):
                     continue
                 break
-            self._step_down(plan, errors, bad)
+            if self._step_down(plan, errors, bad):  # free-parameter tracking to record for a module
+                plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
         else:
             raise ModelError("the structured backend could not verify a plan for this model; use backend='loop'")
         if failed_pass is not None:
@@ -170,8 +182,8 @@ class Structured:
             plan.residual = list(self.problem.params)
             plan.residual_loop = not _functorch_runs(self.problem, probe)
         for e in plan.hooked.values():
-            if e.reason and not e.on_rule and not e.found.tentative:  # type: ignore[union-attr]
-                method = e.method[0] if e.method else "the whole-model fallback"
+            if e.reason and not e.on_fast and not e.found.tentative:  # type: ignore[union-attr]
+                method = e.method[0] if e.method else "whole-model fallback"
                 plan.notes.append(f"layer rule {e.chain[0][0]!r} for module {e.layer or 'model'!r} "
                                   f"({type(_module_of(plan, e)).__name__}) {e.reason}; computing this module with "
                                   f"the exact {method} instead")
@@ -196,9 +208,13 @@ class Structured:
 
         owned: dict[nn.Module, dict[str, str]] = {}
         count: dict[str, int] = {}
+        # A weight tied to an uncalled module (BART's and T5's ``shared`` embedding, whose weight the called
+        # ``embed_tokens`` use) is not handed to that module's called ancestor as well: the ancestor's fallback
+        # would count the called modules' use a second time. A use the hooks miss still disagrees at the check.
+        used = {id(p) for m in called for p in m.parameters(recurse=False)}
         for m in modules.values():
             for local, p in m.named_parameters(recurse=False):
-                if id(p) not in full_name:
+                if id(p) not in full_name or (m not in called and id(p) in used):
                     continue
                 holder, rel = m, local
                 while holder not in called and holder is not model:
@@ -242,12 +258,14 @@ class Structured:
         mode = self._free_mode(plan, plan.hooked, B, record=True)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
-            flat = _leaves(args, kwargs)
-            if plan.expand and B > 1 and not _has_batched(flat, None, B):
+            with _quiet(mode):  # the hook's own look at the tensors is no use of a tracked parameter
+                flat = _leaves(args, kwargs)
+                expand = plan.expand and B > 1 and not _has_batched(flat, None, B)
+            if expand:  # as in the pass (where a tracked parameter's output meets the batch here)
                 out = _map(lambda t: _expand(t, B), out)
-            # argument leaves, then a separator, then the floating output leaves (what gets signals)
-            dims[mod].append([_shape(t) for t in flat] + [-1] + [_shape(t) for t in tree_flatten(out)[0]
-                                                                if isinstance(t, Tensor) and t.is_floating_point()])
+            with _quiet(mode):  # argument leaves, then a separator, then the floating output leaves (with signals)
+                dims[mod].append([_shape(t) for t in flat] + [-1] + [_shape(t) for t in tree_flatten(out)[0]
+                                                                    if isinstance(t, Tensor) and t.is_floating_point()])
             return out
 
         with torch.no_grad(), _hooks(plan, hook), mode or contextlib.nullcontext():
@@ -291,8 +309,21 @@ class Structured:
         M, reference, scale = self._reference(probe)
         M = M.to(dtype)  # the same combination of the rules' per-sample, per-output gradients
         rule_grads: dict[str, Tensor] = {}
+        raised: dict[str, str] = {}  # parameters whose factor failed to evaluate: the rule that made it is wrong
         for f in factors:
-            for (name, _), g in zip(f.params, f.mix(M).batch_grad(), strict=True):
+            try:
+                grads = list(f.mix(M).batch_grad())
+                if len(grads) != len(f.params):
+                    raise ValueError(f"batch_grad returned {len(grads)} gradients for {len(f.params)} parameters")
+                for (name, shape), g in zip(f.params, grads, strict=True):
+                    if tuple(g.shape) != (M.shape[2], *shape):
+                        raise ValueError(f"batch_grad gave {name} the shape {tuple(g.shape)}, not "
+                                         f"{(M.shape[2], *shape)}")
+            except Exception as err:  # noqa: BLE001  (attributed to the factor's parameters, hence to their rule)
+                why = f"raised {type(err).__name__} when its factor was checked: {str(err).strip()[:300]}"
+                raised.update((name, why) for name, _ in f.params)
+                continue
+            for (name, _), g in zip(f.params, grads, strict=True):
                 rule_grads[name] = rule_grads[name] + g if name in rule_grads else g
         tol = _CHECK_RTOL.get(dtype, _CHECK_RTOL[torch.float32])
         names = list(self.problem.params)
@@ -302,7 +333,9 @@ class Structured:
         errs = _norms([r - g for r, g in zip(rule, ref, strict=True)])
         bad: dict[str, str] = {}
         for name, err, g_norm, r_norm in zip(names, errs, _norms(ref), _norms(rule), strict=True):
-            if err > tol * (max(g_norm, r_norm) + 1e-3 * scale) + 1e-30:
+            if name in raised:
+                bad[name] = raised[name]
+            elif err > tol * (max(g_norm, r_norm) + 1e-3 * scale) + 1e-30:
                 bad[name] = f"disagrees with autograd on {name} (error {err:.2g}, gradient norm {g_norm:.2g})"
         return bad
 
@@ -352,11 +385,20 @@ class Structured:
         self._ref = (probe, out)
         return out
 
-    def _step_down(self, plan: Plan, errors: dict[nn.Module, str], bad: dict[str, str]) -> None:
-        """Each failing module one step down its chain; parameters its fallbacks get wrong go to the residual."""
+    def _step_down(self, plan: Plan, errors: dict[nn.Module, str], bad: dict[str, str]) -> bool:
+        """Each failing module one step down its chain; parameters its fallbacks get wrong go to the residual.
+        Returns whether a rule found its output shared by the batch (its free-parameter uses are to be recorded)."""
+        shared = False
         for m, why in errors.items():
             e = plan.hooked[m]
-            if e.on_rule:
+            if e.on_rule and why.startswith(f"{BatchShared.__name__}:") and all("." not in k for k in e.names):
+                # not a failure: the rule's own routing, without a warning. Should the tracking fail too (an input
+                # whose batch is folded into axis 0 looks the same to the rule), the rule's own error is the
+                # reason the warning gives.
+                e.shared = e.free = shared = True
+                e.reason, e.level = f"raised {why}", e.level + 1
+                continue
+            if e.on_fast and not e.shared:
                 e.reason = f"raised {why}"
             e.level += 1
             if e.method is None:
@@ -364,16 +406,17 @@ class Structured:
         moved: set[nn.Module] = set(errors)
         for name, why in bad.items():
             holders = [(m, e) for m, e in plan.hooked.items() if name in e.names.values()]
-            on_rule = [(m, e) for m, e in holders if e.on_rule and m not in moved]
+            on_rule = [(m, e) for m, e in holders if e.on_fast and m not in moved]
             if on_rule:
                 for m, e in on_rule:
-                    e.reason, e.level = why, e.level + 1
+                    e.reason, e.level = (e.reason if e.shared else why), e.level + 1
                     e.suspects.add(name)
                     moved.add(m)
             elif not any(m in moved for m, _ in holders) and name not in plan.residual:
                 plan.residual.append(name)
         order = list(self.problem.params)
         plan.residual.sort(key=order.index)
+        return shared
 
     @staticmethod
     def _restore_rules(plan: Plan) -> bool:
@@ -381,7 +424,7 @@ class Structured:
         has a use the hooks cannot see): give the module its rule back for the rest, once."""
         restored = False
         for e in plan.hooked.values():
-            if (e.found is not None and e.level == 1 and e.suspects and not e.restored
+            if (e.found is not None and e.level == 1 and not e.shared and e.suspects and not e.restored
                     and e.suspects <= set(plan.residual) and e.reason.startswith("disagrees")):
                 e.level, e.reason, e.restored = 0, "", True
                 restored = True
@@ -430,6 +473,10 @@ class Structured:
         untapped: list[tuple[Tensor, int]] = []  # outputs that are their own signal's leaf, with their version
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
+            with _quiet(mode):  # the hook's own operations are no use of a tracked parameter (see _record)
+                return _hook(mod, args, kwargs, out)
+
+        def _hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             # Detached unless graph: the rules need values only, and the factors must not keep the graph alive.
             if graph:
                 call = Call(args, kwargs, graph=True)
@@ -447,7 +494,8 @@ class Structured:
             def tap(t: object) -> object:
                 if isinstance(t, Tensor) and t.is_floating_point():
                     if shared:
-                        t = _expand(t, B)
+                        with _loud(mode):  # recorded, as at planning
+                            t = _expand(t, B)
                     if alone and t.grad_fn is not None and all(t is not a for a in flat):
                         untapped.append((t, t._version))
                         call.leaves.append(t)
@@ -455,6 +503,8 @@ class Structured:
                     # Adding a zero leaf lets autograd return d y / d output even if later ops are in place.
                     z = torch.zeros_like(t, requires_grad=True)
                     call.leaves.append(z)
+                    if mode is not None and id(t) in mode.watch:  # a tracked parameter's use: still tracked
+                        return mode.passthrough(t, z)
                     return t + z
                 return t
 
@@ -506,6 +556,7 @@ class Structured:
                     call.deltas.append(delta if graph else delta.detach())
                     k += 1
         factors: list[Factor] = []
+        shapes = {n: p.shape for n, p in self.problem.params.items()}
         for m, e in active.items():
             names = {loc: full for loc, full in e.names.items() if full not in residual_set}
             if not calls[m] or not calls[m][0].deltas:
@@ -520,22 +571,24 @@ class Structured:
                     def rule(mod, layer, cs, nm, uses=uses, broken=broken):  # noqa: ANN001
                         return free_params(mod, layer, cs, nm, uses, broken, strict=errors is not None)
             if errors is None:
-                factors.extend(self._run_rule(e, m, rule, calls[m], names))
+                factors.extend(self._run_rule(e, m, rule, calls[m], names, shapes))
                 continue
-            try:
-                factors.extend(rule(m, e.layer, calls[m], names))
+            try:  # a malformed factor is the rule's error, caught here rather than where the factor is used
+                factors.extend(_validated(rule(m, e.layer, calls[m], names), names, shapes, B, d, strict=True))
             except Exception as err:  # noqa: BLE001  (a failing rule is planned around, never trusted)
                 errors[m] = f"{type(err).__name__}: {err}"
         factors = _merge_tied(factors, plan.tied - residual_set)
         return factors, y
 
     @staticmethod
-    def _run_rule(e: Entry, m: nn.Module, rule: Rule, calls: list[Call], names: dict[str, str]) -> list[Factor]:
-        """A planned method on one chunk. Should a verified rule still raise on a later chunk (an assumption
-        the probes did not exercise), the module steps down to its exact fallback from then on, with a
-        warning, rather than failing the whole computation."""
+    def _run_rule(e: Entry, m: nn.Module, rule: Rule, calls: list[Call], names: dict[str, str],
+                  shapes: dict[str, torch.Size]) -> list[Factor]:
+        """A planned method on one chunk. Should a verified rule still raise (or return a malformed factor) on
+        a later chunk (an assumption the probes did not exercise), the module steps down to its exact fallback
+        from then on, with a warning, rather than failing the whole computation."""
         try:
-            return rule(m, e.layer, calls, names)
+            B, d = calls[0].batch_size, calls[0].deltas[0].shape[1]
+            return _validated(rule(m, e.layer, calls, names), names, shapes, B, d, strict=False)
         except Exception as err:
             if e.method is None or e.method[1] is fallback_loop:
                 raise
@@ -546,7 +599,7 @@ class Structured:
             warnings.warn(f"{was!r} for module {e.layer or 'model'!r} ({type(m).__name__}) raised on a later chunk "
                           f"({type(err).__name__}: {err}); computing this module with the exact {e.method[0]} "
                           "instead", FallbackWarning, stacklevel=6)
-            return Structured._run_rule(e, m, e.method[1], calls, names)
+            return Structured._run_rule(e, m, e.method[1], calls, names, shapes)
 
     def factors(self, batch: tuple[Tensor, ...], start: int = 0) -> tuple[list[Factor], Tensor]:
         sig = self._signature(batch)
@@ -601,6 +654,69 @@ class _OpKey:
     """Key of the free-parameter operations of a module among the captured calls."""
 
     module: nn.Module
+
+
+def _validated(factors: object, names: dict[str, str], shapes: dict[str, torch.Size], B: int, d: int,
+               strict: bool) -> list[Factor]:
+    """The factors a rule returned for one module, if they are well-formed; else a ValueError naming what is
+    wrong, so that a malformed factor is the rule's error (its module steps down) rather than a failure of
+    whoever uses it later. Checked: each names only the module's own parameters (each at most once) with their
+    shapes, has the batch size B and d outputs, and (Dense, Outer) tensors of consistent shapes; ``strict``
+    (planning) also checks that an Embedding factor's indices lie in its vocabulary (a device sync)."""
+    if not isinstance(factors, (list, tuple)):
+        raise TypeError(f"the rule returned {type(factors).__name__}, not a list of factors")
+    own, seen, out = set(names.values()), set(), []
+    for f in factors:
+        params = getattr(f, "params", None)
+        if not isinstance(params, list):
+            raise TypeError(f"the rule returned {type(f).__name__}, not a factor")
+        for name, shape in params:
+            if name not in own or name in seen:
+                raise ValueError(f"a factor names {name!r}, " + ("twice" if name in seen else
+                                 f"not one of the parameters handed to the rule {sorted(own)}"))
+            if tuple(shape) != tuple(shapes[name]):
+                raise ValueError(f"a factor gives {name!r} the shape {tuple(shape)}, not {tuple(shapes[name])}")
+            seen.add(name)
+        if isinstance(f, Dense):
+            size = sum(math.prod(shape) for _, shape in params)
+            if f.g.dim() != 3 or tuple(f.g.shape) != (B, d, size):
+                raise ValueError(f"a Dense factor of {tuple(f.g.shape)}, expected [B, d, n] = {(B, d, size)}")
+        elif isinstance(f, Outer):
+            _check_outer(f, B, d, strict)
+        elif f.batch_size != B or f.outputs != d:
+            raise ValueError(f"a factor of batch size {f.batch_size} and {f.outputs} outputs, expected {B} and {d}")
+        if params:
+            out.append(f)
+        elif isinstance(f, (Dense, Outer)):  # names no parameter: contributes nothing (checked to be empty)
+            continue
+        else:
+            raise ValueError(f"a {type(f).__name__} factor names no parameter")
+    return out
+
+
+def _check_outer(f: Outer, B: int, d: int, strict: bool) -> None:
+    """An Outer factor's a [B, G, T, m] (or int indices [B, G, T]) and delta [B, d, G, T, n] fit each other and
+    its weight [G n, m_w] (m_w = m without the ones column of the bias) and bias [G n]."""
+    if f.delta.dim() != 5 or tuple(f.delta.shape[:2]) != (B, d):
+        raise ValueError(f"an Outer factor's signals are {tuple(f.delta.shape)}, expected [B, d, G, T, n] with "
+                         f"B = {B}, d = {d}")
+    _, _, G, T, n = f.delta.shape
+    if f.indexed:
+        if tuple(f.a.shape) != (B, G, T) or f.a.dtype != torch.int64 or f.vocab <= 0 or f.bias is not None:
+            raise ValueError(f"an Outer factor's indices are {tuple(f.a.shape)} {f.a.dtype} (vocabulary {f.vocab}), "
+                             f"expected int64 [B, G, T] = {(B, G, T)} without a bias")
+        if strict and f.a.numel() and (int(f.a.min()) < 0 or int(f.a.max()) >= f.vocab):
+            raise ValueError(f"an Outer factor's indices leave its vocabulary of {f.vocab}")
+        m_w = f.vocab
+    else:
+        if f.a.dim() != 4 or tuple(f.a.shape[:3]) != (B, G, T) or f.a.dtype != f.delta.dtype:
+            raise ValueError(f"an Outer factor's inputs are {tuple(f.a.shape)} {f.a.dtype}, expected "
+                             f"[B, G, T, m] = {(B, G, T)} + [m] of {f.delta.dtype}")
+        m_w = f.a.shape[3] - (f.bias is not None)
+    weight_fits = m_w == 0 if f.weight is None else math.prod(f.weight[1]) == G * n * m_w
+    if not weight_fits or (f.bias is not None and math.prod(f.bias[1]) != G * n):
+        raise ValueError(f"an Outer factor of {G} groups, {n} outputs and {m_w} inputs does not fit its parameters "
+                         f"{[(name, tuple(shape)) for name, shape in f.params]}")
 
 
 def _probe(batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
@@ -685,6 +801,14 @@ def _expand(t: object, B: int) -> object:
     if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0 and t.shape[0] == 1:
         return t.expand(B, *t.shape[1:])
     return t
+
+
+def _quiet(mode: FreeUses | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if mode is None else mode.quiet()
+
+
+def _loud(mode: FreeUses | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if mode is None else mode.quiet(False)
 
 
 def _module_of(plan: Plan, entry: Entry) -> nn.Module:

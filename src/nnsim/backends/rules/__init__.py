@@ -34,6 +34,14 @@ from torch.utils._pytree import tree_map
 from ...factors import Dense, Factor, Outer
 
 
+class BatchShared(ValueError):  # noqa: N818  (a routing signal as much as an error)
+    """Raised by a rule whose module was called on inputs shared by the whole batch (no batch axis, e.g. T5's
+    relative-position buckets [T, T]) so that its output reaches the samples only through broadcasting later
+    on: its signals are sums over the batch, from which no per-sample gradient can be told apart. The structured
+    backend then computes the module's parameters from the operations where that output meets the batch (the
+    free-parameter tracking of rules/free.py), exactly and without a warning."""
+
+
 @dataclass
 class Call:
     """One forward call of a hooked module.
@@ -76,11 +84,13 @@ class Call:
         axis = (self.batched or {}).get(0, 0) if self.args else 0
         if axis:  # e.g. a sequence-first [T, B, C] input: batch first, like the signals
             return x.movedim(axis, 0)
-        if x.shape[0] == B:
-            return x
         if x.shape[0] == 1:
             return x.expand(B, *x.shape[1:])
-        raise ValueError(f"input of shape {tuple(x.shape)} has no batch axis 0 of size {B}")
+        # planning saw that axis 0 does not follow the batch size (buckets [T, T] with T == B are no batch)
+        unbatched = self.batched is not None and self.args and 0 not in self.batched
+        if x.shape[0] == B and not unbatched:
+            return x
+        raise BatchShared(f"input of shape {tuple(x.shape)} has no batch axis 0 of size {B}")
 
 
 # rule(module, layer name, calls, {local param name: full name}) -> factors

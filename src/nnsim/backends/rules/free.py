@@ -16,6 +16,8 @@ exact per-module fallback on the spot, and the planner's verification covers the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,27 @@ class FreeUses(TorchFunctionMode):
         self.ops: dict[nn.Module, list[OpUse]] = {m: [] for m in watched}
         self.seen: dict[nn.Module, list] = {m: [] for m in watched}  # recording: shapes per operation
         self.broken: dict[nn.Module, str] = {}
+        self._quiet = False
+
+    @contextlib.contextmanager
+    def quiet(self, on: bool = True) -> Iterator[None]:
+        """Operations of the backend's own hooks (shapes, detach, taps) are not the model's: not recorded
+        (``on=False``: recorded again, inside a quiet block)."""
+        was, self._quiet = self._quiet, on
+        try:
+            yield
+        finally:
+            self._quiet = was
+
+    def passthrough(self, t: Tensor, z: Tensor) -> Tensor:
+        """``t + z`` for the zero tap ``z`` of a watched tensor ``t`` (a module's output derived from its
+        parameter, e.g. an embedding of batch-shared ids), not recorded and still tracked: the sum is watched as
+        ``t`` is (the recordings of planning see no tap)."""
+        with self.quiet():
+            out = t + z
+        self.watch[id(out)] = self.watch[id(t)]
+        self.alive.append(out)
+        return out
 
     def _may_use(self, args: tuple, kwargs: dict) -> bool:
         """False when no argument is a watched tensor (checked without flattening; any container: maybe)."""
@@ -79,7 +102,7 @@ class FreeUses(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self._may_use(args, kwargs):
+        if self._quiet or not self._may_use(args, kwargs):
             return out
         flat, spec = tree_flatten((args, kwargs))
         hits = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and id(t) in self.watch]
@@ -100,7 +123,11 @@ class FreeUses(TorchFunctionMode):
         if self.plan_ops is None:  # recording: follow the chain while no batch is involved
             batch_free = not any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.B
                                  for i, t in enumerate(flat) if i != hit)
-            if isinstance(out, Tensor) and batch_free and not (out.dim() > 0 and out.shape[0] == self.B):
+            # an output whose axis 0 has the batch size is a batch only if the operation made more elements
+            # than the tensor has (a batch-free operation can only create the batch by repeating it); a
+            # rearrangement (permute, view, slice) of a [T, T, H] table with H == B is still batch-free
+            grown = isinstance(out, Tensor) and out.numel() > flat[hit].numel()
+            if isinstance(out, Tensor) and batch_free and not (out.dim() > 0 and out.shape[0] == self.B and grown):
                 self._derive(out, module, local, func, flat, spec, hit, recipe)
             return out
         planned = self.plan_ops.get(module)
@@ -166,7 +193,8 @@ def free_params(module: nn.Module, layer: str, calls: list[Call], names: dict[st
         if strict:
             raise ValueError(f"free-parameter tracking: {broken}")
         return fallback(module, layer, calls, names)
-    B, d = calls[0].deltas[0].shape[:2]
+    # B from the pass: a module output shared by the batch (T5's position buckets) has signals [T, d, ...]
+    B, d = calls[0].batch_size or calls[0].deltas[0].shape[0], calls[0].deltas[0].shape[1]
     params = {local: module.get_parameter(local).detach() for local in names}
     total: dict[str, Tensor] = {local: torch.zeros(B, d, *p.shape, dtype=p.dtype, device=p.device)
                                 for local, p in params.items()}
