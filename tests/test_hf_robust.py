@@ -165,15 +165,16 @@ class SubclassedEmbeddings(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
-def _toy_ids(n: int = N) -> Tensor:
-    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(0))
+def _toy_ids(n: int = N, length: int = T) -> Tensor:
+    return torch.randint(0, V, (n, length), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("target", [None, 1])
-def test_an_embedding_of_ids_shared_by_the_batch_is_tracked_to_where_it_meets_the_batch(target):
+@pytest.mark.parametrize("length", [T, 3, 2])  # 3 and 2: the buckets [T, T] have the probes' batch sizes
+def test_an_embedding_of_ids_shared_by_the_batch_is_tracked_to_where_it_meets_the_batch(target, length):
     torch.manual_seed(0)
     model = RelativeBias().double()
-    x = _toy_ids()
+    x = _toy_ids(length=length)
     spec = outputs.logits(target=target)
     ref = nnsim.Similarity(model, output=spec, backend="loop", progress=False).kernel(x)
     sim = nnsim.Similarity(model, output=spec, progress=False)

@@ -28,6 +28,7 @@ is exact in every case; only the speed differs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import warnings
 from collections.abc import Iterator
@@ -239,6 +240,7 @@ class Structured:
         seen = [r[0] for r in rec]
         plan.free_ops = {m: classify(rec[0][1].get(m, []), rec[1][1].get(m, []), small[0].shape[0],
                                      large[0].shape[0]) for m in rec[0][1]}
+        self._free_ops_again(plan, large, [r[1] for r in rec])
         out: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = {}
         for m in plan.hooked:
             a, b = seen[0].get(m, []), seen[1].get(m, [])
@@ -250,6 +252,21 @@ class Structured:
                                      if (ax := _batch_axis(s, t, n_small, n_large)) is not None})
                       for x, y in zip(a, b, strict=True)]
         return out
+
+    def _free_ops_again(self, plan: Plan, probe: tuple[Tensor, ...], seen: list[dict]) -> None:
+        """Free-parameter operations that two recordings could not match (a tensor of the probe's batch size
+        that is no batch: T5's buckets [T, T] with T = 3) are recorded again at two batch sizes that no axis of
+        their operations has, then planned from those (the pass replays the planned kinds whatever its B)."""
+        failed = [m for m, ops in plan.free_ops.items() if ops is None and (seen[0].get(m) or seen[1].get(m))]
+        if not failed:
+            return
+        sizes = {n for r in seen for m in failed for _, args, out, _ in r.get(m, [])
+                 for shape in (*args, out) if isinstance(shape, tuple) for n in shape}
+        n1 = next(n for n in itertools.count(4) if n not in sizes)
+        n2 = next(n for n in itertools.count(n1 + 1) if n not in sizes)
+        again = [self._record(plan, _probe(probe, n))[1] for n in (n1, n2)]
+        for m in failed:
+            plan.free_ops[m] = classify(again[0].get(m, []), again[1].get(m, []), n1, n2)
 
     def _record(self, plan: Plan, batch: tuple[Tensor, ...]) -> tuple[dict[nn.Module, list[list]], dict]:
         """Shapes of every hooked call's arguments and outputs, and the free-parameter operations seen."""
