@@ -70,8 +70,8 @@ nnsim.register_rule(GradRaisingLinear, _grad_raising)
 
 @pytest.mark.parametrize(("cls", "reason"), [
     (ShortBatchLinear, r"raised ValueError: a Dense factor of \(2, 2, 25\), expected \[B, d, n\] = \(3, 2, 25\)"),
-    (FlatInputLinear, r"raised ValueError: an Outer factor's inputs are \(3, 1, 5\) torch.float64, expected "
-                      r"\[B, G, T, m\]"),
+    (FlatInputLinear, r"raised ValueError: an Outer factor's inputs are \(3, 1, 5\), expected \[B, G, T, m\] with "
+                      r"\[B, G, T\] = \[3, 1, 1\]"),
     (GradRaisingLinear, r"raised RuntimeError when its factor was checked: this factor cannot sum its batch"),
 ])
 def test_a_malformed_or_raising_factor_demotes_only_its_module(cls, reason):
@@ -199,6 +199,26 @@ def test_embedding_subclasses_use_the_lookups_their_forward_makes(target):
         for _ in range(2):
             assert rel_err(sim.kernel(x), ref) <= 1e-10
     assert sim.describe() == {"tok": "embedding", "pos": "embedding", "head": "linear"}
+
+
+@pytest.mark.parametrize("make", [SubclassedEmbeddings, RelativeBias])
+def test_similarity_loss_double_backward_through_these_embeddings(make):
+    """With the graph kept (SimilarityLoss), a subclass's pulled-back signals depend on the weight through its
+    forward (tanh of the lookup): the double backward must see that; a batch-shared embedding, which the
+    free-parameter tracking cannot keep in the graph, goes to the whole-model fallback (with a warning)."""
+    torch.manual_seed(0)
+    model = make().double()
+    x, pairs = _toy_ids(), torch.tensor([[0, 1], [2, 3], [1, 2]])
+    params = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nnsim.FallbackWarning)
+        losses = [nnsim.SimilarityLoss(model, backend=b)(x, pairs) for b in ("functorch", "auto")]
+    grads = [torch.autograd.grad(loss, params, allow_unused=True) for loss in losses]
+    assert abs(float((losses[0] - losses[1]).detach())) <= 1e-12 * abs(float(losses[0].detach()))
+    for g_ref, g in zip(*grads, strict=True):
+        assert (g_ref is None) == (g is None)
+        if g is not None:
+            assert rel_err(g, g_ref) <= 1e-10
 
 
 def test_the_embedding_rule_refuses_batch_summed_signals():

@@ -143,6 +143,7 @@ class Structured:
         self.plan: Plan | None = None  # the plan of the latest input signature (what ``describe`` shows)
         self.plans: dict[tuple, Plan] = {}
         self._ref: tuple | None = None  # (probe, autograd's side of the check)
+        self._planning_graph = graph  # the mode the plan being made is for (planning itself runs without graph)
 
     # ------------------------------------------------------------------ planning
     def _signature(self, batch: tuple[Tensor, ...]) -> tuple:
@@ -408,7 +409,9 @@ class Structured:
         shared = False
         for m, why in errors.items():
             e = plan.hooked[m]
-            if e.on_rule and why.startswith(f"{BatchShared.__name__}:") and all("." not in k for k in e.names):
+            # (the tracking keeps no graph: with ``graph`` the whole-model fallback differentiates such a module)
+            if (e.on_rule and why.startswith(f"{BatchShared.__name__}:") and all("." not in k for k in e.names)
+                    and not self._planning_graph):
                 # not a failure: the rule's own routing, without a warning. Should the tracking fail too (an input
                 # whose batch is folded into axis 0 looks the same to the rule), the rule's own error is the
                 # reason the warning gives.
@@ -633,6 +636,7 @@ class Structured:
                 return out
             plan_cache.drop(model, key)
             graph, self.graph = self.graph, False
+            self._planning_graph = graph
             try:
                 plan = self._make_plan(batch)
             finally:
@@ -726,9 +730,9 @@ def _check_outer(f: Outer, B: int, d: int, strict: bool) -> None:
             raise ValueError(f"an Outer factor's indices leave its vocabulary of {f.vocab}")
         m_w = f.vocab
     else:
-        if f.a.dim() != 4 or tuple(f.a.shape[:3]) != (B, G, T) or f.a.dtype != f.delta.dtype:
-            raise ValueError(f"an Outer factor's inputs are {tuple(f.a.shape)} {f.a.dtype}, expected "
-                             f"[B, G, T, m] = {(B, G, T)} + [m] of {f.delta.dtype}")
+        if f.a.dim() != 4 or tuple(f.a.shape[:3]) != (B, G, T):
+            raise ValueError(f"an Outer factor's inputs are {tuple(f.a.shape)}, expected [B, G, T, m] with "
+                             f"[B, G, T] = {[B, G, T]}")
         m_w = f.a.shape[3] - (f.bias is not None)
     weight_fits = m_w == 0 if f.weight is None else math.prod(f.weight[1]) == G * n * m_w
     if not weight_fits or (f.bias is not None and math.prod(f.bias[1]) != G * n):

@@ -66,11 +66,13 @@ def _plain(module: nn.Embedding, c: Call) -> tuple[Tensor, Tensor, int | None]:
 class _Capture(TorchFunctionMode):
     """Replaces each ``F.embedding`` lookup of ``weight`` by a leaf holding its result, and records the
     indices, the padding row and that leaf. A lookup of ids shared by the batch (leading size 1, BART's decoder
-    positions [1, T]) is given to every sample: its leaf is expanded to the batch, like its output in the pass."""
+    positions [1, T]) is given to every sample: its leaf is expanded to the batch, like its output in the pass.
+    ``graph``: the lookup itself is kept (not a detached leaf), so that the signals pulled back to it depend on
+    the weight through what the forward does after it (``tanh(lookup)``), as the double backward needs."""
 
-    def __init__(self, weight: Tensor, B: int) -> None:
+    def __init__(self, weight: Tensor, B: int, graph: bool) -> None:
         super().__init__()
-        self.weight, self.B = weight, B
+        self.weight, self.B, self.graph = weight, B, graph
         self.found: list[tuple[Tensor, int | None, Tensor]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -82,10 +84,10 @@ class _Capture(TorchFunctionMode):
                 padding = bound.get("padding_idx")
                 if padding is not None and padding < 0:
                     padding += self.weight.shape[0]
-                idx, value = bound["input"], out.detach()
+                idx, value = bound["input"], out if self.graph else out.detach()
                 if isinstance(idx, Tensor) and idx.dim() > 0 and idx.shape[0] == 1 and self.B > 1:
                     idx, value = idx.expand(self.B, *idx.shape[1:]), value.expand(self.B, *value.shape[1:])
-                leaf = value.clone().requires_grad_()
+                leaf = value if value.requires_grad else value.clone().requires_grad_()
                 self.found.append((idx, padding, leaf))
                 return leaf
         return out
@@ -96,7 +98,7 @@ def _lookups(module: nn.Embedding, c: Call, B: int) -> list[tuple[Tensor, Tensor
     a subclass's own forward, from the module's output signals pulled back through the rest of that forward."""
     if any(delta.shape[0] != B for delta in c.deltas):  # an output shared by the batch: summed signals
         raise BatchShared(f"output signals {tuple(c.deltas[0].shape)} have no batch axis 0 of size {B}")
-    capture = _Capture(module.weight, B)
+    capture = _Capture(module.weight, B, c.graph)
     with torch.enable_grad(), capture:
         out = type(module).forward(module, *c.args, **c.kwargs)
     outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
@@ -123,8 +125,9 @@ def _lookups(module: nn.Embedding, c: Call, B: int) -> list[tuple[Tensor, Tensor
     # verification disagrees), so the batch-summed VJP of each sample's signal is that sample's signal.
     grads: list[list[Tensor]] = [[] for _ in leaves]
     for j in range(d):
-        pulled = torch.autograd.grad(outs, leaves, [delta[:, j] for delta in c.deltas], retain_graph=j < d - 1,
-                                     allow_unused=True)
+        pulled = torch.autograd.grad(outs, leaves, [delta[:, j] for delta in c.deltas],
+                                     retain_graph=c.graph or j < d - 1, create_graph=c.graph, allow_unused=True)
         for g_list, g, leaf in zip(grads, pulled, leaves, strict=True):
             g_list.append(torch.zeros_like(leaf) if g is None else g)
-    return [(i, torch.stack(g_list, dim=1).detach(), p) for (i, p, _), g_list in zip(found, grads, strict=True)]
+    return [(i, torch.stack(g_list, dim=1) if c.graph else torch.stack(g_list, dim=1).detach(), p)
+            for (i, p, _), g_list in zip(found, grads, strict=True)]
