@@ -113,6 +113,40 @@ def test_a_factor_naming_a_parameter_of_another_module_is_the_rules_error():
     assert sim.describe() == {"0": "fallback", "2": "linear"}
 
 
+class WindowBias(nn.Module):
+    """Swin-style: a bias [1, H, N, N] computed from no input, added to attention scores [B * W, H, N, N]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 2, 3, 3))
+
+    def forward(self) -> Tensor:
+        return torch.tanh(self.table)
+
+
+class Windowed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias, self.lin, self.head = WindowBias(), nn.Linear(3, 3), nn.Linear(2 * 2 * 3 * 3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, W = 2, H = 2, 3, 3]
+        h = self.lin(x).reshape(-1, 2, 3, 3) + self.bias()  # [B * W, H, N, N]: the bias broadcast over B * W
+        return self.head(torch.tanh(h).reshape(x.shape[0], -1))
+
+
+def test_a_model_that_fails_under_the_recording_hooks_is_planned_around():
+    """Expanding the batch-shared bias to B (as the pass does for position embeddings) breaks the model's own
+    broadcast against B * W windows while the batch axes are being recorded: planned without the expansion."""
+    torch.manual_seed(0)
+    model = Windowed().double()
+    x = torch.randn(5, 2, 2, 3, 3, dtype=torch.float64)
+    ref = nnsim.Similarity(model, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, progress=False)
+    for _ in range(2):
+        assert rel_err(sim.kernel(x), ref) <= 1e-10
+    assert sim.describe()["head"] == "linear"
+
+
 # ------------------------------------------------------------------ embeddings that are not plain lookups
 class RelativeBias(nn.Module):
     """T5-style attention over [B, T, C] with a bias table looked up on buckets [T, T] shared by the batch,

@@ -152,14 +152,15 @@ class Structured:
     def _make_plan(self, batch: tuple[Tensor, ...]) -> Plan:
         probe = _probe(batch, _PROBE)
         plan = self._initial_plan(probe)
-        plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
-        failed_pass: Exception | None = None
+        failed_pass = self._axes(plan, batch, probe)
         for _ in range(4 * len(plan.hooked) + 6):
+            if failed_pass is not None:
+                break
             outcome = self._check(plan, probe)
             if isinstance(outcome, Exception):
                 if plan.expand:  # expanded outputs may upset the model's own code: try without
                     plan.expand = False
-                    plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
+                    failed_pass = self._axes(plan, batch, probe)
                     continue
                 failed_pass = outcome
                 break
@@ -174,7 +175,7 @@ class Structured:
                     continue
                 break
             if self._step_down(plan, errors, bad):  # free-parameter tracking to record for a module
-                plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
+                failed_pass = self._axes(plan, batch, probe)
         else:
             raise ModelError("the structured backend could not verify a plan for this model; use backend='loop'")
         if failed_pass is not None:
@@ -190,6 +191,19 @@ class Structured:
                                   f"({type(_module_of(plan, e)).__name__}) {e.reason}; computing this module with "
                                   f"the exact {method} instead")
         return plan
+
+    def _axes(self, plan: Plan, batch: tuple[Tensor, ...], probe: tuple[Tensor, ...]) -> Exception | None:
+        """``plan.batched`` (and the free-parameter operations) from the two probes; None, or the exception of a
+        model that fails under the recording hooks even without expanding batch-shared outputs (Swin's relative
+        position bias [1, H, N, N] expanded to B no longer broadcasts against its windows [B * W, H, N, N])."""
+        while True:
+            try:
+                plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
+                return None
+            except Exception as err:  # noqa: BLE001  (planned around like a failing hooked pass)
+                if not plan.expand:
+                    return err
+                plan.expand = False
 
     def _initial_plan(self, probe: tuple[Tensor, ...]) -> Plan:
         model, params = self.problem.model, self.problem.params
