@@ -17,6 +17,8 @@ really used, and the module's output signals are pulled back through whatever th
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
@@ -123,11 +125,27 @@ def _lookups(module: nn.Embedding, c: Call, B: int) -> list[tuple[Tensor, Tensor
     leaves = [leaf for _, _, leaf in found]
     # d y_c / d lookup for every output c: the forward after the lookups acts on each sample alone (else the
     # verification disagrees), so the batch-summed VJP of each sample's signal is that sample's signal.
+    signals = _pulled(outs, leaves, c.deltas, d, c.graph)
+    return [(i, g.movedim(0, 1) if c.graph else g.movedim(0, 1).detach(), p)
+            for (i, p, _), g in zip(found, signals, strict=True)]
+
+
+def _pulled(outs: list[Tensor], leaves: list[Tensor], deltas: list[Tensor], d: int, graph: bool) -> list[Tensor]:
+    """[d, *leaf.shape] per leaf: the VJP of the d outputs' signals, in one vmapped backward where autograd can
+    batch it (else one backward per output)."""
+    if d > 1 and not graph:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a slow per-output fallback of vmap: the plain loop instead
+                pulled = torch.autograd.grad(outs, leaves, [delta.movedim(1, 0) for delta in deltas],
+                                             retain_graph=True, allow_unused=True, is_grads_batched=True)
+            return [leaf.new_zeros(d, *leaf.shape) if g is None else g for g, leaf in zip(pulled, leaves, strict=True)]
+        except Exception:  # noqa: BLE001  (no batching rule for an operation of the forward: one pass per output)
+            pass
     grads: list[list[Tensor]] = [[] for _ in leaves]
     for j in range(d):
-        pulled = torch.autograd.grad(outs, leaves, [delta[:, j] for delta in c.deltas],
-                                     retain_graph=c.graph or j < d - 1, create_graph=c.graph, allow_unused=True)
+        pulled = torch.autograd.grad(outs, leaves, [delta[:, j] for delta in deltas],
+                                     retain_graph=graph or j < d - 1, create_graph=graph, allow_unused=True)
         for g_list, g, leaf in zip(grads, pulled, leaves, strict=True):
             g_list.append(torch.zeros_like(leaf) if g is None else g)
-    return [(i, torch.stack(g_list, dim=1) if c.graph else torch.stack(g_list, dim=1).detach(), p)
-            for (i, p, _), g_list in zip(found, grads, strict=True)]
+    return [torch.stack(g_list) for g_list in grads]
