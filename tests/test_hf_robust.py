@@ -253,6 +253,13 @@ def test_similarity_loss_double_backward_through_these_embeddings(make):
         assert (g_ref is None) == (g is None)
         if g is not None:
             assert rel_err(g, g_ref) <= 1e-10
+    # the graph mode's plan is kept for the graph mode only: a Similarity on the model still tracks the bias
+    sim = nnsim.Similarity(model, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nnsim.FallbackWarning)
+        sim.kernel(x)
+    assert sim.describe()["bias" if make is RelativeBias else "tok"] == ("free parameters" if make is RelativeBias
+                                                                         else "embedding")
 
 
 def test_the_embedding_rule_refuses_batch_summed_signals():

@@ -640,7 +640,8 @@ class Structured:
         plan = self.plans.get(sig)
         if plan is None:
             model = self.problem.model
-            key = plan_cache.key(self.problem, sig)
+            # per mode: a plan for the graph (SimilarityLoss) computes batch-shared modules differently
+            key = plan_cache.key(self.problem, (sig, self.graph))
             plan = plan_cache.load(model, key)
             out = None if plan is None else self._reused(plan, batch, start)
             if out is not None:  # a plan of an earlier Similarity, verified again on this batch
