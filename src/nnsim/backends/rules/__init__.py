@@ -76,7 +76,8 @@ class Call:
 
     def batched_input(self, name: str = "input") -> Tensor:
         """The first input with its batch on axis 0: a batch-broadcast input (leading size 1, e.g. position
-        ids [1, T]) is expanded to B; any other leading size raises (the rule cannot place the batch)."""
+        ids [1, T]) is expanded to B; any other leading size, or one of B that planning saw not follow the
+        batch size, raises :class:`BatchShared` (the rule cannot place the batch)."""
         x = self.input(name)
         B = self.batch_size or self.deltas[0].shape[0]
         if not isinstance(x, Tensor) or x.dim() == 0:
