@@ -292,7 +292,7 @@ class Structured:
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             with _quiet(mode):  # the hook's own look at the tensors is no use of a tracked parameter
                 flat = _leaves(args, kwargs)
-                expand = plan.expand and B > 1 and not _has_batched(flat, None, B)
+                expand = plan.expand and B > 1 and (_lookup(mod) or not _has_batched(flat, None, B))
             if expand:  # as in the pass (where a tracked parameter's output meets the batch here)
                 out = _map(lambda t: _expand(t, B), out)
             with _quiet(mode):  # argument leaves, then a separator, then the floating output leaves (with signals)
@@ -519,7 +519,7 @@ class Structured:
             flat = _leaves(args, kwargs)
             call.batch_size = B
             call.batched, call.out_batched = plan.batched_for(mod, len(calls[mod]), len(flat))
-            shared = plan.expand and B > 1 and not _has_batched(flat, call.batched, B)
+            shared = plan.expand and B > 1 and (_lookup(mod) or not _has_batched(flat, call.batched, B))
             # One output tensor computed here: autograd returns d y / d output for the tensor itself (no tap:
             # a zero leaf added to every output cost 20 % of a small ResNet's forward and backward), unless a
             # later operation modifies it in place, which its version counter tells after the forward.
@@ -810,6 +810,13 @@ def _norms(tensors: list[Tensor]) -> list[float]:
     sizes = torch.tensor([t.numel() for t in tensors], device=flat.device)
     seg = torch.repeat_interleave(torch.arange(len(tensors), device=flat.device), sizes)
     return flat.new_zeros(len(tensors)).index_add_(0, seg, flat * flat).sqrt().tolist()
+
+
+def _lookup(module: nn.Module) -> bool:
+    """An Embedding's output of leading size 1 is a lookup of ids shared by the batch, whatever its other arguments
+    (BART's decoder positions take the batched ids for their shape only): expanded to B like position embeddings,
+    so that the Embedding rule gets per-sample signals."""
+    return isinstance(module, nn.Embedding)
 
 
 def _has_batched(flat: list, axes: dict[int, int] | None, B: int) -> bool:
