@@ -266,7 +266,7 @@ def test_the_embedding_rule_refuses_batch_summed_signals():
     module = nn.Embedding(7, 2).double()
     ids = (torch.arange(T)[None, :] - torch.arange(T)[:, None]).clamp(-3, 3) + 3
     call = Call((ids,), {}, deltas=[torch.randn(T, 1, T, 2, dtype=torch.float64)], batch_size=3)
-    with pytest.raises(nnsim.backends.rules.BatchShared, match="no batch axis 0 of size 3"):
+    with pytest.raises(nnsim.backends.rules.NoBatchAxis, match="no batch axis 0 of size 3"):
         nnsim.backends.rules.embedding.embedding(module, "bias", [call], {"weight": "bias.weight"})
 
 

@@ -43,7 +43,7 @@ from ..errors import FallbackWarning, ModelError
 from ..factors import Dense, Factor, Outer
 from . import functorch, loop, plan_cache
 from .base import Problem, checked_output, dense_by_layer
-from .rules import BatchShared, Call, Found, Rule, find_rule, signal_layout
+from .rules import Call, Found, NoBatchAxis, Rule, find_rule, signal_layout
 from .rules.fallback import fallback, fallback_loop
 from .rules.free import FreeUses, classify, free_params
 
@@ -66,7 +66,7 @@ class Entry:
     names: dict[str, str]  # local name -> full name
     found: Found | None
     free: bool = False  # no rule, own parameters only: try the free-parameter operations first
-    # the rule found the module's output shared by the batch (BatchShared): its next method is the free-parameter
+    # the rule found the module's output shared by the batch (NoBatchAxis): its next method is the free-parameter
     # tracking of its parameters to where that output meets the batch, then the fallbacks
     shared: bool = False
     level: int = 0
@@ -424,7 +424,7 @@ class Structured:
         for m, why in errors.items():
             e = plan.hooked[m]
             # (the tracking keeps no graph: with ``graph`` the whole-model fallback differentiates such a module)
-            if (e.on_rule and why.startswith(f"{BatchShared.__name__}:") and all("." not in k for k in e.names)
+            if (e.on_rule and why.startswith(f"{NoBatchAxis.__name__}:") and all("." not in k for k in e.names)
                     and not self._planning_graph):
                 # not a failure: the rule's own routing, without a warning. Should the tracking fail too (an input
                 # whose batch is folded into axis 0 looks the same to the rule), the rule's own error is the

@@ -34,12 +34,14 @@ from torch.utils._pytree import tree_map
 from ...factors import Dense, Factor, Outer
 
 
-class BatchShared(ValueError):  # noqa: N818  (a routing signal as much as an error)
-    """Raised by a rule whose module was called on inputs shared by the whole batch (no batch axis, e.g. T5's
-    relative-position buckets [T, T]) so that its output reaches the samples only through broadcasting later
-    on: its signals are sums over the batch, from which no per-sample gradient can be told apart. The structured
-    backend then computes the module's parameters from the operations where that output meets the batch (the
-    free-parameter tracking of rules/free.py), exactly and without a warning."""
+class NoBatchAxis(ValueError):  # noqa: N818  (a routing signal as much as an error)
+    """Raised by a rule whose module's input or output has no batch axis 0 of size B. Typically the module was
+    called on inputs shared by the whole batch (T5's relative-position buckets [T, T]), so that its output
+    reaches the samples only through broadcasting later on: its signals are sums over the batch, from which no
+    per-sample gradient can be told apart. The structured backend then computes the module's parameters from
+    the operations where that output meets the batch (the free-parameter tracking of rules/free.py), exactly
+    and without a warning; should that fail too (e.g. a batch folded into axis 0, [B * T, C]), the module gets
+    its exact fallback, with a warning giving this error."""
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Call:
     def batched_input(self, name: str = "input") -> Tensor:
         """The first input with its batch on axis 0: a batch-broadcast input (leading size 1, e.g. position
         ids [1, T]) is expanded to B; any other leading size, or one of B that planning saw not follow the
-        batch size, raises :class:`BatchShared` (the rule cannot place the batch)."""
+        batch size, raises :class:`NoBatchAxis` (the rule cannot place the batch)."""
         x = self.input(name)
         B = self.batch_size or self.deltas[0].shape[0]
         if not isinstance(x, Tensor) or x.dim() == 0:
@@ -91,7 +93,7 @@ class Call:
         unbatched = self.batched is not None and self.args and 0 not in self.batched
         if x.shape[0] == B and not unbatched:
             return x
-        raise BatchShared(f"input of shape {tuple(x.shape)} has no batch axis 0 of size {B}")
+        raise NoBatchAxis(f"input of shape {tuple(x.shape)} has no batch axis 0 of size {B}")
 
 
 # rule(module, layer name, calls, {local param name: full name}) -> factors

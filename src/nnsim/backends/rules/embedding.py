@@ -5,7 +5,7 @@ their tokens, never a vocabulary-sized vector (unless the cost model finds that 
 by the whole batch (position ids [1, T], broadcast against token embeddings [B, T, C]) are expanded to
 every sample: the structured pass hands the rule per-sample signals of the broadcast output. Indices
 without a batch axis at all (T5's relative-position buckets [T, T], whose output [T, T, H] is permuted and
-broadcast over the batch later) give signals summed over the batch: the rule raises :class:`BatchShared` and
+broadcast over the batch later) give signals summed over the batch: the rule raises :class:`NoBatchAxis` and
 the backend tracks the weight to the operation where it meets the batch instead (rules/free.py).
 
 Subclasses that override ``forward`` (Hugging Face's scaled word embeddings, ``x * embed_scale``; BART's
@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ...factors import Factor, Outer
-from . import BatchShared, Call, register
+from . import Call, NoBatchAxis, register
 
 
 @register(nn.Embedding)
@@ -61,7 +61,7 @@ def _plain(module: nn.Embedding, c: Call) -> tuple[Tensor, Tensor, int | None]:
     B, delta = c.batch_size or c.deltas[0].shape[0], c.deltas[0]
     unbatched = c.out_batched is not None and 0 not in c.out_batched  # at planning (after the pass's expansion)
     if delta.shape[0] != B or (unbatched and c.leaves and c.leaves[0].shape[0] != 1):
-        raise BatchShared(f"output signals {tuple(delta.shape)} have no batch axis 0 of size {B}")
+        raise NoBatchAxis(f"output signals {tuple(delta.shape)} have no batch axis 0 of size {B}")
     return c.batched_input(), delta, module.padding_idx
 
 
@@ -99,7 +99,7 @@ def _lookups(module: nn.Embedding, c: Call, B: int) -> list[tuple[Tensor, Tensor
     """(indices [B, ...], their signals [B, d, ..., C], padding row) of each lookup of the weight in one call of
     a subclass's own forward, from the module's output signals pulled back through the rest of that forward."""
     if any(delta.shape[0] != B for delta in c.deltas):  # an output shared by the batch: summed signals
-        raise BatchShared(f"output signals {tuple(c.deltas[0].shape)} have no batch axis 0 of size {B}")
+        raise NoBatchAxis(f"output signals {tuple(c.deltas[0].shape)} have no batch axis 0 of size {B}")
     capture = _Capture(module.weight, B, c.graph)
     with torch.enable_grad(), capture:
         out = type(module).forward(module, *c.args, **c.kwargs)
@@ -112,7 +112,7 @@ def _lookups(module: nn.Embedding, c: Call, B: int) -> list[tuple[Tensor, Tensor
                          "the forward never looks up its weight through F.embedding")
     for i, _, _ in found:
         if i.shape[0] != B:
-            raise BatchShared(f"indices of shape {tuple(i.shape)} have no batch axis 0 of size {B}")
+            raise NoBatchAxis(f"indices of shape {tuple(i.shape)} have no batch axis 0 of size {B}")
     for k, o in enumerate(outs):  # per-sample signals of the output as the pass gave them: batch first, B rows
         axis = (c.out_batched or {}).get(k, 0)
         o = o.movedim(axis, 0)
