@@ -261,7 +261,7 @@ class Structured:
         """Shapes of every hooked call's arguments and outputs, and the free-parameter operations seen."""
         dims: dict[nn.Module, list[list]] = {m: [] for m in plan.hooked}
         B = batch[0].shape[0]
-        mode = self._free_mode(plan, plan.hooked, B, record=True)
+        mode = self._free_mode(plan, plan.hooked, B, record=batch)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             flat = _leaves(args, kwargs)
@@ -276,15 +276,16 @@ class Structured:
             self.problem.call(batch)
         return dims, ({} if mode is None else mode.seen)
 
-    def _free_mode(self, plan: Plan, entries: dict[nn.Module, Entry], B: int, record: bool = False
+    def _free_mode(self, plan: Plan, entries: dict[nn.Module, Entry], B: int, record: tuple[Tensor, ...] = ()
                    ) -> FreeUses | None:
-        """The watcher of the direct parameters of the modules whose method is (or, recording, may be) _FREE."""
+        """The watcher of the direct parameters of the modules whose method is (or, recording the batch ``record``,
+        may be) _FREE."""
         watched = {m: {loc: m.get_parameter(loc) for loc, full in e.names.items() if full not in plan.residual}
                    for m, e in entries.items() if e.free and (record or (e.method or ("",))[0] == _FREE)}
         watched = {m: ps for m, ps in watched.items() if ps}
         if not watched:
             return None
-        return FreeUses(watched, B, None if record else plan.free_ops)
+        return FreeUses(watched, B, None if record else plan.free_ops, inputs=record)
 
     def _check(self, plan: Plan, probe: tuple[Tensor, ...]
                ) -> Exception | tuple[dict[nn.Module, str], dict[str, str], Exception | None]:

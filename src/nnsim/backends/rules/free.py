@@ -19,6 +19,7 @@ exact per-module fallback on the spot, and the planner's verification covers the
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from .fallback import _factors, fallback
 # not uses, so that the operation sequence matches the one recorded at planning.
 _NO_USE = frozenset({Tensor.detach, torch.detach, torch.zeros_like})
 _MASKED_LIMIT = 2**25  # elements of the [B, B, d, ...] cotangents of a batch-creating operation
+_PLAIN = (Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
 @dataclass
@@ -58,11 +60,18 @@ class FreeUses(TorchFunctionMode):
     """Watches the direct parameters of some modules during one forward pass.
 
     ``plan_ops``: per module, the planned kinds of its k-th operation on a watched tensor
-    (func name, kind, batched argument positions, fold); None while recording for planning."""
+    (func name, kind, batched argument positions, fold); None while recording for planning. ``inputs``
+    (recording): the model's input tensors, whose descendants carry the batch, however it is laid out."""
 
     def __init__(self, watched: dict[nn.Module, dict[str, Tensor]], B: int,
-                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int], int]] | None] | None) -> None:
+                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int], int]] | None] | None,
+                 inputs: tuple[Tensor, ...] = ()) -> None:
         super().__init__()
+        # Recording: the tensors computed from the inputs (id -> weak reference, so that a reused id is not
+        # mistaken for them). A folded batch [B*k, ...] cannot be told from the parameters' own tensors by its
+        # sizes; by where it comes from it can.
+        self.batchy: dict[int, weakref.ref] = {}
+        self._mark(inputs)
         self.B, self.plan_ops = B, plan_ops
         self.watch: dict[int, tuple[nn.Module, str, Any]] = {}
         for m, params in watched.items():
@@ -84,9 +93,24 @@ class FreeUses(TorchFunctionMode):
                 return True
         return False
 
+    def _mark(self, tensors: Any) -> None:
+        for t in tensors:
+            if isinstance(t, Tensor):
+                self.batchy[id(t)] = weakref.ref(t)
+
+    def _from_batch(self, t: object) -> bool:
+        ref = self.batchy.get(id(t)) if isinstance(t, Tensor) else None
+        return ref is not None and ref() is t
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.batchy and self.plan_ops is None:  # recording: follow the batch from the inputs
+            items = (*args, *kwargs.values())
+            if not all(isinstance(t, _PLAIN) for t in items):
+                items = tree_flatten((args, kwargs))[0]
+            if any(self._from_batch(t) for t in items):
+                self._mark([out] if isinstance(out, Tensor) else tree_flatten(out)[0])
         if func in _NO_USE or not self._may_use(args, kwargs) or not _has_tensor(out):
             return out  # (an output without tensors, e.g. ``.shape`` or ``.dim()``, carries no gradient)
         flat, spec = tree_flatten((args, kwargs))
@@ -107,7 +131,7 @@ class FreeUses(TorchFunctionMode):
         self.seen[module].append((_name(func), [_shape(t) for t in flat], _shape(out), hit,
                                   self.parent.get(id(flat[hit]), -1)))
         if self.plan_ops is None:  # recording: follow the chain while no batch is involved
-            batch_free = not any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.B
+            batch_free = not any(self._from_batch(t) or isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.B
                                  for i, t in enumerate(flat) if i != hit)
             # An output of leading size B made from the parameter alone is a batch only if the operation
             # created it (``cls.expand(B, -1, -1)``: more elements), not a coincidence of sizes (a permute
