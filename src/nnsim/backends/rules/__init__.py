@@ -43,9 +43,10 @@ class Call:
     signals are part of the autograd graph of the parameters, and the factors built from them must stay so.
     ``batch_size``: B, or B*k for a call on a batch folded with another axis ([B*k, ...], row b*k + j of sample
     b: HF OPT's [B*T, C] feed-forward, Swin's windows), whose rows the rule treats as its samples (the backend
-    folds its factors back to B, :meth:`nnsim.factors.Dense.folded`). ``batched``: {position in ``tree_flatten((args, kwargs))``: batch axis} of the tensors
-    that carry the batch (found at planning by probing two batch sizes; None: unknown); ``out_batched`` the
-    same for the floating output leaves (their ``deltas`` always have the batch first).
+    folds its factors back to B, :meth:`nnsim.factors.Dense.folded`). ``batched``: {position in
+    ``tree_flatten((args, kwargs))``: batch axis} of the tensors that carry the batch (found at planning by
+    probing two batch sizes; None: unknown); ``out_batched`` the same for the floating output leaves (their
+    ``deltas`` always have the batch first).
     """
 
     args: tuple[Any, ...]
