@@ -147,21 +147,15 @@ class Structured:
     def _make_plan(self, batch: tuple[Tensor, ...]) -> Plan:
         probe = _probe(batch, _PROBE)
         plan = self._initial_plan(probe)
-        while True:
-            try:
-                plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
-                break
-            except Exception:  # the expanded outputs upset the model's own code: expand fewer
-                if not plan.expand:
-                    raise
-                plan.expand -= 1
+        small = _probe(batch, 2)
+        self._set_batch_axes(plan, small, probe)
         failed_pass: Exception | None = None
         for _ in range(4 * len(plan.hooked) + 6):
             outcome = self._check(plan, probe)
             if isinstance(outcome, Exception):
                 if plan.expand:  # expanded outputs may upset the model's own code: expand fewer
                     plan.expand -= 1
-                    plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
+                    self._set_batch_axes(plan, small, probe)
                     continue
                 failed_pass = outcome
                 break
@@ -237,6 +231,24 @@ class Structured:
                 found = None  # the rule does not claim uncalled children's parameters
             plan.hooked[m] = Entry(names_of[m], names, found, free=found is None and all("." not in k for k in names))
         return plan
+
+    def _set_batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]) -> None:
+        """``plan.batched`` from the two probes. Where the recording passes fail (the model ran plainly at
+        ``_initial_plan``), what they change is given up step by step: fewer expanded outputs (Swin broadcasts
+        a batch-shared bias against its B*nW windows), then the free-parameter watcher (those modules start at
+        their exact fallback)."""
+        while True:
+            try:
+                plan.batched = self._batch_axes(plan, small, large)
+                return
+            except Exception:
+                if plan.expand:
+                    plan.expand -= 1
+                elif any(e.free for e in plan.hooked.values()):
+                    for e in plan.hooked.values():
+                        e.free = False
+                else:
+                    raise
 
     def _batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]
                     ) -> dict[nn.Module, list[tuple[int, dict[int, int], int]] | None]:
