@@ -234,3 +234,39 @@ def test_fold_of_factors_sums_each_samples_rows():
     assert torch.allclose(folded.gram(folded, "full"), K, atol=1e-10)
     dense = Dense("l", torch.randn(B * k, d, 7, generator=g, dtype=torch.float64), [("w", torch.Size([7]))])
     assert torch.allclose(dense.folded(B).g, dense.g.view(B, k, d, 7).sum(1))
+
+
+class SharedAcrossFolds(nn.Module):
+    """One Linear called on [B*6, C], [B*2, C] and [B, C] in the same pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, 6, 4]
+        B = x.shape[0]
+        a = torch.tanh(self.fc(x.reshape(B * 6, 4))).view(B, 6, 3).mean(1)
+        b = torch.tanh(self.fc(x[:, :2].reshape(B * 2, 4))).view(B, 2, 3).mean(1)
+        return self.head(a * b + torch.tanh(self.fc(x[:, 0])))
+
+
+def test_module_called_on_several_folds():
+    torch.manual_seed(0)
+    _, sim, caught = _kernels(SharedAcrossFolds().double(), torch.randn(5, 6, 4, dtype=torch.float64))
+    assert not caught
+    assert sim.describe() == {"fc": "linear", "head": "linear"}
+
+
+def test_similarity_loss_through_folded_layers():
+    # the factors stay in the autograd graph (double backward): against the torch.func backend's gradients
+    torch.manual_seed(0)
+    model = SharedAcrossFolds().double()
+    x = torch.randn(6, 6, 4, dtype=torch.float64)
+    pairs = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 4]])
+    grads = []
+    for backend in ("structured", "functorch"):
+        model.zero_grad()
+        nnsim.SimilarityLoss(model, backend=backend)(x, pairs).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.fc.parameters()]))
+    assert float(grads[1].norm()) > 0 and rel_err(grads[0], grads[1]) <= 1e-10

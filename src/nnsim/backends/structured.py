@@ -100,7 +100,7 @@ class Plan:
     tapped: bool = False  # every module output gets a zero-leaf tap (set once an output is seen modified in place)
     # module -> per call: (number of flattened argument leaves, {leaf: its batch axis}, fold k: 1, or k > 1 for
     # a call on a batch folded with another axis, [B*k, ...] with row b*k + j of sample b: the rule then sees
-    # B*k samples and its factors are folded back to B, ``_unfolded``)
+    # B*k samples and its factors are folded back to B, ``_applied``)
     batched: dict[nn.Module, list[tuple[int, dict[int, int], int]] | None] = field(default_factory=dict)
     free_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # the FallbackWarnings of planning (repeated when reused)
@@ -546,22 +546,21 @@ class Structured:
             if not calls[m] or not calls[m][0].deltas:
                 continue
             rule = e.method[1]  # type: ignore[index]
-            rows: int | None = B  # the factors' samples, to fold back to B (None: the rule gives B already)
             if rule is free_params:
                 if mode is None:  # graph mode: the fallback keeps the factors differentiable
                     rule = fallback
                 else:
                     uses, broken = mode.ops.get(m, []), mode.broken.get(m)
-                    rows = None
 
                     def rule(mod, layer, cs, nm, uses=uses, broken=broken):  # noqa: ANN001
                         return free_params(mod, layer, cs, nm, uses, broken, strict=errors is not None, batch=B)
+
+                    rule.of_samples = True  # its factors have the B samples already
             if errors is None:
                 factors.extend(self._run_rule(e, m, rule, calls[m], names, B))
                 continue
             try:
-                found = rule(m, e.layer, calls[m], names)
-                factors.extend(found if rows is None else _unfolded(found, calls[m], B))
+                factors.extend(_applied(rule, m, e, calls[m], names, B))
             except Exception as err:  # noqa: BLE001  (a failing rule is planned around, never trusted)
                 errors[m] = f"{type(err).__name__}: {err}"
         factors = _merge_tied(factors, plan.tied - residual_set)
@@ -574,8 +573,7 @@ class Structured:
         the probes did not exercise), the module steps down to its exact fallback from then on, with a
         warning, rather than failing the whole computation."""
         try:
-            found = rule(m, e.layer, calls, names)
-            return found if e.method is not None and e.method[0] == _FREE else _unfolded(found, calls, B)
+            return _applied(rule, m, e, calls, names, B)
         except Exception as err:
             if e.method is None or e.method[1] is fallback_loop:
                 raise
@@ -737,17 +735,25 @@ def _fold(small: object, large: object, n_small: int, n_large: int) -> int:
     return k if k == large[0] // n_large else 0
 
 
-def _unfolded(factors: list[Factor], calls: list[Call], B: int) -> list[Factor]:
-    """The factors of a module's rule as factors of the B samples: a rule that saw the B*k rows of folded calls
-    as its samples gets its factors folded (each sample's rows summed, :meth:`Factor.folded`). A factor of any
-    other size raises (the module steps down)."""
-    rows = {c.batch_size or B for c in calls}
-    if len(rows) != 1:
-        raise ValueError(f"the module's calls run on batches folded differently ({sorted(rows)} rows)")
-    n = rows.pop()
-    if any(f.batch_size != n for f in factors):
-        raise ValueError(f"a factor of {[f.batch_size for f in factors]} samples for calls of {n} rows")
-    return factors if n == B else [f.folded(B) for f in factors]
+def _applied(rule: Rule, m: nn.Module, e: Entry, calls: list[Call], names: dict[str, str], B: int
+             ) -> list[Factor]:
+    """The factors of ``rule`` on a module's calls, for the B samples. A rule sees the B*k rows of folded calls as
+    its samples; its factors are folded back (each sample's rows summed, :meth:`Factor.folded`). Calls on
+    different folds (B, B*k, B*k') go to the rule in groups, whose gradients of a parameter are then summed
+    (one explicit factor per parameter). The free-parameter operations give factors of B samples already. A
+    factor of any other size raises (the module steps down)."""
+    if getattr(rule, "of_samples", False):
+        return rule(m, e.layer, calls, names)
+    groups: dict[int, list[Call]] = {}
+    for c in calls:
+        groups.setdefault(c.batch_size or B, []).append(c)
+    parts = []
+    for n, cs in groups.items():
+        found = rule(m, e.layer, cs, names)
+        if any(f.batch_size != n for f in found):
+            raise ValueError(f"a factor of {[f.batch_size for f in found]} samples for calls of {n} rows")
+        parts.extend(found if n == B else [f.folded(B) for f in found])
+    return parts if len(groups) == 1 else _merge_tied(parts, set(names.values()))
 
 
 def _batch_axis(small: tuple[int, ...] | None, large: tuple[int, ...] | None, n_small: int, n_large: int
