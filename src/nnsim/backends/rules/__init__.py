@@ -41,9 +41,12 @@ class Call:
     ``deltas`` holds, for each floating tensor of the output (pytree order), the signals
     d y_c / d output of every analysed output c: [B, d, *output_shape[1:]]. ``graph``: the arguments and
     signals are part of the autograd graph of the parameters, and the factors built from them must stay so.
-    ``batch_size``: B. ``batched``: {position in ``tree_flatten((args, kwargs))``: batch axis} of the tensors
-    that carry the batch (found at planning by probing two batch sizes; None: unknown); ``out_batched`` the
-    same for the floating output leaves (their ``deltas`` always have the batch first).
+    ``batch_size``: B, or B*k for a call on a batch folded with another axis ([B*k, ...], row b*k + j of sample
+    b: HF OPT's [B*T, C] feed-forward, Swin's windows), whose rows the rule treats as its samples (the backend
+    folds its factors back to B, :meth:`nnsim.factors.Dense.folded`). ``batched``: {position in
+    ``tree_flatten((args, kwargs))``: batch axis} of the tensors that carry the batch (found at planning by
+    probing two batch sizes; None: unknown); ``out_batched`` the same for the floating output leaves (their
+    ``deltas`` always have the batch first).
     """
 
     args: tuple[Any, ...]
