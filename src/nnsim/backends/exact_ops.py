@@ -4,9 +4,9 @@ decompositions where a vmapped per-sample gradient must stay differentiable (the
 torch 2.13: the gradient, with respect to parameters before the norm, of per-sample parameter gradients taken
 by ``vmap(jacrev(...))`` through ``F.layer_norm`` is 37 % off (finite differences and per-sample autograd agree
 with each other; group_norm, batch_norm, rms_norm, softmax, SDPA, GELU are right; upstream: the batching rule of
-layer_norm's backward, pytorch/functorch#534, and its nested forward-mode derivative, pytorch/pytorch#196700). The decomposition below is the
-same function to rounding and its second derivatives are right. Used only while such a graph is built: the
-first-order paths (every similarity) keep the fused kernel."""
+layer_norm's backward, pytorch/functorch#534, and its nested forward-mode derivative, pytorch/pytorch#196700).
+The decomposition below is the same function to rounding and its second derivatives are right. Used only while
+such a graph is built: the first-order paths (every similarity) keep the fused kernel."""
 
 from __future__ import annotations
 
