@@ -5,6 +5,12 @@ BatchNorm in eval mode, per-sample statistics for LayerNorm, GroupNorm and RMSNo
 independent. Subclasses with their own forward (timm, Hugging Face) and RMSNorm variants matched by name
 (``LlamaRMSNorm``, ``T5LayerNorm``, ...: weight * x / rms(x), or (1 + weight) * ...) get the same rule
 tentatively: it is kept where the numerical verification agrees.
+
+LayerNorm subclasses that normalise the channel axis 1 of [B, C, *spatial] (Hugging Face ConvNeXt, ConvNeXt V2,
+SAM, SegGPT, ...: ``data_format="channels_first"``, which permute to channels-last around ``F.layer_norm``;
+SqueezeBERT's NCW LayerNorm, found from the input's shape) get per-channel statistics and parameters. A
+subclass whose parameters cover more trailing axes than its statistics (Chameleon's per-head LayerNorm: weight
+[heads, head_dim], statistics over head_dim) gets the parameters over ``weight.dim()`` axes.
 """
 
 from __future__ import annotations
@@ -27,10 +33,26 @@ def _rms_normalized(module: nn.Module, x: Tensor, trailing: int) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + _rms_eps(module, x))
 
 
+def _channels_first(module: nn.LayerNorm, x: Tensor) -> bool:
+    """Whether a LayerNorm subclass with its own forward normalises the channel axis 1 of x: it says so
+    (``data_format``), or its one normalised axis fits axis 1 of x and not the last one (SqueezeBERT's NCW).
+    A guess only where the module does not say it: the verification against autograd decides."""
+    if type(module).forward is nn.LayerNorm.forward or len(module.normalized_shape) != 1 or x.dim() < 3:
+        return False
+    fmt = getattr(module, "data_format", None)
+    if isinstance(fmt, str):
+        return fmt == "channels_first"
+    n = module.normalized_shape[0]
+    return x.shape[1] == n and x.shape[-1] != n
+
+
 def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
     """x_hat and the number of trailing axes that carry the parameters (0: the channel axis 1)."""
     if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(x, module.normalized_shape, None, None, module.eps), len(module.normalized_shape)
+        if _channels_first(module, x):
+            return F.layer_norm(x.movedim(1, -1), module.normalized_shape, None, None, module.eps).movedim(-1, 1), 0
+        trailing = module.weight.dim() if module.weight is not None else len(module.normalized_shape)
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps), trailing
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps), 0
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
