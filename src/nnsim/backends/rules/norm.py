@@ -28,9 +28,26 @@ def _rms_eps(module: nn.Module, x: Tensor) -> float:
     return torch.finfo(x.dtype).eps if eps is None else float(eps)
 
 
-def _rms_normalized(module: nn.Module, x: Tensor, trailing: int) -> Tensor:
+def _rms_normalized(module: nn.Module, x: Tensor, trailing: int, out: object = None) -> Tensor:
+    """x / rms(x) over the trailing axes. Hugging Face's Llama-style RMSNorms compute it in float32 whatever the
+    model's dtype (``x.to(float32)``, then back): in a float64 (or half) model that rounding is part of the
+    model's own gradient. Both are computed there, and the one that reproduces the module's output ``out``
+    (weight * x_hat or (1 + weight) * x_hat) is kept."""
     dims = tuple(range(-trailing, 0))
-    return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + _rms_eps(module, x))
+
+    def xhat(z: Tensor) -> Tensor:
+        return (z * torch.rsqrt(z.pow(2).mean(dims, keepdim=True) + _rms_eps(module, z))).to(x.dtype)
+
+    own = xhat(x)
+    if x.dtype == torch.float32 or not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+        return own
+    cast = xhat(x.to(torch.float32))
+    w = module.weight.detach().to(x.dtype)
+
+    def mismatch(h: Tensor) -> float:
+        return min(float((out - w * h).abs().max()), float((out - (1 + w) * h).abs().max()))
+
+    return cast if mismatch(cast) < mismatch(own) else own
 
 
 def _channels_first(module: nn.LayerNorm, x: Tensor) -> bool:
@@ -46,8 +63,9 @@ def _channels_first(module: nn.LayerNorm, x: Tensor) -> bool:
     return x.shape[1] == n and x.shape[-1] != n
 
 
-def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
-    """x_hat and the number of trailing axes that carry the parameters (0: the channel axis 1)."""
+def _normalized(module: nn.Module, x: Tensor, out: object = None) -> tuple[Tensor, int]:
+    """x_hat and the number of trailing axes that carry the parameters (0: the channel axis 1); ``out``: the
+    module's output, if captured (RMSNorm: which precision x_hat was computed in)."""
     if isinstance(module, nn.LayerNorm):
         if _channels_first(module, x):
             return F.layer_norm(x.movedim(1, -1), module.normalized_shape, None, None, module.eps).movedim(-1, 1), 0
@@ -58,7 +76,7 @@ def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps), 0
     trailing = module.weight.dim()  # RMSNorm: the weight covers the normalised trailing axes
-    return _rms_normalized(module, x, trailing), trailing
+    return _rms_normalized(module, x, trailing, out), trailing
 
 
 _RMS = getattr(nn, "RMSNorm", None)  # torch >= 2.4
@@ -71,7 +89,7 @@ def norm(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]
     for c in calls:
         x = c.batched_input()
         # The hook already detached x unless the factors must stay in the autograd graph.
-        xhat, trailing = _normalized(module, x)
+        xhat, trailing = _normalized(module, x, c.output)
         delta = c.deltas[0]
         if tuple(delta.shape[2:]) != tuple(x.shape[1:]):
             raise ValueError(f"output signals {tuple(delta.shape)} do not match the input {tuple(x.shape)}")
