@@ -1,8 +1,9 @@
-"""Channels-first LayerNorms and parametrized modules (torch.nn.utils.parametrize) on their layer rules, against
-the per-sample loop oracle in float64 (float32 for the Llama-style RMSNorms): Hugging Face ConvNeXt (its
-``data_format="channels_first"`` LayerNorms) and Wav2Vec2 (a weight-normed positional convolution) from tiny
-configs, hand-written models with weight_norm, spectral_norm, orthogonal and custom parametrizations, and a
-parametrization that torch.func cannot differentiate, which falls back exactly with a warning."""
+"""Channels-first LayerNorms, parametrized modules (torch.nn.utils.parametrize) and float32-computing RMSNorms on
+their layer rules, against the per-sample loop oracle in float64 (float32 where stated): Hugging Face ConvNeXt
+(its ``data_format="channels_first"`` LayerNorms), Wav2Vec2 (a weight-normed positional convolution) and
+Llama-style models from tiny configs; hand-written models with weight_norm (both kinds), spectral_norm,
+orthogonal and custom parametrizations, and a parametrization that torch.func cannot differentiate, which falls
+back exactly with a warning."""
 
 from __future__ import annotations
 
@@ -133,6 +134,12 @@ def _case(name: str) -> tuple[nn.Module, dict[str, str]]:
         weight_norm(m.conv, dim=0)
         weight_norm(m.fc)
         want = {"conv": "conv (parametrized)", "fc": "linear (parametrized)"}
+    elif name == "hook_weight_norm":  # the deprecated torch.nn.utils.weight_norm (HF EnCodec, DAC, HiFi-GAN)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            nn.utils.weight_norm(m.conv)
+            nn.utils.weight_norm(m.fc, dim=None)
+        want = {"conv": "conv (parametrized)", "fc": "linear (parametrized)"}
     elif name == "spectral_norm":
         spectral_norm(m.fc)
         spectral_norm(m.conv)
@@ -153,7 +160,7 @@ def _case(name: str) -> tuple[nn.Module, dict[str, str]]:
 
 
 @pytest.mark.parametrize("d", [1, 3])
-@pytest.mark.parametrize("name", ["weight_norm", "spectral_norm", "orthogonal", "custom"])
+@pytest.mark.parametrize("name", ["weight_norm", "hook_weight_norm", "spectral_norm", "orthogonal", "custom"])
 def test_parametrized_modules_on_their_rules(name, d):
     model, want = _case(name)
     if name == "custom":  # every parameter of the lists (originals and the parametrization's own) is analysed

@@ -213,7 +213,7 @@ class Structured:
         plan = Plan(tied={n for n, c in count.items() if c > 1})
         for m, names in owned.items():
             found = find_rule(m)
-            plain, chained = parametrized.split_names(names)
+            plain, chained = parametrized.split_names(m, names)
             if found is not None and not found.children and any("." in k for k in plain):
                 found = None  # the rule does not claim uncalled children's parameters
             if found is not None and chained:  # the rule on the computed tensors, chained to their originals

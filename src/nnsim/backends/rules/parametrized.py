@@ -9,8 +9,10 @@ rule (conv, linear, ...) computes dW [B, d, *W.shape] as if W were a plain param
 is then vmapped over the B d rows. Planning gives the ParametrizationList's parameters to the parametrized
 module (the list itself is called on every access of W, but it sees no batch), under local names
 ``parametrizations.<tensor>.<name in the list>``. As every rule, the result is verified against autograd;
-a parametrization that torch.func cannot differentiate or vmap makes the rule raise, and the module gets its
-exact fallback (which differentiates the originals through the module's forward directly).
+a parametrization that torch.func cannot differentiate makes the rule raise, and the module gets its exact
+fallback (which differentiates the originals through the module's forward directly); one that vmap cannot batch
+is pulled back row by row. The deprecated hook-based ``torch.nn.utils.weight_norm`` (parameters ``weight_g``,
+``weight_v`` of the module itself, ``weight`` set by a forward pre-hook) is chained the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -40,37 +43,63 @@ def is_inside(module: nn.Module) -> set[nn.Module]:
     return {sub for m in module.modules() if isinstance(m, parametrize.ParametrizationList) for sub in m.modules()}
 
 
-def split_names(names: dict[str, str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """{local: full} -> (the module's plain parameters, {parametrized tensor: {name in its list: full}})."""
+def _hook_weight_norms(module: nn.Module) -> dict[str, int]:
+    """{tensor: dim} of the deprecated hook-based ``torch.nn.utils.weight_norm`` (parameters ``<tensor>_g`` and
+    ``<tensor>_v``; the tensor is set as a plain attribute by a forward pre-hook before every call)."""
+    from torch.nn.utils.weight_norm import WeightNorm  # noqa: PLC0415  (deprecated module, imported when used)
+
+    return {h.name: h.dim for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)}
+
+
+def split_names(module: nn.Module, names: dict[str, str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """{local: full} -> (the module's plain parameters, {computed tensor: {name of a source parameter: full}}):
+    a ParametrizationList's parameters by their names in the list, a hook weight norm's as they are."""
     plain: dict[str, str] = {}
     chained: dict[str, dict[str, str]] = {}
+    hooked = _hook_weight_norms(module) if module._forward_pre_hooks else {}
     for local, full in names.items():
         if local.startswith(PREFIX):
             tensor, _, rest = local[len(PREFIX):].partition(".")
             chained.setdefault(tensor, {})[rest] = full
+        elif local[-2:] in ("_g", "_v") and local[:-2] in hooked:
+            chained.setdefault(local[:-2], {})[local] = full
         else:
             plain[local] = full
     return plain, chained
 
 
-def _weight_norm(plist: nn.Module) -> bool:
-    """One ``parametrizations.weight_norm`` (g = original0, v = original1) and nothing else."""
-    return (len(plist) == 1 and type(plist[0]).__name__ == "_WeightNorm" and isinstance(getattr(plist[0], "dim",
-            None), int) and set(dict(plist.named_parameters())) == {"original0", "original1"})
+def _decomposed_weight_norm(g: Tensor, v: Tensor, dim: int) -> Tensor:
+    """torch._weight_norm's formula, decomposed: its fused kernel has no batching rule (vmap would loop)."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
 
 
-def _pulled(plist: nn.Module, wanted: dict[str, str], dW: Tensor, graph: bool) -> dict[str, Tensor]:
-    """{name in the list: per-row gradient [R, *shape]} of the list's parameters from dW [R, *W.shape]."""
+def _source(module: nn.Module, tensor: str) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor]]:
+    """(a key for the vmap memo, {name: source parameter}, f(**sources) -> the computed tensor)."""
+    hooked = _hook_weight_norms(module)
+    if tensor in hooked:
+        dim = hooked[tensor]
+        params = {f"{tensor}_g": module.get_parameter(f"{tensor}_g"), f"{tensor}_v": module.get_parameter(
+            f"{tensor}_v")}
+        return module, params, lambda **t: _decomposed_weight_norm(t[f"{tensor}_g"], t[f"{tensor}_v"], dim)
+    if not parametrize.is_parametrized(module, tensor):
+        raise ValueError(f"{tensor!r} is not a parametrized tensor of this module")
+    plist = module.parametrizations[tensor]
     params = dict(plist.named_parameters())
+    first = plist[0]
+    if len(plist) == 1 and type(first).__name__ == "_WeightNorm" and set(params) == {"original0", "original1"}:
+        return plist, params, lambda **t: _decomposed_weight_norm(t["original0"], t["original1"], first.dim)
+    return plist, params, lambda **t: functional_call(plist, t, ())
+
+
+def _pulled(module: nn.Module, tensor: str, dW: Tensor, graph: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """({source name: per-row gradient [R, *shape]}, the source parameters) of the computed ``tensor`` from its
+    per-row gradients dW [R, *shape of the tensor]."""
+    key, params, fn = _source(module, tensor)
     names = list(params)
     primals = tuple(params[n] if graph else params[n].detach() for n in names)
 
     def computed(*tensors: Tensor) -> Tensor:
-        given = dict(zip(names, tensors, strict=True))
-        if _weight_norm(plist):  # torch._weight_norm's formula, decomposed: its fused kernel has no batching rule
-            g, v = given["original0"], given["original1"]
-            return v * (g / torch.norm_except_dim(v, 2, plist[0].dim))
-        return functional_call(plist, given, ())
+        return fn(**dict(zip(names, tensors, strict=True)))
 
     with torch.enable_grad() if graph else torch.no_grad():
         W, pull = vjp(computed, *primals)
@@ -79,16 +108,16 @@ def _pulled(plist: nn.Module, wanted: dict[str, str], dW: Tensor, graph: bool) -
                              f"{tuple(dW.shape[1:])}")
         dW = dW.to(W.dtype)
         grads = None
-        if plist not in _UNBATCHED:
+        if key not in _UNBATCHED:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error")  # vmap's slow per-row fallback: the plain loop below instead
                     grads = vmap(pull)(dW)
-            except Exception:  # noqa: BLE001  (no batching rule, e.g. weight_norm's fused backward)
-                _UNBATCHED.add(plist)
+            except Exception:  # noqa: BLE001  (an operation without a batching rule)
+                _UNBATCHED.add(key)
         if grads is None:  # one VJP per row (exact; 0.1 ms a row for a small conv)
             grads = tuple(torch.stack(z) for z in zip(*(pull(row) for row in dW), strict=True))
-    return {n: g for n, g in zip(names, grads, strict=True) if n in wanted}
+    return dict(zip(names, grads, strict=True)), params
 
 
 @functools.cache
@@ -97,12 +126,12 @@ def chained(rule: Rule) -> Rule:
     per rule, so that it keys the signal layouts and the plan cache like the rule itself)."""
 
     def parametrized(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
-        plain, wanted = split_names(names)
+        plain, wanted = split_names(module, names)
         inner = dict(plain)
         stand_in: dict[str, str] = {}  # the computed tensor's label in the rule's factors -> tensor name
         for tensor in wanted:
-            if tensor in plain or not parametrize.is_parametrized(module, tensor):
-                raise ValueError(f"{tensor!r} is not a parametrized tensor of this module")
+            if tensor in plain:
+                raise ValueError(f"{tensor!r} is both a parameter and computed")
             label = f"{layer}.{tensor} (parametrized)"
             inner[tensor], stand_in[label] = label, tensor
         factors = rule(module, layer, calls, inner)
@@ -131,14 +160,13 @@ def chained(rule: Rule) -> Rule:
                 raise ValueError(f"the rule returned no gradient for the parametrized {tensor!r}")
             dW = computed[tensor]
             B, d = dW.shape[:2]
-            plist = module.parametrizations[tensor]
-            grads = _pulled(plist, full_of, dW.reshape(B * d, *dW.shape[2:]), graph)
+            grads, sources = _pulled(module, tensor, dW.reshape(B * d, *dW.shape[2:]), graph)
             by_layer: dict[str, list[str]] = {}  # one factor per owning module, as the fallback and loop name them
             for rest, full in full_of.items():
                 by_layer.setdefault(layer_of(full), []).append(rest)
             for owner, rests in by_layer.items():
                 g = torch.cat([grads[r].reshape(B, d, -1) for r in rests], dim=2)
-                out.append(Dense(owner, g, [(full_of[r], plist.get_parameter(r).shape) for r in rests]))
+                out.append(Dense(owner, g, [(full_of[r], sources[r].shape) for r in rests]))
         return out
 
     parametrized.__name__ = f"{getattr(rule, '__name__', 'rule')} (parametrized)"
