@@ -248,3 +248,22 @@ def test_float32_computing_rmsnorms_in_a_float64_model(name):
     norms = [n for n, m in model.named_modules() if "RMSNorm" in type(m).__name__]
     want = "fallback" if name == "gemma" else "norm"
     assert all(plan[n] == want for n in norms), plan
+
+
+def test_similarity_loss_through_weight_norm_matches_finite_differences():
+    """The differentiable criterion's gradient through a weight-normed layer, against central differences of the
+    criterion itself. The chain uses weight_norm's decomposed formula; torch's fused kernel (what autograd through
+    the model, and so the functorch backend, uses) has a wrong double backward on CPU (its gradgradcheck fails)."""
+    model, _ = _case("weight_norm")
+    x, pairs = _x(), torch.tensor([[0, 1], [2, 3]])
+    reg = nnsim.SimilarityLoss(model, backend="structured")
+    for p in (model.fc.parametrizations.weight.original1, model.conv.parametrizations.weight.original0):
+        D = torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype)
+        (g,) = torch.autograd.grad(reg(x, pairs), [p])
+        eps, losses = 1e-6, []
+        with torch.no_grad():
+            for s in (1, -2, 1):
+                p += s * eps * D
+                losses.append(float(reg(x, pairs)))
+        fd = (losses[0] - losses[1]) / (2 * eps)
+        assert abs(float((g * D).sum()) - fd) <= 1e-6 * max(abs(fd), 1e-3)
