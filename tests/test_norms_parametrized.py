@@ -70,6 +70,31 @@ def test_hf_convnext_channels_first_layernorms_on_the_norm_rule(d):
     assert not [v for v in plan.values() if v.startswith(("fallback", "functorch", "loop"))], plan
 
 
+def _other_channels_first(name: str) -> tuple[nn.Module, dict]:
+    if name == "convnextv2":
+        cfg = transformers.ConvNextV2Config(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                            num_labels=3, image_size=16)
+        x = torch.randn(N, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return transformers.ConvNextV2ForImageClassification(cfg), {"pixel_values": x}
+    # SqueezeBERT's LayerNorm normalises axis 1 of [B, C, T] and says so only through the input's shape
+    cfg = transformers.SqueezeBertConfig(vocab_size=30, hidden_size=16, embedding_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=24, max_position_embeddings=16,
+                                         num_labels=3, q_groups=1, k_groups=1, v_groups=1, post_attention_groups=1,
+                                         intermediate_groups=1, output_groups=1)
+    ids = torch.randint(1, 30, (N, 6), generator=torch.Generator().manual_seed(0))
+    return transformers.SqueezeBertForSequenceClassification(cfg), {"input_ids": ids}
+
+
+@pytest.mark.parametrize("name", ["convnextv2", "squeezebert"])
+def test_other_channels_first_layernorms_on_the_norm_rule(name):
+    torch.manual_seed(0)
+    model, x = _other_channels_first(name)
+    model = model.double().eval()
+    plan = _kernels(model, x, outputs.logits()).describe()
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(plan[n] == "norm" for n in norms), plan
+
+
 @pytest.mark.parametrize("d", [1, 3])
 def test_hf_wav2vec2_weight_normed_conv_on_the_conv_rule(d):
     torch.manual_seed(0)
