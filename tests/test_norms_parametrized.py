@@ -292,3 +292,17 @@ def test_similarity_loss_through_weight_norm_matches_finite_differences():
                 losses.append(float(reg(x, pairs)))
         fd = (losses[0] - losses[1]) / (2 * eps)
         assert abs(float((g * D).sum()) - fd) <= 1e-6 * max(abs(fd), 1e-3)
+
+
+def test_t5_layernorm_with_float32_statistics_in_a_float64_model():
+    """T5LayerNorm computes only the variance in float32 (promoted back in the product): on the norm rule."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=30, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2,
+                                relative_attention_num_buckets=8)
+    model = transformers.T5EncoderModel(cfg).double().eval()
+    ids = torch.randint(1, 30, (N, 6), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nnsim.FallbackWarning)  # its relative-attention embedding: not a norm
+        plan = _kernels(model, {"input_ids": ids}, lambda o, i: o.last_hidden_state[:, 0, :3]).describe()
+    norms = [n for n, m in model.named_modules() if type(m).__name__ == "T5LayerNorm"]
+    assert len(norms) == 3 and all(plan[n] == "norm" for n in norms), plan

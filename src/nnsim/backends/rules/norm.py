@@ -29,25 +29,28 @@ def _rms_eps(module: nn.Module, x: Tensor) -> float:
 
 
 def _rms_normalized(module: nn.Module, x: Tensor, trailing: int, out: object = None) -> Tensor:
-    """x / rms(x) over the trailing axes. Hugging Face's Llama-style RMSNorms compute it in float32 whatever the
-    model's dtype (``x.to(float32)``, then back): in a float64 (or half) model that rounding is part of the
-    model's own gradient. Both are computed there, and the one that reproduces the module's output ``out``
-    (weight * x_hat or (1 + weight) * x_hat) is kept."""
+    """x / rms(x) over the trailing axes. Hugging Face's RMSNorms compute in float32 whatever the model's dtype:
+    all of it (Llama, Qwen2, Mistral: ``x.to(float32)``, then back) or the statistics only (T5: float32 variance,
+    promoted in the product). In a float64 (or half) model that rounding is part of the model's own gradient, so
+    there the candidates are computed and the one that reproduces the module's output ``out`` (weight * x_hat or
+    (1 + weight) * x_hat) is kept (the model's own precision where none does better)."""
     dims = tuple(range(-trailing, 0))
 
-    def xhat(z: Tensor) -> Tensor:
-        return (z * torch.rsqrt(z.pow(2).mean(dims, keepdim=True) + _rms_eps(module, z))).to(x.dtype)
+    def xhat(z: Tensor, stats: Tensor) -> Tensor:
+        return (z * torch.rsqrt(stats.pow(2).mean(dims, keepdim=True) + _rms_eps(module, stats))).to(x.dtype)
 
-    own = xhat(x)
+    own = xhat(x, x)
     if x.dtype == torch.float32 or not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
         return own
-    cast = xhat(x.to(torch.float32))
+    x32 = x.to(torch.float32)
     w = module.weight.detach().to(x.dtype)
 
     def mismatch(h: Tensor) -> float:
         return min(float((out - w * h).abs().max()), float((out - (1 + w) * h).abs().max()))
 
-    return cast if mismatch(cast) < mismatch(own) else own
+    candidates = [own, xhat(x32, x32), xhat(x, x32)]
+    errors = [mismatch(h) for h in candidates]
+    return candidates[min(range(len(candidates)), key=errors.__getitem__)]  # the first of equals: own
 
 
 def _channels_first(module: nn.LayerNorm, x: Tensor) -> bool:
