@@ -199,6 +199,45 @@ def test_parametrized_modules_on_their_rules(name, d):
     assert not [v for v in plan.values() if v.startswith(("fallback", "functorch", "loop"))], plan
 
 
+class Flipped(nn.Module):
+    def forward(self, X: Tensor) -> Tensor:
+        return X + 0.1 * X.flip(0)
+
+
+class Attention(nn.Module):
+    """Parametrized tensors read by a parent's functional code (MultiheadAttention's in_proj_weight and its
+    never-called out_proj's weight), an Embedding and a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.ln = nn.LayerNorm(8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+        weight_norm(self.emb)
+        parametrize.register_parametrization(self.ln, "weight", Flipped())
+        parametrize.register_parametrization(self.att, "in_proj_weight", Flipped())
+        weight_norm(self.att.out_proj)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ln(self.emb(x))
+        return self.fc(self.att(h, h, h)[0].mean(1))
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_parametrized_attention_embedding_and_norm_on_their_rules(d):
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    assert "att.out_proj.parametrizations.weight.original1" in dict(model.named_parameters())
+    x = torch.randint(0, 10, (N, 5), generator=torch.Generator().manual_seed(0))
+    output = None if d == 3 else (lambda y, i: y[:, 1:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nnsim.FallbackWarning)
+        plan = _kernels(model, x, output).describe()
+    assert plan == {"emb": "embedding (parametrized)", "ln": "norm (parametrized)",
+                    "att": "multihead_attention (parametrized)", "fc": "linear"}
+
+
 class _Opaque(torch.autograd.Function):  # no setup_context / vmap support: torch.func cannot run it
     @staticmethod
     def forward(ctx, X: Tensor) -> Tensor:

@@ -214,7 +214,7 @@ class Structured:
         for m, names in owned.items():
             found = find_rule(m)
             plain, chained = parametrized.split_names(m, names)
-            if found is not None and not found.children and any("." in k for k in plain):
+            if found is not None and not found.children and any("." in k for k in [*plain, *chained]):
                 found = None  # the rule does not claim uncalled children's parameters
             if found is not None and chained:  # the rule on the computed tensors, chained to their originals
                 found = Found(parametrized.chained(found.rule), found.children, found.tentative)

@@ -58,9 +58,10 @@ def split_names(module: nn.Module, names: dict[str, str]) -> tuple[dict[str, str
     chained: dict[str, dict[str, str]] = {}
     hooked = _hook_weight_norms(module) if module._forward_pre_hooks else {}
     for local, full in names.items():
-        if local.startswith(PREFIX):
-            tensor, _, rest = local[len(PREFIX):].partition(".")
-            chained.setdefault(tensor, {})[rest] = full
+        head, sep, tail = ("." + local).partition("." + PREFIX)  # a child's too: "out_proj.parametrizations.weight.x"
+        if sep:
+            tensor, _, rest = tail.partition(".")
+            chained.setdefault(f"{head[1:]}.{tensor}".lstrip("."), {})[rest] = full
         elif local[-2:] in ("_g", "_v") and local[:-2] in hooked:
             chained.setdefault(local[:-2], {})[local] = full
         else:
@@ -74,7 +75,10 @@ def _decomposed_weight_norm(g: Tensor, v: Tensor, dim: int) -> Tensor:
 
 
 def _source(module: nn.Module, tensor: str) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor]]:
-    """(a key for the vmap memo, {name: source parameter}, f(**sources) -> the computed tensor)."""
+    """(a key for the vmap memo, {name: source parameter}, f(**sources) -> the computed tensor ``tensor``, a local
+    name of ``module`` or of a child: ``"weight"``, ``"out_proj.weight"``)."""
+    owner, _, tensor = tensor.rpartition(".")
+    module = module.get_submodule(owner) if owner else module
     hooked = _hook_weight_norms(module)
     if tensor in hooked:
         dim = hooked[tensor]
