@@ -8,7 +8,9 @@ is the parametrization's VJP of the per-sample gradient of W: g_orig[b, c] = vjp
 rule (conv, linear, ...) computes dW [B, d, *W.shape] as if W were a plain parameter; one ``torch.func.vjp`` of f
 is then vmapped over the B d rows. Planning gives the ParametrizationList's parameters to the parametrized
 module (the list itself is called on every access of W, but it sees no batch), under local names
-``parametrizations.<tensor>.<name in the list>``. As every rule, the result is verified against autograd;
+``parametrizations.<tensor>.<name in the list>`` (those of a never-called child, e.g. MultiheadAttention's
+``out_proj``, under ``out_proj.parametrizations...``, for a rule registered with ``children=True``; rules read
+computed tensors by attribute, ``rules.tensor``). As every rule, the result is verified against autograd;
 a parametrization that torch.func cannot differentiate makes the rule raise, and the module gets its exact
 fallback (which differentiates the originals through the module's forward directly); one that vmap cannot batch
 is pulled back row by row. The deprecated hook-based ``torch.nn.utils.weight_norm`` (parameters ``weight_g``,
