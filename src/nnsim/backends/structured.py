@@ -41,7 +41,7 @@ from ..errors import FallbackWarning, ModelError
 from ..factors import Dense, Factor
 from . import functorch, loop, plan_cache
 from .base import Problem, checked_output, dense_by_layer
-from .rules import Call, Found, Rule, find_rule, signal_layout
+from .rules import Call, Found, Rule, find_rule, parametrized, signal_layout
 from .rules.fallback import fallback, fallback_loop
 from .rules.free import FreeUses, classify, free_params
 
@@ -213,12 +213,15 @@ class Structured:
 
         owned: dict[nn.Module, dict[str, str]] = {}
         count: dict[str, int] = {}
+        # A ParametrizationList is called on every access of the tensor it computes, but sees no batch: its
+        # parameters go to the parametrized module (rules/parametrized.py), as if the list were never called.
+        lists = parametrized.is_inside(model)
         for m in modules.values():
             for local, p in m.named_parameters(recurse=False):
                 if id(p) not in full_name:
                     continue
                 holder, rel = m, local
-                while holder not in called and holder is not model:
+                while (holder not in called or holder in lists) and holder is not model:
                     parent_name = names_of[holder].rpartition(".")[0]
                     rel = names_of[holder].rpartition(".")[2] + "." + rel
                     holder = modules[parent_name]
@@ -227,8 +230,11 @@ class Structured:
         plan = Plan(tied={n for n, c in count.items() if c > 1})
         for m, names in owned.items():
             found = find_rule(m)
-            if found is not None and not found.children and any("." in k for k in names):
+            plain, chained = parametrized.split_names(m, names)
+            if found is not None and not found.children and any("." in k for k in [*plain, *chained]):
                 found = None  # the rule does not claim uncalled children's parameters
+            if found is not None and chained:  # the rule on the computed tensors, chained to their originals
+                found = Found(parametrized.chained(found.rule), found.children, found.tentative)
             plan.hooked[m] = Entry(names_of[m], names, found, free=found is None and all("." not in k for k in names))
         return plan
 

@@ -86,6 +86,14 @@ class Call:
         raise ValueError(f"input of shape {tuple(x.shape)} has no batch axis 0 of size {B}")
 
 
+def tensor(module: nn.Module, local: str) -> Tensor | None:
+    """The tensor a module's forward reads under a local (dotted) name: a parameter, or a tensor computed on access
+    from other parameters (``torch.nn.utils.parametrize``; rules/parametrized.py), which ``get_parameter`` and
+    ``named_parameters`` do not list. None where the attribute is None (e.g. a layer without bias)."""
+    owner, _, name = local.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
 # rule(module, layer name, calls, {local param name: full name}) -> factors
 Rule = Callable[[nn.Module, str, list[Call], dict[str, str]], list[Factor]]
 
