@@ -1,12 +1,16 @@
-"""Operations whose fused kernels torch.func differentiates wrongly a second time, replaced by their
-decompositions where a vmapped per-sample gradient must stay differentiable (the training criterion's graph).
+"""Operations whose fused kernels are differentiated wrongly a second time, replaced by their decompositions
+while per-sample gradients must stay differentiable (the training criterion's graph, :class:`nnsim.SimilarityLoss`).
 
-torch 2.13: the gradient, with respect to parameters before the norm, of per-sample parameter gradients taken
-by ``vmap(jacrev(...))`` through ``F.layer_norm`` is 37 % off (finite differences and per-sample autograd agree
-with each other; group_norm, batch_norm, rms_norm, softmax, SDPA, GELU are right; upstream: the batching rule of
-layer_norm's backward, pytorch/functorch#534, and its nested forward-mode derivative, pytorch/pytorch#196700).
-The decomposition below is the same function to rounding and its second derivatives are right. Used only while
-such a graph is built: the first-order paths (every similarity) keep the fused kernel."""
+* ``torch._weight_norm`` (``nn.utils.parametrizations.weight_norm`` and the older ``nn.utils.weight_norm``): its
+  double backward fails ``gradgradcheck`` on the CPU (torch 2.13), in plain autograd as under ``torch.func``.
+* ``F.layer_norm`` under ``torch.func``: the gradient, with respect to parameters before the norm, of per-sample
+  parameter gradients taken by ``vmap(jacrev(...))`` is 37 % off on torch 2.13 (finite differences and per-sample
+  autograd agree with each other; group_norm, batch_norm, rms_norm, softmax, SDPA and GELU are right; upstream:
+  the batching rule of layer_norm's backward, pytorch/functorch#534, and its nested forward-mode derivative,
+  pytorch/pytorch#196700).
+
+The decompositions below are the same functions to rounding and their second derivatives are right. Used only
+while such a graph is built: the first-order paths (every similarity) keep the fused kernels."""
 
 from __future__ import annotations
 
@@ -31,7 +35,13 @@ def _layer_norm(x: Tensor, normalized_shape: tuple[int, ...] | list[int] | int, 
     return y if bias is None else y + bias
 
 
-_DECOMPOSED = {F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm}
+def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """v * g / ||v||, the norm over every axis but ``dim`` (all of them for dim = -1), as the fused kernel."""
+    others = [i for i in range(v.dim()) if i != dim % v.dim()] if dim != -1 else list(range(v.dim()))
+    return v * (g / v.norm(2, others, keepdim=True))
+
+
+_DECOMPOSED = {F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm, torch._weight_norm: _weight_norm}
 
 
 class _Decomposed(TorchFunctionMode):
@@ -40,10 +50,7 @@ class _Decomposed(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def exact_double_backward(graph: bool) -> Iterator[None]:
-    """With ``graph``: the operations above run decomposed inside the block; without: nothing changes."""
-    if not graph:
-        yield
-        return
+def exact_double_backward() -> Iterator[None]:
+    """The operations above run decomposed inside the block."""
     with _Decomposed():
         yield
