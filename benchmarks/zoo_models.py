@@ -222,7 +222,7 @@ class HFLogits(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(**{self.key: x}).logits
-        # GPT-2: the last position's next-token logits, the first 10 of the 100 (every zoo model has 10 outputs: the
+        # GPT-2, Llama: the last position's next-token logits, the first 10 of the 100 (every zoo model has 10 outputs: the
         # d = 10 case; all 100 would make a 2.4 GiB [256, 256, 100, 100] result)
         return out[:, -1, :10] if out.dim() == 3 else out
 
@@ -239,6 +239,10 @@ def _tiny(kind: str) -> tuple[nn.Module, str]:
         cfg = tf.GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4, n_inner=128,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return tf.GPT2LMHeadModel(cfg), "input_ids"
+    if kind == "llama":  # grouped-query attention (4 heads, 2 key/value heads), rotary positions, RMSNorm, SwiGLU
+        cfg = tf.LlamaConfig(vocab_size=100, max_position_embeddings=32, num_key_value_heads=2, **common,
+                             tie_word_embeddings=False)
+        return tf.LlamaForCausalLM(cfg), "input_ids"
     cfg = tf.ViTConfig(image_size=32, patch_size=8, num_channels=3, num_labels=10, **common,
                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return tf.ViTForImageClassification(cfg), "pixel_values"
@@ -248,7 +252,8 @@ def _hf(kind: str) -> Callable[[int], tuple[nn.Module, tuple[Tensor, ...]]]:
     def build(n: int) -> tuple[nn.Module, tuple[Tensor, ...]]:
         torch.manual_seed(0)
         model, key = _tiny(kind)
-        model.config._attn_implementation = "eager"
+        if kind != "llama":  # Llama-style models run with PyTorch's scaled_dot_product_attention, as users run them
+            model.config._attn_implementation = "eager"
         return HFLogits(model, key).eval(), _images(n) if kind == "vit" else _tokens(n)
 
     return build
@@ -272,6 +277,7 @@ ZOO: dict[str, Callable[[int], tuple[nn.Module, tuple[Tensor, ...]]]] = {
     "hf-bert": _hf("bert"),
     "hf-gpt2": _hf("gpt2"),
     "hf-vit": _hf("vit"),
+    "hf-llama": _hf("llama"),
     "lstm": lstm,
     "gru": gru,
 }

@@ -64,6 +64,7 @@ class Factor(Protocol):
     def compact(self) -> Factor: ...  # the smaller of the representations
     def dense(self) -> Dense: ...
     def select(self, idx: Tensor) -> Factor: ...
+    def folded(self, B: int) -> Factor: ...  # a factor of B*k rows (row b*k + j of sample b) as one of B samples
     def inner(self, S: list[Tensor]) -> Tensor: ...  # <g[b, c], S[e]>: [B, d, e]
     def project(self, k: int, seed: int) -> Tensor: ...  # [B, d, k']
     def batch_grad(self) -> list[Tensor]: ...  # sum over the batch, one [d, *shape] per param
@@ -209,6 +210,11 @@ class Dense(_Batched):
     def select(self, idx: Tensor) -> Dense:
         return replace(self, g=self.g[idx])
 
+    def folded(self, B: int) -> Dense:
+        """The rows of a module called on a folded batch [B*k, ...] (row b*k + j belongs to sample b) summed into
+        their samples: the gradient of a sample is the sum of its rows' gradients."""
+        return replace(self, g=self.g.unflatten(0, (B, self.g.shape[0] // B)).sum(1))
+
     def inner(self, S: list[Tensor]) -> Tensor:
         """<g[b, c], S[e]> for parameter-shaped S (one [e, *shape] tensor per param): [B, d, e]."""
         flat = torch.cat([x.reshape(x.shape[0], -1) for x in S], dim=1)
@@ -352,6 +358,15 @@ class Outer(_Batched):
 
     def select(self, idx: Tensor) -> Outer:
         return replace(self, a=self.a[idx], delta=self.delta[idx])
+
+    def folded(self, B: int) -> Outer:
+        """As :meth:`Dense.folded`: the k rows of a sample become k times more positions of it (a sum over
+        positions already), [B*k, G, T, m] -> [B, G, k*T, m] and the signals likewise."""
+        _, d, G, T, n = self.delta.shape
+        k = self.delta.shape[0] // B
+        a = self.a.unflatten(0, (B, k)).transpose(1, 2)  # [B, G, k, T, ...]
+        delta = self.delta.unflatten(0, (B, k)).permute(0, 2, 3, 1, 4, 5)  # [B, d, G, k, T, n]
+        return replace(self, a=a.reshape(B, G, k * T, *self.a.shape[3:]), delta=delta.reshape(B, d, G, k * T, n))
 
     def _join(self, S: list[Tensor]) -> Tensor:
         """Inverse of ``_split``: parameter-shaped [e, *shape] tensors -> blocks [e, G, n, m]."""

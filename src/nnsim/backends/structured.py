@@ -43,7 +43,7 @@ from ..errors import FallbackWarning, ModelError
 from ..factors import Dense, Factor, Outer
 from . import functorch, loop, plan_cache
 from .base import Problem, checked_output, dense_by_layer
-from .rules import Call, Found, NoBatchAxis, Rule, find_rule, signal_layout
+from .rules import Call, Found, NoBatchAxis, Rule, find_rule, parametrized, signal_layout
 from .rules.fallback import fallback, fallback_loop
 from .rules.free import FreeUses, classify, free_params
 
@@ -104,10 +104,16 @@ class Plan:
     tied: set[str] = field(default_factory=set)
     residual: list[str] = field(default_factory=list)
     residual_loop: bool = False  # torch.func cannot run the model: per-sample autograd for the residual
-    expand: bool = True  # expand batch-shared module outputs (leading size 1) to the batch
+    # Batch-shared module outputs (leading size 1) expanded to the batch: 2 all of them, 1 all but those of
+    # modules on the free-parameter operations (which a model may broadcast against a folded batch [B*k, ...],
+    # as Swin's relative position bias; the operation where they meet the batch gets the signals), 0 none.
+    # Lowered one step each time the expanded outputs upset the model's own code.
+    expand: int = 2
     tapped: bool = False  # every module output gets a zero-leaf tap (set once an output is seen modified in place)
-    # module -> per call: (number of flattened argument leaves, positions carrying the batch on axis 0)
-    batched: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = field(default_factory=dict)
+    # module -> per call: (number of flattened argument leaves, {leaf: its batch axis}, fold k: 1, or k > 1 for
+    # a call on a batch folded with another axis, [B*k, ...] with row b*k + j of sample b: the rule then sees
+    # B*k samples and its factors are folded back to B, ``_applied``)
+    batched: dict[nn.Module, list[tuple[int, dict[int, int], int]] | None] = field(default_factory=dict)
     free_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # the FallbackWarnings of planning (repeated when reused)
 
@@ -122,13 +128,15 @@ class Plan:
         return out
 
     def batched_for(self, module: nn.Module, k: int, n_leaves: int
-                    ) -> tuple[dict[int, int] | None, dict[int, int] | None]:
-        """{leaf: batch axis} of the argument leaves and of the floating output leaves of call k (None: unknown)."""
+                    ) -> tuple[dict[int, int] | None, dict[int, int] | None, int]:
+        """{leaf: batch axis} of the argument leaves and of the floating output leaves of call k (None: unknown),
+        and its fold (1: none)."""
         calls = self.batched.get(module)
         if calls is None or k >= len(calls) or calls[k][0] != n_leaves:
-            return None, None
-        sep, axes = calls[k]
-        return {i: a for i, a in axes.items() if i < sep}, {i - sep - 1: a for i, a in axes.items() if i > sep}
+            return None, None, 1
+        sep, axes, fold = calls[k]
+        return ({i: a for i, a in axes.items() if i < sep}, {i - sep - 1: a for i, a in axes.items() if i > sep},
+                fold)
 
 
 class Structured:
@@ -152,15 +160,16 @@ class Structured:
     def _make_plan(self, batch: tuple[Tensor, ...]) -> Plan:
         probe = _probe(batch, _PROBE)
         plan = self._initial_plan(probe)
-        failed_pass = self._axes(plan, batch, probe)
+        small = _probe(batch, 2)
+        failed_pass = self._set_batch_axes(plan, small, probe)
         for _ in range(4 * len(plan.hooked) + 6):
             if failed_pass is not None:
                 break
             outcome = self._check(plan, probe)
             if isinstance(outcome, Exception):
-                if plan.expand:  # expanded outputs may upset the model's own code: try without
-                    plan.expand = False
-                    failed_pass = self._axes(plan, batch, probe)
+                if plan.expand:  # expanded outputs may upset the model's own code: expand fewer
+                    plan.expand -= 1
+                    failed_pass = self._set_batch_axes(plan, small, probe)
                     continue
                 failed_pass = outcome
                 break
@@ -175,7 +184,7 @@ class Structured:
                     continue
                 break
             if self._step_down(plan, errors, bad):  # free-parameter tracking to record for a module
-                failed_pass = self._axes(plan, batch, probe)
+                failed_pass = self._set_batch_axes(plan, small, probe)
         else:
             raise ModelError("the structured backend could not verify a plan for this model; use backend='loop'")
         if failed_pass is not None:
@@ -184,6 +193,14 @@ class Structured:
                               "exact whole-model fallback")
             plan.residual = list(self.problem.params)
             plan.residual_loop = not _functorch_runs(self.problem, probe)
+        for m, e in plan.hooked.items():
+            lost = [n for n in e.names.values() if n in plan.residual]
+            if lost and not e.reason and any(fold > 1 for _, _, fold in plan.batched.get(m) or []):
+                # its rule and fallback both disagreed: the rows of its folded batch are not batch-major
+                plan.notes.append(f"module {e.layer or 'model'!r} ({type(m).__name__}) is called on a batch folded "
+                                  "with another axis ([B*k, ...]) whose rows are not sample-major (row b*k + j of "
+                                  f"sample b): its layer rule and fallback disagree with autograd on {lost}; "
+                                  "computing them with the exact whole-model fallback instead")
         for e in plan.hooked.values():
             if e.reason and not e.on_fast and not e.found.tentative:  # type: ignore[union-attr]
                 method = e.method[0] if e.method else "whole-model fallback"
@@ -191,19 +208,6 @@ class Structured:
                                   f"({type(_module_of(plan, e)).__name__}) {e.reason}; computing this module with "
                                   f"the exact {method} instead")
         return plan
-
-    def _axes(self, plan: Plan, batch: tuple[Tensor, ...], probe: tuple[Tensor, ...]) -> Exception | None:
-        """``plan.batched`` (and the free-parameter operations) from the two probes; None, or the exception of a
-        model that fails under the recording hooks even without expanding batch-shared outputs (Swin's relative
-        position bias [1, H, N, N] expanded to B no longer broadcasts against its windows [B * W, H, N, N])."""
-        while True:
-            try:
-                plan.batched = self._batch_axes(plan, _probe(batch, 2), probe)
-                return None
-            except Exception as err:  # noqa: BLE001  (planned around like a failing hooked pass)
-                if not plan.expand:
-                    return err
-                plan.expand = False
 
     def _initial_plan(self, probe: tuple[Tensor, ...]) -> Plan:
         model, params = self.problem.model, self.problem.params
@@ -224,16 +228,19 @@ class Structured:
 
         owned: dict[nn.Module, dict[str, str]] = {}
         count: dict[str, int] = {}
+        # A ParametrizationList is called on every access of the tensor it computes, but sees no batch: its
+        # parameters go to the parametrized module (rules/parametrized.py), as if the list were never called.
+        lists = parametrized.is_inside(model)
         # A weight tied to an uncalled module (BART's and T5's ``shared`` embedding, whose weight the called
         # ``embed_tokens`` use) is not handed to that module's called ancestor as well: the ancestor's fallback
         # would count the called modules' use a second time. A use the hooks miss still disagrees at the check.
-        used = {id(p) for m in called for p in m.parameters(recurse=False)}
+        used = {id(p) for m in called - lists for p in m.parameters(recurse=False)}
         for m in modules.values():
             for local, p in m.named_parameters(recurse=False):
                 if id(p) not in full_name or (m not in called and id(p) in used):
                     continue
                 holder, rel = m, local
-                while holder not in called and holder is not model:
+                while (holder not in called or holder in lists) and holder is not model:
                     parent_name = names_of[holder].rpartition(".")[0]
                     rel = names_of[holder].rpartition(".")[2] + "." + rel
                     holder = modules[parent_name]
@@ -242,30 +249,53 @@ class Structured:
         plan = Plan(tied={n for n, c in count.items() if c > 1})
         for m, names in owned.items():
             found = find_rule(m)
-            if found is not None and not found.children and any("." in k for k in names):
+            plain, chained = parametrized.split_names(m, names)
+            if found is not None and not found.children and any("." in k for k in [*plain, *chained]):
                 found = None  # the rule does not claim uncalled children's parameters
+            if found is not None and chained:  # the rule on the computed tensors, chained to their originals
+                found = Found(parametrized.chained(found.rule), found.children, found.tentative)
             plan.hooked[m] = Entry(names_of[m], names, found, free=found is None and all("." not in k for k in names))
         return plan
 
+    def _set_batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]) -> Exception | None:
+        """``plan.batched`` from the two probes. Where the recording passes fail (the model ran plainly at
+        ``_initial_plan``), what they change is given up step by step: fewer expanded outputs (Swin broadcasts
+        a batch-shared bias against its B*nW windows), then the free-parameter watcher (those modules start at
+        their exact fallback). Returns None, or the exception of a model that fails under the recording hooks
+        even so (planned around like a failing hooked pass, never a crash)."""
+        while True:
+            try:
+                plan.batched = self._batch_axes(plan, small, large)
+                return None
+            except Exception as err:  # noqa: BLE001
+                if plan.expand:
+                    plan.expand -= 1
+                elif any(e.free for e in plan.hooked.values()):
+                    for e in plan.hooked.values():
+                        if e.shared and e.method is not None and e.method[0] == _FREE:
+                            e.level += 1  # a rule's batch-shared output: its fallback, not the tracking
+                        e.free = False
+                else:
+                    return err
+
     def _batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]
-                    ) -> dict[nn.Module, list[tuple[int, dict[int, int]]] | None]:
-        """Per module call, the argument leaves whose axis 0 follows the batch size (2 vs 3 samples)."""
+                    ) -> dict[nn.Module, list[tuple[int, dict[int, int], int]] | None]:
+        """Per module call, the argument and output leaves whose axis follows the batch size (2 vs 3 samples),
+        and its fold (``_call_axes``)."""
         plan.batched = {}
         rec = [self._record(plan, small), self._record(plan, large)]
         seen = [r[0] for r in rec]
         plan.free_ops = {m: classify(rec[0][1].get(m, []), rec[1][1].get(m, []), small[0].shape[0],
                                      large[0].shape[0]) for m in rec[0][1]}
         self._free_ops_again(plan, large, [r[1] for r in rec])
-        out: dict[nn.Module, list[tuple[int, dict[int, int]]] | None] = {}
+        out: dict[nn.Module, list[tuple[int, dict[int, int], int]] | None] = {}
         for m in plan.hooked:
             a, b = seen[0].get(m, []), seen[1].get(m, [])
             if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b, strict=True)):
                 out[m] = None  # data-dependent calls: decided per call from the shapes
                 continue
             n_small, n_large = small[0].shape[0], large[0].shape[0]
-            out[m] = [(x.index(-1), {i: ax for i, (s, t) in enumerate(zip(x, y, strict=True))
-                                     if (ax := _batch_axis(s, t, n_small, n_large)) is not None})
-                      for x, y in zip(a, b, strict=True)]
+            out[m] = [_call_axes(x, y, n_small, n_large) for x, y in zip(a, b, strict=True)]
         return out
 
     def _free_ops_again(self, plan: Plan, probe: tuple[Tensor, ...], seen: list[dict]) -> None:
@@ -275,7 +305,7 @@ class Structured:
         failed = [m for m, ops in plan.free_ops.items() if ops is None and (seen[0].get(m) or seen[1].get(m))]
         if not failed:
             return
-        sizes = {n for r in seen for m in failed for _, args, out, _ in r.get(m, [])
+        sizes = {n for r in seen for m in failed for _, args, out, *_ in r.get(m, [])
                  for shape in (*args, out) if isinstance(shape, tuple) for n in shape}
         n1 = next(n for n in itertools.count(4) if n not in sizes)
         n2 = next(n for n in itertools.count(n1 + 1) if n not in sizes)
@@ -287,12 +317,13 @@ class Structured:
         """Shapes of every hooked call's arguments and outputs, and the free-parameter operations seen."""
         dims: dict[nn.Module, list[list]] = {m: [] for m in plan.hooked}
         B = batch[0].shape[0]
-        mode = self._free_mode(plan, plan.hooked, B, record=True)
+        mode = self._free_mode(plan, plan.hooked, B, record=batch)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
             with _quiet(mode):  # the hook's own look at the tensors is no use of a tracked parameter
                 flat = _leaves(args, kwargs)
-                expand = plan.expand and B > 1 and (_lookup(mod) or not _has_batched(flat, None, B))
+                expand = (_expands(plan, plan.hooked[mod]) and B > 1
+                          and (_lookup(mod) or not _has_batched(flat, None, B)))
             if expand:  # as in the pass (where a tracked parameter's output meets the batch here)
                 out = _map(lambda t: _expand(t, B), out)
             with _quiet(mode):  # argument leaves, then a separator, then the floating output leaves (with signals)
@@ -304,15 +335,16 @@ class Structured:
             self.problem.call(batch)
         return dims, ({} if mode is None else mode.seen)
 
-    def _free_mode(self, plan: Plan, entries: dict[nn.Module, Entry], B: int, record: bool = False
+    def _free_mode(self, plan: Plan, entries: dict[nn.Module, Entry], B: int, record: tuple[Tensor, ...] = ()
                    ) -> FreeUses | None:
-        """The watcher of the direct parameters of the modules whose method is (or, recording, may be) _FREE."""
+        """The watcher of the direct parameters of the modules whose method is (or, recording the batch ``record``,
+        may be) _FREE."""
         watched = {m: {loc: m.get_parameter(loc) for loc, full in e.names.items() if full not in plan.residual}
                    for m, e in entries.items() if e.free and (record or (e.method or ("",))[0] == _FREE)}
         watched = {m: ps for m, ps in watched.items() if ps}
         if not watched:
             return None
-        return FreeUses(watched, B, None if record else plan.free_ops)
+        return FreeUses(watched, B, None if record else plan.free_ops, inputs=record)
 
     def _check(self, plan: Plan, probe: tuple[Tensor, ...]
                ) -> Exception | tuple[dict[nn.Module, str], dict[str, str], Exception | None]:
@@ -517,9 +549,10 @@ class Structured:
             else:
                 call = Call(_map(_detach, args), _map(_detach, kwargs))
             flat = _leaves(args, kwargs)
-            call.batch_size = B
-            call.batched, call.out_batched = plan.batched_for(mod, len(calls[mod]), len(flat))
-            shared = plan.expand and B > 1 and (_lookup(mod) or not _has_batched(flat, call.batched, B))
+            call.batched, call.out_batched, fold = plan.batched_for(mod, len(calls[mod]), len(flat))
+            call.batch_size = B * fold  # a folded call: its rule sees the B*k rows as its samples
+            shared = (_expands(plan, active[mod]) and B > 1
+                      and (_lookup(mod) or not _has_batched(flat, call.batched, B)))
             # One output tensor computed here: autograd returns d y / d output for the tensor itself (no tap:
             # a zero leaf added to every output cost 20 % of a small ResNet's forward and backward), unless a
             # later operation modifies it in place, which its version counter tells after the forward.
@@ -603,12 +636,14 @@ class Structured:
                     uses, broken = mode.ops.get(m, []), mode.broken.get(m)
 
                     def rule(mod, layer, cs, nm, uses=uses, broken=broken):  # noqa: ANN001
-                        return free_params(mod, layer, cs, nm, uses, broken, strict=errors is not None)
+                        return free_params(mod, layer, cs, nm, uses, broken, strict=errors is not None, batch=B)
+
+                    rule.of_samples = True  # its factors have the B samples already
             if errors is None:
-                factors.extend(self._run_rule(e, m, rule, calls[m], names, shapes))
+                factors.extend(self._run_rule(e, m, rule, calls[m], names, shapes, B))
                 continue
             try:  # a malformed factor is the rule's error, caught here rather than where the factor is used
-                factors.extend(_validated(rule(m, e.layer, calls[m], names), names, shapes, B, d, strict=True))
+                factors.extend(_applied(rule, m, e, calls[m], names, B, shapes, strict=True))
             except Exception as err:  # noqa: BLE001  (a failing rule is planned around, never trusted)
                 errors[m] = f"{type(err).__name__}: {err}"
         factors = _merge_tied(factors, plan.tied - residual_set)
@@ -616,13 +651,12 @@ class Structured:
 
     @staticmethod
     def _run_rule(e: Entry, m: nn.Module, rule: Rule, calls: list[Call], names: dict[str, str],
-                  shapes: dict[str, torch.Size]) -> list[Factor]:
+                  shapes: dict[str, torch.Size], B: int) -> list[Factor]:
         """A planned method on one chunk. Should a verified rule still raise (or return a malformed factor) on
         a later chunk (an assumption the probes did not exercise), the module steps down to its exact fallback
         from then on, with a warning, rather than failing the whole computation."""
         try:
-            B, d = calls[0].batch_size, calls[0].deltas[0].shape[1]
-            return _validated(rule(m, e.layer, calls, names), names, shapes, B, d, strict=False)
+            return _applied(rule, m, e, calls, names, B, shapes, strict=False)
         except Exception as err:
             if e.method is None or e.method[1] is fallback_loop:
                 raise
@@ -633,7 +667,7 @@ class Structured:
             warnings.warn(f"{was!r} for module {e.layer or 'model'!r} ({type(m).__name__}) raised on a later chunk "
                           f"({type(err).__name__}: {err}); computing this module with the exact {e.method[0]} "
                           "instead", FallbackWarning, stacklevel=6)
-            return Structured._run_rule(e, m, e.method[1], calls, names, shapes)
+            return Structured._run_rule(e, m, e.method[1], calls, names, shapes, B)
 
     def factors(self, batch: tuple[Tensor, ...], start: int = 0) -> tuple[list[Factor], Tensor]:
         sig = self._signature(batch)
@@ -829,6 +863,53 @@ def _shape(t: object) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, Tensor) else None
 
 
+def _call_axes(small: list, large: list, n_small: int, n_large: int) -> tuple[int, dict[int, int], int]:
+    """(separator, {leaf: batch axis}, fold) of one module call from its leaves' shapes at the two probe sizes
+    (argument leaves, -1, floating output leaves). Leaves with a batch axis of their own decide; a call with
+    none, whose leaves' axis 0 is instead k times the batch size for one k > 1 (an output among them), runs on a
+    folded batch [B*k, ...] (HF OPT's [B*T, C] feed-forward, Swin's [B*nW, N, C] windows): batch-major
+    (``view(B*k, ...)``, row b*k + j of sample b) is assumed, and the plan's check rejects any other order."""
+    sep = small.index(-1)
+    pairs = list(zip(small, large, strict=True))
+    axes = {i: ax for i, (s, t) in enumerate(pairs) if (ax := _batch_axis(s, t, n_small, n_large)) is not None}
+    if axes:
+        return sep, axes, 1
+    folds = {i: k for i, (s, t) in enumerate(pairs) if (k := _fold(s, t, n_small, n_large)) > 1}
+    if len(set(folds.values())) == 1 and any(i > sep for i in folds):
+        return sep, dict.fromkeys(folds, 0), next(iter(folds.values()))
+    return sep, {}, 1
+
+
+def _fold(small: object, large: object, n_small: int, n_large: int) -> int:
+    """k where axis 0 alone follows the batch as k times its size (n*k at both probe sizes), else 0."""
+    if not isinstance(small, tuple) or not isinstance(large, tuple) or len(small) != len(large) or not small:
+        return 0
+    if small[1:] != large[1:] or small[0] % n_small or large[0] % n_large:
+        return 0
+    k = small[0] // n_small
+    return k if k == large[0] // n_large else 0
+
+
+def _applied(rule: Rule, m: nn.Module, e: Entry, calls: list[Call], names: dict[str, str], B: int,
+             shapes: dict[str, torch.Size], strict: bool) -> list[Factor]:
+    """The factors of ``rule`` on a module's calls, for the B samples. A rule sees the B*k rows of folded calls as
+    its samples; its factors are folded back (each sample's rows summed, :meth:`Factor.folded`). Calls on
+    different folds (B, B*k, B*k') go to the rule in groups, whose gradients of a parameter are then summed
+    (one explicit factor per parameter). The free-parameter operations give factors of B samples already. A
+    malformed factor, or one of any other size, raises (``_validated``: the module steps down)."""
+    d = calls[0].deltas[0].shape[1]
+    if getattr(rule, "of_samples", False):
+        return _validated(rule(m, e.layer, calls, names), names, shapes, B, d, strict)
+    groups: dict[int, list[Call]] = {}
+    for c in calls:
+        groups.setdefault(c.batch_size or B, []).append(c)
+    parts = []
+    for n, cs in groups.items():
+        found = _validated(rule(m, e.layer, cs, names), names, shapes, n, d, strict)
+        parts.extend(found if n == B else [f.folded(B) for f in found])
+    return parts if len(groups) == 1 else _merge_tied(parts, set(names.values()))
+
+
 def _batch_axis(small: tuple[int, ...] | None, large: tuple[int, ...] | None, n_small: int, n_large: int
                 ) -> int | None:
     """The axis that holds the batch: the one that alone follows the batch size between the two probes."""
@@ -838,6 +919,11 @@ def _batch_axis(small: tuple[int, ...] | None, large: tuple[int, ...] | None, n_
     if len(moved) == 1 and small[moved[0]] == n_small and large[moved[0]] == n_large:
         return moved[0]
     return None
+
+
+def _expands(plan: Plan, entry: Entry) -> bool:
+    """Whether the batch-shared outputs of the module of ``entry`` are expanded to the batch (``Plan.expand``)."""
+    return plan.expand == 2 or (plan.expand == 1 and (entry.method or ("",))[0] != _FREE)
 
 
 def _expand(t: object, B: int) -> object:

@@ -51,9 +51,12 @@ class Call:
     ``deltas`` holds, for each floating tensor of the output (pytree order), the signals
     d y_c / d output of every analysed output c: [B, d, *output_shape[1:]]. ``graph``: the arguments and
     signals are part of the autograd graph of the parameters, and the factors built from them must stay so.
-    ``batch_size``: B. ``batched``: {position in ``tree_flatten((args, kwargs))``: batch axis} of the tensors
-    that carry the batch (found at planning by probing two batch sizes; None: unknown); ``out_batched`` the
-    same for the floating output leaves (their ``deltas`` always have the batch first).
+    ``batch_size``: B, or B*k for a call on a batch folded with another axis ([B*k, ...], row b*k + j of sample
+    b: HF OPT's [B*T, C] feed-forward, Swin's windows), whose rows the rule treats as its samples (the backend
+    folds its factors back to B, :meth:`nnsim.factors.Dense.folded`). ``batched``: {position in
+    ``tree_flatten((args, kwargs))``: batch axis} of the tensors that carry the batch (found at planning by
+    probing two batch sizes; None: unknown); ``out_batched`` the same for the floating output leaves (their
+    ``deltas`` always have the batch first).
     """
 
     args: tuple[Any, ...]
@@ -94,6 +97,14 @@ class Call:
         if x.shape[0] == B and not unbatched:
             return x
         raise NoBatchAxis(f"input of shape {tuple(x.shape)} has no batch axis 0 of size {B}")
+
+
+def tensor(module: nn.Module, local: str) -> Tensor | None:
+    """The tensor a module's forward reads under a local (dotted) name: a parameter, or a tensor computed on access
+    from other parameters (``torch.nn.utils.parametrize``; rules/parametrized.py), which ``get_parameter`` and
+    ``named_parameters`` do not list. None where the attribute is None (e.g. a layer without bias)."""
+    owner, _, name = local.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
 
 
 # rule(module, layer name, calls, {local param name: full name}) -> factors

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..._model import layer_of
 from ...errors import ModelError
 from ...factors import Dense, Factor
-from . import Call, register
+from . import Call, register, tensor
 from .recurrent import check_recomputed, outer_factor, output_signal
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -47,12 +47,17 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+# What the recomputation reads, by attribute (a parametrized weight is computed on access, not a parameter)
+_TENSORS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+            "out_proj.weight", "out_proj.bias")
+
+
 def _attention(module: nn.MultiheadAttention, q_in: Tensor, k_in: Tensor, v_in: Tensor, opts: dict,
                graph: bool) -> dict[str, Tensor]:
     """Recompute on batch-major q_in [B, L, E], k_in / v_in [B, S, .]: the tensors the factors and the
     signals need: heads qh (scaled), kh, vh [B, h, ., dh], attention weights w [B, h, L, S'], merged heads
     c [B, L, E], output out [B, L, E], returned weights (or None), out_proj weight."""
-    p = {n: (t if graph else t.detach()) for n, t in module.named_parameters()}
+    p = {n: (t if graph else t.detach()) for n in _TENSORS if (t := tensor(module, n)) is not None}
     B, L, E = q_in.shape
     h = module.num_heads
     dh = E // h
@@ -186,8 +191,8 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
     factors: list[Factor] = []
     for key, parts in outer_parts.items():
         w, b = specs[key]
-        weight = (names[w], module.get_parameter(w).shape) if w in names else None
-        bias = (names[b], module.get_parameter(b).shape) if b is not None and b in names else None
+        weight = (names[w], tensor(module, w).shape) if w in names else None
+        bias = (names[b], tensor(module, b).shape) if b is not None and b in names else None
         if weight is None and bias is None:
             continue
         a = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
@@ -195,5 +200,5 @@ def multihead_attention(module: nn.MultiheadAttention, layer: str, calls: list[C
         factors.extend(outer_factor(layer_of((weight or bias)[0]), a, delta, weight, bias, calls[0].graph))
     for n, g in dense_parts.items():
         if n in names:
-            factors.append(Dense(layer_of(names[n]), g, [(names[n], module.get_parameter(n).shape)]))
+            factors.append(Dense(layer_of(names[n]), g, [(names[n], tensor(module, n).shape)]))
     return factors

@@ -63,7 +63,7 @@ def _factors(module: nn.Module, names: dict[str, str], total: dict[str, Tensor],
 
 
 def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
-    B, d = calls[0].deltas[0].shape[:2]
+    B, d = calls[0].batch_size or calls[0].deltas[0].shape[0], calls[0].deltas[0].shape[1]
     graph = calls[0].graph
     params = {local: module.get_parameter(local) if graph else module.get_parameter(local).detach() for local in names}
     total: dict[str, Tensor] = {}
@@ -100,7 +100,7 @@ def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, 
 
 
 def fallback_loop(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str]) -> list[Factor]:
-    B, d = calls[0].deltas[0].shape[:2]
+    B, d = calls[0].batch_size or calls[0].deltas[0].shape[0], calls[0].deltas[0].shape[1]
     graph = calls[0].graph
     locals_ = list(names)
     tensors = [module.get_parameter(k) for k in locals_]

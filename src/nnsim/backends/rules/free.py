@@ -9,6 +9,9 @@ from the parameter); the operation where it meets the batch (``h + pos``, ``cls.
 is then the VJP of that one operation alone, on sample b's slice of the batched arguments (or, for an
 operation that creates the batch axis itself, with the cotangent δ_b placed at row b).
 
+An operation may meet a *folded* batch, [B*k, ...] with row b*k + j of sample b (Swin's relative position
+bias added to the attention scores of its B*nW windows): sample b's slice is then its k rows.
+
 Which operation is which is decided at planning from two probe batch sizes and replayed by position; any
 deviation (a different operation sequence, data-dependent control flow) makes the rule hand the module to the
 exact per-module fallback on the spot, and the planner's verification covers the rest.
@@ -17,6 +20,7 @@ exact per-module fallback on the spot, and the planner's verification covers the
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +35,11 @@ from ...factors import Factor
 from . import Call
 from .fallback import _factors, fallback
 
+# Operations that carry no gradient, seen only in some passes (the backend's hook detaches a module's output):
+# not uses, so that the operation sequence matches the one recorded at planning.
+_NO_USE = frozenset({Tensor.detach, torch.detach, torch.zeros_like})
 _MASKED_LIMIT = 2**25  # elements of the [B, B, d, ...] cotangents of a batch-creating operation
+_PLAIN = (Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
 @dataclass
@@ -46,6 +54,7 @@ class OpUse:
     recipe: Any  # parameter value -> the watched tensor
     kind: str  # "vmap" (batched arguments sliced per sample) or "masked" (the operation creates the batch)
     batched: list[int] = field(default_factory=list)
+    fold: int = 1  # k: the output's axis 0 holds B*k rows, k per sample (batch-major)
     call: Call = field(default_factory=lambda: Call((), {}))
 
 
@@ -53,11 +62,18 @@ class FreeUses(TorchFunctionMode):
     """Watches the direct parameters of some modules during one forward pass.
 
     ``plan_ops``: per module, the planned kinds of its k-th operation on a watched tensor
-    (func name, kind, batched argument positions); None while recording for planning."""
+    (func name, kind, batched argument positions, fold); None while recording for planning. ``inputs``
+    (recording): the model's input tensors, whose descendants carry the batch, however it is laid out."""
 
     def __init__(self, watched: dict[nn.Module, dict[str, Tensor]], B: int,
-                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] | None) -> None:
+                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int], int]] | None] | None,
+                 inputs: tuple[Tensor, ...] = ()) -> None:
         super().__init__()
+        # Recording: the tensors computed from the inputs (id -> weak reference, so that a reused id is not
+        # mistaken for them). A folded batch [B*k, ...] cannot be told from the parameters' own tensors by its
+        # sizes; by where it comes from it can.
+        self.batchy: dict[int, weakref.ref] = {}
+        self._mark(inputs)
         self.B, self.plan_ops = B, plan_ops
         self.watch: dict[int, tuple[nn.Module, str, Any]] = {}
         for m, params in watched.items():
@@ -66,6 +82,7 @@ class FreeUses(TorchFunctionMode):
         self.alive: list[Tensor] = []  # keeps derived tensors alive, so that their ids stay theirs
         self.ops: dict[nn.Module, list[OpUse]] = {m: [] for m in watched}
         self.seen: dict[nn.Module, list] = {m: [] for m in watched}  # recording: shapes per operation
+        self.parent: dict[int, int] = {}  # derived tensor -> index of the operation that made it (in ``seen``)
         self.broken: dict[nn.Module, str] = {}
         self._quiet = False
 
@@ -99,11 +116,26 @@ class FreeUses(TorchFunctionMode):
                 return True
         return False
 
+    def _mark(self, tensors: Any) -> None:
+        for t in tensors:
+            if isinstance(t, Tensor):
+                self.batchy[id(t)] = weakref.ref(t)
+
+    def _from_batch(self, t: object) -> bool:
+        ref = self.batchy.get(id(t)) if isinstance(t, Tensor) else None
+        return ref is not None and ref() is t
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self._quiet or not self._may_use(args, kwargs):
-            return out
+        if self.batchy and self.plan_ops is None:  # recording: follow the batch from the inputs
+            items = (*args, *kwargs.values())
+            if not all(isinstance(t, _PLAIN) for t in items):
+                items = tree_flatten((args, kwargs))[0]
+            if any(self._from_batch(t) for t in items):
+                self._mark([out] if isinstance(out, Tensor) else tree_flatten(out)[0])
+        if self._quiet or func in _NO_USE or not self._may_use(args, kwargs) or not _has_tensor(out):
+            return out  # (an output without tensors, e.g. ``.shape`` or ``.dim()``, carries no gradient)
         flat, spec = tree_flatten((args, kwargs))
         hits = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and id(t) in self.watch]
         if not hits:
@@ -119,32 +151,34 @@ class FreeUses(TorchFunctionMode):
         hit = hits[0]
         recipe = self.watch[id(flat[hit])][2]
         k = len(self.seen[module])
-        self.seen[module].append((_name(func), [_shape(t) for t in flat], _shape(out), hit))
+        self.seen[module].append((_name(func), [_shape(t) for t in flat], _shape(out), hit,
+                                  self.parent.get(id(flat[hit]), -1)))
         if self.plan_ops is None:  # recording: follow the chain while no batch is involved
-            batch_free = not any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.B
+            batch_free = not any(self._from_batch(t) or isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.B
                                  for i, t in enumerate(flat) if i != hit)
-            # an output whose axis 0 has the batch size is a batch only if the operation made more elements
-            # than the tensor has (a batch-free operation can only create the batch by repeating it); a
-            # rearrangement (permute, view, slice) of a [T, T, H] table with H == B is still batch-free
-            grown = isinstance(out, Tensor) and out.numel() > flat[hit].numel()
-            if isinstance(out, Tensor) and batch_free and not (out.dim() > 0 and out.shape[0] == self.B and grown):
+            # An output of leading size B made from the parameter alone is a batch only if the operation
+            # created it (``cls.expand(B, -1, -1)``: more elements), not a coincidence of sizes (a permute
+            # of a [heads, N, N] bias with heads = B keeps them).
+            creates = (isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == self.B
+                       and out.numel() > flat[hit].numel())
+            if isinstance(out, Tensor) and batch_free and not creates:
                 self._derive(out, module, local, func, flat, spec, hit, recipe)
             return out
         planned = self.plan_ops.get(module)
         if planned is None or k >= len(planned) or planned[k][0] != _name(func):
             self.broken[module] = "its operations differ from those seen at planning"
             return out
-        _, kind, batched = planned[k]
+        _, kind, batched, fold = planned[k]
         if kind == "derived":
             if isinstance(out, Tensor):
                 self._derive(out, module, local, func, flat, spec, hit, recipe)
             return out
         if kind == "bad" or not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() == 0 \
-                or out.shape[0] != self.B:
+                or out.shape[0] != self.B * fold:
             self.broken[module] = f"{_name(func)} has no batch axis 0 where planning saw one"
             return out
         use = OpUse(func, [t.detach() if isinstance(t, Tensor) else t for t in flat], spec, hit, local, recipe,
-                    kind, batched)
+                    kind, batched, fold)
         z = torch.zeros_like(out, requires_grad=True)
         use.call.leaves.append(z)
         self.ops[module].append(use)
@@ -161,48 +195,71 @@ class FreeUses(TorchFunctionMode):
             return func(*a, **kw)
 
         self.watch[id(out)] = (module, local, rebuilt)
+        self.parent[id(out)] = len(self.seen[module]) - 1
         self.alive.append(out)
 
 
-def classify(small: list, large: list, n_small: int, n_large: int) -> list[tuple[str, str, list[int]]] | None:
-    """Planned kinds of a module's operations on watched tensors, from two recordings (2 and 3 samples)."""
-    if len(small) != len(large):
-        return None
-    out = []
-    for (fs, args_s, out_s, hit_s), (fl, args_l, out_l, hit_l) in zip(small, large, strict=True):
+def classify(small: list, large: list, n_small: int, n_large: int
+             ) -> list[tuple[str, str, list[int], int]] | None:
+    """Planned kinds of a module's operations on watched tensors, from two recordings (2 and 3 samples):
+    (func name, kind, batched argument positions, fold k of the output's batch axis 0)."""
+    out: list[tuple[str, str, list[int], int]] = []
+    # A recording may follow an output that meets the batch further where the sizes do not tell it from the
+    # parameter's own tensors (a folded batch [B*k, ...]): the operations on what such an operation made are
+    # not the parameter's (the pass never sees them) and are skipped, in each recording on its own.
+    i = j = 0
+    gone: tuple[set[int], set[int]] = (set(), set())
+    while True:
+        while i < len(small) and small[i][4] in gone[0]:
+            gone[0].add(i)
+            i += 1
+        while j < len(large) and large[j][4] in gone[1]:
+            gone[1].add(j)
+            j += 1
+        if i == len(small) or j == len(large):
+            return out if (i, j) == (len(small), len(large)) else None
+        (fs, args_s, out_s, hit_s, _), (fl, args_l, out_l, hit_l, _) = small[i], large[j]
         if fs != fl or hit_s != hit_l or len(args_s) != len(args_l):
             return None
-        batched = [i for i, (s, t) in enumerate(zip(args_s, args_l, strict=True))
-                   if i != hit_s and _axis0(s, t, n_small, n_large)]
-        if _axis0(out_s, out_l, n_small, n_large):
-            out.append((fs, "vmap" if batched else "masked", batched))
-        elif out_s == out_l and not batched:
-            out.append((fs, "derived", []))
+        folds = {i: k for i, (s, t) in enumerate(zip(args_s, args_l, strict=True))
+                 if i != hit_s and (k := _rows(s, t, n_small, n_large))}
+        fold = _rows(out_s, out_l, n_small, n_large)
+        if fold and all(k == fold for k in folds.values()):  # arguments sliced as the output: k rows a sample
+            out.append((fs, "vmap" if folds else "masked", list(folds), fold))
+        elif out_s == out_l and not folds:
+            out.append((fs, "derived", [], 1))
         else:
-            out.append((fs, "bad", []))
-    return out
+            out.append((fs, "bad", [], 1))
+        if out[-1][1] != "derived":
+            gone[0].add(i)
+            gone[1].add(j)
+        i, j = i + 1, j + 1
 
 
 def free_params(module: nn.Module, layer: str, calls: list[Call], names: dict[str, str], ops: list[OpUse],
-                broken: str | None, strict: bool) -> list[Factor]:
-    """Factors of ``module``'s direct parameters from their recorded operations (see the module docstring).
+                broken: str | None, strict: bool, batch: int | None = None) -> list[Factor]:
+    """Factors of ``module``'s direct parameters from their recorded operations (see the module docstring), for
+    ``batch`` samples (default: the first call's signals').
 
     ``broken``: why the recording cannot be trusted for this batch; then the exact per-module fallback is
     used (or, ``strict``, at planning, an error is raised so that the planner steps down)."""
+    # B samples, the pass's: not the signals' rows (a folded call has B*k, a module output shared by the batch,
+    # T5's position buckets, has signals [T, d, ...])
+    B, d = batch or calls[0].batch_size or calls[0].deltas[0].shape[0], calls[0].deltas[0].shape[1]
     if broken is not None:
         if strict:
             raise ValueError(f"free-parameter tracking: {broken}")
-        return fallback(module, layer, calls, names)
-    # B from the pass: a module output shared by the batch (T5's position buckets) has signals [T, d, ...]
-    B, d = calls[0].batch_size or calls[0].deltas[0].shape[0], calls[0].deltas[0].shape[1]
+        # the fallback sees the rows of folded calls as its samples: each sample's rows summed
+        return [f if f.batch_size == B else f.folded(B) for f in fallback(module, layer, calls, names)]
     params = {local: module.get_parameter(local).detach() for local in names}
     total: dict[str, Tensor] = {local: torch.zeros(B, d, *p.shape, dtype=p.dtype, device=p.device)
                                 for local, p in params.items()}
     for use in ops:
         if use.local not in params:
             continue
-        delta = use.call.deltas[0]  # [B, d, *out.shape[1:]]
+        delta = use.call.deltas[0]  # [B*k, d, *out.shape[1:]]
         p = params[use.local]
+        k = use.fold
 
         def f(pv: Tensor, leaves: list, use: OpUse = use) -> Tensor:
             leaves = list(leaves)
@@ -211,27 +268,32 @@ def free_params(module: nn.Module, layer: str, calls: list[Call], names: dict[st
             return use.func(*a, **kw)
 
         with torch.no_grad():
-            if use.kind == "vmap":
+            if use.kind == "vmap":  # sample b: its k rows of the batched arguments and of the signals
                 def per_sample(xs: tuple[Tensor, ...], ds: Tensor, use: OpUse = use, f=f, p=p) -> Tensor:
                     leaves = list(use.flat)
                     for i, x in zip(use.batched, xs, strict=True):
-                        leaves[i] = x.unsqueeze(0)
+                        leaves[i] = x
                     _, pull = vjp(lambda pv: f(pv, leaves), p)
-                    return vmap(lambda dd: pull(dd.unsqueeze(0))[0])(ds)
+                    return vmap(lambda dd: pull(dd)[0], in_dims=1)(ds)
 
-                g = vmap(per_sample)(tuple(use.flat[i] for i in use.batched), delta)
-            else:  # the operation creates the batch axis: cotangent delta_b at row b, zeros elsewhere
-                if B * B * d * delta[0, 0].numel() > _MASKED_LIMIT:
+                g = vmap(per_sample)(tuple(use.flat[i].unflatten(0, (B, k)) for i in use.batched),
+                                     delta.unflatten(0, (B, k)))
+            else:  # the operation creates the batch axis: cotangent delta at sample b's rows, zeros elsewhere
+                if B * B * k * d * delta[0, 0].numel() > _MASKED_LIMIT:
                     raise ValueError("a batch-creating operation on a free parameter is too large to pull back")
                 _, pull = vjp(lambda pv, use=use: f(pv, use.flat), p)
-                eye = torch.eye(B, dtype=delta.dtype, device=delta.device)
+                rows = torch.eye(B, dtype=delta.dtype, device=delta.device).repeat_interleave(k, dim=1)  # [B, B*k]
 
-                def at_row(dd: Tensor, e: Tensor, pull=pull) -> Tensor:
-                    return pull(e.reshape(-1, *[1] * dd.dim()) * dd.unsqueeze(0))[0]
+                def at_rows(dd: Tensor, e: Tensor, pull=pull) -> Tensor:  # dd [B*k, ...] of one output
+                    return pull(e.reshape(-1, *[1] * (dd.dim() - 1)) * dd)[0]
 
-                g = vmap(vmap(at_row, in_dims=(0, None)), in_dims=(0, 0))(delta, eye)
+                g = vmap(vmap(at_rows, in_dims=(1, None)), in_dims=(None, 0))(delta, rows)
         total[use.local] = total[use.local] + g
     return _factors(module, names, total, B, d)
+
+
+def _has_tensor(out: object) -> bool:
+    return isinstance(out, Tensor) or any(isinstance(t, Tensor) for t in tree_flatten(out)[0])
 
 
 def _identity(p: Tensor) -> Tensor:
@@ -246,6 +308,10 @@ def _shape(t: object) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, Tensor) else None
 
 
-def _axis0(s: tuple[int, ...] | None, t: tuple[int, ...] | None, n_small: int, n_large: int) -> bool:
-    return (isinstance(s, tuple) and isinstance(t, tuple) and len(s) == len(t) and len(s) > 0
-            and s[0] == n_small and t[0] == n_large and s[1:] == t[1:])
+def _rows(s: tuple[int, ...] | None, t: tuple[int, ...] | None, n_small: int, n_large: int) -> int:
+    """k where axis 0 alone follows the batch as k rows a sample (k = 1: the batch itself), else 0."""
+    if not (isinstance(s, tuple) and isinstance(t, tuple) and len(s) == len(t) and len(s) > 0 and s[1:] == t[1:]):
+        return 0
+    if s[0] % n_small or t[0] % n_large or s[0] // n_small != t[0] // n_large:
+        return 0
+    return s[0] // n_small
