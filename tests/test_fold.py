@@ -217,6 +217,31 @@ def test_free_parameters_on_a_folded_batch():
     assert sim.describe() == {"": "free parameters", "bias": "free parameters"}
 
 
+class BucketWindowAttention(nn.Module):
+    """Both at once: T5's bucketed bias (an Embedding on buckets [n, n] shared by the batch, whose rule raises
+    NoBatchAxis) added, permuted to [H, n, n] with H = 2 = the small probe's batch size, to the scores of
+    Swin-like windows [B*2, H, n, n] (a folded batch) whose projection is a folded call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.bias, self.head = nn.Linear(4, 12), nn.Embedding(7, 2), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        q, k, v = self.qkv(x.reshape(B * 2, 4, 4)).view(B * 2, 4, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        buckets = torch.arange(4)[None, :] - torch.arange(4)[:, None] + 3  # [n, n], no batch axis
+        s = q @ k.transpose(-1, -2) + self.bias(buckets).permute(2, 0, 1)
+        o = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, 8, 4)
+        return self.head(torch.tanh(o).mean(1))
+
+
+def test_a_batch_shared_embedding_meets_a_folded_batch():
+    torch.manual_seed(0)
+    _, sim, caught = _kernels(BucketWindowAttention().double(), torch.randn(5, 8, 4, dtype=torch.float64))
+    assert not caught, [str(w.message) for w in caught]
+    assert sim.describe() == {"qkv": "linear", "bias": "free parameters", "head": "linear"}
+
+
 def test_fold_of_factors_sums_each_samples_rows():
     g = torch.Generator().manual_seed(0)
     B, k, d, G, L, n, m = 3, 4, 2, 1, 2, 3, 5
