@@ -92,3 +92,24 @@ def test_family_exact_twice_on_its_rules(name, d):
     for layer, rule in checked:
         assert plan[layer] == rule, (layer, plan[layer])
     assert not any(v.startswith(("functorch", "loop")) for v in plan.values()), plan
+
+
+def test_float64_llama_with_ten_outputs_is_verified_on_its_rules():
+    """Llama's RMSNorm computes in float32 inside a float64 model: a random combination of the 10 outputs,
+    backpropagated through it, is rounded at 1e-7, so planning must check the outputs one by one (before, it
+    could verify no plan and raised)."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    model = tf.LlamaForCausalLM(cfg).double().eval()
+    spec = lambda out, inputs: out.logits[:, -1, :10]  # noqa: E731
+    x = {"input_ids": _ids()["input_ids"]}
+    ref = nnsim.Similarity(model, output=spec, backend="loop", progress=False).kernel(x)
+    sim = nnsim.Similarity(model, output=spec, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nnsim.FallbackWarning)
+        assert rel_err(sim.kernel(x), ref) <= 1e-10
+    plan = sim.describe()
+    assert all(plan[n] == RULES[type(m)] for n, m in model.named_modules() if type(m) in RULES)
+    assert all(v in ("linear", "embedding", "norm") for v in plan.values()), plan
