@@ -222,8 +222,8 @@ class HFLogits(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(**{self.key: x}).logits
-        # GPT-2, Llama: the last position's next-token logits, the first 10 of the 100 (every zoo model has 10 outputs: the
-        # d = 10 case; all 100 would make a 2.4 GiB [256, 256, 100, 100] result)
+        # GPT-2, Llama: the last position's next-token logits, the first 10 of the 100 (every zoo model has 10
+        # outputs: the d = 10 case; all 100 would make a 2.4 GiB [256, 256, 100, 100] result)
         return out[:, -1, :10] if out.dim() == 3 else out
 
 
