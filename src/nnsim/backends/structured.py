@@ -380,7 +380,9 @@ class Structured:
         raised: dict[str, str] = {}  # parameters whose factor failed to evaluate: the rule that made it is wrong
         for f in factors:
             try:
-                grads = list(f.mix(M).batch_grad())
+                # in the factor's dtype: a model may return its outputs in another one than its parameters'
+                # (Mamba's ``logits.float()`` in a float64 model)
+                grads = list(f.mix(M.to(f.dtype)).batch_grad())
                 if len(grads) != len(f.params):
                     raise ValueError(f"batch_grad returned {len(grads)} gradients for {len(f.params)} parameters")
                 for (name, shape), g in zip(f.params, grads, strict=True):
