@@ -127,6 +127,9 @@ class FreeUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        # an in-place operation (ConvBERT's ``x += self.bias``) overwrites its first argument: kept as it was
+        before = (args[0].detach().clone() if _out_of_place(func) is not None and args and isinstance(args[0], Tensor)
+                  and not self._quiet and self._may_use(args[1:], kwargs) else None)
         out = func(*args, **kwargs)
         if self.batchy and self.plan_ops is None:  # recording: follow the batch from the inputs
             items = (*args, *kwargs.values())
@@ -177,8 +180,10 @@ class FreeUses(TorchFunctionMode):
                 or out.shape[0] != self.B * fold:
             self.broken[module] = f"{_name(func)} has no batch axis 0 where planning saw one"
             return out
-        use = OpUse(func, [t.detach() if isinstance(t, Tensor) else t for t in flat], spec, hit, local, recipe,
-                    kind, batched, fold)
+        frozen = [t.detach() if isinstance(t, Tensor) else t for t in flat]
+        if before is not None and hit != 0:
+            frozen[0], func = before, _out_of_place(func)  # replayed out of place: no captured tensor mutated
+        use = OpUse(func, frozen, spec, hit, local, recipe, kind, batched, fold)
         z = torch.zeros_like(out, requires_grad=True)
         use.call.leaves.append(z)
         self.ops[module].append(use)
@@ -290,6 +295,26 @@ def free_params(module: nn.Module, layer: str, calls: list[Call], names: dict[st
                 g = vmap(vmap(at_rows, in_dims=(1, None)), in_dims=(None, 0))(delta, rows)
         total[use.local] = total[use.local] + g
     return _factors(module, names, total, B, d)
+
+
+def _out_of_place(func: Any) -> Any:
+    """The out-of-place twin of an in-place Tensor method (``add_``, ``__iadd__``), its result in the
+    dtype of the tensor it would overwrite; None for any other function."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):
+        twin = getattr(Tensor, "__" + name[3:], None)
+    elif name.endswith("_") and not name.endswith("__"):
+        twin = getattr(Tensor, name[:-1], None)
+    else:
+        return None
+    if twin is None or getattr(Tensor, name, None) is None:
+        return None
+
+    def replay(self: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return twin(self, *args, **kwargs).to(self.dtype)
+
+    replay.__name__ = name  # the planned operation's name
+    return replay
 
 
 def _has_tensor(out: object) -> bool:
