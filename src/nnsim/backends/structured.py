@@ -69,7 +69,9 @@ class Entry:
     layer: str
     names: dict[str, str]  # local name -> full name
     found: Found | None
-    free: bool = False  # no rule, own parameters only: try the free-parameter operations first
+    # no rule: try the free-parameter operations first (its own parameters, and those of children it reads
+    # without calling them: DeBERTa's ``rel_embeddings.weight``, Mamba's ``conv1d.weight`` in its reference scan)
+    free: bool = False
     # the rule found the module's output shared by the batch (NoBatchAxis): its next method is the free-parameter
     # tracking of its parameters to where that output meets the batch, then the fallbacks
     shared: bool = False
@@ -258,7 +260,7 @@ class Structured:
                 found = None  # the rule does not claim uncalled children's parameters
             if found is not None and chained:  # the rule on the computed tensors, chained to their originals
                 found = Found(parametrized.chained(found.rule), found.children, found.tentative)
-            plan.hooked[m] = Entry(names_of[m], names, found, free=found is None and all("." not in k for k in names))
+            plan.hooked[m] = Entry(names_of[m], names, found, free=found is None)
         return plan
 
     def _set_batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]) -> Exception | None:

@@ -1,6 +1,10 @@
 """Parameters used directly by their module's own ``forward`` (a ViT class token or position table, a
-ConvNeXt / CaiT layer scale, a root-level projection): per-sample gradients from the few operations that
-use them, never a re-run of the whole module.
+ConvNeXt / CaiT layer scale, a root-level projection, a child's weight read without calling the child):
+per-sample gradients from the few operations that use them, never a re-run of the whole module.
+
+A tensor may derive from several watched parameters, of one module or several (``F.linear(table, W, b)``
+of a batch-shared table): it has one *lineage* per parameter, each followed with the others held at their
+values, so that each lineage's VJP is a partial derivative and their sum the operation's gradient.
 
 During the pass a ``TorchFunctionMode`` watches these parameters. An operation on a watched tensor whose
 output has no batch yet (``pos[:, :T]``) yields a watched *derived* tensor (with the recipe that rebuilds it
@@ -75,14 +79,15 @@ class FreeUses(TorchFunctionMode):
         self.batchy: dict[int, weakref.ref] = {}
         self._mark(inputs)
         self.B, self.plan_ops = B, plan_ops
-        self.watch: dict[int, tuple[nn.Module, str, Any]] = {}
+        # tensor id -> its lineages (module, local parameter name, recipe from the parameter, the recorded
+        # operation that made it or -1)
+        self.watch: dict[int, list[tuple[nn.Module, str, Any, int]]] = {}
         for m, params in watched.items():
             for local, p in params.items():
-                self.watch[id(p)] = (m, local, _identity)
+                self.watch[id(p)] = [(m, local, _identity, -1)]
         self.alive: list[Tensor] = []  # keeps derived tensors alive, so that their ids stay theirs
         self.ops: dict[nn.Module, list[OpUse]] = {m: [] for m in watched}
         self.seen: dict[nn.Module, list] = {m: [] for m in watched}  # recording: shapes per operation
-        self.parent: dict[int, int] = {}  # derived tensor -> index of the operation that made it (in ``seen``)
         self.broken: dict[nn.Module, str] = {}
         self._quiet = False
 
@@ -140,22 +145,29 @@ class FreeUses(TorchFunctionMode):
         if self._quiet or func in _NO_USE or not self._may_use(args, kwargs) or not _has_tensor(out):
             return out  # (an output without tensors, e.g. ``.shape`` or ``.dim()``, carries no gradient)
         flat, spec = tree_flatten((args, kwargs))
-        hits = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and id(t) in self.watch]
-        if not hits:
+        # One lineage per watched tensor in the arguments (a tensor derived from several parameters has one per
+        # parameter, ``F.linear(table, weight, bias)`` gives two): each is followed on its own, the others held
+        # at their values, so that the VJPs of the lineages are the partial derivatives, whose sum is the
+        # operation's.
+        lineages = [(i, lin) for i, t in enumerate(flat) if isinstance(t, Tensor) and id(t) in self.watch
+                    for lin in self.watch[id(t)]]
+        if not lineages:
             return out
-        owners = {(self.watch[id(flat[i])][0], self.watch[id(flat[i])][1]) for i in hits}
-        module, local = next(iter(owners))
-        if len(owners) > 1 or len(hits) > 1:
-            for m, _ in owners:
-                self.broken.setdefault(m, f"{_name(func)} combines several watched tensors")
-            return out
-        if module in self.broken:
-            return out
-        hit = hits[0]
-        recipe = self.watch[id(flat[hit])][2]
+        derived: list[tuple[nn.Module, str, Any, int]] = []
+        for hit, (module, local, recipe, parent) in lineages:  # (of one module or several: each on its own)
+            if module not in self.broken:
+                out = self._use(func, flat, spec, out, module, local, recipe, parent, hit, before, derived)
+        if derived and isinstance(out, Tensor):  # (after every lineage: an in-place output is its own input)
+            self.watch[id(out)] = derived
+            self.alive.append(out)
+        return out
+
+    def _use(self, func: Any, flat: list, spec: Any, out: Any, module: nn.Module, local: str, recipe: Any,
+             parent: int, hit: int, before: Tensor | None, derived: list) -> Any:
+        """One lineage's operation: recorded, derived (appended to ``derived``) or tapped where it meets the
+        batch (returns the output with its tap)."""
         k = len(self.seen[module])
-        self.seen[module].append((_name(func), [_shape(t) for t in flat], _shape(out), hit,
-                                  self.parent.get(id(flat[hit]), -1)))
+        self.seen[module].append((_name(func), [_shape(t) for t in flat], _shape(out), hit, parent))
         if self.plan_ops is None:  # recording: follow the chain while no batch is involved
             batch_free = not any(self._from_batch(t) or isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.B
                                  for i, t in enumerate(flat) if i != hit)
@@ -165,7 +177,7 @@ class FreeUses(TorchFunctionMode):
             creates = (isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == self.B
                        and out.numel() > flat[hit].numel())
             if isinstance(out, Tensor) and batch_free and not creates:
-                self._derive(out, module, local, func, flat, spec, hit, recipe)
+                derived.append(self._derive(module, local, func, flat, spec, hit, recipe, k))
             return out
         planned = self.plan_ops.get(module)
         if planned is None or k >= len(planned) or planned[k][0] != _name(func):
@@ -174,7 +186,7 @@ class FreeUses(TorchFunctionMode):
         _, kind, batched, fold = planned[k]
         if kind == "derived":
             if isinstance(out, Tensor):
-                self._derive(out, module, local, func, flat, spec, hit, recipe)
+                derived.append(self._derive(module, local, func, flat, spec, hit, recipe, k))
             return out
         if kind == "bad" or not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() == 0 \
                 or out.shape[0] != self.B * fold:
@@ -189,8 +201,9 @@ class FreeUses(TorchFunctionMode):
         self.ops[module].append(use)
         return out + z
 
-    def _derive(self, out: Tensor, module: nn.Module, local: str, func: Any, flat: list, spec: Any, hit: int,
-                recipe: Any) -> None:
+    def _derive(self, module: nn.Module, local: str, func: Any, flat: list, spec: Any, hit: int, recipe: Any,
+                k: int) -> tuple[nn.Module, str, Any, int]:
+        """The lineage of an operation's output made from the watched tensor at ``hit`` (the k-th recorded)."""
         frozen = [t.detach() if isinstance(t, Tensor) else t for t in flat]
 
         def rebuilt(p: Tensor, func=func, frozen=frozen, spec=spec, hit=hit, recipe=recipe) -> Tensor:
@@ -199,9 +212,7 @@ class FreeUses(TorchFunctionMode):
             a, kw = tree_unflatten(leaves, spec)
             return func(*a, **kw)
 
-        self.watch[id(out)] = (module, local, rebuilt)
-        self.parent[id(out)] = len(self.seen[module]) - 1
-        self.alive.append(out)
+        return (module, local, rebuilt, k)
 
 
 def classify(small: list, large: list, n_small: int, n_large: int
