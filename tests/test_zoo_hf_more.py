@@ -22,7 +22,10 @@ Then the fixes this sweep made, each on a hand-written model as well:
   parameter's lineage is now followed on its own (partial derivatives, summed);
 * the parameters of children a module reads without calling them (DeBERTa's ``rel_embeddings.weight``,
   Mamba's ``conv1d.weight``, a BEiT relative bias table) are tracked with the module's own: DeBERTa's encoder
-  and Mamba's mixer were on the exact per-module fallback (Mamba's on the per-sample loop)."""
+  and Mamba's mixer were on the exact per-module fallback (Mamba's on the per-sample loop);
+* a parameter meeting a batch on another axis than 0 (XLNet's time-major [T, B, C] activations in the
+  einsums of its relative attention, with q, k, v, o, r and r_w_bias its own parameters): tracked with that
+  axis (before: the attention on its exact per-module fallback)."""
 
 from __future__ import annotations
 
@@ -132,12 +135,9 @@ INPUTS = {
     "whisper": lambda: {"input_features": torch.randn(N, 8, 16, generator=torch.Generator().manual_seed(0),
                                                       dtype=torch.float64)},
 }
-# What stays off the rules, and why (see the report of this sweep):
-LEFT = {
-    # time-major [T, B, C] activations meet the attention's own parameters (q, k, v, o, r, r_w_bias, ...) in
-    # einsums: the free-parameter tracking places the batch on axis 0 only; exact per-module fallback
-    "xlnet": {"transformer.layer.0.rel_attn"},
-}
+# What stays off the rules, and why: nothing in these families (LeViT, CvT and EfficientNet are left out of the
+# zoo: see the report of this sweep)
+LEFT: dict[str, set[str]] = {}
 RULES = {nn.Linear: "linear", nn.Embedding: "embedding", nn.LayerNorm: "norm", nn.Conv1d: "conv",
          nn.Conv2d: "conv", nn.BatchNorm2d: "norm", nn.GroupNorm: "norm"}
 
@@ -292,3 +292,37 @@ def test_children_parameters_used_by_their_parent_are_tracked(d):
     plan = _exact_twice(model, x, d)
     # before: the root module (owning the uncalled children's parameters) on its exact per-module fallback
     assert plan == {"": "free parameters", "inp": "linear", "head": "linear"}
+
+
+class _TimeMajorAttention(nn.Module):
+    """XLNet's relative attention in small: time-major [T, B, C] activations meet the module's own parameters in
+    einsums (``ibh,hnd->ibnd``) and a bias added on the heads axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.o = nn.Parameter(torch.randn(5, 2, 3)), nn.Parameter(torch.randn(5, 2, 3))
+        self.r_w_bias = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, h: Tensor) -> Tensor:  # h [T, B, 5]
+        q = torch.einsum("ibh,hnd->ibnd", h, self.q) + self.r_w_bias
+        score = torch.einsum("ibnd,jbnd->bnij", q, q).softmax(-1)
+        return torch.einsum("bnij,jbnd,hnd->ibh", score, q, self.o)
+
+
+class _TimeMajorModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn, self.head = nn.Linear(3, 5), _TimeMajorAttention(), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 3]
+        h = self.attn(self.inp(x).transpose(0, 1))
+        return self.head(torch.tanh(h[-1]))
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_parameters_meeting_a_time_major_batch_are_tracked(d):
+    torch.manual_seed(0)
+    model = _TimeMajorModel().double()
+    x = torch.randn(N, 5, 3, dtype=torch.float64)
+    plan = _exact_twice(model, x, d)
+    assert plan == {"inp": "linear", "attn": "free parameters", "head": "linear"}  # before: attn on its fallback

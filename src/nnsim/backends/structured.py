@@ -120,7 +120,8 @@ class Plan:
     # a call on a batch folded with another axis, [B*k, ...] with row b*k + j of sample b: the rule then sees
     # B*k samples and its factors are folded back to B, ``_applied``)
     batched: dict[nn.Module, list[tuple[int, dict[int, int], int]] | None] = field(default_factory=dict)
-    free_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] = field(default_factory=dict)
+    free_ops: dict[nn.Module, list[tuple[str, str, list[int], int, dict[int, int]]] | None] = field(
+        default_factory=dict)
     notes: list[str] = field(default_factory=list)  # the FallbackWarnings of planning (repeated when reused)
 
     def describe(self) -> dict[str, str]:

@@ -58,7 +58,10 @@ class OpUse:
     recipe: Any  # parameter value -> the watched tensor
     kind: str  # "vmap" (batched arguments sliced per sample) or "masked" (the operation creates the batch)
     batched: list[int] = field(default_factory=list)
-    fold: int = 1  # k: the output's axis 0 holds B*k rows, k per sample (batch-major)
+    fold: int = 1  # k: the output's batch axis holds B*k rows, k per sample (batch-major)
+    # the batch axis of each batched argument (its position in ``flat``) and of the output (-1), where not 0
+    # (XLNet's time-major [T, B, C] activations)
+    axes: dict[int, int] = field(default_factory=dict)
     call: Call = field(default_factory=lambda: Call((), {}))
 
 
@@ -70,7 +73,7 @@ class FreeUses(TorchFunctionMode):
     (recording): the model's input tensors, whose descendants carry the batch, however it is laid out."""
 
     def __init__(self, watched: dict[nn.Module, dict[str, Tensor]], B: int,
-                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int], int]] | None] | None,
+                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int], int, dict[int, int]]] | None] | None,
                  inputs: tuple[Tensor, ...] = ()) -> None:
         super().__init__()
         # Recording: the tensors computed from the inputs (id -> weak reference, so that a reused id is not
@@ -183,21 +186,23 @@ class FreeUses(TorchFunctionMode):
         if planned is None or k >= len(planned) or planned[k][0] != _name(func):
             self.broken[module] = "its operations differ from those seen at planning"
             return out
-        _, kind, batched, fold = planned[k]
+        _, kind, batched, fold, axes = planned[k]
+        out_axis = axes.get(-1, 0)
         if kind == "derived":
             if isinstance(out, Tensor):
                 derived.append(self._derive(module, local, func, flat, spec, hit, recipe, k))
             return out
         if kind == "bad" or not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() == 0 \
-                or out.shape[0] != self.B * fold:
+                or out.dim() <= out_axis or out.shape[out_axis] != self.B * fold:
             self.broken[module] = f"{_name(func)} has no batch axis 0 where planning saw one"
             return out
         frozen = [t.detach() if isinstance(t, Tensor) else t for t in flat]
         if before is not None and hit != 0:
             frozen[0], func = before, _out_of_place(func)  # replayed out of place: no captured tensor mutated
-        use = OpUse(func, frozen, spec, hit, local, recipe, kind, batched, fold)
+        use = OpUse(func, frozen, spec, hit, local, recipe, kind, batched, fold, axes)
         z = torch.zeros_like(out, requires_grad=True)
         use.call.leaves.append(z)
+        use.call.out_batched = {0: out_axis}  # its signals come batch first
         self.ops[module].append(use)
         return out + z
 
@@ -216,10 +221,11 @@ class FreeUses(TorchFunctionMode):
 
 
 def classify(small: list, large: list, n_small: int, n_large: int
-             ) -> list[tuple[str, str, list[int], int]] | None:
+             ) -> list[tuple[str, str, list[int], int, dict[int, int]]] | None:
     """Planned kinds of a module's operations on watched tensors, from two recordings (2 and 3 samples):
-    (func name, kind, batched argument positions, fold k of the output's batch axis 0)."""
-    out: list[tuple[str, str, list[int], int]] = []
+    (func name, kind, batched argument positions, fold k of the output's batch axis, {argument position or -1
+    for the output: its batch axis, where not 0})."""
+    out: list[tuple[str, str, list[int], int, dict[int, int]]] = []
     # A recording may follow an output that meets the batch further where the sizes do not tell it from the
     # parameter's own tensors (a folded batch [B*k, ...]): the operations on what such an operation made are
     # not the parameter's (the pass never sees them) and are skipped, in each recording on its own.
@@ -237,15 +243,17 @@ def classify(small: list, large: list, n_small: int, n_large: int
         (fs, args_s, out_s, hit_s, _), (fl, args_l, out_l, hit_l, _) = small[i], large[j]
         if fs != fl or hit_s != hit_l or len(args_s) != len(args_l):
             return None
-        folds = {i: k for i, (s, t) in enumerate(zip(args_s, args_l, strict=True))
-                 if i != hit_s and (k := _rows(s, t, n_small, n_large))}
-        fold = _rows(out_s, out_l, n_small, n_large)
-        if fold and all(k == fold for k in folds.values()):  # arguments sliced as the output: k rows a sample
-            out.append((fs, "vmap" if folds else "masked", list(folds), fold))
+        folds = {i: r for i, (s, t) in enumerate(zip(args_s, args_l, strict=True))
+                 if i != hit_s and (r := _rows(s, t, n_small, n_large))}
+        res = _rows(out_s, out_l, n_small, n_large)
+        if res and all(r[1] == res[1] for r in folds.values()) and (folds or res[0] == 0):
+            # arguments sliced as the output: k rows a sample (an operation creating the batch: on axis 0)
+            axes = {i: r[0] for i, r in folds.items() if r[0]} | ({-1: res[0]} if res[0] else {})
+            out.append((fs, "vmap" if folds else "masked", list(folds), res[1], axes))
         elif out_s == out_l and not folds:
-            out.append((fs, "derived", [], 1))
+            out.append((fs, "derived", [], 1, {}))
         else:
-            out.append((fs, "bad", [], 1))
+            out.append((fs, "bad", [], 1, {}))
         if out[-1][1] != "derived":
             gone[0].add(i)
             gone[1].add(j)
@@ -288,12 +296,13 @@ def free_params(module: nn.Module, layer: str, calls: list[Call], names: dict[st
                 def per_sample(xs: tuple[Tensor, ...], ds: Tensor, use: OpUse = use, f=f, p=p) -> Tensor:
                     leaves = list(use.flat)
                     for i, x in zip(use.batched, xs, strict=True):
-                        leaves[i] = x
+                        leaves[i] = x.movedim(0, use.axes.get(i, 0))
                     _, pull = vjp(lambda pv: f(pv, leaves), p)
-                    return vmap(lambda dd: pull(dd)[0], in_dims=1)(ds)
+                    out_axis = use.axes.get(-1, 0)
+                    return vmap(lambda dd: pull(dd.movedim(0, out_axis))[0], in_dims=1)(ds)
 
-                g = vmap(per_sample)(tuple(use.flat[i].unflatten(0, (B, k)) for i in use.batched),
-                                     delta.unflatten(0, (B, k)))
+                g = vmap(per_sample)(tuple(use.flat[i].movedim(use.axes.get(i, 0), 0).unflatten(0, (B, k))
+                                           for i in use.batched), delta.unflatten(0, (B, k)))
             else:  # the operation creates the batch axis: cotangent delta at sample b's rows, zeros elsewhere
                 if B * B * k * d * delta[0, 0].numel() > _MASKED_LIMIT:
                     raise ValueError("a batch-creating operation on a free parameter is too large to pull back")
@@ -344,10 +353,15 @@ def _shape(t: object) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, Tensor) else None
 
 
-def _rows(s: tuple[int, ...] | None, t: tuple[int, ...] | None, n_small: int, n_large: int) -> int:
-    """k where axis 0 alone follows the batch as k rows a sample (k = 1: the batch itself), else 0."""
-    if not (isinstance(s, tuple) and isinstance(t, tuple) and len(s) == len(t) and len(s) > 0 and s[1:] == t[1:]):
-        return 0
-    if s[0] % n_small or t[0] % n_large or s[0] // n_small != t[0] // n_large:
-        return 0
-    return s[0] // n_small
+def _rows(s: tuple[int, ...] | None, t: tuple[int, ...] | None, n_small: int, n_large: int
+          ) -> tuple[int, int] | None:
+    """(axis, k) where one axis alone follows the batch as k rows a sample (k = 1: the batch itself), else None."""
+    if not (isinstance(s, tuple) and isinstance(t, tuple) and len(s) == len(t) and len(s) > 0):
+        return None
+    differ = [a for a in range(len(s)) if s[a] != t[a]]
+    if len(differ) != 1:
+        return None
+    a = differ[0]
+    if s[a] % n_small or t[a] % n_large or s[a] // n_small != t[a] // n_large:
+        return None
+    return a, s[a] // n_small
