@@ -2,9 +2,9 @@
 weights downloaded): DeBERTa (v1 and v2: disentangled relative attention), XLNet, MPNet, Funnel, ConvBERT, BigBird
 (full attention), CLIP (vision classifier, text projection), BEiT and Data2Vec-Vision (relative position bias,
 layer scale), DINOv2, Segformer, PoolFormer, CvT, RegNet, MobileNetV2, EfficientNet, Falcon, GPT-J, CodeGen,
-StableLM, MPT, Whisper's encoder classifier and Mamba. Each Similarity is called twice, at d = 1 and d = 3, and ``describe()``
-must show the family's Linear, Embedding, norm and conv modules on their rules (except the few listed in
-``LEFT``, on an exact fallback for a reason given there).
+StableLM, MPT, Whisper's encoder classifier and Mamba. Each Similarity is called twice, at d = 1 and d = 3,
+and ``describe()`` must show the family's Linear, Embedding, norm and conv modules on their rules (or on the
+free-parameter tracking), nothing on a fallback or the whole-model residual.
 
 Then the fixes this sweep made, each on a hand-written model as well:
 
