@@ -10,7 +10,15 @@ while per-sample gradients must stay differentiable (the training criterion's gr
   pytorch/pytorch#196700).
 
 The decompositions below are the same functions to rounding and their second derivatives are right. Used only
-while such a graph is built: the first-order paths (every similarity) keep the fused kernels."""
+while such a graph is built: the first-order paths (every similarity) keep the fused kernels, but for one:
+
+* ``F.batch_norm`` with running statistics (eval mode) on a batch of one sample: its backward is wrong (100 %
+  off, for the weight, bias and input) when the gradient reaching it is not contiguous, e.g. after
+  ``h.view(1, C, H * W).permute(0, 2, 1)`` (HF CvT's convolutional projections, LeViT) -- torch 2.13 CPU, float32
+  and float64; two samples or more, and ``torch.func.vmap``, are right. Every per-sample autograd pass (the loop
+  backend, the structured backend's check and any chunk of one sample) got such models wrong: the loop oracle
+  silently (CvT: 3e-5 relative on the kernel), the structured backend could verify no plan. A model called on
+  one sample runs it decomposed (:func:`exact_batch_norm`, from :meth:`Problem.call`)."""
 
 from __future__ import annotations
 
@@ -41,16 +49,40 @@ def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     return v * (g / v.norm(2, others, keepdim=True))
 
 
+def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Eval-mode batch norm of one sample from its running statistics; anything else to the fused kernel."""
+    if training or running_mean is None or running_var is None or x.dim() < 2 or x.shape[0] != 1:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    return y if bias is None else y + bias.view(shape)
+
+
 _DECOMPOSED = {F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm, torch._weight_norm: _weight_norm}
+_DECOMPOSED_ONE = {F.batch_norm: _batch_norm}
 
 
 class _Decomposed(TorchFunctionMode):
+    def __init__(self, table: dict) -> None:
+        super().__init__()
+        self.table = table
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        return _DECOMPOSED.get(func, func)(*args, **(kwargs or {}))
+        return self.table.get(func, func)(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
 def exact_double_backward() -> Iterator[None]:
     """The operations above run decomposed inside the block."""
-    with _Decomposed():
+    with _Decomposed({**_DECOMPOSED, **_DECOMPOSED_ONE}):
+        yield
+
+
+@contextlib.contextmanager
+def exact_batch_norm() -> Iterator[None]:
+    """Eval-mode batch norm of one sample runs decomposed inside the block."""
+    with _Decomposed(_DECOMPOSED_ONE):
         yield

@@ -69,7 +69,9 @@ class Entry:
     layer: str
     names: dict[str, str]  # local name -> full name
     found: Found | None
-    free: bool = False  # no rule, own parameters only: try the free-parameter operations first
+    # no rule: try the free-parameter operations first (its own parameters, and those of children it reads
+    # without calling them: DeBERTa's ``rel_embeddings.weight``, Mamba's ``conv1d.weight`` in its reference scan)
+    free: bool = False
     # the rule found the module's output shared by the batch (NoBatchAxis): its next method is the free-parameter
     # tracking of its parameters to where that output meets the batch, then the fallbacks
     shared: bool = False
@@ -118,7 +120,8 @@ class Plan:
     # a call on a batch folded with another axis, [B*k, ...] with row b*k + j of sample b: the rule then sees
     # B*k samples and its factors are folded back to B, ``_applied``)
     batched: dict[nn.Module, list[tuple[int, dict[int, int], int]] | None] = field(default_factory=dict)
-    free_ops: dict[nn.Module, list[tuple[str, str, list[int]]] | None] = field(default_factory=dict)
+    free_ops: dict[nn.Module, list[tuple[str, str, list[int], int, dict[int, int]]] | None] = field(
+        default_factory=dict)
     notes: list[str] = field(default_factory=list)  # the FallbackWarnings of planning (repeated when reused)
 
     def describe(self) -> dict[str, str]:
@@ -258,7 +261,7 @@ class Structured:
                 found = None  # the rule does not claim uncalled children's parameters
             if found is not None and chained:  # the rule on the computed tensors, chained to their originals
                 found = Found(parametrized.chained(found.rule), found.children, found.tentative)
-            plan.hooked[m] = Entry(names_of[m], names, found, free=found is None and all("." not in k for k in names))
+            plan.hooked[m] = Entry(names_of[m], names, found, free=found is None)
         return plan
 
     def _set_batch_axes(self, plan: Plan, small: tuple[Tensor, ...], large: tuple[Tensor, ...]) -> Exception | None:
@@ -380,7 +383,9 @@ class Structured:
         raised: dict[str, str] = {}  # parameters whose factor failed to evaluate: the rule that made it is wrong
         for f in factors:
             try:
-                grads = list(f.mix(M).batch_grad())
+                # in the factor's dtype: a model may return its outputs in another one than its parameters'
+                # (Mamba's ``logits.float()`` in a float64 model)
+                grads = list(f.mix(M.to(f.dtype)).batch_grad())
                 if len(grads) != len(f.params):
                     raise ValueError(f"batch_grad returned {len(grads)} gradients for {len(f.params)} parameters")
                 for (name, shape), g in zip(f.params, grads, strict=True):

@@ -79,6 +79,15 @@ class Call:
     def input(self, name: str = "input") -> Any:
         return self.args[0] if self.args else self.kwargs[name]
 
+    def batched_signals(self) -> Tensor:
+        """The first output's signals [B, d, ...]; raises :class:`NoBatchAxis` where their axis 0 is not the
+        batch: a module whose input and output are shared by the batch (DeBERTa's ``pos_key_proj`` of the
+        relative position table [1, 2k, C]) has signals summed over the samples."""
+        B, delta = self.batch_size or self.deltas[0].shape[0], self.deltas[0]
+        if delta.shape[0] != B:
+            raise NoBatchAxis(f"output signals {tuple(delta.shape)} have no batch axis 0 of size {B}")
+        return delta
+
     def batched_input(self, name: str = "input") -> Tensor:
         """The first input with its batch on axis 0: a batch-broadcast input (leading size 1, e.g. position
         ids [1, T]) is expanded to B; any other leading size, or one of B that planning saw not follow the

@@ -1,6 +1,10 @@
 """Parameters used directly by their module's own ``forward`` (a ViT class token or position table, a
-ConvNeXt / CaiT layer scale, a root-level projection): per-sample gradients from the few operations that
-use them, never a re-run of the whole module.
+ConvNeXt / CaiT layer scale, a root-level projection, a child's weight read without calling the child):
+per-sample gradients from the few operations that use them, never a re-run of the whole module.
+
+A tensor may derive from several watched parameters, of one module or several (``F.linear(table, W, b)``
+of a batch-shared table): it has one *lineage* per parameter, each followed with the others held at their
+values, so that each lineage's VJP is a partial derivative and their sum the operation's gradient.
 
 During the pass a ``TorchFunctionMode`` watches these parameters. An operation on a watched tensor whose
 output has no batch yet (``pos[:, :T]``) yields a watched *derived* tensor (with the recipe that rebuilds it
@@ -54,7 +58,10 @@ class OpUse:
     recipe: Any  # parameter value -> the watched tensor
     kind: str  # "vmap" (batched arguments sliced per sample) or "masked" (the operation creates the batch)
     batched: list[int] = field(default_factory=list)
-    fold: int = 1  # k: the output's axis 0 holds B*k rows, k per sample (batch-major)
+    fold: int = 1  # k: the output's batch axis holds B*k rows, k per sample (batch-major)
+    # the batch axis of each batched argument (its position in ``flat``) and of the output (-1), where not 0
+    # (XLNet's time-major [T, B, C] activations)
+    axes: dict[int, int] = field(default_factory=dict)
     call: Call = field(default_factory=lambda: Call((), {}))
 
 
@@ -66,7 +73,7 @@ class FreeUses(TorchFunctionMode):
     (recording): the model's input tensors, whose descendants carry the batch, however it is laid out."""
 
     def __init__(self, watched: dict[nn.Module, dict[str, Tensor]], B: int,
-                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int], int]] | None] | None,
+                 plan_ops: dict[nn.Module, list[tuple[str, str, list[int], int, dict[int, int]]] | None] | None,
                  inputs: tuple[Tensor, ...] = ()) -> None:
         super().__init__()
         # Recording: the tensors computed from the inputs (id -> weak reference, so that a reused id is not
@@ -75,14 +82,15 @@ class FreeUses(TorchFunctionMode):
         self.batchy: dict[int, weakref.ref] = {}
         self._mark(inputs)
         self.B, self.plan_ops = B, plan_ops
-        self.watch: dict[int, tuple[nn.Module, str, Any]] = {}
+        # tensor id -> its lineages (module, local parameter name, recipe from the parameter, the recorded
+        # operation that made it or -1)
+        self.watch: dict[int, list[tuple[nn.Module, str, Any, int]]] = {}
         for m, params in watched.items():
             for local, p in params.items():
-                self.watch[id(p)] = (m, local, _identity)
+                self.watch[id(p)] = [(m, local, _identity, -1)]
         self.alive: list[Tensor] = []  # keeps derived tensors alive, so that their ids stay theirs
         self.ops: dict[nn.Module, list[OpUse]] = {m: [] for m in watched}
         self.seen: dict[nn.Module, list] = {m: [] for m in watched}  # recording: shapes per operation
-        self.parent: dict[int, int] = {}  # derived tensor -> index of the operation that made it (in ``seen``)
         self.broken: dict[nn.Module, str] = {}
         self._quiet = False
 
@@ -127,6 +135,9 @@ class FreeUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        # an in-place operation (ConvBERT's ``x += self.bias``) overwrites its first argument: kept as it was
+        before = (args[0].detach().clone() if _out_of_place(func) is not None and args and isinstance(args[0], Tensor)
+                  and not self._quiet and self._may_use(args[1:], kwargs) else None)
         out = func(*args, **kwargs)
         if self.batchy and self.plan_ops is None:  # recording: follow the batch from the inputs
             items = (*args, *kwargs.values())
@@ -137,22 +148,29 @@ class FreeUses(TorchFunctionMode):
         if self._quiet or func in _NO_USE or not self._may_use(args, kwargs) or not _has_tensor(out):
             return out  # (an output without tensors, e.g. ``.shape`` or ``.dim()``, carries no gradient)
         flat, spec = tree_flatten((args, kwargs))
-        hits = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and id(t) in self.watch]
-        if not hits:
+        # One lineage per watched tensor in the arguments (a tensor derived from several parameters has one per
+        # parameter, ``F.linear(table, weight, bias)`` gives two): each is followed on its own, the others held
+        # at their values, so that the VJPs of the lineages are the partial derivatives, whose sum is the
+        # operation's.
+        lineages = [(i, lin) for i, t in enumerate(flat) if isinstance(t, Tensor) and id(t) in self.watch
+                    for lin in self.watch[id(t)]]
+        if not lineages:
             return out
-        owners = {(self.watch[id(flat[i])][0], self.watch[id(flat[i])][1]) for i in hits}
-        module, local = next(iter(owners))
-        if len(owners) > 1 or len(hits) > 1:
-            for m, _ in owners:
-                self.broken.setdefault(m, f"{_name(func)} combines several watched tensors")
-            return out
-        if module in self.broken:
-            return out
-        hit = hits[0]
-        recipe = self.watch[id(flat[hit])][2]
+        derived: list[tuple[nn.Module, str, Any, int]] = []
+        for hit, (module, local, recipe, parent) in lineages:  # (of one module or several: each on its own)
+            if module not in self.broken:
+                out = self._use(func, flat, spec, out, module, local, recipe, parent, hit, before, derived)
+        if derived and isinstance(out, Tensor):  # (after every lineage: an in-place output is its own input)
+            self.watch[id(out)] = derived
+            self.alive.append(out)
+        return out
+
+    def _use(self, func: Any, flat: list, spec: Any, out: Any, module: nn.Module, local: str, recipe: Any,
+             parent: int, hit: int, before: Tensor | None, derived: list) -> Any:
+        """One lineage's operation: recorded, derived (appended to ``derived``) or tapped where it meets the
+        batch (returns the output with its tap)."""
         k = len(self.seen[module])
-        self.seen[module].append((_name(func), [_shape(t) for t in flat], _shape(out), hit,
-                                  self.parent.get(id(flat[hit]), -1)))
+        self.seen[module].append((_name(func), [_shape(t) for t in flat], _shape(out), hit, parent))
         if self.plan_ops is None:  # recording: follow the chain while no batch is involved
             batch_free = not any(self._from_batch(t) or isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.B
                                  for i, t in enumerate(flat) if i != hit)
@@ -162,30 +180,35 @@ class FreeUses(TorchFunctionMode):
             creates = (isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == self.B
                        and out.numel() > flat[hit].numel())
             if isinstance(out, Tensor) and batch_free and not creates:
-                self._derive(out, module, local, func, flat, spec, hit, recipe)
+                derived.append(self._derive(module, local, func, flat, spec, hit, recipe, k))
             return out
         planned = self.plan_ops.get(module)
         if planned is None or k >= len(planned) or planned[k][0] != _name(func):
             self.broken[module] = "its operations differ from those seen at planning"
             return out
-        _, kind, batched, fold = planned[k]
+        _, kind, batched, fold, axes = planned[k]
+        out_axis = axes.get(-1, 0)
         if kind == "derived":
             if isinstance(out, Tensor):
-                self._derive(out, module, local, func, flat, spec, hit, recipe)
+                derived.append(self._derive(module, local, func, flat, spec, hit, recipe, k))
             return out
         if kind == "bad" or not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() == 0 \
-                or out.shape[0] != self.B * fold:
+                or out.dim() <= out_axis or out.shape[out_axis] != self.B * fold:
             self.broken[module] = f"{_name(func)} has no batch axis 0 where planning saw one"
             return out
-        use = OpUse(func, [t.detach() if isinstance(t, Tensor) else t for t in flat], spec, hit, local, recipe,
-                    kind, batched, fold)
+        frozen = [t.detach() if isinstance(t, Tensor) else t for t in flat]
+        if before is not None and hit != 0:
+            frozen[0], func = before, _out_of_place(func)  # replayed out of place: no captured tensor mutated
+        use = OpUse(func, frozen, spec, hit, local, recipe, kind, batched, fold, axes)
         z = torch.zeros_like(out, requires_grad=True)
         use.call.leaves.append(z)
+        use.call.out_batched = {0: out_axis}  # its signals come batch first
         self.ops[module].append(use)
         return out + z
 
-    def _derive(self, out: Tensor, module: nn.Module, local: str, func: Any, flat: list, spec: Any, hit: int,
-                recipe: Any) -> None:
+    def _derive(self, module: nn.Module, local: str, func: Any, flat: list, spec: Any, hit: int, recipe: Any,
+                k: int) -> tuple[nn.Module, str, Any, int]:
+        """The lineage of an operation's output made from the watched tensor at ``hit`` (the k-th recorded)."""
         frozen = [t.detach() if isinstance(t, Tensor) else t for t in flat]
 
         def rebuilt(p: Tensor, func=func, frozen=frozen, spec=spec, hit=hit, recipe=recipe) -> Tensor:
@@ -194,16 +217,15 @@ class FreeUses(TorchFunctionMode):
             a, kw = tree_unflatten(leaves, spec)
             return func(*a, **kw)
 
-        self.watch[id(out)] = (module, local, rebuilt)
-        self.parent[id(out)] = len(self.seen[module]) - 1
-        self.alive.append(out)
+        return (module, local, rebuilt, k)
 
 
 def classify(small: list, large: list, n_small: int, n_large: int
-             ) -> list[tuple[str, str, list[int], int]] | None:
+             ) -> list[tuple[str, str, list[int], int, dict[int, int]]] | None:
     """Planned kinds of a module's operations on watched tensors, from two recordings (2 and 3 samples):
-    (func name, kind, batched argument positions, fold k of the output's batch axis 0)."""
-    out: list[tuple[str, str, list[int], int]] = []
+    (func name, kind, batched argument positions, fold k of the output's batch axis, {argument position or -1
+    for the output: its batch axis, where not 0})."""
+    out: list[tuple[str, str, list[int], int, dict[int, int]]] = []
     # A recording may follow an output that meets the batch further where the sizes do not tell it from the
     # parameter's own tensors (a folded batch [B*k, ...]): the operations on what such an operation made are
     # not the parameter's (the pass never sees them) and are skipped, in each recording on its own.
@@ -221,15 +243,17 @@ def classify(small: list, large: list, n_small: int, n_large: int
         (fs, args_s, out_s, hit_s, _), (fl, args_l, out_l, hit_l, _) = small[i], large[j]
         if fs != fl or hit_s != hit_l or len(args_s) != len(args_l):
             return None
-        folds = {i: k for i, (s, t) in enumerate(zip(args_s, args_l, strict=True))
-                 if i != hit_s and (k := _rows(s, t, n_small, n_large))}
-        fold = _rows(out_s, out_l, n_small, n_large)
-        if fold and all(k == fold for k in folds.values()):  # arguments sliced as the output: k rows a sample
-            out.append((fs, "vmap" if folds else "masked", list(folds), fold))
+        folds = {i: r for i, (s, t) in enumerate(zip(args_s, args_l, strict=True))
+                 if i != hit_s and (r := _rows(s, t, n_small, n_large))}
+        res = _rows(out_s, out_l, n_small, n_large)
+        if res and all(r[1] == res[1] for r in folds.values()) and (folds or res[0] == 0):
+            # arguments sliced as the output: k rows a sample (an operation creating the batch: on axis 0)
+            axes = {i: r[0] for i, r in folds.items() if r[0]} | ({-1: res[0]} if res[0] else {})
+            out.append((fs, "vmap" if folds else "masked", list(folds), res[1], axes))
         elif out_s == out_l and not folds:
-            out.append((fs, "derived", [], 1))
+            out.append((fs, "derived", [], 1, {}))
         else:
-            out.append((fs, "bad", [], 1))
+            out.append((fs, "bad", [], 1, {}))
         if out[-1][1] != "derived":
             gone[0].add(i)
             gone[1].add(j)
@@ -272,12 +296,13 @@ def free_params(module: nn.Module, layer: str, calls: list[Call], names: dict[st
                 def per_sample(xs: tuple[Tensor, ...], ds: Tensor, use: OpUse = use, f=f, p=p) -> Tensor:
                     leaves = list(use.flat)
                     for i, x in zip(use.batched, xs, strict=True):
-                        leaves[i] = x
+                        leaves[i] = x.movedim(0, use.axes.get(i, 0))
                     _, pull = vjp(lambda pv: f(pv, leaves), p)
-                    return vmap(lambda dd: pull(dd)[0], in_dims=1)(ds)
+                    out_axis = use.axes.get(-1, 0)
+                    return vmap(lambda dd: pull(dd.movedim(0, out_axis))[0], in_dims=1)(ds)
 
-                g = vmap(per_sample)(tuple(use.flat[i].unflatten(0, (B, k)) for i in use.batched),
-                                     delta.unflatten(0, (B, k)))
+                g = vmap(per_sample)(tuple(use.flat[i].movedim(use.axes.get(i, 0), 0).unflatten(0, (B, k))
+                                           for i in use.batched), delta.unflatten(0, (B, k)))
             else:  # the operation creates the batch axis: cotangent delta at sample b's rows, zeros elsewhere
                 if B * B * k * d * delta[0, 0].numel() > _MASKED_LIMIT:
                     raise ValueError("a batch-creating operation on a free parameter is too large to pull back")
@@ -290,6 +315,26 @@ def free_params(module: nn.Module, layer: str, calls: list[Call], names: dict[st
                 g = vmap(vmap(at_rows, in_dims=(1, None)), in_dims=(None, 0))(delta, rows)
         total[use.local] = total[use.local] + g
     return _factors(module, names, total, B, d)
+
+
+def _out_of_place(func: Any) -> Any:
+    """The out-of-place twin of an in-place Tensor method (``add_``, ``__iadd__``), its result in the
+    dtype of the tensor it would overwrite; None for any other function."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):
+        twin = getattr(Tensor, "__" + name[3:], None)
+    elif name.endswith("_") and not name.endswith("__"):
+        twin = getattr(Tensor, name[:-1], None)
+    else:
+        return None
+    if twin is None or getattr(Tensor, name, None) is None:
+        return None
+
+    def replay(self: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return twin(self, *args, **kwargs).to(self.dtype)
+
+    replay.__name__ = name  # the planned operation's name
+    return replay
 
 
 def _has_tensor(out: object) -> bool:
@@ -308,10 +353,15 @@ def _shape(t: object) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, Tensor) else None
 
 
-def _rows(s: tuple[int, ...] | None, t: tuple[int, ...] | None, n_small: int, n_large: int) -> int:
-    """k where axis 0 alone follows the batch as k rows a sample (k = 1: the batch itself), else 0."""
-    if not (isinstance(s, tuple) and isinstance(t, tuple) and len(s) == len(t) and len(s) > 0 and s[1:] == t[1:]):
-        return 0
-    if s[0] % n_small or t[0] % n_large or s[0] // n_small != t[0] // n_large:
-        return 0
-    return s[0] // n_small
+def _rows(s: tuple[int, ...] | None, t: tuple[int, ...] | None, n_small: int, n_large: int
+          ) -> tuple[int, int] | None:
+    """(axis, k) where one axis alone follows the batch as k rows a sample (k = 1: the batch itself), else None."""
+    if not (isinstance(s, tuple) and isinstance(t, tuple) and len(s) == len(t) and len(s) > 0):
+        return None
+    differ = [a for a in range(len(s)) if s[a] != t[a]]
+    if len(differ) != 1:
+        return None
+    a = differ[0]
+    if s[a] % n_small or t[a] % n_large or s[a] // n_small != t[a] // n_large:
+        return None
+    return a, s[a] // n_small

@@ -23,11 +23,11 @@ def _affine(module: nn.Module, layer: str, calls: list[Call], names: dict[str, s
     B, d = calls[0].deltas[0].shape[:2]
     a_parts, d_parts = [], []
     for c in calls:
-        x = c.batched_input()
-        if x.shape[-1] != n_in or c.deltas[0].shape[-1] != n_out:
+        x, delta = c.batched_input(), c.batched_signals()
+        if x.shape[-1] != n_in or delta.shape[-1] != n_out:
             raise ValueError(f"expected inputs [..., {n_in}] and outputs [..., {n_out}], got {tuple(x.shape)}")
         a_parts.append(x.reshape(B, -1, n_in))
-        d_parts.append(c.deltas[0].reshape(B, d, -1, n_out))
+        d_parts.append(delta.reshape(B, d, -1, n_out))
     a, delta = _cat(a_parts, 1), _cat(d_parts, 2)
     return outer_or_dense(layer, module, a[:, None], delta[:, :, None], names, weight_transposed=transposed,
                           graph=calls[0].graph)
