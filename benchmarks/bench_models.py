@@ -325,7 +325,7 @@ def gram_seconds(rows: int, P: int, budget: int = 2**28) -> float:
     return (time.perf_counter() - t0) * P / inner
 
 
-def fmt_t(t: float | None) -> str:
+def _fmt_t(t: float | None) -> str:
     return "failed" if t is None else f"{t:.3f}"
 
 
@@ -343,13 +343,18 @@ def table(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
             return "n/a" if of not in t or m not in t else f"{t[m] / t[of]:.2f}×"
 
         err = r.get("err", {}).get("nnsim", float("nan"))
+
+        def sec(m: str, t: dict = t, r: dict = r) -> str:  # a method left out by --methods reads "not run"
+            left_out = m not in t and r["errors"].get(m, "").startswith(("not run", "skipped"))
+            return "not run" if left_out else _fmt_t(t.get(m))
+
         lines.append(
-            f"| {r['model']} | {r['P']:,} | {r['case']} | {fmt_t(t.get('nnsim'))} | {ratio('torch.func')} "
-            f"| {ratio('loop')} | {ratio('nnsim-functorch')} | {fmt_t(t.get('nnsim-new-plan'))} "
+            f"| {r['model']} | {r['P']:,} | {r['case']} | {sec('nnsim')} | {ratio('torch.func')} "
+            f"| {ratio('loop')} | {ratio('nnsim-functorch')} | {sec('nnsim-new-plan')} "
             f"| {ratio('torch.func', of='nnsim-new-plan')} "
             f"| {ratio('torch.func', c)} / {ratio('nnsim-functorch', c)} / {ratio('torch.func', c, 'nnsim-new-plan')} "
-            f"| {fmt_t(t.get('torch.func'))} | {fmt_t(t.get('loop'))} "
-            f"| {fmt_t(t.get('nnsim-functorch'))} | {r.get('peak_mib', float('nan')):.0f} | {err:.1e} "
+            f"| {sec('torch.func')} | {sec('loop')} "
+            f"| {sec('nnsim-functorch')} | {r.get('peak_mib', float('nan')):.0f} | {err:.1e} "
             f"| {r.get('floor_pct', float('nan')):.1f} | {r['others']:.0%} | {r.get('rules', '')} |")
         for m, e in r["errors"].items():
             if m not in EXPLICIT and m != "nnsim-reused" and not e.startswith("not run"):
@@ -376,7 +381,7 @@ def baselines_table(rows: list[dict[str, object]]) -> str:
         def cell(m: str, r: dict = r) -> str:
             if m in r["errors"]:
                 return "not run" if r["errors"][m].startswith(("not run", "skipped")) else "n/a (below)"
-            return fmt_t(r["times"].get(m))
+            return _fmt_t(r["times"].get(m))
 
         def err(m: str, errs: dict = errs) -> str:
             e = errs.get(m)
@@ -387,7 +392,7 @@ def baselines_table(rows: list[dict[str, object]]) -> str:
         all_errs = " / ".join(err(m) for m in ("nnsim", "nnsim-reused", "nnsim-new-plan", "nnsim-functorch",
                                                "torch.func", "opacus", "backpack"))
         lines.append(
-            f"| {r['model']} | {r['case']} | {fmt_t(t.get('nnsim'))} | {cell('nnsim-reused')} "
+            f"| {r['model']} | {r['case']} | {_fmt_t(t.get('nnsim'))} | {cell('nnsim-reused')} "
             f"| {ratio('nnsim', c, 'nnsim-reused')} / {ratio('torch.func', c, 'nnsim-reused')} "
             f"| {cell('opacus')} | {ratio('opacus', t, 'nnsim')} / {ratio('opacus', c, 'nnsim')} "
             f"| {ratio('opacus', c, 'nnsim-reused')} "
