@@ -21,7 +21,7 @@ from . import backends, outputs
 from ._model import ParamSelection, analysis_mode, check_model, select_params
 from .backends import functorch
 from .backends.base import Problem
-from .backends.exact_ops import exact_double_backward
+from .backends.exact_ops import exact_weight_norm
 from .errors import InputError, ModelError
 from .factors import pair_gram, prepare, self_gram
 from .inputs import as_source, check_finite
@@ -187,7 +187,7 @@ class SimilarityLoss:
             batch = tuple(t[used] for t in batch)
             I, J = inv[: I.numel()], inv[I.numel():]
         with analysis_mode(self.model, self.params):
-            with exact_double_backward():  # fused kernels with wrong second derivatives: decomposed
+            with exact_weight_norm(self.model):  # its fused kernel's second derivative is wrong
                 factors, y = self._factor_fn(batch)
             # Layers whose explicit per-sample gradient is the cheaper form (e.g. early convolutions) get it once.
             factors = prepare(factors, "full")

@@ -10,7 +10,10 @@ while per-sample gradients must stay differentiable (the training criterion's gr
   pytorch/pytorch#196700).
 
 The decompositions below are the same functions to rounding and their second derivatives are right. Used only
-while such a graph is built: the first-order paths (every similarity) keep the fused kernels, but for one:
+while such a graph is built, and only where the bug is: layer norm inside the graph-mode vmaps
+(:func:`exact_vmap_graph`: the functorch backend's and the per-module fallback's), weight norm around the
+criterion's factors of a model that uses it (:func:`exact_weight_norm`). The first-order paths (every
+similarity) keep the fused kernels, but for one:
 
 * ``F.batch_norm`` with running statistics (eval mode) on a batch of one sample: its backward is wrong (100 %
   off, for the weight, bias and input) when the gradient reaching it is not contiguous, e.g. after
@@ -23,7 +26,6 @@ while such a graph is built: the first-order paths (every similarity) keep the f
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +63,9 @@ def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | No
     return y if bias is None else y + bias.view(shape)
 
 
-_DECOMPOSED = {F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm, torch._weight_norm: _weight_norm}
-_DECOMPOSED_ONE = {F.batch_norm: _batch_norm}
+_UNDER_VMAP = {F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm, F.batch_norm: _batch_norm}
+_WEIGHT_NORM = {torch._weight_norm: _weight_norm}
+_ONE_SAMPLE = {F.batch_norm: _batch_norm}
 
 
 class _Decomposed(TorchFunctionMode):
@@ -74,15 +77,28 @@ class _Decomposed(TorchFunctionMode):
         return self.table.get(func, func)(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def exact_double_backward() -> Iterator[None]:
-    """The operations above run decomposed inside the block."""
-    with _Decomposed({**_DECOMPOSED, **_DECOMPOSED_ONE}):
-        yield
+def exact_vmap_graph(graph: bool) -> contextlib.AbstractContextManager:
+    """Around a ``torch.func.vmap`` whose per-sample gradients must stay differentiable (``graph``): layer norm
+    (and one-sample batch norm) decomposed; without ``graph``, nothing (first-order vmaps are right)."""
+    return _Decomposed(_UNDER_VMAP) if graph else contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def exact_batch_norm() -> Iterator[None]:
+def uses_weight_norm(model: torch.nn.Module) -> bool:
+    """Whether a module of ``model`` computes a weight with ``torch._weight_norm``: the parametrization of
+    ``nn.utils.parametrizations.weight_norm`` or the forward pre-hook of the older ``nn.utils.weight_norm``."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return any(isinstance(m, _WeightNorm) or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
+               for m in model.modules())
+
+
+def exact_weight_norm(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """While per-sample gradients must stay differentiable: ``torch._weight_norm`` decomposed, for a model that
+    uses it (the mode costs every operation a Python call, 8-38 % of a criterion step: only where needed)."""
+    return _Decomposed(_WEIGHT_NORM) if uses_weight_norm(model) else contextlib.nullcontext()
+
+
+def exact_batch_norm() -> contextlib.AbstractContextManager:
     """Eval-mode batch norm of one sample runs decomposed inside the block."""
-    with _Decomposed(_DECOMPOSED_ONE):
-        yield
+    return _Decomposed(_ONE_SAMPLE)

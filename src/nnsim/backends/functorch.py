@@ -8,6 +8,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from ..factors import Factor
 from .base import Problem, check_finite_output, checked_output, dense_by_layer
+from .exact_ops import exact_vmap_graph
 
 
 def jacobians(
@@ -20,7 +21,7 @@ def jacobians(
     """
     names = list(problem.params) if names is None else names
     if graph:
-        with torch.enable_grad():
+        with torch.enable_grad(), exact_vmap_graph(graph):
             return _jacobians(problem, batch, {n: problem.params[n] for n in names}, chunk_size)
     # Detached copies: torch.func differentiates with respect to these, the model's own stay untouched.
     p0 = {n: problem.params[n].detach() for n in names}

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._model import layer_of
 from ...factors import Dense, Factor
+from ..exact_ops import exact_vmap_graph
 from . import Call
 
 
@@ -91,7 +92,7 @@ def fallback(module: nn.Module, layer: str, calls: list[Call], names: dict[str, 
         # torch.func ignores an outer no_grad for its own transforms; here it only stops the results from
         # recording a graph through the module's other (not differentiated) parameters.
         # (In graph mode the results must stay differentiable: no no_grad.)
-        with torch.enable_grad() if graph else torch.no_grad():
+        with torch.enable_grad() if graph else torch.no_grad(), exact_vmap_graph(graph):
             grads = vmap(per_sample, in_dims=(tuple(batched.values()), 0))(
                 tuple(flat[i] for i in batched), tuple(deltas))
         for local, g in grads.items():
